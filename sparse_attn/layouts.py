@@ -37,10 +37,10 @@ def causal_tile_entries(q0, q1, k0, k1, offset: int | torch.Tensor, causal: bool
     Row i admits key j when j <= i + offset. All arguments broadcast; returns int64.
     """
     q0, q1, k0, k1 = (torch.as_tensor(x, dtype=torch.int64) for x in (q0, q1, k0, k1))
-    rows = (q1 - q0).clamp(min=0)
-    width = (k1 - k0).clamp(min=0)
+    q1, k1 = torch.maximum(q1, q0), torch.maximum(k1, k0)
     if not causal:
-        return rows * width
+        return (q1 - q0) * (k1 - k0)
+    width = k1 - k0
     # For row i the count is clamp(i + offset + 1 - k0, 0, width): sum it over i in [q0, q1).
     c = torch.as_tensor(offset, dtype=torch.int64) + 1 - k0
     return _tri(q1 - 1 + c, width) - _tri(q0 - 1 + c, width)
