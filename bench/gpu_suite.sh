@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Everything the GPU machine runs, in one call: install, GPU tests, kernel and method benchmarks.
+# Prints a short summary table last; full logs, JSON and plots go to $OUT (or bench/results).
+#   bash bench/gpu_suite.sh            # tests + benchmarks at the issue sizes
+#   SUITE=quick bash bench/gpu_suite.sh  # smaller sizes, for a smoke run
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+SUITE=${SUITE:-full}
+status=0
+
+step() {  # step NAME CMD...: run, log to $OUT/NAME.log, remember failures
+    local name=$1; shift
+    echo "== $name: $*"
+    local t0=$SECONDS
+    "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n 25 "$OUT/$name.log"
+    echo "== $name: exit $rc in $((SECONDS - t0)) s"
+    [ $rc -eq 0 ] || status=1
+    echo "$name $rc $((SECONDS - t0))" >> "$OUT/steps.txt"
+}
+
+: > "$OUT/steps.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+step build python3 setup.py build_ext --inplace
+step gpu_tests python3 -m pytest -q -m gpu -x tests
+if [ "$SUITE" = quick ]; then
+    step bench_block_sparse python3 bench/bench_block_sparse.py --seqlens 8192 32768 --out "$OUT"
+    step bench_methods python3 bench/bench_methods.py --seqlens 32768 131072 --out "$OUT"
+else
+    step bench_block_sparse python3 bench/bench_block_sparse.py --seqlens 8192 32768 131072 --out "$OUT"
+    step bench_methods python3 bench/bench_methods.py --seqlens 32768 131072 524288 1048576 --out "$OUT"
+fi
+echo
+echo "==================== summary ($(date -u +%F), $(head -1 "$OUT/gpu.txt")) ===================="
+python3 bench/summarize.py "$OUT"
+exit $status
