@@ -1,0 +1,179 @@
+"""Per-head dispatch: run one layer whose query heads use different patterns and budgets.
+
+Heads are grouped by pattern. Inside a group the estimator takes one budget per head and pads the
+sparse index to a common width, so ONE estimator call and ONE kernel launch cover every head of the
+group, never a Python loop over heads. Query heads are gathered with index_select; keys and values are
+passed by kv head (GQA), never repeated per query head: a group uses the original k/v when it covers
+every kv head with the same number of query heads, else a subset of kv heads (split further by the
+number of query heads per kv head, at most `group size` sub-launches).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import warn_once
+from .estimators import a_shape_layout, block_topk_layout, estimate_block_topk, estimate_vertical_slash
+from .layouts import BlockLayout, VerticalSlashLayout
+from .ops.reference import reference_attention
+
+__all__ = [
+    "HeadGroup",
+    "head_groups",
+    "estimate_pattern",
+    "build_pattern",
+    "plan_pattern",
+    "attend",
+    "dense_attention",
+    "run_head_config",
+]
+
+# Elements of one explicit causal mask chunk in dense_attention (rows x seqlen_k bools).
+_MASK_ELEMENTS = 1 << 26
+
+
+@dataclass
+class HeadGroup:
+    """Query heads that run in one launch: same pattern, `per_kv` query heads for each of `kv_heads`."""
+
+    pattern: str
+    heads: List[int]      # query heads, kv-major (heads of kv_heads[0] first)
+    kv_heads: List[int]
+    configs: List[Dict[str, Any]]
+
+
+def head_groups(head_config: Sequence[Dict[str, Any]], num_kv_heads: int) -> List[HeadGroup]:
+    """Group query heads by pattern, then by how many of a kv head's query heads share that pattern."""
+    group = len(head_config) // num_kv_heads
+    by_pattern: Dict[str, Dict[int, List[int]]] = defaultdict(lambda: defaultdict(list))
+    for h, cfg in enumerate(head_config):
+        by_pattern[cfg["pattern"]][h // group].append(h)
+    out = []
+    for pattern, per_kv in by_pattern.items():
+        by_count: Dict[int, List[int]] = defaultdict(list)
+        for kv, heads in sorted(per_kv.items()):
+            by_count[len(heads)].append(kv)
+        for count, kvs in sorted(by_count.items()):
+            heads = [h for kv in kvs for h in per_kv[kv]]
+            out.append(HeadGroup(pattern, heads, kvs, [head_config[h] for h in heads]))
+    return out
+
+
+def _budget(configs: Sequence[Dict[str, Any]], key: str) -> torch.Tensor:
+    return torch.tensor([int(c[key]) for c in configs], dtype=torch.int64)
+
+
+def estimate_pattern(pattern: str, q, k, configs, *, causal: bool, scale: Optional[float], block_size: int,
+                     last_q: int, density: Optional[float] = None):
+    """Phase 1, online estimation (nothing for a_shape). `configs`: one head dict per query head of q."""
+    if pattern == "vertical_slash":
+        return estimate_vertical_slash(q, k, vertical_size=_budget(configs, "vertical_size"),
+                                       slash_size=_budget(configs, "slash_size"), last_q=last_q,
+                                       causal=causal, scale=scale)
+    if pattern == "block_sparse":
+        top_k = None if density is not None else _budget(configs, "top_k")
+        return estimate_block_topk(q, k, top_k=top_k, density=density, block_size=block_size, causal=causal)
+    if pattern == "a_shape":
+        return None
+    raise ValueError(f"pattern: expected one of a_shape, vertical_slash, block_sparse, got {pattern!r}")
+
+
+def _build_vertical_slash_index(vertical, slash, seqlen_q: int, seqlen_k: int, block_size: int):
+    try:
+        from .ops.vertical_slash import build_vertical_slash_index
+    except ImportError as e:
+        raise RuntimeError(
+            "vertical_slash: the index builder (sparse_attn.ops.vertical_slash) is not available: " + str(e)
+        ) from e
+    return build_vertical_slash_index(vertical, slash, seqlen_q, seqlen_k, block_size_q=block_size)
+
+
+def build_pattern(pattern: str, estimate, q, k, configs, *, block_size: int):
+    """Phase 2, the sparse index (a BlockLayout or a VerticalSlashLayout) over q's heads."""
+    b, h, sq = q.shape[:3]
+    sk = k.shape[2]
+    if pattern == "a_shape":
+        return a_shape_layout(b, h, sq, sk, sink=_budget(configs, "sink"), window=_budget(configs, "window"),
+                              block_size=block_size, device=q.device)
+    if pattern == "vertical_slash":
+        vertical, slash = estimate
+        return _build_vertical_slash_index(vertical, slash, sq, sk, block_size)
+    if pattern == "block_sparse":
+        return block_topk_layout(estimate, sq, sk, block_size)
+    raise ValueError(f"pattern: expected one of a_shape, vertical_slash, block_sparse, got {pattern!r}")
+
+
+def plan_pattern(pattern: str, q, k, configs, *, causal: bool, scale, block_size: int, last_q: int,
+                 density: Optional[float] = None):
+    est = estimate_pattern(pattern, q, k, configs, causal=causal, scale=scale, block_size=block_size,
+                           last_q=last_q, density=density)
+    return build_pattern(pattern, est, q, k, configs, block_size=block_size)
+
+
+def attend(q, k, v, layout, *, causal: bool, scale: Optional[float]):
+    """Phase 3: attention over the layout; Triton kernels on CUDA, the fp32 reference elsewhere."""
+    if q.is_cuda:
+        try:
+            if isinstance(layout, VerticalSlashLayout):
+                from .ops.vertical_slash import vertical_slash_attention as kernel
+            else:
+                from .ops.block_sparse import block_sparse_attention as kernel
+        except ImportError as e:
+            warn_once(f"attend-import-{type(layout).__name__}",
+                      f"sparse_attn: no kernel for {type(layout).__name__} ({e}); using the reference (slow)")
+        else:
+            return kernel(q, k, v, layout, causal=causal, scale=scale)
+    return reference_attention(q, k, v, layout, causal=causal, scale=scale)
+
+
+def dense_attention(q, k, v, *, causal: bool, scale: Optional[float]):
+    """Dense attention through torch SDPA (GQA without repeating k/v), bottom-right causal."""
+    sq, sk = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if not causal or sq == 1:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    if sq == sk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    # Sq != Sk: SDPA's is_causal is top-left aligned, so pass the bottom-right band explicitly, by rows.
+    out = torch.zeros_like(q)
+    rows = max(1, _MASK_ELEMENTS // sk)
+    first = max(0, sq - sk)  # rows before this one see no key: their output stays 0
+    for r0 in range(first, sq, rows):
+        r1 = min(sq, r0 + rows)
+        i = torch.arange(r0, r1, device=q.device)[:, None] + (sk - sq)
+        band = torch.arange(sk, device=q.device)[None, :] <= i
+        out[:, :, r0:r1] = F.scaled_dot_product_attention(q[:, :, r0:r1], k, v, attn_mask=band, scale=scale,
+                                                          enable_gqa=gqa)
+    return out
+
+
+def _select(t: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
+    """t's heads `ids` (dim 1): the tensor itself when ids are all of its heads in order."""
+    if list(ids) == list(range(t.shape[1])):
+        return t
+    return t.index_select(1, torch.tensor(ids, device=t.device))
+
+
+def run_head_config(q, k, v, head_config, *, causal: bool, scale: Optional[float], block_size: int = 64,
+                    last_q: int = 64):
+    """One layer with per-head configs (validated). Returns (out [B, Hq, Sq, D], density float64 [B, Hq])."""
+    b, hq = q.shape[:2]
+    out = torch.empty_like(q)
+    density = torch.ones(b, hq, dtype=torch.float64)
+    for g in head_groups(head_config, k.shape[1]):
+        qg, kg, vg = _select(q, g.heads), _select(k, g.kv_heads), _select(v, g.kv_heads)
+        if g.pattern == "dense":
+            og = dense_attention(qg, kg, vg, causal=causal, scale=scale)
+        else:
+            layout = plan_pattern(g.pattern, qg, kg, g.configs, causal=causal, scale=scale,
+                                  block_size=block_size, last_q=last_q)
+            og = attend(qg, kg, vg, layout, causal=causal, scale=scale)
+            density[:, g.heads] = layout.head_density(causal)
+        if len(g.heads) == hq and list(g.heads) == list(range(hq)):
+            return og, density
+        out.index_copy_(1, torch.tensor(g.heads, device=q.device), og)
+    return out, density

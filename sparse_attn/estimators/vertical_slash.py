@@ -1,0 +1,115 @@
+"""Vertical-slash estimator (MInference 1.0): score the last queries against every key, keep the key
+columns ("verticals") and the diagonals ("slashes") that gather the most attention mass.
+
+Only the last `last_q` queries are scored, so the work is last_q x seqlen_k per head, done a few heads
+at a time; no seqlen_q x seqlen_k tensor is ever built.
+
+What is always kept (clipped to the budget): the first FORCED_COLUMNS key columns (attention sinks) and
+the diagonals with offsets 0 .. FORCED_SLASHES - 1 (the main diagonal and the ones just below it), in
+that order of priority. Offsets follow the layouts' convention: diagonal o holds the pairs (i, j) with
+j = i + (seqlen_k - seqlen_q) - o.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .a_shape import PerHead, per_head
+
+__all__ = ["estimate_vertical_slash", "diagonal_sums", "FORCED_COLUMNS", "FORCED_SLASHES"]
+
+FORCED_COLUMNS = 64
+FORCED_SLASHES = 64
+
+# Elements of one head chunk's last_q x seqlen_k score matrix (float32): 2**28 is 1 GiB.
+_CHUNK_ELEMENTS = 1 << 28
+
+
+def diagonal_sums(p: torch.Tensor) -> torch.Tensor:
+    """p [N, L, Sk] holds rows Sk-L .. Sk-1 of a bottom-right causal score matrix (the last L queries).
+    Returns [N, Sk]: entry o is the sum of p[t, j] over the pairs with (Sk - L + t) - j == o.
+
+    Row t, read from its end, starts at offset L - 1 - t; after padding every row on the left with L
+    zeros and flipping, the diagonals line up on a strided view (row stride W - 1), so the sum is one
+    reduction over a view, without any index tensor.
+    """
+    n, length, sk = p.shape
+    width = sk + length
+    flipped = torch.nn.functional.pad(p, (length, 0)).flip(-1).contiguous()
+    view = flipped.as_strided((n, length, sk), (length * width, width - 1, 1), flipped.storage_offset() + length - 1)
+    return view.sum(1)
+
+
+def _forced(scores: torch.Tensor, n_forced: int, ceiling: float) -> None:
+    """Raise the first n_forced entries above every real score (<= ceiling), earlier ones higher."""
+    n = min(n_forced, scores.shape[-1])
+    scores[..., :n] = ceiling + 1 + torch.arange(n, 0, -1, device=scores.device, dtype=scores.dtype)
+
+
+def _last_q_probs(q: torch.Tensor, k: torch.Tensor, last_q: int, scale: float, causal: bool) -> torch.Tensor:
+    """softmax of the last last_q queries against all keys, float32 [B, Hkv, g, L, Sk]."""
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    ql = q[:, :, sq - last_q :].unflatten(1, (hkv, hq // hkv))
+    s = torch.matmul(ql, k.unsqueeze(2).transpose(-1, -2)).float() * scale
+    if causal:
+        # Query row t (global Sq - L + t) sees key j <= Sk - L + t: only the last L columns need a mask.
+        t = torch.arange(last_q, device=q.device)
+        hidden = t[None, :] > t[:, None]
+        s[..., sk - last_q :].masked_fill_(hidden, float("-inf"))
+    return torch.softmax(s, dim=-1)
+
+
+def _topk_padded(scores: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Per head the top sizes[h] ids of scores [B, H, N], padded to max(sizes) by repeating the best id,
+    sorted ascending. int32 [B, H, max(sizes)]."""
+    width = int(sizes.max())
+    ids = torch.topk(scores, width, dim=-1).indices
+    extra = torch.arange(width, device=ids.device) >= sizes.to(ids.device)[:, None]
+    ids = torch.where(extra, ids[..., :1], ids)
+    return ids.sort(dim=-1).values.to(torch.int32)
+
+
+def estimate_vertical_slash(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    vertical_size: PerHead = 1000,
+    slash_size: PerHead = 6096,
+    last_q: int = 64,
+    causal: bool = True,
+    scale: Optional[float] = None,
+):
+    """Choose vertical key columns and slash diagonals per query head.
+
+    q [B, Hq, Sq, D], k [B, Hkv, Sk, D] (GQA: Hq a multiple of Hkv; k is never repeated).
+    vertical_size / slash_size: an int or one per query head; clipped to seqlen_k.
+    Returns (vertical_indices, slash_indices): int32 [B, Hq, max vertical_size] key ids and
+    int32 [B, Hq, max slash_size] diagonal offsets, each sorted ascending. A head whose budget is below
+    the maximum repeats its best-scoring id (the first forced column / the main diagonal) to fill the row,
+    so duplicates may appear and mean nothing more.
+    """
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    scale = d ** -0.5 if scale is None else float(scale)
+    last_q = max(1, min(int(last_q), sq, sk))
+    nv = per_head("vertical_size", vertical_size, hq, minimum=1).clamp(max=sk)
+    ns = per_head("slash_size", slash_size, hq, minimum=1).clamp(max=sk)
+    vertical = torch.empty(b, hq, int(nv.max()), dtype=torch.int32, device=q.device)
+    slash = torch.empty(b, hq, int(ns.max()), dtype=torch.int32, device=q.device)
+    kv_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, b * g * last_q * sk))
+    for h0 in range(0, hkv, kv_per_chunk):
+        h1 = min(hkv, h0 + kv_per_chunk)
+        p = _last_q_probs(q[:, h0 * g : h1 * g], k[:, h0:h1], last_q, scale, causal)
+        p = p.flatten(1, 2)  # [B, heads, L, Sk]
+        v_scores = p.sum(-2)
+        s_scores = diagonal_sums(p.flatten(0, 1)).unflatten(0, p.shape[:2])
+        del p
+        _forced(v_scores, FORCED_COLUMNS, float(last_q))
+        _forced(s_scores, FORCED_SLASHES, float(last_q))
+        heads = slice(h0 * g, h1 * g)
+        vertical[:, heads] = _topk_padded(v_scores, nv[heads])
+        slash[:, heads] = _topk_padded(s_scores, ns[heads])
+    return vertical, slash
