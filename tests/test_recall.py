@@ -1,0 +1,65 @@
+"""attention_recall: 1 for a full index, equal to a brute-force dense computation, chunk-independent."""
+import pytest
+import torch
+
+from sparse_attn.estimators import a_shape_layout, block_topk_layout, estimate_block_topk
+from sparse_attn.layouts import BlockLayout
+from sparse_attn.recall import attention_recall
+
+
+def _qk(b=2, hq=4, hkv=2, sq=200, sk=200, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, hq, sq, d, generator=g) * 2, torch.randn(b, hkv, sk, d, generator=g)
+
+
+def _brute(q, k, mask, causal):
+    b, hq, sq, d = q.shape
+    kk = k.repeat_interleave(hq // k.shape[1], dim=1).double()
+    s = q.double() @ kk.transpose(-1, -2) * d ** -0.5
+    sk = k.shape[2]
+    seen = torch.ones(sq, dtype=torch.bool)
+    if causal:
+        band = torch.arange(sk)[None] <= torch.arange(sq)[:, None] + sk - sq
+        s = s.masked_fill(~band, float("-inf"))
+        seen = band.any(-1)
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return (p * mask).sum(-1)[..., seen].mean(-1)
+
+
+@pytest.mark.parametrize("sq,sk", [(200, 200), (100, 230), (150, 100)])
+def test_full_layout_recall_is_one(sq, sk):
+    q, k = _qk(sq=sq, sk=sk)
+    layout = a_shape_layout(2, 4, sq, sk, sink=0, window=10**6)
+    assert torch.allclose(attention_recall(q, k, layout), torch.ones(2, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("sq,sk,causal", [(200, 200, True), (100, 230, True), (150, 100, True), (120, 90, False)])
+def test_recall_matches_brute_force(sq, sk, causal):
+    q, k = _qk(sq=sq, sk=sk, seed=sq)
+    layout = block_topk_layout(estimate_block_topk(q, k, top_k=2, block_size=32, causal=causal), sq, sk, 32)
+    want = _brute(q, k, layout.to_dense(), causal)
+    got = attention_recall(q, k, layout, causal=causal)
+    assert got.dtype == torch.float64 and got.shape == (2, 4)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(attention_recall(q, k, layout, causal=causal, chunk_size=7), got, atol=1e-6)
+    assert torch.allclose(attention_recall(q, k, layout.to_dense(), causal=causal), got, atol=1e-6)
+
+
+def test_sparser_layout_has_lower_recall():
+    q, k = _qk(sq=512, sk=512)
+    wide = attention_recall(q, k, a_shape_layout(2, 4, 512, 512, sink=64, window=128))
+    narrow = attention_recall(q, k, a_shape_layout(2, 4, 512, 512, sink=0, window=1))
+    assert (narrow < wide).all() and (wide < 1).all()
+
+
+def test_recall_errors_name_the_argument():
+    q, k = _qk()
+    layout = BlockLayout.from_block_mask(torch.ones(2, 3, 4, 4, dtype=torch.bool), 64, 64, 200, 200)
+    with pytest.raises(ValueError, match="layout"):
+        attention_recall(q, k, layout)
+    with pytest.raises(TypeError, match="layout"):
+        attention_recall(q, k, "all")
+    with pytest.raises(ValueError, match="chunk_size"):
+        attention_recall(q, k, torch.ones(1, 1, 200, 200, dtype=torch.bool), chunk_size=0)
+    with pytest.raises(ValueError, match="k: expected"):
+        attention_recall(q, k[:, :, :, :8], torch.ones(1, 1, 200, 200, dtype=torch.bool))
