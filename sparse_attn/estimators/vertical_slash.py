@@ -17,7 +17,7 @@ import torch
 
 from .a_shape import PerHead, per_head
 
-__all__ = ["estimate_vertical_slash", "diagonal_sums", "FORCED_COLUMNS", "FORCED_SLASHES"]
+__all__ = ["estimate_vertical_slash", "vertical_slash_scores", "diagonal_sums", "FORCED_COLUMNS", "FORCED_SLASHES"]
 
 FORCED_COLUMNS = 64
 FORCED_SLASHES = 64
@@ -51,14 +51,44 @@ def _last_q_probs(q: torch.Tensor, k: torch.Tensor, last_q: int, scale: float, c
     """softmax of the last last_q queries against all keys, float32 [B, Hkv, g, L, Sk]."""
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
-    ql = q[:, :, sq - last_q :].unflatten(1, (hkv, hq // hkv))
-    s = torch.matmul(ql, k.unsqueeze(2).transpose(-1, -2)).float() * scale
+    ql = q[:, :, sq - last_q :].unflatten(1, (hkv, hq // hkv)) * scale
+    s = torch.matmul(ql, k.unsqueeze(2).transpose(-1, -2))
     if causal:
         # Query row t (global Sq - L + t) sees key j <= Sk - L + t: only the last L columns need a mask.
         t = torch.arange(last_q, device=q.device)
-        hidden = t[None, :] > t[:, None]
-        s[..., sk - last_q :].masked_fill_(hidden, float("-inf"))
-    return torch.softmax(s, dim=-1)
+        s[..., sk - last_q :].masked_fill_(t[None, :] > t[:, None], float("-inf"))
+    return torch.softmax(s, dim=-1, dtype=torch.float32)
+
+
+def _scores_torch(q, k, last_q: int, scale: float, causal: bool):
+    """(vertical, slash) float32 [B, Hq, Sk], a few kv heads at a time."""
+    b, hq = q.shape[:2]
+    hkv, sk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    vertical = torch.empty(b, hq, sk, device=q.device, dtype=torch.float32)
+    slash = torch.empty_like(vertical)
+    kv_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, b * g * last_q * sk))
+    for h0 in range(0, hkv, kv_per_chunk):
+        h1 = min(hkv, h0 + kv_per_chunk)
+        p = _last_q_probs(q[:, h0 * g : h1 * g], k[:, h0:h1], last_q, scale, causal).flatten(1, 2)
+        vertical[:, h0 * g : h1 * g] = p.sum(-2)
+        slash[:, h0 * g : h1 * g] = diagonal_sums(p.flatten(0, 1)).unflatten(0, p.shape[:2])
+    return vertical, slash
+
+
+def vertical_slash_scores(q, k, *, last_q: int, scale: float, causal: bool = True, backend: str = "auto"):
+    """Attention mass of the last `last_q` queries per key column and per diagonal offset:
+    (vertical, slash), float32 [B, Hq, Sk] each. backend: "triton" (fused, no last_q x Sk tensor; CUDA, or
+    the interpreter), "torch" (chunked over kv heads), or "auto" (triton on CUDA, torch elsewhere)."""
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend: expected 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if q.is_cuda else "torch"
+    if backend == "triton":
+        from .vertical_slash_triton import vertical_slash_scores_triton
+
+        return vertical_slash_scores_triton(q, k, last_q, scale, causal)
+    return _scores_torch(q, k, last_q, scale, causal)
 
 
 def _topk_padded(scores: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
@@ -66,7 +96,7 @@ def _topk_padded(scores: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     sorted ascending. int32 [B, H, max(sizes)]."""
     width = int(sizes.max())
     ids = torch.topk(scores, width, dim=-1).indices
-    extra = torch.arange(width, device=ids.device) >= sizes.to(ids.device)[:, None]
+    extra = torch.arange(width, device=ids.device) >= sizes.to(ids.device)[:, None]  # [H, width]
     ids = torch.where(extra, ids[..., :1], ids)
     return ids.sort(dim=-1).values.to(torch.int32)
 
@@ -80,6 +110,7 @@ def estimate_vertical_slash(
     last_q: int = 64,
     causal: bool = True,
     scale: Optional[float] = None,
+    backend: str = "auto",
 ):
     """Choose vertical key columns and slash diagonals per query head.
 
@@ -88,28 +119,15 @@ def estimate_vertical_slash(
     Returns (vertical_indices, slash_indices): int32 [B, Hq, max vertical_size] key ids and
     int32 [B, Hq, max slash_size] diagonal offsets, each sorted ascending. A head whose budget is below
     the maximum repeats its best-scoring id (the first forced column / the main diagonal) to fill the row,
-    so duplicates may appear and mean nothing more.
+    so duplicates may appear and mean nothing more. backend: see vertical_slash_scores.
     """
     b, hq, sq, d = q.shape
-    hkv, sk = k.shape[1], k.shape[2]
-    g = hq // hkv
+    sk = k.shape[2]
     scale = d ** -0.5 if scale is None else float(scale)
     last_q = max(1, min(int(last_q), sq, sk))
     nv = per_head("vertical_size", vertical_size, hq, minimum=1).clamp(max=sk)
     ns = per_head("slash_size", slash_size, hq, minimum=1).clamp(max=sk)
-    vertical = torch.empty(b, hq, int(nv.max()), dtype=torch.int32, device=q.device)
-    slash = torch.empty(b, hq, int(ns.max()), dtype=torch.int32, device=q.device)
-    kv_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, b * g * last_q * sk))
-    for h0 in range(0, hkv, kv_per_chunk):
-        h1 = min(hkv, h0 + kv_per_chunk)
-        p = _last_q_probs(q[:, h0 * g : h1 * g], k[:, h0:h1], last_q, scale, causal)
-        p = p.flatten(1, 2)  # [B, heads, L, Sk]
-        v_scores = p.sum(-2)
-        s_scores = diagonal_sums(p.flatten(0, 1)).unflatten(0, p.shape[:2])
-        del p
-        _forced(v_scores, FORCED_COLUMNS, float(last_q))
-        _forced(s_scores, FORCED_SLASHES, float(last_q))
-        heads = slice(h0 * g, h1 * g)
-        vertical[:, heads] = _topk_padded(v_scores, nv[heads])
-        slash[:, heads] = _topk_padded(s_scores, ns[heads])
-    return vertical, slash
+    v_scores, s_scores = vertical_slash_scores(q, k, last_q=last_q, scale=scale, causal=causal, backend=backend)
+    _forced(v_scores, FORCED_COLUMNS, float(last_q))
+    _forced(s_scores, FORCED_SLASHES, float(last_q))
+    return _topk_padded(v_scores, nv), _topk_padded(s_scores, ns)

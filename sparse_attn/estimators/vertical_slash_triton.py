@@ -1,0 +1,174 @@
+"""Fused Triton scoring for the vertical-slash estimator: the last queries' softmax against every key,
+summed per key column (vertical) and per diagonal (slash), without writing the last_q x seqlen_k matrix.
+
+Two passes over the keys, both reading each key tile once for all query heads of a kv head:
+1. `_lse_kernel`: per query row, the log-sum-exp over all keys (split over key ranges, combined in torch);
+2. `_scores_kernel`: recompute each tile's probabilities, store its column sums, and add its diagonal sums
+   to the slash scores. Diagonals run across the tile, so the tile is written to a per-program scratch
+   area (L2-resident) and read back skewed: row t of local diagonal c sits at column t + BN - 1 - c.
+   The kernel is persistent (a fixed number of programs loop over tiles) so that scratch stays small.
+Scores are in the log2 domain (exp2), as FlashAttention kernels do.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["vertical_slash_scores_triton"]
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _load_q(Q, b, hk, s_qb, s_qh, s_qm, s_qd, L, HG: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
+            G_SUB, sub):
+    """The last-L queries of HG query heads stacked along rows: [HG * BM, D]; padded rows are zero."""
+    r = tl.arange(0, HG * BM)
+    head = hk * G_SUB * HG + sub * HG + r // BM
+    t = r % BM
+    d = tl.arange(0, D)
+    ptr = Q + b * s_qb + head[:, None] * s_qh + t[:, None] * s_qm + d[None, :] * s_qd
+    return tl.load(ptr, mask=(t < L)[:, None], other=0.0)
+
+
+@triton.jit
+def _lse_kernel(Q, K, M_OUT, L_OUT,
+                s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
+                Hkv, Sk, L, G_SUB, keys_per_split, n_split, scale_log2,
+                HG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    sub = pid % G_SUB
+    hk = (pid // G_SUB) % Hkv
+    b = pid // (G_SUB * Hkv)
+    q = _load_q(Q, b, hk, s_qb, s_qh, s_qm, s_qd, L, HG, BM, D, G_SUB, sub)
+    r = tl.arange(0, HG * BM)
+    t = r % BM
+    d = tl.arange(0, D)
+    m_i = tl.full([HG * BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([HG * BM], tl.float32)
+    k_start = split * keys_per_split
+    for i in range(0, keys_per_split, BN):  # keys_per_split is a multiple of BN
+        keys = k_start + i + tl.arange(0, BN)
+        kmask = keys < Sk
+        k = tl.load(K + b * s_kb + hk * s_kh + keys[:, None] * s_kn + d[None, :] * s_kd, mask=kmask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        valid = kmask[None, :] & (t < L)[:, None]
+        if CAUSAL:
+            valid = valid & (keys[None, :] <= Sk - L + t[:, None])
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - safe) + tl.sum(tl.exp2(s - safe[:, None]), 1)
+        m_i = m_new
+    out = (pid * n_split + split) * HG * BM + r
+    tl.store(M_OUT + out, m_i)
+    tl.store(L_OUT + out, l_i)
+
+
+@triton.jit
+def _scores_kernel(Q, K, LSE, V_OUT, S_OUT, SCRATCH,
+                   s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
+                   Hkv, Sk, L, G_SUB, n_key_tiles, total_tiles, n_prog, scale_log2,
+                   HG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, D: tl.constexpr,
+                   CAUSAL: tl.constexpr):
+    pid = tl.program_id(0)
+    r = tl.arange(0, HG * BM)
+    t = r % BM
+    cols = tl.arange(0, BN)
+    d = tl.arange(0, D)
+    heads_g = tl.arange(0, HG)
+    scratch = SCRATCH + pid * (HG * BM * BN)
+    for tile0 in range(0, total_tiles, n_prog):
+        tile = tile0 + pid
+        if tile < total_tiles:
+            kt = tile % n_key_tiles
+            group = tile // n_key_tiles  # (b, hk, sub)
+            sub = group % G_SUB
+            hk = (group // G_SUB) % Hkv
+            b = group // (G_SUB * Hkv)
+            j0 = kt * BN
+            keys = j0 + cols
+            kmask = keys < Sk
+            k = tl.load(K + b * s_kb + hk * s_kh + keys[:, None] * s_kn + d[None, :] * s_kd, mask=kmask[:, None], other=0.0)
+            q = _load_q(Q, b, hk, s_qb, s_qh, s_qm, s_qd, L, HG, BM, D, G_SUB, sub)
+            s = tl.dot(q, tl.trans(k)) * scale_log2
+            lse = tl.load(LSE + group * HG * BM + r)
+            valid = kmask[None, :] & (t < L)[:, None]
+            if CAUSAL:
+                valid = valid & (keys[None, :] <= Sk - L + t[:, None])
+            p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
+            head = hk * G_SUB * HG + sub * HG + heads_g  # query heads of this program, [HG]
+            row_base = (b * Hkv * G_SUB * HG + head) * Sk  # [HG]
+            vert = tl.sum(tl.reshape(p, (HG, BM, BN)), 1)
+            tl.store(V_OUT + row_base[:, None] + keys[None, :], vert, mask=kmask[None, :])
+            tl.store(scratch + r[:, None] * BN + cols[None, :], p)
+            tl.debug_barrier()
+            o_base = Sk - L - j0 - (BN - 1)
+            for c0 in tl.static_range(0, BN + BM - 1, BC):
+                c = c0 + tl.arange(0, BC)
+                x = t[:, None] + (BN - 1) - c[None, :]
+                skew = tl.load(scratch + r[:, None] * BN + x, mask=(x >= 0) & (x < BN), other=0.0)
+                diag = tl.sum(tl.reshape(skew, (HG, BM, BC)), 1)
+                o = o_base + c
+                ok = (o >= 0) & (o < Sk)
+                tl.atomic_add(S_OUT + row_base[:, None] + o[None, :], diag, mask=ok[None, :])
+            tl.debug_barrier()
+
+
+def _heads_per_program(group: int, bm: int) -> int:
+    """The largest power of two dividing the GQA group with at most 128 stacked rows (register budget)."""
+    hg = 1
+    while group % (hg * 2) == 0 and hg * 2 * bm <= 128:
+        hg *= 2
+    return hg
+
+
+def vertical_slash_scores_triton(q: torch.Tensor, k: torch.Tensor, last_q: int, scale: float, causal: bool):
+    """(vertical, slash) float32 [B, Hq, Sk] each: the last_q queries' softmax summed per key column and
+    per diagonal offset (o = (Sk - last_q + t) - j for last-query row t). q [B, Hq, Sq, D], k [B, Hkv, Sk, D]."""
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    if d not in (16, 32, 64, 128, 256):
+        raise ValueError(f"q: head_dim {d} is not supported by the Triton estimator (16..256, a power of two)")
+    group = hq // hkv
+    bm = max(16, triton.next_power_of_2(last_q))
+    hg = _heads_per_program(group, bm)
+    g_sub = group // hg
+    ql = q[:, :, sq - last_q :]
+    strides = (*ql.stride(), *k.stride())
+    scale_log2 = scale * _LOG2E
+    bn = 64 if d <= 128 else 32
+    n_groups = b * hkv * g_sub
+    # Pass 1: log-sum-exp per query row, split over key ranges so that the grid fills the GPU.
+    n_split = max(1, min(triton.cdiv(sk, 4 * bn), triton.cdiv(1024, n_groups)))
+    keys_per_split = triton.cdiv(triton.cdiv(sk, n_split), bn) * bn
+    n_split = triton.cdiv(sk, keys_per_split)
+    m = torch.empty(n_groups, n_split, hg * bm, device=q.device, dtype=torch.float32)
+    s = torch.empty_like(m)
+    _lse_kernel[(n_groups, n_split)](
+        ql, k, m, s, *strides, hkv, sk, last_q, g_sub, keys_per_split, n_split, scale_log2,
+        HG=hg, BM=bm, BN=bn, D=d, CAUSAL=causal, num_warps=8 if hg * bm >= 128 else 4,
+    )
+    m_max = m.amax(1, keepdim=True)
+    m_safe = torch.where(torch.isinf(m_max), torch.zeros_like(m_max), m_max)
+    lse = (m_safe.squeeze(1) + torch.log2((s * torch.exp2(m - m_safe)).sum(1))).contiguous()
+    lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))  # padded rows: p = 0
+    # Pass 2: column and diagonal sums, persistent over (group, key tile).
+    vertical = torch.empty(b, hq, sk, device=q.device, dtype=torch.float32)
+    slash = torch.zeros(b, hq, sk, device=q.device, dtype=torch.float32)
+    n_key_tiles = triton.cdiv(sk, bn)
+    total = n_groups * n_key_tiles
+    if q.is_cuda:
+        n_prog = min(total, 4 * torch.cuda.get_device_properties(q.device).multi_processor_count)
+    else:
+        n_prog = min(total, 4)
+    scratch = torch.empty(n_prog, hg * bm * bn, device=q.device, dtype=torch.float32)
+    _scores_kernel[(n_prog,)](
+        ql, k, lse, vertical, slash, scratch, *strides, hkv, sk, last_q, g_sub, n_key_tiles, total, n_prog, scale_log2,
+        HG=hg, BM=bm, BN=bn, BC=64, D=d, CAUSAL=causal, num_warps=8 if hg * bm >= 128 else 4,
+    )
+    return vertical, slash
