@@ -150,8 +150,9 @@ def default_head_config(num_heads: int, seqlen_k: int) -> List[Dict[str, Any]]:
     MInference's 1000 vertical / 6096 slash is ~5-10% of the causal entries at 128K but nearly dense at
     4K-8K, so the budget scales with the key length and is capped there:
         vertical_size = clip(seqlen_k // 32, 64, 1000),  slash_size = clip(seqlen_k // 16, 128, 6096).
-    At 8K that is 256 columns + 512 diagonals (roughly 20-30% density), at 32K 1000 + 2048, from ~98K on
-    the MInference sizes.
+    At 8K that is 256 columns + 512 diagonals, at 32K 1000 + 2048, from ~98K on the MInference sizes.
+    Measured on SmolLM2-135M-Instruct at 8K tokens of pydoc text (30 layers x 9 heads): mean density 0.32,
+    mean attention recall 0.94 (layer 0, the most diffuse, 0.71).
     """
     vertical = min(1000, max(64, seqlen_k // 32))
     slash = min(6096, max(128, seqlen_k // 16))

@@ -51,12 +51,13 @@ def a_shape_layout(
                         ("seqlen_k", seqlen_k), ("block_size", block_size)):
         check_positive_int(name, value)
     bs = block_size
-    sink_t = per_head("sink", sink, num_heads, minimum=0)
-    window_t = per_head("window", window, num_heads, minimum=1)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    sink_t = per_head("sink", sink, num_heads, minimum=0).to(device)
+    window_t = per_head("window", window, num_heads, minimum=1).to(device)
     nq, nk = -(-seqlen_q // bs), -(-seqlen_k // bs)
     n_sink = (-(-sink_t // bs)).clamp(max=nk)  # [H]
     off = seqlen_k - seqlen_q
-    q0 = torch.arange(nq, dtype=torch.int64) * bs
+    q0 = torch.arange(nq, dtype=torch.int64, device=device) * bs
     q1 = (q0 + bs).clamp(max=seqlen_q)
     last = q1 - 1 + off  # last key any row of the block may see
     last_blk = torch.div(last, bs, rounding_mode="floor").clamp(max=nk - 1)  # -1 when the block sees nothing
@@ -64,15 +65,15 @@ def a_shape_layout(
     first_blk = torch.div(first_key.clamp(min=0), bs, rounding_mode="floor")
     width_w = int((last_blk[None] - first_blk).clamp(min=0).max()) + 1
     ns_max = int(n_sink.max())
-    sink_ids = torch.arange(ns_max).expand(num_heads, nq, ns_max)
+    sink_ids = torch.arange(ns_max, device=device).expand(num_heads, nq, ns_max)
     sink_ok = (sink_ids < n_sink[:, None, None]) & (sink_ids <= last_blk[None, :, None])
-    win_ids = first_blk[..., None] + torch.arange(width_w)
+    win_ids = first_blk[..., None] + torch.arange(width_w, device=device)
     # Window blocks that are also sink blocks are listed once, as sink blocks.
     win_ok = (win_ids <= last_blk[None, :, None]) & (win_ids >= n_sink[:, None, None])
     ids = torch.cat([torch.where(sink_ok, sink_ids, nk), torch.where(win_ok, win_ids, nk)], dim=-1)
     ids = ids.sort(dim=-1).values
     counts = (ids < nk).sum(-1, dtype=torch.int32)
     ids = torch.where(ids < nk, ids, -1).to(torch.int32)
-    counts = counts.expand(batch, -1, -1).contiguous().to(device)
-    ids = ids.expand(batch, -1, -1, -1).contiguous().to(device)
+    counts = counts.expand(batch, -1, -1).contiguous()
+    ids = ids.expand(batch, -1, -1, -1).contiguous()
     return BlockLayout(counts, ids, bs, bs, seqlen_q, seqlen_k, validate=False)
