@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from ._checks import warn_once
-from .dispatch import attend, build_pattern, dense_attention, estimate_pattern, run_head_config
+from . import dispatch
 from .ops.reference import AttentionInputs
 from .profiles import check_head_config
 
@@ -89,7 +89,7 @@ def check_method_kwargs(name: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _dense_result(q, k, v, causal, scale):
-    out = dense_attention(q, k, v, causal=causal, scale=scale)
+    out = dispatch.dense_attention(q, k, v, causal=causal, scale=scale)
     return out, torch.ones(q.shape[0], q.shape[1], dtype=torch.float64), ["dense"] * q.shape[1]
 
 
@@ -97,10 +97,10 @@ def _uniform(q, k, v, config, *, causal, scale, block_size, last_q=64, density=N
     """Every head with one pattern: one estimator call, one kernel launch, no head gathering."""
     pattern = config["pattern"]
     configs = [config] * q.shape[1]
-    est = estimate_pattern(pattern, q, k, configs, causal=causal, scale=scale, block_size=block_size,
+    est = dispatch.estimate_pattern(pattern, q, k, configs, causal=causal, scale=scale, block_size=block_size,
                            last_q=last_q, density=density)
-    layout = build_pattern(pattern, est, q, k, configs, block_size=block_size)
-    out = attend(q, k, v, layout, causal=causal, scale=scale)
+    layout = dispatch.build_pattern(pattern, est, q, k, configs, block_size=block_size)
+    out = dispatch.attend(q, k, v, layout, causal=causal, scale=scale)
     return out, layout.head_density(causal), [pattern] * q.shape[1]
 
 
@@ -168,7 +168,7 @@ def _run_minference(q, k, v, *, causal, scale, head_config, last_q, block_size, 
         warn_once("minference-default", "sparse_attn: 'minference' without a head profile uses a uniform "
                                         "vertical-slash config (see sparse_attn.methods.default_head_config)")
         head_config = default_head_config(q.shape[1], k.shape[2])
-    out, density = run_head_config(q, k, v, head_config, causal=causal, scale=scale, block_size=block_size,
+    out, density = dispatch.run_head_config(q, k, v, head_config, causal=causal, scale=scale, block_size=block_size,
                                    last_q=last_q)
     return out, density, [h["pattern"] for h in head_config]
 
