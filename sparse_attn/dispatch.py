@@ -160,10 +160,11 @@ def _select(t: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
 
 def run_head_config(q, k, v, head_config, *, causal: bool, scale: Optional[float], block_size: int = 64,
                     last_q: int = 64):
-    """One layer with per-head configs (validated). Returns (out [B, Hq, Sq, D], density float64 [B, Hq])."""
+    """One layer with per-head configs (validated). Returns (out [B, Hq, Sq, D], density) where density()
+    computes the float64 [B, Hq] density from the layouts used (only when asked: it costs a sync)."""
     b, hq = q.shape[:2]
     out = torch.empty_like(q)
-    density = torch.ones(b, hq, dtype=torch.float64)
+    parts = []  # (heads, layout) of the sparse groups
     for g in head_groups(head_config, k.shape[1]):
         qg, kg, vg = _select(q, g.heads), _select(k, g.kv_heads), _select(v, g.kv_heads)
         if g.pattern == "dense":
@@ -172,8 +173,16 @@ def run_head_config(q, k, v, head_config, *, causal: bool, scale: Optional[float
             layout = plan_pattern(g.pattern, qg, kg, g.configs, causal=causal, scale=scale,
                                   block_size=block_size, last_q=last_q)
             og = attend(qg, kg, vg, layout, causal=causal, scale=scale)
-            density[:, g.heads] = layout.head_density(causal)
-        if len(g.heads) == hq and list(g.heads) == list(range(hq)):
-            return og, density
-        out.index_copy_(1, torch.tensor(g.heads, device=q.device), og)
+            parts.append((g.heads, layout))
+        if list(g.heads) == list(range(hq)):
+            out = og
+        else:
+            out.index_copy_(1, torch.tensor(g.heads, device=q.device), og)
+
+    def density() -> torch.Tensor:
+        d = torch.ones(b, hq, dtype=torch.float64)
+        for heads, layout in parts:
+            d[:, heads] = layout.head_density(causal)
+        return d
+
     return out, density

@@ -39,7 +39,8 @@ DEFAULT_MIN_SEQLEN = 1024
 @dataclass(frozen=True)
 class Method:
     """A registry entry. `run(q, k, v, *, causal, scale, head_config, **kwargs)` returns
-    (out, density float64 [B, Hq], patterns list[str]); `defaults` are the documented kwargs."""
+    (out, density, patterns list[str]), density() giving float64 [B, Hq] on demand (it syncs, so it runs
+    only when stats are asked for); `defaults` are the documented kwargs."""
 
     name: str
     summary: str
@@ -90,7 +91,7 @@ def check_method_kwargs(name: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
 
 def _dense_result(q, k, v, causal, scale):
     out = dispatch.dense_attention(q, k, v, causal=causal, scale=scale)
-    return out, torch.ones(q.shape[0], q.shape[1], dtype=torch.float64), ["dense"] * q.shape[1]
+    return out, lambda: torch.ones(q.shape[0], q.shape[1], dtype=torch.float64), ["dense"] * q.shape[1]
 
 
 def _uniform(q, k, v, config, *, causal, scale, block_size, last_q=64, density=None):
@@ -101,7 +102,7 @@ def _uniform(q, k, v, config, *, causal, scale, block_size, last_q=64, density=N
                            last_q=last_q, density=density)
     layout = dispatch.build_pattern(pattern, est, q, k, configs, block_size=block_size)
     out = dispatch.attend(q, k, v, layout, causal=causal, scale=scale)
-    return out, layout.head_density(causal), [pattern] * q.shape[1]
+    return out, lambda: layout.head_density(causal), [pattern] * q.shape[1]
 
 
 def _needs_causal(name, q, k, v, causal, scale):
@@ -242,7 +243,7 @@ def sparse_attention(
         head_config = check_head_config(head_config, shapes.num_heads)
     out, density, patterns = m.run(q, k, v, causal=bool(causal), scale=scale, head_config=head_config, **kwargs)
     if stats is not None:
-        stats["density"] = density.mean(0)
+        stats["density"] = density().mean(0)
         stats["pattern"] = list(patterns)
     return out
 
