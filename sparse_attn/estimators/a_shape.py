@@ -52,10 +52,14 @@ def a_shape_layout(
         check_positive_int(name, value)
     bs = block_size
     device = torch.device("cpu") if device is None else torch.device(device)
-    sink_t = per_head("sink", sink, num_heads, minimum=0).to(device)
-    window_t = per_head("window", window, num_heads, minimum=1).to(device)
+    sink_cpu = per_head("sink", sink, num_heads, minimum=0)
+    window_cpu = per_head("window", window, num_heads, minimum=1)
     nq, nk = -(-seqlen_q // bs), -(-seqlen_k // bs)
-    n_sink = (-(-sink_t // bs)).clamp(max=nk)  # [H]
+    # Widths from the CPU copies (no device sync): a block's rows span window + bs - 1 keys at most.
+    ns_max = int((-(-sink_cpu // bs)).clamp(max=nk).max())
+    width_w = min(nk, int(-(-(window_cpu.max() + bs - 1) // bs)) + 1)
+    window_t = window_cpu.to(device)
+    n_sink = (-(-sink_cpu.to(device) // bs)).clamp(max=nk)  # [H]
     off = seqlen_k - seqlen_q
     q0 = torch.arange(nq, dtype=torch.int64, device=device) * bs
     q1 = (q0 + bs).clamp(max=seqlen_q)
@@ -63,8 +67,6 @@ def a_shape_layout(
     last_blk = torch.div(last, bs, rounding_mode="floor").clamp(max=nk - 1)  # -1 when the block sees nothing
     first_key = q0[None] + off - window_t[:, None] + 1  # [H, nq]
     first_blk = torch.div(first_key.clamp(min=0), bs, rounding_mode="floor")
-    width_w = int((last_blk[None] - first_blk).clamp(min=0).max()) + 1
-    ns_max = int(n_sink.max())
     sink_ids = torch.arange(ns_max, device=device).expand(num_heads, nq, ns_max)
     sink_ok = (sink_ids < n_sink[:, None, None]) & (sink_ids <= last_blk[None, :, None])
     win_ids = first_blk[..., None] + torch.arange(width_w, device=device)
