@@ -6,7 +6,7 @@ grows with chunk x seqlen_k, never seqlen_q x seqlen_k.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -41,18 +41,29 @@ def _check(q, k, layout):
         raise TypeError(f"layout: expected a BlockLayout, a VerticalSlashLayout or a bool mask, got {type(layout).__name__}")
 
 
-def _rows_mask(layout: Layout, b: int, r0: int, r1: int, sk: int, heads: int, device) -> torch.Tensor:
+def _kept_mass(layout: Layout, p: torch.Tensor, b: int, r0: int, block_masks: dict) -> torch.Tensor:
+    """Per (head, row) the probability mass of p [Hq, rows, keys] that the layout keeps."""
+    heads, rows, keys = p.shape
+    if isinstance(layout, BlockLayout):
+        # Sum p over each key block, then keep whole blocks: no token-level mask is built.
+        if id(layout) not in block_masks:
+            block_masks[id(layout)] = layout.to_block_mask()
+        bk, nkb = layout.block_size_k, -(-keys // layout.block_size_k)
+        per_block = torch.nn.functional.pad(p, (0, nkb * bk - keys)).view(heads, rows, nkb, bk).sum(-1)
+        row_blocks = torch.arange(r0, r0 + rows, device=p.device) // layout.block_size_q
+        mask = block_masks[id(layout)][b][:, row_blocks, :nkb].to(p.device)
+        return (per_block * mask).sum(-1)
     if isinstance(layout, torch.Tensor):
-        m = layout[min(b, layout.shape[0] - 1), :, r0:r1, :sk]
+        m = layout[min(b, layout.shape[0] - 1), :, r0 : r0 + rows, :keys]
     else:
-        m = layout.mask_rows(b, r0, r1, sk)
-    return m.to(device).expand(heads, r1 - r0, sk)
+        m = layout.mask_rows(b, r0, r0 + rows, keys)
+    return (p * m.to(p.device)).sum(-1)
 
 
 def attention_recall(
     q: torch.Tensor,
     k: torch.Tensor,
-    layout: Layout,
+    layout: Union[Layout, Sequence[Layout]],
     *,
     causal: bool = True,
     scale: Optional[float] = None,
@@ -61,33 +72,43 @@ def attention_recall(
     """Fraction of the dense softmax attention mass the layout's entries capture, per (batch, query head).
 
     q [B, Hq, Sq, D], k [B, Hkv, Sk, D]; layout: BlockLayout, VerticalSlashLayout or bool mask
-    [B or 1, Hq or 1, Sq, Sk]. causal: bottom-right aligned (query i sees keys j <= i + Sk - Sq).
+    [B or 1, Hq or 1, Sq, Sk], or a list of them (the softmax is computed once for all: the profiler's
+    candidates). causal: bottom-right aligned (query i sees keys j <= i + Sk - Sq).
     chunk_size: query rows per chunk (default: as many as fit 2**25 scores). Returns float64 [B, Hq]
-    on the CPU;
-    a head none of whose rows sees a key gets recall 1.
+    on the CPU, or [len(layouts), B, Hq] for a list; a head none of whose rows sees a key gets recall 1.
     """
-    _check(q, k, layout)
+    many = isinstance(layout, (list, tuple))
+    layouts = list(layout) if many else [layout]
+    for item in layouts:
+        _check(q, k, item)
     if chunk_size is not None:
         check_positive_int("chunk_size", chunk_size)
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     scale = d ** -0.5 if scale is None else float(scale)
     rows = chunk_size or max(1, _CHUNK_ELEMENTS // max(1, hq * sk))
-    total = torch.zeros(b, hq, dtype=torch.float64, device=q.device)
+    total = torch.zeros(len(layouts), b, hq, dtype=torch.float64, device=q.device)
     counted = torch.zeros(b, dtype=torch.float64, device=q.device)
-    keys = torch.arange(sk, device=q.device)
+    block_masks: dict = {}
     for bi in range(b):
         kb = k[bi].float().unsqueeze(1)  # [Hkv, 1, Sk, D]
         for r0 in range(0, sq, rows):
             r1 = min(sq, r0 + rows)
-            qc = q[bi, :, r0:r1].float().unflatten(0, (hkv, hq // hkv))
-            s = torch.matmul(qc, kb.transpose(-1, -2)).flatten(0, 1) * scale  # [Hq, rows, Sk]
-            if causal:
-                visible = keys[None, :] <= torch.arange(r0, r1, device=q.device)[:, None] + (sk - sq)
-                s = s.masked_fill(~visible, float("-inf"))
-            p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows seeing no key: all zeros
-            kept = (p * _rows_mask(layout, bi, r0, r1, sk, hq, q.device)).sum(-1)
+            # Causal: keys past the chunk's last row carry no mass, so they are not scored at all.
+            keys = min(sk, max(0, r1 - 1 + sk - sq + 1)) if causal else sk
             seen = torch.arange(r0, r1, device=q.device) + (sk - sq if causal else sk) >= 0
-            total[bi] += kept[:, seen].double().sum(-1)
+            if keys == 0 or not seen.any():
+                continue
+            qc = q[bi, :, r0:r1].float().unflatten(0, (hkv, hq // hkv))
+            s = torch.matmul(qc, kb[:, :, :keys].transpose(-1, -2)).flatten(0, 1) * scale  # [Hq, rows, keys]
+            if causal:
+                visible = torch.arange(keys, device=q.device)[None, :] <= torch.arange(r0, r1, device=q.device)[:, None] + (sk - sq)
+                s.masked_fill_(~visible, float("-inf"))
+            p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # rows seeing no key: all zeros
+            del s
+            for i, item in enumerate(layouts):
+                kept = _kept_mass(item, p, bi, r0, block_masks)
+                total[i, bi] += kept[:, seen].double().sum(-1)
             counted[bi] += seen.sum()
-    return torch.where(counted[:, None] > 0, total / counted.clamp(min=1)[:, None], torch.ones_like(total)).cpu()
+    recall = torch.where(counted[:, None] > 0, total / counted.clamp(min=1)[:, None], torch.ones_like(total)).cpu()
+    return recall if many else recall[0]

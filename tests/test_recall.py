@@ -63,3 +63,14 @@ def test_recall_errors_name_the_argument():
         attention_recall(q, k, torch.ones(1, 1, 200, 200, dtype=torch.bool), chunk_size=0)
     with pytest.raises(ValueError, match="k: expected"):
         attention_recall(q, k[:, :, :, :8], torch.ones(1, 1, 200, 200, dtype=torch.bool))
+
+
+def test_many_layouts_at_once_equal_one_by_one():
+    q, k = _qk(sq=300, sk=300, seed=9)
+    layouts = [a_shape_layout(2, 4, 300, 300, sink=64, window=64),
+               block_topk_layout(estimate_block_topk(q, k, top_k=2), 300, 300),
+               a_shape_layout(2, 4, 300, 300, sink=0, window=1).to_dense()]
+    together = attention_recall(q, k, layouts, chunk_size=50)
+    assert together.shape == (3, 2, 4)
+    for i, layout in enumerate(layouts):
+        assert torch.allclose(together[i], attention_recall(q, k, layout), atol=1e-6)
