@@ -67,6 +67,7 @@ def estimate_block_topk(
     bs = block_size
     nq, nk = -(-sq // bs), -(-sk // bs)
     sizes, width = _budgets(top_k, density, hq, nk)
+    uniform = sizes is not None and bool((sizes == width).all())
     off = sk - sq
     q_last_key = (torch.arange(nq, device=q.device) * bs + bs).clamp(max=sq) - 1 + off
     diag = torch.div(q_last_key, bs, rounding_mode="floor").clamp(max=nk - 1)  # -1: the block sees nothing
@@ -88,7 +89,8 @@ def estimate_block_topk(
                 s.masked_fill_(key_blocks > d, float("-inf"))
             forced = ((key_blocks == d) | (key_blocks == 0)) & (d >= 0)
             s.masked_fill_(forced, float("inf"))
-            vals, ids = torch.topk(s, width, dim=-1)
+            # Per-block or per-head budgets cut the top-k list by rank, so it must be sorted by score.
+            vals, ids = torch.topk(s, width, dim=-1, sorted=not uniform)
             keep = vals > float("-inf")
             if sizes is not None:
                 keep &= torch.arange(width, device=q.device) < sizes[h0 * g : h1 * g].to(q.device).view(h1 - h0, g, 1, 1)

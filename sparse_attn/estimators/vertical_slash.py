@@ -95,9 +95,12 @@ def _topk_padded(scores: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     """Per head the top sizes[h] ids of scores [B, H, N], padded to max(sizes) by repeating the best id,
     sorted ascending. int32 [B, H, max(sizes)]."""
     width = int(sizes.max())
-    ids = torch.topk(scores, width, dim=-1).indices
-    extra = torch.arange(width, device=ids.device) >= sizes.to(ids.device)[:, None]  # [H, width]
-    ids = torch.where(extra, ids[..., :1], ids)
+    uniform = bool((sizes == width).all())
+    # With one budget for all heads the order of the top-k does not matter: skip sorting by score.
+    ids = torch.topk(scores, width, dim=-1, sorted=not uniform).indices
+    if not uniform:
+        extra = torch.arange(width, device=ids.device) >= sizes.to(ids.device)[:, None]  # [H, width]
+        ids = torch.where(extra, ids[..., :1], ids)
     return ids.sort(dim=-1).values.to(torch.int32)
 
 
