@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -37,7 +36,7 @@ METHODS = ("a_shape", "vertical_slash", "block_sparse", "minference")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seqlens", type=int, nargs="+", default=[32768, 131072, 524288, 1048576])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--heads", type=int, default=32)
@@ -46,14 +45,16 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     p.add_argument("--vertical-size", type=int, default=1000)
     p.add_argument("--slash-size", type=int, default=6096)
-    p.add_argument("--top-k", type=int, default=None, help="block_sparse key blocks per query block (default: --density)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="block_sparse key blocks per query block (default: use --density)")
     p.add_argument("--density", type=float, default=0.05, help="block_sparse fraction of visible key blocks")
     p.add_argument("--sink", type=int, default=128)
     p.add_argument("--window", type=int, default=4096)
     p.add_argument("--data", choices=("structured", "random"), default="structured")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dense-max", type=int, default=524288, help="longest length at which dense runs; longer: extrapolated")
+    p.add_argument("--dense-max", type=int, default=524288,
+                   help="longest length at which dense runs; longer ones are extrapolated")
     p.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "bench" / "results")))
     return p.parse_args(argv)
 
@@ -210,7 +211,8 @@ def _fmt(x, spec):
 def print_table(rows, device, args):
     print(f"\nMethods benchmark on {device}: 1 layer, B=1, {args.heads} q / {args.kv_heads} kv heads, "
           f"D={args.head_dim}, {args.dtype}, {args.data} inputs; median ms; speedup vs dense in the same run")
-    head = f"{'seqlen':>8} {'method':>15} {'estimate':>9} {'index':>8} {'attention':>10} {'total':>10} {'est+idx':>8} {'speedup':>8} {'density':>8} {'peakGiB':>8}"
+    head = (f"{'seqlen':>8} {'method':>15} {'estimate':>9} {'index':>8} {'attention':>10} {'total':>10} "
+            f"{'est+idx':>8} {'speedup':>8} {'density':>8} {'peakGiB':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -222,7 +224,8 @@ def print_table(rows, device, args):
         name = r["method"] + (f" [{r['label']}]" if r["method"] == "dense" else "")
         print(f"{r['seqlen']:>8} {name:>15} {_fmt(r.get('estimate_ms'), '.2f'):>9} {_fmt(r.get('index_ms'), '.2f'):>8} "
               f"{_fmt(r.get('attention_ms'), '.2f'):>10} {total:>10} {frac + '%' if frac != '-' else '-':>8} "
-              f"{_fmt(r.get('speedup'), '.1f'):>8} {_fmt(r.get('density'), '.3f'):>8} {_fmt(r.get('peak_gib'), '.1f'):>8}")
+              f"{_fmt(r.get('speedup'), '.1f'):>8} {_fmt(r.get('density'), '.3f'):>8} "
+              f"{_fmt(r.get('peak_gib'), '.1f'):>8}")
     if any(r.get("extrapolated") for r in rows):
         print("dense '(extrap.)': not run; the largest measured dense time scaled by (seqlen / measured)^2")
     print("minference: the uniform default config (sparse_attn.methods.default_head_config), total only")

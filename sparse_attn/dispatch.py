@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ._checks import warn_once
 from .estimators import a_shape_layout, block_topk_layout, estimate_block_topk, estimate_vertical_slash
-from .layouts import BlockLayout, VerticalSlashLayout
+from .layouts import VerticalSlashLayout
 from .ops.reference import reference_attention
 
 __all__ = [
@@ -38,7 +38,7 @@ _MASK_ELEMENTS = 1 << 26
 
 @dataclass
 class HeadGroup:
-    """Query heads that run in one launch: same pattern, `per_kv` query heads for each of `kv_heads`."""
+    """Query heads that run in one launch: one pattern, the same number of query heads per kv head."""
 
     pattern: str
     heads: List[int]      # query heads, kv-major (heads of kv_heads[0] first)

@@ -155,7 +155,9 @@ def load_profile(source: Union[str, os.PathLike, Dict[str, Any], Profile]) -> Pr
         raise TypeError(f"profile: expected a path, a dict or a Profile, got {type(source).__name__}")
     unknown = set(source) - {"format", "model", "settings", "layers"}
     if unknown:
-        raise ValueError(f"profile: unknown top-level keys {sorted(unknown)} (expected format, model, settings, layers)")
+        raise ValueError(
+            f"profile: unknown top-level keys {sorted(unknown)} (expected format, model, settings, layers)"
+        )
     if "layers" not in source or "model" not in source:
         raise ValueError("profile: expected the keys 'model' and 'layers'")
     return Profile(model=source["model"], layers=source["layers"], settings=source.get("settings", {}),
@@ -261,7 +263,9 @@ def from_minference_config(obj, model_info: Dict[str, Any]) -> Profile:
         with open(obj) as f:
             obj = json.load(f)
     if not isinstance(obj, list) or not all(isinstance(layer, dict) for layer in obj):
-        raise TypeError("minference config: expected a list (one per layer) of {head: [pattern, vertical, slash, score]}")
+        raise TypeError(
+            "minference config: expected a list (one per layer) of {head: [pattern, vertical, slash, score]}"
+        )
     model = dict(model_info)
     model.setdefault("num_layers", len(obj))
     model.setdefault("num_heads", len(obj[0]) if obj else 0)
@@ -269,7 +273,8 @@ def from_minference_config(obj, model_info: Dict[str, Any]) -> Profile:
     for li, layer in enumerate(obj):
         heads = sorted(layer.items(), key=lambda kv: int(kv[0]))
         if [int(h) for h, _ in heads] != list(range(len(heads))):
-            raise ValueError(f"minference config, layer {li}: expected heads 0..{len(heads) - 1}, got {[h for h, _ in heads]}")
+            got = [h for h, _ in heads]
+            raise ValueError(f"minference config, layer {li}: expected heads 0..{len(heads) - 1}, got {got}")
         layers.append([_from_minference_head(e, f"minference config, layer {li}, head {h}") for h, e in heads])
     settings = {"imported_from": "minference", "source": source}
     return Profile(model=model, layers=layers, settings=settings)

@@ -34,11 +34,14 @@ def _check(q, k, layout):
                              f"batch {layout.batch}, {layout.num_heads} heads, {layout.seqlen_q}, {layout.seqlen_k}")
     elif isinstance(layout, torch.Tensor):
         check_tensor("layout", layout, ndim=4, dtypes=(torch.bool,))
-        if layout.shape[0] not in (1, b) or layout.shape[1] not in (1, hq) or layout.shape[2] < sq or layout.shape[3] < sk:
+        lb, lh, lq, lk = layout.shape
+        if lb not in (1, b) or lh not in (1, hq) or lq < sq or lk < sk:
             raise ValueError(f"layout: expected a bool mask [1 or {b}, 1 or {hq}, >= {sq}, >= {sk}], "
                              f"got {tuple(layout.shape)}")
     else:
-        raise TypeError(f"layout: expected a BlockLayout, a VerticalSlashLayout or a bool mask, got {type(layout).__name__}")
+        raise TypeError(
+            f"layout: expected a BlockLayout, a VerticalSlashLayout or a bool mask, got {type(layout).__name__}"
+        )
 
 
 def _kept_mass(layout: Layout, p: torch.Tensor, b: int, r0: int, block_masks: dict) -> torch.Tensor:
@@ -102,7 +105,8 @@ def attention_recall(
             qc = q[bi, :, r0:r1].float().unflatten(0, (hkv, hq // hkv))
             s = torch.matmul(qc, kb[:, :, :keys].transpose(-1, -2)).flatten(0, 1) * scale  # [Hq, rows, keys]
             if causal:
-                visible = torch.arange(keys, device=q.device)[None, :] <= torch.arange(r0, r1, device=q.device)[:, None] + (sk - sq)
+                last = torch.arange(r0, r1, device=q.device)[:, None] + (sk - sq)
+                visible = torch.arange(keys, device=q.device)[None, :] <= last
                 s.masked_fill_(~visible, float("-inf"))
             p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # rows seeing no key: all zeros
             del s

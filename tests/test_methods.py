@@ -35,7 +35,8 @@ def _tiny_vertical_slash_index(vertical, slash, seqlen_q, seqlen_k, block_size_q
     re = torch.full((len(per), mr), -1, dtype=torch.int32)
     ci = torch.full((len(per), mc), -1, dtype=torch.int32)
     for n, (s, e, c) in enumerate(per):
-        rs[n, : len(s)], re[n, : len(e)], ci[n, : len(c)] = torch.tensor(s, dtype=torch.int32), torch.tensor(e, dtype=torch.int32), torch.tensor(c, dtype=torch.int32)
+        for dst, src in ((rs, s), (re, e), (ci, c)):
+            dst[n, : len(src)] = torch.tensor(src, dtype=torch.int32)
     rc = torch.tensor([len(p[0]) for p in per], dtype=torch.int32)
     cc = torch.tensor([len(p[2]) for p in per], dtype=torch.int32)
     shape = (b, h, nq)

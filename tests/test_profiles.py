@@ -59,7 +59,8 @@ def test_missing_file_and_model_mismatch(tmp_path):
         load_profile(tmp_path / "missing.json")
     p = load_profile(_profile_dict())
     p.check_model(2, 3, 1, 64)
-    with pytest.raises(ValueError, match="num_layers: profile has 2, model has 30.*num_heads: profile has 3, model has 9"):
+    wrong = "num_layers: profile has 2, model has 30.*num_heads: profile has 3, model has 9"
+    with pytest.raises(ValueError, match=wrong):
         p.check_model(30, 9)
     with pytest.raises(IndexError, match="layer"):
         p.layer(2)

@@ -27,7 +27,8 @@ def pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     full = s // block_size
     parts = []
     if full:
-        parts.append(x[:, :, : full * block_size].unflatten(2, (full, block_size)).sum(3, dtype=torch.float32) / block_size)
+        blocks = x[:, :, : full * block_size].unflatten(2, (full, block_size))
+        parts.append(blocks.sum(3, dtype=torch.float32) / block_size)
     if s > full * block_size:
         parts.append(x[:, :, full * block_size :].sum(2, keepdim=True, dtype=torch.float32) / (s - full * block_size))
     return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
@@ -93,7 +94,8 @@ def estimate_block_topk(
             vals, ids = torch.topk(s, width, dim=-1, sorted=not uniform)
             keep = vals > float("-inf")
             if sizes is not None:
-                keep &= torch.arange(width, device=q.device) < sizes[h0 * g : h1 * g].to(q.device).view(h1 - h0, g, 1, 1)
+                head_sizes = sizes[h0 * g : h1 * g].to(q.device).view(h1 - h0, g, 1, 1)
+                keep &= torch.arange(width, device=q.device) < head_sizes
             else:
                 visible = (d + 1).clamp(min=0) if causal else torch.full_like(d, nk)
                 budget = torch.maximum(torch.ceil(density * visible.double()).long(), visible.clamp(max=2))

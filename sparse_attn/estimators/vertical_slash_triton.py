@@ -11,7 +11,6 @@ Scores are in the log2 domain (exp2), as FlashAttention kernels do.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
@@ -93,7 +92,8 @@ def _scores_kernel(Q, K, LSE, V_OUT, S_OUT, SCRATCH,
             j0 = kt * BN
             keys = j0 + cols
             kmask = keys < Sk
-            k = tl.load(K + b * s_kb + hk * s_kh + keys[:, None] * s_kn + d[None, :] * s_kd, mask=kmask[:, None], other=0.0)
+            k_ptr = K + b * s_kb + hk * s_kh + keys[:, None] * s_kn + d[None, :] * s_kd
+            k = tl.load(k_ptr, mask=kmask[:, None], other=0.0)
             q = _load_q(Q, b, hk, s_qb, s_qh, s_qm, s_qd, L, HG, BM, D, G_SUB, sub)
             s = tl.dot(q, tl.trans(k)) * scale_log2
             lse = tl.load(LSE + group * HG * BM + r)
