@@ -26,10 +26,10 @@ def _load_q(Q, b, hk, s_qb, s_qh, s_qm, s_qd, L, HG: tl.constexpr, BM: tl.conste
             G_SUB, sub):
     """The last-L queries of HG query heads stacked along rows: [HG * BM, D]; padded rows are zero."""
     r = tl.arange(0, HG * BM)
-    head = hk * G_SUB * HG + sub * HG + r // BM
+    head = (hk * G_SUB * HG + sub * HG + r // BM).to(tl.int64)  # int64: head * stride passes 2**31 at 1M
     t = r % BM
     d = tl.arange(0, D)
-    ptr = Q + b * s_qb + head[:, None] * s_qh + t[:, None] * s_qm + d[None, :] * s_qd
+    ptr = Q + b.to(tl.int64) * s_qb + head[:, None] * s_qh + t[:, None] * s_qm + d[None, :] * s_qd
     return tl.load(ptr, mask=(t < L)[:, None], other=0.0)
 
 
@@ -41,8 +41,8 @@ def _lse_kernel(Q, K, M_OUT, L_OUT,
     pid = tl.program_id(0)
     split = tl.program_id(1)
     sub = pid % G_SUB
-    hk = (pid // G_SUB) % Hkv
-    b = pid // (G_SUB * Hkv)
+    hk = ((pid // G_SUB) % Hkv).to(tl.int64)
+    b = (pid // (G_SUB * Hkv)).to(tl.int64)
     q = _load_q(Q, b, hk, s_qb, s_qh, s_qm, s_qd, L, HG, BM, D, G_SUB, sub)
     r = tl.arange(0, HG * BM)
     t = r % BM
@@ -63,7 +63,7 @@ def _lse_kernel(Q, K, M_OUT, L_OUT,
         safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - safe) + tl.sum(tl.exp2(s - safe[:, None]), 1)
         m_i = m_new
-    out = (pid * n_split + split) * HG * BM + r
+    out = (pid.to(tl.int64) * n_split + split) * HG * BM + r
     tl.store(M_OUT + out, m_i)
     tl.store(L_OUT + out, l_i)
 
@@ -80,15 +80,15 @@ def _scores_kernel(Q, K, LSE, V_OUT, S_OUT, SCRATCH,
     cols = tl.arange(0, BN)
     d = tl.arange(0, D)
     heads_g = tl.arange(0, HG)
-    scratch = SCRATCH + pid * (HG * BM * BN)
+    scratch = SCRATCH + pid.to(tl.int64) * (HG * BM * BN)
     for tile0 in range(0, total_tiles, n_prog):
         tile = tile0 + pid
         if tile < total_tiles:
             kt = tile % n_key_tiles
             group = tile // n_key_tiles  # (b, hk, sub)
             sub = group % G_SUB
-            hk = (group // G_SUB) % Hkv
-            b = group // (G_SUB * Hkv)
+            hk = ((group // G_SUB) % Hkv).to(tl.int64)
+            b = (group // (G_SUB * Hkv)).to(tl.int64)
             j0 = kt * BN
             keys = j0 + cols
             kmask = keys < Sk
@@ -96,7 +96,7 @@ def _scores_kernel(Q, K, LSE, V_OUT, S_OUT, SCRATCH,
             k = tl.load(k_ptr, mask=kmask[:, None], other=0.0)
             q = _load_q(Q, b, hk, s_qb, s_qh, s_qm, s_qd, L, HG, BM, D, G_SUB, sub)
             s = tl.dot(q, tl.trans(k)) * scale_log2
-            lse = tl.load(LSE + group * HG * BM + r)
+            lse = tl.load(LSE + group.to(tl.int64) * HG * BM + r)
             valid = kmask[None, :] & (t < L)[:, None]
             if CAUSAL:
                 valid = valid & (keys[None, :] <= Sk - L + t[:, None])
