@@ -55,7 +55,7 @@ def estimate_block_topk(
     block_size: int = 64,
     causal: bool = True,
 ) -> torch.Tensor:
-    """Top key blocks per (batch, query head, query block): int64 [B, Hq, nq, width], unsorted, -1 = none.
+    """Top key blocks per (batch, query head, query block): int32 [B, Hq, nq, width], unsorted, -1 = none.
 
     top_k: key blocks kept per query block (an int or one per query head), or
     density: the fraction of each query block's visible key blocks to keep (at least the two forced ones).
@@ -75,7 +75,7 @@ def estimate_block_topk(
     if not causal:
         diag = torch.div((torch.arange(nq, device=q.device) * bs + off).clamp(0, sk - 1), bs, rounding_mode="floor")
     key_blocks = torch.arange(nk, device=q.device)
-    out = torch.empty(b, hq, nq, width, dtype=torch.int64, device=q.device)
+    out = torch.empty(b, hq, nq, width, dtype=torch.int32, device=q.device)
     kv_step = max(1, _CHUNK_ELEMENTS // max(1, b * g * nq * nk))
     rows = max(1, _CHUNK_ELEMENTS // max(1, b * g * kv_step * nk))
     for h0 in range(0, hkv, kv_step):
