@@ -184,7 +184,7 @@ def bench_length(s, args, dtype, dense_ref):
         try:
             phases, config = method_phases(name, args, q, k, v)
             t, result = timed_phases(phases, args.warmup, args.repeats)
-            density = result[1]() if name == "minference" else result[1].head_density(True)
+            density = result[1].density() if name == "minference" else result[1].head_density(True)
             row.update({f"{p}_ms": ms for p, ms in t.items()}, config=config, density=float(density.mean()))
             row["total_ms"] = sum(t.values())
             row["speedup"] = dense["ms"] / row["total_ms"]

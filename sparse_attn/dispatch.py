@@ -10,7 +10,7 @@ number of query heads per kv head, at most `group size` sub-launches).
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -30,6 +30,7 @@ __all__ = [
     "attend",
     "dense_attention",
     "run_head_config",
+    "LayerPlan",
 ]
 
 # Elements of one explicit causal mask chunk in dense_attention (rows x seqlen_k bools).
@@ -158,13 +159,40 @@ def _select(t: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
     return t.index_select(1, torch.tensor(ids, device=t.device))
 
 
+@dataclass
+class LayerPlan:
+    """What one layer call computed: the sparse layouts per head group (dense heads have none).
+    Density and recall are derived on demand, since both cost a device sync (recall a dense pass)."""
+
+    batch: int
+    num_heads: int
+    causal: bool
+    parts: List[tuple] = field(default_factory=list)  # (query heads, kv heads, layout)
+
+    def density(self) -> torch.Tensor:
+        """float64 [B, Hq]: computed entries / causal entries; dense heads 1."""
+        d = torch.ones(self.batch, self.num_heads, dtype=torch.float64)
+        for heads, _, layout in self.parts:
+            d[:, heads] = layout.head_density(self.causal)
+        return d
+
+    def recall(self, q, k, scale: Optional[float] = None) -> torch.Tensor:
+        """float64 [B, Hq]: attention mass the layouts keep (sparse_attn.recall); dense heads 1."""
+        from .recall import attention_recall
+
+        r = torch.ones(self.batch, self.num_heads, dtype=torch.float64)
+        for heads, kv_heads, layout in self.parts:
+            r[:, heads] = attention_recall(_select(q, heads), _select(k, kv_heads), layout, causal=self.causal,
+                                           scale=scale)
+        return r
+
+
 def run_head_config(q, k, v, head_config, *, causal: bool, scale: Optional[float], block_size: int = 64,
                     last_q: int = 64):
-    """One layer with per-head configs (validated). Returns (out [B, Hq, Sq, D], density) where density()
-    computes the float64 [B, Hq] density from the layouts used (only when asked: it costs a sync)."""
+    """One layer with per-head configs (validated). Returns (out [B, Hq, Sq, D], LayerPlan)."""
     b, hq = q.shape[:2]
     out = torch.empty_like(q)
-    parts = []  # (heads, layout) of the sparse groups
+    plan = LayerPlan(b, hq, causal)
     for g in head_groups(head_config, k.shape[1]):
         qg, kg, vg = _select(q, g.heads), _select(k, g.kv_heads), _select(v, g.kv_heads)
         if g.pattern == "dense":
@@ -173,16 +201,9 @@ def run_head_config(q, k, v, head_config, *, causal: bool, scale: Optional[float
             layout = plan_pattern(g.pattern, qg, kg, g.configs, causal=causal, scale=scale,
                                   block_size=block_size, last_q=last_q)
             og = attend(qg, kg, vg, layout, causal=causal, scale=scale)
-            parts.append((g.heads, layout))
+            plan.parts.append((g.heads, g.kv_heads, layout))
         if list(g.heads) == list(range(hq)):
             out = og
         else:
             out.index_copy_(1, torch.tensor(g.heads, device=q.device), og)
-
-    def density() -> torch.Tensor:
-        d = torch.ones(b, hq, dtype=torch.float64)
-        for heads, layout in parts:
-            d[:, heads] = layout.head_density(causal)
-        return d
-
-    return out, density
+    return out, plan

@@ -39,8 +39,7 @@ DEFAULT_MIN_SEQLEN = 1024
 @dataclass(frozen=True)
 class Method:
     """A registry entry. `run(q, k, v, *, causal, scale, head_config, **kwargs)` returns
-    (out, density, patterns list[str]), density() giving float64 [B, Hq] on demand (it syncs, so it runs
-    only when stats are asked for); `defaults` are the documented kwargs."""
+    (out, dispatch.LayerPlan, patterns list[str]); `defaults` are the documented kwargs."""
 
     name: str
     summary: str
@@ -91,7 +90,7 @@ def check_method_kwargs(name: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
 
 def _dense_result(q, k, v, causal, scale):
     out = dispatch.dense_attention(q, k, v, causal=causal, scale=scale)
-    return out, lambda: torch.ones(q.shape[0], q.shape[1], dtype=torch.float64), ["dense"] * q.shape[1]
+    return out, dispatch.LayerPlan(q.shape[0], q.shape[1], causal), ["dense"] * q.shape[1]
 
 
 def _uniform(q, k, v, config, *, causal, scale, block_size, last_q=64, density=None):
@@ -102,7 +101,9 @@ def _uniform(q, k, v, config, *, causal, scale, block_size, last_q=64, density=N
                            last_q=last_q, density=density)
     layout = dispatch.build_pattern(pattern, est, q, k, configs, block_size=block_size)
     out = dispatch.attend(q, k, v, layout, causal=causal, scale=scale)
-    return out, lambda: layout.head_density(causal), [pattern] * q.shape[1]
+    every = (list(range(q.shape[1])), list(range(k.shape[1])), layout)
+    plan = dispatch.LayerPlan(q.shape[0], q.shape[1], causal, [every])
+    return out, plan, [pattern] * q.shape[1]
 
 
 def _needs_causal(name, q, k, v, causal, scale):
@@ -169,9 +170,9 @@ def _run_minference(q, k, v, *, causal, scale, head_config, last_q, block_size, 
         warn_once("minference-default", "sparse_attn: 'minference' without a head profile uses a uniform "
                                         "vertical-slash config (see sparse_attn.methods.default_head_config)")
         head_config = default_head_config(q.shape[1], k.shape[2])
-    out, density = dispatch.run_head_config(q, k, v, head_config, causal=causal, scale=scale, block_size=block_size,
+    out, plan = dispatch.run_head_config(q, k, v, head_config, causal=causal, scale=scale, block_size=block_size,
                                    last_q=last_q)
-    return out, density, [h["pattern"] for h in head_config]
+    return out, plan, [h["pattern"] for h in head_config]
 
 
 _MIN_SEQLEN_DOC = "queries shorter than this run dense (SDPA)"
@@ -226,13 +227,16 @@ def sparse_attention(
     scale: Optional[float] = None,
     head_config: Optional[List[Dict[str, Any]]] = None,
     stats: Optional[Dict[str, Any]] = None,
+    recall: bool = False,
     **method_kwargs,
 ) -> torch.Tensor:
     """One layer's attention through a named method; returns out [B, Hq, Sq, D] in q's dtype.
 
     head_config: per-query-head dicts for this layer (see sparse_attn.profiles), "minference" only.
     stats: if a dict, receives "density" (float64 [Hq]: computed / causal entries, mean over the batch)
-    and "pattern" (list of Hq pattern names). Method kwargs: see get_method(name).help().
+    and "pattern" (list of Hq pattern names); with recall=True also "recall" (float64 [Hq], mean over the
+    batch: the share of the dense attention mass the layouts kept, sparse_attn.recall; a slow diagnostic
+    that scores every query against every key, in chunks). Method kwargs: see get_method(name).help().
     """
     m = get_method(method)
     kwargs = check_method_kwargs(method, method_kwargs)
@@ -241,10 +245,12 @@ def sparse_attention(
         if method != "minference":
             raise ValueError(f"head_config: only the 'minference' method takes per-head configs, not {method!r}")
         head_config = check_head_config(head_config, shapes.num_heads)
-    out, density, patterns = m.run(q, k, v, causal=bool(causal), scale=scale, head_config=head_config, **kwargs)
+    out, plan, patterns = m.run(q, k, v, causal=bool(causal), scale=scale, head_config=head_config, **kwargs)
     if stats is not None:
-        stats["density"] = density().mean(0)
+        stats["density"] = plan.density().mean(0)
         stats["pattern"] = list(patterns)
+        if recall:
+            stats["recall"] = plan.recall(q, k, scale).mean(0)
     return out
 
 

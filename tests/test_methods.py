@@ -276,3 +276,21 @@ def test_methods_on_cuda_match_the_reference_with_their_index(method, kwargs, dt
         want = reference_attention(q, k, v, layout, causal=True)
         lowp = reference_attention(q, k, v, layout, causal=True, upcast=False)
         _close(out, want, lowp)
+
+
+def test_opt_in_recall_matches_attention_recall():
+    from sparse_attn.estimators import a_shape_layout
+    from sparse_attn.recall import attention_recall
+
+    q, k, v = _inputs(b=2, hq=8, hkv=2, sq=320, sk=320, seed=11)
+    stats = {}
+    sparse_attention(q, k, v, "minference", head_config=MIXED, stats=stats, recall=True, min_seqlen=0, last_q=32)
+    assert stats["recall"].shape == (8,) and stats["recall"][4] == 1  # the dense head
+    assert ((stats["recall"] > 0) & (stats["recall"] <= 1 + 1e-6)).all()
+    # The a_shape group: heads 1 (kv 0) and 5 (kv 1), with their own budgets.
+    a_shape = a_shape_layout(2, 2, 320, 320, sink=[64, 0], window=[64, 130])
+    want = attention_recall(q[:, [1, 5]], k, a_shape).mean(0)
+    assert torch.allclose(stats["recall"][[1, 5]], want)
+    stats = {}
+    sparse_attention(q, k, v, "a_shape", stats=stats, min_seqlen=0, sink=64, window=64)
+    assert "recall" not in stats
