@@ -75,13 +75,16 @@ def estimate_block_topk(
     if not causal:
         diag = torch.div((torch.arange(nq, device=q.device) * bs + off).clamp(0, sk - 1), bs, rounding_mode="floor")
     key_blocks = torch.arange(nk, device=q.device)
+    # On the GPU the pooled scores run in q's dtype (tensor cores: fp32 would cost ~40 ms at 1M tokens);
+    # the ranking barely moves. The CPU keeps float32.
+    cdt = q.dtype if q.is_cuda else torch.float32
     out = torch.empty(b, hq, nq, width, dtype=torch.int32, device=q.device)
     kv_step = max(1, _CHUNK_ELEMENTS // max(1, b * g * nq * nk))
     rows = max(1, _CHUNK_ELEMENTS // max(1, b * g * kv_step * nk))
     for h0 in range(0, hkv, kv_step):
         h1 = min(hkv, h0 + kv_step)
-        kp = pool_blocks(k[:, h0:h1], bs).unsqueeze(2)  # [B, hkv, 1, nk, D]
-        qp = pool_blocks(q[:, h0 * g : h1 * g], bs).unflatten(1, (h1 - h0, g))  # [B, hkv, g, nq, D]
+        kp = pool_blocks(k[:, h0:h1], bs).to(cdt).unsqueeze(2)  # [B, hkv, 1, nk, D]
+        qp = pool_blocks(q[:, h0 * g : h1 * g], bs).to(cdt).unflatten(1, (h1 - h0, g))  # [B, hkv, g, nq, D]
         for r0 in range(0, nq, rows):
             r1 = min(nq, r0 + rows)
             s = torch.matmul(qp[:, :, :, r0:r1], kp.transpose(-1, -2))  # [B, hkv, g, r, nk]
