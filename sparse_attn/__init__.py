@@ -4,9 +4,11 @@ from .ops import reference_attention
 from .methods import get_method, list_methods, sparse_attention
 from .profiles import find_profile, load_profile, save_profile
 from .recall import attention_recall
+from .integrations.hf import get_stats, patch, unpatch
 
 __version__ = "0.1.0"
 
 __all__ = ["BlockLayout", "VerticalSlashLayout", "reference_attention", "__version__"]
 __all__ += ["sparse_attention", "get_method", "list_methods", "load_profile", "save_profile", "find_profile"]
 __all__ += ["attention_recall"]
+__all__ += ["patch", "unpatch", "get_stats"]

@@ -1,0 +1,299 @@
+"""Hugging Face transformers adapter: sparse prefill through transformers' own attention registry.
+
+    model = sparse_attn.patch(model, method="minference")   # or a profile: config="patches/x.json"
+    model.generate(...)                                     # prefill sparse, decode dense (a_shape: sparse)
+    print(sparse_attn.get_stats(model).table())
+    sparse_attn.unpatch(model)
+
+`patch` registers one attention function per patched model in transformers' `AttentionInterface`, and
+the SDPA mask builder under the same name (so the model hands it None for plain causal inputs and a
+boolean mask otherwise), then switches the model's attention implementation to that name. No model code
+is replaced: any model whose attention layers call `ALL_ATTENTION_FUNCTIONS.get_interface(...)` works.
+The KV cache stays the model's own and holds every key; only the attention over it is sparse.
+`unpatch` switches every config back to its previous implementation and unregisters the name.
+"""
+from __future__ import annotations
+
+import itertools
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .._checks import warn_once
+from ..methods import check_method_kwargs, get_method, sparse_attention
+from ..profiles import Profile, find_profile, load_profile
+
+__all__ = ["patch", "unpatch", "get_stats", "is_patched", "AttentionStats", "LayerStats", "model_name"]
+
+_NAME_PREFIX = "sparse_attn"
+_names = itertools.count()
+_patches: "weakref.WeakKeyDictionary[torch.nn.Module, _Patch]" = weakref.WeakKeyDictionary()
+# Query rows per step when checking that a boolean mask is the plain causal band (bounded memory).
+_MASK_CHECK_ROWS = 512
+
+
+@dataclass
+class LayerStats:
+    """One attention call of one layer: per query head, what the method computed."""
+
+    density: torch.Tensor  # float64 [Hq]: computed / causal entries (mean over the batch)
+    pattern: List[str]  # per query head
+    seqlen_q: int
+    seqlen_k: int
+    recall: Optional[torch.Tensor] = None  # float64 [Hq], diagnostics=True only
+
+
+@dataclass
+class AttentionStats:
+    """What the patched model computed in its latest calls: per layer, the last multi-query call (prefill)
+    and the last single-query call (decode); `fallbacks` counts calls handed to transformers' SDPA."""
+
+    prefill: Dict[int, LayerStats] = field(default_factory=dict)
+    decode: Dict[int, LayerStats] = field(default_factory=dict)
+    fallbacks: int = 0
+
+    def _phase(self, phase: str) -> Dict[int, LayerStats]:
+        if phase not in ("prefill", "decode"):
+            raise ValueError(f"phase: expected 'prefill' or 'decode', got {phase!r}")
+        return self.prefill if phase == "prefill" else self.decode
+
+    def density(self, phase: str = "prefill") -> Optional[float]:
+        """Mean over layers and heads (every layer sees the same causal entries), or None before a call."""
+        layers = self._phase(phase)
+        if not layers:
+            return None
+        return torch.stack([s.density for s in layers.values()]).mean().item()
+
+    def recall(self, phase: str = "prefill") -> Optional[float]:
+        """Mean attention recall over layers and heads (diagnostics=True), or None."""
+        values = [s.recall for s in self._phase(phase).values() if s.recall is not None]
+        return torch.stack(values).mean().item() if values else None
+
+    def table(self, phase: str = "prefill") -> str:
+        """One line per layer: lengths, density (mean / min / max over heads), patterns, recall."""
+        lines = [f"{'layer':>5} {'Sq':>6} {'Sk':>6} {'density':>8} {'min':>6} {'max':>6} {'recall':>7}  patterns"]
+        for i, s in sorted(self._phase(phase).items()):
+            counts: Dict[str, int] = {}
+            for p in s.pattern:
+                counts[p] = counts.get(p, 0) + 1
+            rec = f"{s.recall.mean().item():7.3f}" if s.recall is not None else f"{'-':>7}"
+            lines.append(f"{i:>5} {s.seqlen_q:>6} {s.seqlen_k:>6} {s.density.mean().item():8.3f} "
+                         f"{s.density.min().item():6.3f} {s.density.max().item():6.3f} {rec}  "
+                         + ", ".join(f"{p} x{n}" for p, n in sorted(counts.items())))
+        return "\n".join(lines)
+
+
+@dataclass
+class _Patch:
+    """The settings one attention function reads; re-patching updates them in place."""
+
+    name: str
+    previous: List[tuple]  # (config, its attention implementation before patching)
+    method: str = "minference"
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    profile: Optional[Profile] = None
+    collect_stats: bool = True
+    diagnostics: bool = False
+    stats: AttentionStats = field(default_factory=AttentionStats)
+    last_mask: Any = None  # (weakref to the last mask checked, whether it was plain causal)
+
+
+def model_name(model) -> str:
+    """The name profiles are looked up by: the model's `name_or_path` (a hub id or a directory)."""
+    config = getattr(model, "config", None)
+    return str(getattr(model, "name_or_path", "") or getattr(config, "_name_or_path", "") or "")
+
+
+def _text_config(model):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _model_shape(model) -> Dict[str, int]:
+    c = _text_config(model)
+    heads = c.num_attention_heads
+    return {"num_layers": c.num_hidden_layers, "num_heads": heads,
+            "num_kv_heads": getattr(c, "num_key_value_heads", None) or heads,
+            "head_dim": getattr(c, "head_dim", None) or c.hidden_size // heads}
+
+
+def _check_model(model) -> None:
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model: expected a transformers PreTrainedModel whose attention layers go through "
+                        f"AttentionInterface (Llama, Mistral, Qwen2/3, Phi-3, ...), got {type(model).__name__}")
+    layers = [m for m in model.modules() if "Attention" in type(m).__name__ and hasattr(m, "layer_idx")]
+    if not layers:
+        raise ValueError(f"model: {type(model).__name__} has no attention modules with a layer_idx; "
+                         "sparse_attn.patch supports models whose attention uses transformers' AttentionInterface")
+
+
+def _resolve_profile(model, method: str, config) -> Optional[Profile]:
+    if config is not None and method != "minference":
+        raise ValueError(f"config: a head profile applies to method 'minference' only, got method={method!r}")
+    if method != "minference":
+        return None
+    if config is None:
+        config = find_profile(model_name(model)) if model_name(model) else None
+        if config is None:
+            return None
+    profile = load_profile(config)
+    profile.check_model(**_model_shape(model))
+    return profile
+
+
+def _plain_causal(p: _Patch, mask, seqlen_q: int, seqlen_k: int) -> bool:
+    """Whether `mask` is None or exactly the bottom-right causal band (checked once per mask object)."""
+    if mask is None:
+        return True
+    if p.last_mask is not None and p.last_mask[0]() is mask:
+        return p.last_mask[1]
+    ok = (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4
+          and tuple(mask.shape[-2:]) == (seqlen_q, seqlen_k))
+    cols = torch.arange(seqlen_k, device=mask.device) if ok else None
+    for r0 in range(0, seqlen_q if ok else 0, _MASK_CHECK_ROWS):
+        rows = mask[..., r0:r0 + _MASK_CHECK_ROWS, :]
+        last = torch.arange(r0, r0 + rows.shape[-2], device=mask.device)[:, None] + (seqlen_k - seqlen_q)
+        if not torch.equal(rows, (cols[None, :] <= last).expand_as(rows)):
+            ok = False
+    p.last_mask = (weakref.ref(mask), ok) if isinstance(mask, torch.Tensor) else None
+    return ok
+
+
+def _dense_reason(p: _Patch, module, query, key, mask, dropout, kwargs) -> Optional[str]:
+    """Why this call must run transformers' own SDPA instead of a method, or None."""
+    if module.training and dropout:
+        return "attention dropout in training"
+    if kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
+        return "non-causal attention"
+    for name in ("softcap", "s_aux", "sinks", "position_bias"):
+        if kwargs.get(name) is not None:
+            return f"attention with {name}"
+    if not _plain_causal(p, mask, query.shape[2], key.shape[2]):
+        return "an attention mask other than plain causal (padding or a sliding window)"
+    return None
+
+
+def _make_attention(p: _Patch):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        reason = _dense_reason(p, module, query, key, attention_mask, dropout, kwargs)
+        if reason is not None:
+            warn_once(f"hf-dense-{reason}", f"sparse_attn: {reason}: these calls run transformers' dense SDPA")
+            p.stats.fallbacks += 1
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, **kwargs)
+        layer = module.layer_idx
+        head_config = p.profile.layer(layer) if p.profile is not None else None
+        stats: Optional[Dict[str, Any]] = {} if p.collect_stats else None
+        out = sparse_attention(query, key, value, p.method, causal=True, scale=scaling, head_config=head_config,
+                               stats=stats, recall=p.diagnostics, **p.kwargs)
+        if stats is not None:
+            phase = p.stats.prefill if query.shape[2] > 1 else p.stats.decode
+            phase[layer] = LayerStats(stats["density"], stats["pattern"], query.shape[2], key.shape[2],
+                                      stats.get("recall"))
+        # transformers' attention functions return [B, S, H, D]
+        return out.transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+def _configs(model) -> List[Any]:
+    """Every config the model's attention reads (the top one and those of nested PreTrainedModels)."""
+    from transformers import PreTrainedModel
+
+    seen: Dict[int, Any] = {}
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel):
+            seen.setdefault(id(m.config), m.config)
+    return list(seen.values())
+
+
+def _register(name: str, attention) -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, sdpa_mask)
+
+
+def _unregister(name: str) -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface._global_mapping.pop(name, None)
+    AttentionMaskInterface._global_mapping.pop(name, None)
+
+
+def _switch_on(model, p: _Patch) -> None:
+    _register(p.name, _make_attention(p))
+    try:
+        model.set_attn_implementation(p.name)
+    except Exception:
+        _unregister(p.name)
+        raise
+    if model.config._attn_implementation != p.name:
+        _restore(p)
+        _unregister(p.name)
+        raise ValueError(f"model: {type(model).__name__} does not let transformers switch its attention "
+                         "implementation (its attention layers do not call ALL_ATTENTION_FUNCTIONS), so "
+                         "sparse_attn.patch cannot hook in")
+
+
+def _restore(p: _Patch) -> None:
+    for config, implementation in p.previous:
+        config._attn_implementation = implementation
+
+
+def patch(model, method: str = "minference", config=None, *, stats: bool = True, diagnostics: bool = False,
+          **method_kwargs):
+    """Route the model's attention through `sparse_attention(..., method)`; returns the model.
+
+    method: a registry name (sparse_attn.list_methods()); method_kwargs: its documented kwargs
+    (get_method(method).help()), e.g. min_seqlen (queries shorter than it run dense: decode, short prompts).
+    config: for "minference", a head profile (path, dict or Profile) checked against the model's layer and
+    head counts; without one, patches/<model name>.json if present, else the method's uniform default.
+    stats: record per layer and head the density computed (sparse_attn.get_stats); False skips the
+    per-call device sync it costs. diagnostics: also the attention recall against dense (slow).
+    Patching a patched model replaces its settings; unpatch restores the original implementation.
+    """
+    get_method(method)
+    kwargs = dict(method_kwargs)
+    check_method_kwargs(method, kwargs)
+    _check_model(model)
+    profile = _resolve_profile(model, method, config)
+    p = _patches.get(model)
+    if p is None:
+        previous = [(c, c._attn_implementation) for c in _configs(model)]
+        p = _Patch(f"{_NAME_PREFIX}_{next(_names)}", previous)
+        _switch_on(model, p)
+        _patches[model] = p
+    p.method, p.kwargs, p.profile = method, kwargs, profile
+    p.collect_stats, p.diagnostics = bool(stats or diagnostics), bool(diagnostics)
+    p.stats, p.last_mask = AttentionStats(), None
+    return model
+
+
+def unpatch(model):
+    """Restore the attention implementation the model had before `patch`; a no-op on an unpatched model."""
+    p = _patches.pop(model, None)
+    if p is not None:
+        _restore(p)
+        _unregister(p.name)
+    return model
+
+
+def is_patched(model) -> bool:
+    return model in _patches
+
+
+def get_stats(model) -> AttentionStats:
+    """Per layer and head, what the patched model computed in its latest forward pass."""
+    p = _patches.get(model)
+    if p is None:
+        raise ValueError("model: not patched by sparse_attn.patch, so there are no attention stats")
+    return p.stats

@@ -1,0 +1,256 @@
+"""sparse_attn.patch / unpatch on tiny random-weight Hugging Face models (CPU, fp32).
+
+Full-budget methods must reproduce the dense model's logits within fp32 rounding (the model run in fp64
+is the reference: the patched fp32 error may be at most 2x the dense fp32 error plus a small floor);
+unpatch must give them back bit for bit; tiny budgets must change them (the sparse path really runs).
+"""
+import importlib.util
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import sparse_attn
+from sparse_attn.integrations.hf import is_patched
+
+transformers = pytest.importorskip("transformers")
+
+# The vertical-slash index builder lands separately; until then its cases skip instead of failing.
+needs_vs_index = pytest.mark.skipif(importlib.util.find_spec("sparse_attn.ops.vertical_slash") is None,
+                                    reason="sparse_attn.ops.vertical_slash (index builder) not present yet")
+
+SEQ = 197  # not a multiple of the 64-token blocks
+VOCAB = 128
+COMMON = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+              intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=1024)
+
+
+def _family(name):
+    t = transformers
+    return {
+        "llama": (t.LlamaConfig, t.LlamaForCausalLM, {}),
+        "mistral": (t.MistralConfig, t.MistralForCausalLM, {"sliding_window": None}),
+        "qwen2": (t.Qwen2Config, t.Qwen2ForCausalLM, {}),
+        "qwen3": (t.Qwen3Config, t.Qwen3ForCausalLM, {}),
+        "phi3": (t.Phi3Config, t.Phi3ForCausalLM, {"pad_token_id": 0, "sliding_window": None}),
+    }[name]
+
+
+def tiny_model(family="llama", seed=0):
+    config_cls, model_cls, extra = _family(family)
+    torch.manual_seed(seed)
+    return model_cls(config_cls(**COMMON, **extra)).eval()
+
+
+def _ids(seq=SEQ, batch=1, seed=1):
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def logits(model, ids, **kwargs):
+    return model(ids, **kwargs).logits
+
+
+def _full_profile(model):
+    """Every pattern at full budget, mixed across heads and layers."""
+    heads = [{"pattern": "vertical_slash", "vertical_size": 4096, "slash_size": 4096},
+             {"pattern": "a_shape", "sink": 0, "window": 4096},
+             {"pattern": "block_sparse", "top_k": 64},
+             {"pattern": "dense"}]
+    layers = [heads, heads[::-1]]
+    c = model.config
+    return {"format": "sparse_attn.profile/1",
+            "model": {"name": "tiny", "architecture": type(model).__name__, "num_layers": c.num_hidden_layers,
+                      "num_heads": c.num_attention_heads, "num_kv_heads": c.num_key_value_heads,
+                      "head_dim": c.head_dim},
+            "settings": {}, "layers": layers}
+
+
+FULL_BUDGET = {
+    "dense": {},
+    "a_shape": {"sink": 0, "window": 4096},
+    "vertical_slash": {"vertical_size": 4096, "slash_size": 4096},
+    "block_sparse": {"top_k": 64},
+    "minference": "profile",
+}
+NEEDS_VS_INDEX = {"vertical_slash", "minference"}
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("method", [pytest.param(m, marks=needs_vs_index) if m in NEEDS_VS_INDEX else m
+                                    for m in FULL_BUDGET])
+def test_full_budget_gives_dense_logits(family, method):
+    model, ids = tiny_model(family), _ids()
+    exact = logits(tiny_model(family).double(), ids)
+    dense = logits(model, ids)
+    kwargs = FULL_BUDGET[method]
+    config = _full_profile(model) if kwargs == "profile" else None
+    sparse_attn.patch(model, method, config, min_seqlen=1, **({} if config else kwargs))
+    try:
+        patched = logits(model, ids)
+        stats = sparse_attn.get_stats(model)
+    finally:
+        sparse_attn.unpatch(model)
+    dense_err = (dense.double() - exact).abs().max().item()
+    err = (patched.double() - exact).abs().max().item()
+    assert err <= 2 * dense_err + 1e-5, (err, dense_err)
+    assert sorted(stats.prefill) == [0, 1] and stats.fallbacks == 0
+    assert stats.prefill[0].density.shape == (4,) and stats.density() == pytest.approx(1.0)
+    assert torch.equal(logits(model, ids), dense)
+
+
+@pytest.mark.parametrize("method, kwargs", [
+    ("a_shape", {"sink": 64, "window": 64}),
+    ("block_sparse", {"top_k": 2}),
+    pytest.param("vertical_slash", {"vertical_size": 16, "slash_size": 16}, marks=needs_vs_index),
+])
+def test_tiny_budget_changes_logits_and_reports_density(method, kwargs):
+    model, ids = tiny_model(), _ids(seq=320)
+    dense = logits(model, ids)
+    sparse_attn.patch(model, method, min_seqlen=1, diagnostics=True, **kwargs)
+    patched = logits(model, ids)
+    stats = sparse_attn.get_stats(model)
+    sparse_attn.unpatch(model)
+    assert (patched - dense).abs().max().item() > 1e-3
+    assert stats.density() < 0.9
+    assert 0 < stats.recall() < 1
+    assert all(s.pattern == [method] * 4 for s in stats.prefill.values())
+    assert "density" in stats.table()
+
+
+def test_unpatch_restores_exactly_and_unregisters():
+    from transformers import AttentionInterface
+
+    model, ids = tiny_model("qwen2"), _ids()
+    before = logits(model, ids)
+    implementation = model.config._attn_implementation
+    sparse_attn.patch(model, "block_sparse", min_seqlen=1, top_k=2)
+    name = model.config._attn_implementation
+    assert name != implementation and name in AttentionInterface._global_mapping
+    sparse_attn.unpatch(model)
+    assert model.config._attn_implementation == implementation
+    assert name not in AttentionInterface._global_mapping and not is_patched(model)
+    assert torch.equal(logits(model, ids), before)
+    assert sparse_attn.unpatch(model) is model  # unpatching an unpatched model is a no-op
+
+
+def test_patch_twice_replaces_settings():
+    model, ids = tiny_model(), _ids(seq=256)
+    dense = logits(model, ids)
+    sparse_attn.patch(model, "block_sparse", min_seqlen=1, top_k=2)
+    name = model.config._attn_implementation
+    sparse_attn.patch(model, "a_shape", min_seqlen=1, sink=0, window=4096)
+    assert model.config._attn_implementation == name
+    assert torch.allclose(logits(model, ids), dense, atol=1e-5)
+    assert sparse_attn.get_stats(model).prefill[0].pattern == ["a_shape"] * 4
+    sparse_attn.unpatch(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert torch.equal(logits(model, ids), dense)
+
+
+def test_threshold_keeps_short_prefill_dense():
+    model, ids = tiny_model(), _ids(seq=100)
+    dense = logits(model, ids)
+    sparse_attn.patch(model, "block_sparse", min_seqlen=101, top_k=1)
+    out = logits(model, ids)
+    stats = sparse_attn.get_stats(model)
+    sparse_attn.unpatch(model)
+    assert torch.allclose(out, dense, atol=1e-5)
+    assert stats.density() == 1.0 and stats.prefill[0].pattern == ["dense"] * 4
+
+
+def test_generate_full_budget_matches_dense_and_a_shape_sparsifies_decode():
+    model, ids = tiny_model("mistral"), _ids(seq=200)
+    dense = model.generate(ids, max_new_tokens=4, do_sample=False)
+    sparse_attn.patch(model, "block_sparse", min_seqlen=1, top_k=64)
+    assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), dense)
+    stats = sparse_attn.get_stats(model)
+    assert stats.decode[0].seqlen_q == 1 and stats.decode[0].seqlen_k == 203
+    assert stats.density("decode") == 1.0  # decode runs dense
+    sparse_attn.patch(model, "a_shape", min_seqlen=1, sink=64, window=64)
+    model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert sparse_attn.get_stats(model).density("decode") < 1.0
+    sparse_attn.unpatch(model)
+
+
+def test_chunked_prefill_with_cache_stays_sparse():
+    """A second multi-token call against a filled cache gets a causal mask from the model: still sparse."""
+    model, ids = tiny_model(), _ids(seq=260)
+    dense = logits(model, ids)
+    sparse_attn.patch(model, "block_sparse", min_seqlen=1, top_k=64)
+    with torch.no_grad():
+        first = model(ids[:, :130], use_cache=True)
+        second = model(ids[:, 130:], past_key_values=first.past_key_values, use_cache=True).logits
+    stats = sparse_attn.get_stats(model)
+    sparse_attn.unpatch(model)
+    assert stats.fallbacks == 0 and stats.prefill[0].seqlen_k == 260
+    assert torch.allclose(second, dense[:, 130:], atol=1e-5)
+
+
+def test_padding_mask_falls_back_to_dense_with_one_warning(caplog):
+    model, ids = tiny_model(), _ids(seq=96, batch=2)
+    mask = torch.ones(2, 96, dtype=torch.long)
+    mask[1, :7] = 0
+    dense = logits(model, ids, attention_mask=mask)
+    sparse_attn.patch(model, "block_sparse", min_seqlen=1, top_k=1)
+    with caplog.at_level(logging.WARNING, logger="sparse_attn"):
+        out = logits(model, ids, attention_mask=mask)
+    stats = sparse_attn.get_stats(model)
+    sparse_attn.unpatch(model)
+    assert torch.equal(out, dense)
+    assert stats.fallbacks == 2
+    assert sum("padding" in r.message for r in caplog.records) <= 1
+
+
+def test_profile_found_in_patches_dir(tmp_path, monkeypatch):
+    model, ids = tiny_model(), _ids()
+    profile = _full_profile(model)
+    profile["model"]["name"] = "org/tiny-test-model"
+    profile["layers"] = [[{"pattern": "block_sparse", "top_k": 1}] * 4] * 2
+    sparse_attn.save_profile(profile, tmp_path / "tiny-test-model.json")
+    monkeypatch.setenv("SPARSE_ATTN_PATCHES", str(tmp_path))
+    model.name_or_path = "org/tiny-test-model"
+    sparse_attn.patch(model, "minference", min_seqlen=1)
+    logits(model, ids)
+    stats = sparse_attn.get_stats(model)
+    sparse_attn.unpatch(model)
+    assert stats.prefill[0].pattern == ["block_sparse"] * 4 and stats.density() < 1
+
+
+class EagerAttention(nn.Module):
+    """An attention layer that does its own math instead of asking transformers' registry."""
+
+    def __init__(self, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+
+
+class NoInterfaceModel(transformers.PreTrainedModel):
+    config_class = transformers.LlamaConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.attn = EagerAttention(0)
+
+
+def test_bad_inputs_give_clear_errors():
+    model = tiny_model()
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        sparse_attn.patch(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="ALL_ATTENTION_FUNCTIONS"):
+        sparse_attn.patch(NoInterfaceModel(transformers.LlamaConfig(**COMMON)))
+    with pytest.raises(ValueError, match="minference"):
+        sparse_attn.patch(model, "no_such_method")
+    with pytest.raises(TypeError, match="window_size.*accepted.*window"):
+        sparse_attn.patch(model, "a_shape", window_size=3)
+    wrong = _full_profile(model)
+    wrong["model"]["num_layers"] = 3
+    wrong["layers"] = wrong["layers"] + wrong["layers"][:1]
+    with pytest.raises(ValueError, match="num_layers: profile has 3, model has 2"):
+        sparse_attn.patch(model, "minference", wrong)
+    with pytest.raises(ValueError, match="config: a head profile applies to method 'minference' only"):
+        sparse_attn.patch(model, "a_shape", _full_profile(model))
+    with pytest.raises(ValueError, match="not patched"):
+        sparse_attn.get_stats(model)
+    assert not is_patched(model) and model.config._attn_implementation == "sdpa"
