@@ -1,0 +1,92 @@
+"""Block-sparse prefill attention: the checked entry point over the Triton kernel in kernel.py.
+
+The kernel runs on CUDA tensors, or on CPU tensors through the Triton interpreter (TRITON_INTERPRET=1
+set before import, as CI does). Anything else it cannot run falls back to `reference_attention`,
+warning once with the reason (`not_supported_reasons` lists them).
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+import torch
+
+from ..._checks import warn_once
+from ...layouts import BlockLayout
+from ..reference import check_attention_inputs, reference_attention
+
+try:
+    from . import kernel as _kernel
+    _IMPORT_ERROR = None
+except ImportError as e:  # no triton: every call takes the reference
+    _kernel = None
+    _IMPORT_ERROR = str(e)
+
+__all__ = ["block_sparse_attention", "not_supported_reasons"]
+
+KERNEL_BLOCK_SIZES = (16, 32, 64, 128)
+MAX_HEAD_DIM = 256
+
+
+def not_supported_reasons(q, k, v, layout: BlockLayout, *, causal: bool = True, scale: Optional[float] = None,
+                          cu_seqlens_q=None, cu_seqlens_k=None, return_lse: bool = False) -> List[str]:
+    """Why the Triton kernel cannot run these (valid) inputs; empty when it can."""
+    reasons = []
+    if _kernel is None:
+        reasons.append(f"triton is not importable ({_IMPORT_ERROR})")
+    interpreted = _kernel is not None and _kernel.INTERPRETED
+    if not q.is_cuda and not interpreted:
+        reasons.append(f"q is on {q.device}: the kernel needs CUDA, or TRITON_INTERPRET=1 set before import")
+    if interpreted and q.dtype == torch.bfloat16:
+        reasons.append("bfloat16 under the Triton interpreter (its tl.dot gives wrong bf16 results)")
+    for name in ("block_size_q", "block_size_k"):
+        if getattr(layout, name) not in KERNEL_BLOCK_SIZES:
+            reasons.append(f"layout.{name} = {getattr(layout, name)}, the kernel takes {KERNEL_BLOCK_SIZES}")
+    d = q.shape[-1]
+    if d > MAX_HEAD_DIM or d % 8:
+        reasons.append(f"head_dim {d}: the kernel takes multiples of 8 up to {MAX_HEAD_DIM}")
+    if scale is not None and not float(scale) > 0:
+        reasons.append(f"scale {scale}: the kernel's max-shift assumes a positive scale")
+    return reasons
+
+
+def _check_layout(layout, q: torch.Tensor) -> None:
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout: expected a BlockLayout, got {type(layout).__name__}")
+    if layout.device != q.device:
+        raise ValueError(f"layout: expected its tensors on q's device {q.device}, got {layout.device}")
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    *,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
+):
+    """Attention of each query block to the key blocks `layout` lists (and the causal band if `causal`).
+
+    q: [B, Hq, Sq, D] (strided views welcome) or packed [Tq, Hq, D] with int32 cu_seqlens_q;
+    k, v: [B, Hkv, Sk, D] or packed [Tk, Hkv, D] with cu_seqlens_k; Hq % Hkv == 0 (GQA, k/v not repeated).
+    Causal is bottom-right aligned; rows that see no key give 0 (lse -inf). Returns out in q's dtype,
+    and with return_lse the float32 natural log-sum-exp of shape q.shape[:-1].
+    """
+    _check_layout(layout, q)
+    shapes = check_attention_inputs(q, k, v, layout, cu_seqlens_q, cu_seqlens_k)
+    kwargs = dict(causal=causal, scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                  return_lse=return_lse)
+    reasons = not_supported_reasons(q, k, v, layout, **kwargs)
+    if reasons:
+        warn_once("block_sparse:" + reasons[0],
+                  f"block_sparse_attention: using the reference (slow): {'; '.join(reasons)}")
+        return reference_attention(q, k, v, layout, **kwargs)
+    return _kernel.forward(
+        q, k, v, layout, causal=causal, scale=shapes.head_dim ** -0.5 if scale is None else float(scale),
+        packed=shapes.packed, batch=shapes.batch, max_seqlen_q=shapes.max_seqlen_q,
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse,
+    )

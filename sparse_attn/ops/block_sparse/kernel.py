@@ -1,0 +1,293 @@
+"""Triton kernels of block-sparse prefill attention (forward only).
+
+Two launches per call:
+- `_plan_kernel`: per (batch, query head, query block), how many of the listed key blocks every row of the
+  block sees whole (`n_full`) and how many any row sees at all (`n_visible`). Listed ids are sorted, so the
+  whole blocks are a prefix and the blocks that straddle the causal diagonal (or the end of the keys) follow
+  it; blocks past the diagonal are skipped. A vectorised binary search, so nothing seq x seq is allocated.
+- `_attn_kernel`: FlashAttention-style online softmax over the listed key blocks of one query tile; the
+  whole prefix runs without masks, only the straddling tail is masked.
+
+Query tiles are launched last-first so the longest rows (causal) start early and the tail balances.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# The interpreter is chosen when @triton.jit runs, so whether CPU tensors can run is fixed at import.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+LOG2E = 1.4426950408889634
+# Query blocks handled by one program of the plan kernel.
+_PLAN_LANES = 64
+
+
+def _interpreter_index_fix() -> None:
+    """The Triton 3.6 interpreter turns a tensor loop bound into an int with int(array of shape (1,)),
+    which numpy >= 2.4 refuses; give its tensors an __index__ that takes the single element instead."""
+    from triton.runtime import interpreter
+
+    patch = interpreter._patch_lang_tensor
+    if getattr(patch, "_sparse_attn_fix", False):
+        return
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._sparse_attn_fix = True
+    interpreter._patch_lang_tensor = patched
+
+
+if INTERPRETED:
+    _interpreter_index_fix()
+
+
+@dataclass(frozen=True)
+class Config:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def default_config(head_dim: int, dtype: torch.dtype, block_size_q: int, block_size_k: int) -> Config:
+    """Tile shapes by (head_dim, dtype, layout blocks); measured on H100, see bench/NOTES_block_sparse.md."""
+    if dtype == torch.float32:
+        return Config(min(64, block_size_q), min(32, block_size_k), 4, 2)
+    if head_dim > 128:
+        return Config(min(64, block_size_q), min(64, block_size_k), 8, 2)
+    bm = min(128, block_size_q)
+    bn = min(128 if head_dim <= 64 else 64, block_size_k)
+    return Config(bm, bn, 8 if bm >= 128 else 4, 3)
+
+
+@triton.jit
+def _count_below(row, s_j, count, thr, live, STEPS: tl.constexpr):
+    """Per lane: how many of the first `count` (sorted) entries of its row are < thr."""
+    lo = tl.zeros_like(count)
+    hi = count
+    for _ in tl.static_range(STEPS):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        val = tl.load(row + mid.to(tl.int64) * s_j, mask=active & live, other=0)
+        right = active & (val < thr)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(active & (val >= thr), mid, hi)
+    return lo
+
+
+@triton.jit
+def _plan_kernel(
+    counts, indices, cu_q, cu_k, plan,
+    s_cb, s_ch, s_cq, s_ib, s_ih, s_iq, s_ij,
+    H, NQ, SQ, SK,
+    BQ: tl.constexpr, BK: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+    STEPS: tl.constexpr, LANES: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    qb = tl.program_id(1) * LANES + tl.arange(0, LANES)
+    live = qb < NQ
+    if VARLEN:
+        sq = tl.load(cu_q + b + 1) - tl.load(cu_q + b)
+        sk = tl.load(cu_k + b + 1) - tl.load(cu_k + b)
+    else:
+        sq = SQ
+        sk = SK
+    q_first = qb * BQ
+    q_last = tl.minimum(q_first + BQ, sq) - 1
+    if CAUSAL:
+        off = sk - sq
+        full_end = tl.minimum(q_first + off + 1, sk)  # keys below this are seen by every row of the block
+        vis_last = tl.minimum(q_last + off, sk - 1)  # the last key any row of the block sees
+    else:
+        full_end = tl.zeros_like(qb) + sk
+        vis_last = tl.zeros_like(qb) + sk - 1
+    full_thr = tl.maximum(full_end, 0) // BK
+    vis_thr = tl.where((vis_last >= 0) & (q_first < sq), vis_last // BK + 1, 0)
+    full_thr = tl.minimum(full_thr, vis_thr)
+    cnt = tl.load(counts + b * s_cb + h * s_ch + qb * s_cq, mask=live, other=0)
+    row = indices + b * s_ib + h * s_ih + qb.to(tl.int64) * s_iq
+    n_full = _count_below(row, s_ij, cnt, full_thr, live, STEPS)
+    n_vis = _count_below(row, s_ij, cnt, vis_thr, live, STEPS)
+    dst = plan + (bh * NQ + qb).to(tl.int64) * 2
+    tl.store(dst, n_full, mask=live)
+    tl.store(dst + 1, n_vis, mask=live)
+
+
+@triton.jit
+def _tiles(
+    acc, m_i, l_i, q, k_base, v_base, idx_row, s_ij, s_ks, s_kd, s_vs, s_vd,
+    lo, hi, offs_m, offs_n, offs_d, sk, off, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Online softmax over tiles lo..hi of the listed key blocks (BK // BLOCK_N tiles per block)."""
+    SPLIT: tl.constexpr = BK // BLOCK_N
+    d_ok = offs_d < HEAD_DIM
+    for t in range(lo, hi):
+        kb = tl.load(idx_row + (t // SPLIT) * s_ij)
+        cols = kb * BK + (t % SPLIT) * BLOCK_N + offs_n
+        cols64 = cols.to(tl.int64)
+        kt_ptrs = k_base + cols64[None, :] * s_ks + offs_d[:, None] * s_kd
+        v_ptrs = v_base + cols64[:, None] * s_vs + offs_d[None, :] * s_vd
+        if MASKED:
+            col_ok = cols < sk
+            kt = tl.load(kt_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        elif HEAD_DIM == BLOCK_D:
+            kt = tl.load(kt_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PREC)
+        if MASKED:
+            ok = col_ok[None, :]
+            if CAUSAL:
+                ok = ok & (cols[None, :] <= offs_m[:, None] + off)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            # A row that has seen no key yet keeps m = -inf; shift by 0 there so exp2 gives 0, not NaN.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            m_use = m_new
+        p = tl.math.exp2(s * qk_scale - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attn_kernel(
+    Q, K, V, O, LSE, plan, indices, cu_q, cu_k,
+    s_qb, s_qh, s_qs, s_qd, s_kb, s_kh, s_ks, s_kd, s_vb, s_vh, s_vs, s_vd,
+    s_ob, s_oh, s_os, s_od, s_lb, s_lh, s_ls, s_ib, s_ih, s_iq, s_ij,
+    H, GROUP, NQ, M_TILES, SQ, SK, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BQ: tl.constexpr, BK: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+    WRITE_LSE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    hk = h // GROUP
+    q_start = (M_TILES - 1 - tl.program_id(1)) * BLOCK_M  # last tiles first: they have the most keys
+    if VARLEN:
+        q0 = tl.load(cu_q + b).to(tl.int64)
+        k0 = tl.load(cu_k + b).to(tl.int64)
+        sq = tl.load(cu_q + b + 1) - q0
+        sk = tl.load(cu_k + b + 1) - k0
+    else:
+        q0 = 0
+        k0 = 0
+        sq = SQ
+        sk = SK
+    if q_start >= sq:
+        return
+    qb = q_start // BQ
+    offs_m = q_start + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < sq
+    d_ok = offs_d < HEAD_DIM
+    rows64 = q0 + offs_m.to(tl.int64)
+    q = tl.load(Q + b * s_qb + h * s_qh + rows64[:, None] * s_qs + offs_d[None, :] * s_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b * s_kb + hk * s_kh + k0 * s_ks
+    v_base = V + b * s_vb + hk * s_vh + k0 * s_vs
+    idx_row = indices + b * s_ib + h * s_ih + qb.to(tl.int64) * s_iq
+    entry = plan + (bh * NQ + qb).to(tl.int64) * 2
+    n_full = tl.load(entry) * (BK // BLOCK_N)
+    n_vis = tl.load(entry + 1) * (BK // BLOCK_N)
+    off = sk - sq
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = _tiles(acc, m_i, l_i, q, k_base, v_base, idx_row, s_ij, s_ks, s_kd, s_vs, s_vd,
+                           0, n_full, offs_m, offs_n, offs_d, sk, off, qk_scale,
+                           HEAD_DIM, BLOCK_D, BLOCK_N, BK, False, CAUSAL, DOT_PREC)
+    acc, m_i, l_i = _tiles(acc, m_i, l_i, q, k_base, v_base, idx_row, s_ij, s_ks, s_kd, s_vs, s_vd,
+                           n_full, n_vis, offs_m, offs_n, offs_d, sk, off, qk_scale,
+                           HEAD_DIM, BLOCK_D, BLOCK_N, BK, True, CAUSAL, DOT_PREC)
+
+    seen = l_i > 0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]  # rows that saw no key have acc == 0: output 0
+    tl.store(O + b * s_ob + h * s_oh + rows64[:, None] * s_os + offs_d[None, :] * s_od,
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if WRITE_LSE:
+        lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) / 1.4426950408889634, float("-inf"))
+        tl.store(LSE + b * s_lb + h * s_lh + rows64 * s_ls, lse, mask=row_ok)
+
+
+def _strides4(t: torch.Tensor, packed: bool):
+    """(batch, head, seq, dim) strides; packed [T, H, D] tensors have no batch stride."""
+    if packed:
+        return 0, t.stride(1), t.stride(0), t.stride(2)
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def _outputs(q: torch.Tensor, return_lse: bool):
+    """Uninitialised out (q's strides) and lse; the kernel writes every element (tests poison these)."""
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device) if return_lse else out
+    return out, lse
+
+
+def forward(
+    q, k, v, layout, *, causal: bool, scale: float, packed: bool, batch: int, max_seqlen_q: int,
+    cu_seqlens_q=None, cu_seqlens_k=None, return_lse: bool = False, config: Optional[Config] = None,
+):
+    """Launch plan + attention. Inputs are assumed validated (see block_sparse_attention)."""
+    hq, hkv = (q.shape[1], k.shape[1])
+    d = q.shape[-1]
+    bq, bk = layout.block_size_q, layout.block_size_k
+    cfg = config or default_config(d, q.dtype, bq, bk)
+    if bq % cfg.block_m or bk % cfg.block_n:
+        raise ValueError(f"config: block_m {cfg.block_m} / block_n {cfg.block_n} must divide the layout blocks")
+    out, lse = _outputs(q, return_lse)
+    nq = max(1, math.ceil(max_seqlen_q / bq))
+    plan = torch.empty(batch * hq * nq * 2, dtype=torch.int32, device=q.device)
+    dummy = layout.counts  # stands in for cu_seqlens when padded (never read)
+    cu_q = cu_seqlens_q if packed else dummy
+    cu_k = cu_seqlens_k if packed else dummy
+    sq_fixed = 0 if packed else q.shape[2]
+    sk_fixed = 0 if packed else k.shape[2]
+    counts, idx = layout.counts, layout.indices
+    steps = max(1, math.ceil(math.log2(layout.max_blocks + 1)))
+    _plan_kernel[(batch * hq, triton.cdiv(nq, _PLAN_LANES))](
+        counts, idx, cu_q, cu_k, plan, *counts.stride(), *idx.stride(),
+        hq, nq, sq_fixed, sk_fixed,
+        BQ=bq, BK=bk, CAUSAL=causal, VARLEN=packed, STEPS=steps, LANES=_PLAN_LANES,
+    )
+    if return_lse:
+        ls = (0, 1, hq) if packed else lse.stride()
+    else:
+        ls = (0, 0, 0)
+    m_tiles = max(1, math.ceil(max_seqlen_q / cfg.block_m))
+    _attn_kernel[(batch * hq, m_tiles)](
+        q, k, v, out, lse, plan, idx, cu_q, cu_k,
+        *_strides4(q, packed), *_strides4(k, packed), *_strides4(v, packed), *_strides4(out, packed),
+        *ls, *idx.stride(),
+        hq, hq // hkv, nq, m_tiles, sq_fixed, sk_fixed, scale * LOG2E,
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BQ=bq, BK=bk, CAUSAL=causal, VARLEN=packed, WRITE_LSE=return_lse,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return (out, lse) if return_lse else out

@@ -1,0 +1,257 @@
+"""Block-sparse attention kernel vs the fp32 reference.
+
+CPU: the Triton kernel through the interpreter (tiny shapes, fp16/fp32: the interpreter's bf16 dot is
+wrong). GPU (`gpu` mark): bf16/fp16 up to 128K tokens. Every run writes into NaN-poisoned outputs, so an
+element the kernel forgets to write fails the comparison.
+"""
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything decorates a Triton kernel
+
+import pytest  # noqa: E402
+from hypothesis import given, strategies as st  # noqa: E402
+
+from sparse_attn.layouts import BlockLayout  # noqa: E402
+from sparse_attn.ops import block_sparse as bs  # noqa: E402
+from sparse_attn.ops.block_sparse import block_sparse_attention, not_supported_reasons  # noqa: E402
+from sparse_attn.ops.block_sparse import kernel as bs_kernel  # noqa: E402
+from sparse_attn.ops.reference import reference_attention  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Outputs (and lse) start as NaN: any element the kernel leaves unwritten breaks the comparison."""
+    real = bs_kernel._outputs
+
+    def poisoned(q, return_lse):
+        out, lse = real(q, return_lse)
+        out.fill_(float("nan"))
+        if return_lse:
+            lse.fill_(float("nan"))
+        return out, lse
+
+    monkeypatch.setattr(bs_kernel, "_outputs", poisoned)
+
+
+def random_layout(gen, batch, heads, sq, sk, bq, bk, density, device=DEV, beyond_diagonal=False):
+    """Random key blocks per query block, the causal diagonal block always kept (unless none is visible)."""
+    nq, nk = math.ceil(sq / bq), math.ceil(sk / bk)
+    mask = torch.rand(batch, heads, nq, nk, generator=gen) < density
+    q_last = (torch.arange(nq) * bq + bq).clamp(max=sq) - 1 + (sk - sq)
+    diag = torch.div(q_last, bk, rounding_mode="floor")
+    key_blocks = torch.arange(nk)
+    if not beyond_diagonal:
+        mask &= key_blocks[None, :] <= diag[:, None]
+    visible = (diag >= 0) & (diag < nk)
+    mask |= (key_blocks[None, :] == diag[:, None]) & visible[:, None]
+    return BlockLayout.from_block_mask(mask.to(device), bq, bk, sq, sk)
+
+
+def rand(gen, *shape, dtype):
+    return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=DEV, dtype=dtype)
+
+
+def assert_close(q, k, v, layout, *, causal=True, cu_seqlens_q=None, cu_seqlens_k=None, floor=None):
+    """Kernel error vs the fp32 reference <= 2x the low-precision reference's error + a floor; lse too."""
+    kw = dict(causal=causal, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=True)
+    out, lse = block_sparse_attention(q, k, v, layout, **kw)
+    ref, ref_lse = reference_attention(q, k, v, layout, **kw)
+    low = reference_attention(q, k, v, layout, upcast=False, **kw)[0]
+    assert not out.isnan().any(), "the kernel left elements of out unwritten"
+    assert not lse.isnan().any(), "the kernel left elements of lse unwritten"
+    floor = floor if floor is not None else (1e-5 if q.dtype == torch.float32 else 2e-3)
+    err = (out.float() - ref.float()).abs().max().item() if out.numel() else 0.0
+    low_err = (low.float() - ref.float()).abs().max().item() if out.numel() else 0.0
+    assert err <= 2 * low_err + floor, f"max error {err} vs low-precision reference {low_err}"
+    assert torch.equal(lse.isinf(), ref_lse.isinf()), "rows without keys must have lse -inf"
+    finite = ~ref_lse.isinf()
+    assert torch.allclose(lse[finite], ref_lse[finite], atol=1e-3 if q.dtype != torch.float32 else 1e-5)
+    return out
+
+
+# ---------------------------------------------------------------- CPU (interpreter) and GPU, small shapes
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    dtype=st.sampled_from([torch.float16, torch.float32]),
+    causal=st.booleans(),
+    blocks=st.sampled_from([(16, 16), (32, 16), (16, 32), (32, 32), (64, 64)]),
+    sq=st.integers(1, 150),
+    extra_k=st.integers(-40, 60),
+    hkv=st.sampled_from([1, 2]),
+    group=st.sampled_from([1, 3]),
+    head_dim=st.sampled_from([16, 32, 64]),
+    density=st.floats(0.0, 1.0),
+)
+def test_random_layouts(seed, dtype, causal, blocks, sq, extra_k, hkv, group, head_dim, density):
+    gen = torch.Generator().manual_seed(seed)
+    sk = max(1, sq + extra_k)
+    b = 1 + seed % 2
+    q = rand(gen, b, hkv * group, sq, head_dim, dtype=dtype)
+    k = rand(gen, b, hkv, sk, head_dim, dtype=dtype)
+    v = rand(gen, b, hkv, sk, head_dim, dtype=dtype)
+    layout = random_layout(gen, b, hkv * group, sq, sk, *blocks, density, beyond_diagonal=not causal)
+    assert_close(q, k, v, layout, causal=causal)
+
+
+@pytest.mark.parametrize("block", [64, 128])
+@pytest.mark.parametrize("head_dim", [32, 64])
+def test_large_blocks_gqa(block, head_dim):
+    gen = torch.Generator().manual_seed(block + head_dim)
+    sq = sk = 2 * block + 37  # a partial last block
+    q = rand(gen, 1, 4, sq, head_dim, dtype=torch.float16)
+    k = rand(gen, 1, 2, sk, head_dim, dtype=torch.float16)
+    v = rand(gen, 1, 2, sk, head_dim, dtype=torch.float16)
+    assert_close(q, k, v, random_layout(gen, 1, 4, sq, sk, block, block, 0.5))
+
+
+def test_blocks_listed_past_the_diagonal_are_skipped():
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (rand(gen, 1, 2, 90, 32, dtype=torch.float32) for _ in range(3))
+    full = BlockLayout.from_block_mask(torch.ones(1, 2, 6, 6, dtype=torch.bool, device=DEV), 16, 16, 90, 90)
+    assert_close(q, k, v, full, causal=True)
+
+
+def test_rows_without_keys_are_zero_with_lse_minus_inf():
+    gen = torch.Generator().manual_seed(2)
+    sq, sk = 70, 30  # bottom-right causal: the first 40 rows see no key
+    q = rand(gen, 1, 2, sq, 16, dtype=torch.float16)
+    k, v = (rand(gen, 1, 1, sk, 16, dtype=torch.float16) for _ in range(2))
+    mask = torch.ones(1, 2, 5, 2, dtype=torch.bool, device=DEV)
+    mask[0, 1, 4] = False  # and one query block lists nothing
+    layout = BlockLayout.from_block_mask(mask, 16, 16, sq, sk)
+    out, lse = block_sparse_attention(q, k, v, layout, return_lse=True)
+    assert (out[:, :, :40] == 0).all() and (lse[:, :, :40] == float("-inf")).all()
+    assert (out[0, 1, 64:] == 0).all() and (lse[0, 1, 64:] == float("-inf")).all()
+    assert_close(q, k, v, layout)
+
+
+def test_non_contiguous_hf_views():
+    gen = torch.Generator().manual_seed(3)
+    b, s, hq, hkv, d = 2, 100, 4, 2, 32
+    q = rand(gen, b, s, hq, d, dtype=torch.float16).transpose(1, 2)  # [B, H, S, D] view of [B, S, H, D]
+    kv = rand(gen, b, s, 2, hkv, d, dtype=torch.float16)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    out = assert_close(q, k, v, random_layout(gen, b, hq, s, s, 32, 32, 0.6))
+    assert out.stride() == q.stride()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_packed(causal):
+    gen = torch.Generator().manual_seed(4 + causal)
+    lens_q, lens_k = [37, 0, 64, 5], [37, 9, 80, 1]
+    cu_q = torch.tensor([0] + lens_q, dtype=torch.int32).cumsum(0).int().to(DEV)
+    cu_k = torch.tensor([0] + lens_k, dtype=torch.int32).cumsum(0).int().to(DEV)
+    q = rand(gen, sum(lens_q), 4, 32, dtype=torch.float16)
+    k, v = (rand(gen, sum(lens_k), 2, 32, dtype=torch.float16) for _ in range(2))
+    layout = random_layout(gen, 4, 4, max(lens_q), max(lens_k), 16, 16, 0.7, beyond_diagonal=True)
+    assert_close(q, k, v, layout, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+
+
+@pytest.mark.parametrize("config", [bs_kernel.Config(16, 16, 4, 2), bs_kernel.Config(32, 16, 4, 2)])
+def test_tiles_smaller_than_layout_blocks(config, monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (rand(gen, 1, 2, 120, 32, dtype=torch.float16) for _ in range(3))
+    monkeypatch.setattr(bs_kernel, "default_config", lambda *a: config)
+    assert_close(q, k, v, random_layout(gen, 1, 2, 120, 120, 64, 64, 0.6))
+
+
+def test_custom_scale():
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (rand(gen, 1, 2, 50, 16, dtype=torch.float32) for _ in range(3))
+    layout = random_layout(gen, 1, 2, 50, 50, 16, 16, 0.8)
+    out = block_sparse_attention(q, k, v, layout, scale=0.3)
+    ref = reference_attention(q, k, v, layout, causal=True, scale=0.3)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+# ---------------------------------------------------------------- fallbacks and input errors
+
+def test_fallbacks_name_their_reason():
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (rand(gen, 1, 2, 40, 16, dtype=torch.float16) for _ in range(3))
+    odd = random_layout(gen, 1, 2, 40, 40, 24, 24, 1.0)
+    assert any("block_size_q" in r for r in not_supported_reasons(q, k, v, odd))
+    ref = reference_attention(q, k, v, odd, causal=True)
+    assert torch.equal(block_sparse_attention(q, k, v, odd), ref)
+    wide = rand(gen, 1, 2, 40, 264, dtype=torch.float16)
+    assert any("head_dim" in r for r in not_supported_reasons(wide, wide, wide, odd))
+    ok = random_layout(gen, 1, 2, 40, 40, 16, 16, 1.0)
+    assert not_supported_reasons(q, k, v, ok) == []
+    assert any("scale" in r for r in not_supported_reasons(q, k, v, ok, scale=-1.0))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter-only limitation")
+def test_bf16_under_the_interpreter_falls_back():
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = (rand(gen, 1, 2, 40, 16, dtype=torch.bfloat16) for _ in range(3))
+    layout = random_layout(gen, 1, 2, 40, 40, 16, 16, 1.0)
+    assert any("bfloat16" in r for r in not_supported_reasons(q, k, v, layout))
+    assert torch.equal(block_sparse_attention(q, k, v, layout), reference_attention(q, k, v, layout, causal=True))
+
+
+def test_input_errors():
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (rand(gen, 1, 2, 40, 16, dtype=torch.float16) for _ in range(3))
+    layout = random_layout(gen, 1, 2, 40, 40, 16, 16, 1.0)
+    with pytest.raises(TypeError, match="layout: expected a BlockLayout"):
+        block_sparse_attention(q, k, v, layout.to_block_mask())
+    with pytest.raises(ValueError, match="layout: expected batch 1 and 4 query heads"):
+        block_sparse_attention(rand(gen, 1, 4, 40, 16, dtype=torch.float16), k, v, layout)
+    with pytest.raises(ValueError, match="layout: expected seqlen_q >= 50"):
+        block_sparse_attention(rand(gen, 1, 2, 50, 16, dtype=torch.float16), k, v, layout)
+    with pytest.raises(TypeError, match="k, v: expected the dtype of q"):
+        block_sparse_attention(q, k.float(), v, layout)
+    with pytest.raises(ValueError, match="k: expected a number of kv heads"):
+        block_sparse_attention(rand(gen, 1, 3, 40, 16, dtype=torch.float16), k, v,
+                               random_layout(gen, 1, 3, 40, 40, 16, 16, 1.0))
+    meta = BlockLayout(layout.counts.to("meta"), layout.indices.to("meta"), 16, 16, 40, 40, validate=False)
+    with pytest.raises(ValueError, match="layout: expected its tensors on q's device"):
+        block_sparse_attention(q, k, v, meta)
+
+
+# ---------------------------------------------------------------- GPU, long sequences
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seqlen,block,density", [(1000, 64, 0.3), (8192, 128, 0.1), (16411, 64, 0.05)])
+def test_gpu_long(dtype, seqlen, block, density):
+    gen = torch.Generator().manual_seed(seqlen)
+    q = rand(gen, 1, 8, seqlen, 128, dtype=dtype)
+    k, v = (rand(gen, 1, 2, seqlen, 128, dtype=dtype) for _ in range(2))
+    assert_close(q, k, v, random_layout(gen, 1, 8, seqlen, seqlen, block, block, density), floor=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 256])
+def test_gpu_head_dims(head_dim):
+    gen = torch.Generator().manual_seed(head_dim)
+    q = rand(gen, 2, 4, 3001, head_dim, dtype=torch.bfloat16)
+    k, v = (rand(gen, 2, 2, 3001, head_dim, dtype=torch.bfloat16) for _ in range(2))
+    assert_close(q, k, v, random_layout(gen, 2, 4, 3001, 3001, 128, 128, 0.3), floor=1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_and_varlen():
+    gen = torch.Generator().manual_seed(11)
+    lens = [1500, 7, 4000]
+    cu = torch.tensor([0] + lens).cumsum(0).int().to(DEV)
+    q = rand(gen, sum(lens), 8, 128, dtype=torch.float32)
+    k, v = (rand(gen, sum(lens), 4, 128, dtype=torch.float32) for _ in range(2))
+    assert_close(q, k, v, random_layout(gen, 3, 8, 4000, 4000, 64, 64, 0.4), cu_seqlens_q=cu, cu_seqlens_k=cu)
+
+
+@pytest.mark.gpu
+def test_gpu_128k():
+    gen = torch.Generator().manual_seed(12)
+    s = 131072 - 77
+    q = rand(gen, 1, 2, s, 128, dtype=torch.bfloat16)
+    k, v = (rand(gen, 1, 1, s, 128, dtype=torch.bfloat16) for _ in range(2))
+    assert_close(q, k, v, random_layout(gen, 1, 2, s, s, 128, 128, 0.1), floor=1e-3)
