@@ -28,6 +28,10 @@ from sparse_attn.ops.block_sparse import block_sparse_attention  # noqa: E402
 from sparse_attn.ops.block_sparse import kernel as bs_kernel  # noqa: E402
 
 
+COLUMNS = ["seqlen", "kernel", "density", "ms", "tflops", "vs_cudnn", "max_diff_vs_ours"]
+FORMATS = {"density": "{:.3f}", "ms": "{:.3f}", "tflops": "{:.1f}", "vs_cudnn": "{:.2f}", "max_diff_vs_ours": "{:.1e}"}
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seqlens", type=int, nargs="+", default=[8192, 32768, 131072])
@@ -112,6 +116,7 @@ def run_seqlen(args, s: int, dtype, gen) -> list:
         del mask, layout
     for r in rows:
         r["vs_cudnn"] = r["tflops"] / dense["cudnn"]["tflops"]
+    print_table(rows, COLUMNS, FORMATS)  # as we go: a long sweep that times out still shows its rows
     return rows
 
 
@@ -140,9 +145,7 @@ def main():
     title = (f"block-sparse attention, {info['device']}, {info['date']}: B=1, {args.heads}/{args.kv_heads} heads, "
              f"D={args.head_dim}, {args.dtype}, block {args.block}")
     print(title)
-    cols = ["seqlen", "kernel", "density", "ms", "tflops", "vs_cudnn", "max_diff_vs_ours"]
-    fmts = {"density": "{:.3f}", "ms": "{:.3f}", "tflops": "{:.1f}", "vs_cudnn": "{:.2f}", "max_diff_vs_ours": "{:.1e}"}
-    table = print_table(rows, cols, fmts)
+    table = print_table(rows, COLUMNS, FORMATS)
     write_json(out / "bench_block_sparse.json", {"info": info, "args": vars(args), "rows": rows, "table": table})
     plot(rows, out / "bench_block_sparse.png", title)
 
