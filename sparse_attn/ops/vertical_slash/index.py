@@ -1,0 +1,310 @@
+"""Vertical-slash sparse index: from chosen key columns ("verticals") and diagonals ("slashes") to a
+VerticalSlashLayout, per (batch, query head, query block).
+
+Definition, for query block [q0, q1) and off = seqlen_k - seqlen_q:
+- diagonal o covers keys [q0 + off - o, q1 + off - o), clipped to [0, seqlen_k); empty ones are dropped;
+  the block's ranges are the union of its diagonals, merged (overlapping or touching) and sorted;
+- its columns are the vertical ids, sorted and unique, that no range holds and that some row of the
+  block sees causally (j <= q1 - 1 + off).
+
+How it is computed, without any per-block sorting: every diagonal's range has the block's width w, so
+with the offsets sorted descending two neighbours merge exactly when their gap is <= w. The groups
+("runs") of merged offsets are therefore the same for every block of one width: only the full width and
+the last, shorter block occur. A block's ranges are those runs shifted by q0 + off, minus the leading
+runs that end at or before key 0. A column j lies in a range exactly when some offset falls in
+[q0 + off - j, q0 + off - j + w), one difference of a prefix count over offsets.
+
+`_prepare` does the per-head work (sort, runs, prefix counts) in torch, O(heads x (NS + seqlen_k));
+the per-block work (the whole output) is done by one of three interchangeable backends: "torch" (the
+reference), "triton" and "cuda" (csrc/vertical_slash_index.cu). All three give identical layouts;
+entries past the counts are unspecified.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._checks import check_positive_int, check_tensor
+from ...layouts import VerticalSlashLayout
+
+__all__ = ["build_vertical_slash_index", "BACKENDS"]
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+_IDS = (torch.int32, torch.int64)
+_PAD = -(1 << 30)  # run-table padding: below every offset, so -run_lo stays ascending past the runs
+
+
+@dataclass
+class _Plan:
+    """Per-head tables shared by the backends. Class 0 = full blocks, class 1 = the last block."""
+
+    run_hi: torch.Tensor  # int32 [2, B, H, NS] largest offset of each run (descending runs)
+    run_lo: torch.Tensor  # int32 [2, B, H, NS] smallest offset of each run
+    run_count: torch.Tensor  # int32 [2, B, H]
+    offsets_below: torch.Tensor  # int32 [B, H, seqlen_k + 1]: number of distinct offsets < index
+    verticals: torch.Tensor  # int32 [B, H, NV] sorted ascending (repeats kept)
+    max_ranges: int
+    max_columns: int
+
+
+def _check_inputs(vertical, slash, seqlen_q, seqlen_k, block_size_q, backend):
+    check_tensor("vertical_indices", vertical, ndim=3, dtypes=_IDS)
+    check_tensor("slash_indices", slash, ndim=3, dtypes=_IDS, device=vertical.device)
+    if vertical.shape[:2] != slash.shape[:2]:
+        raise ValueError(
+            f"slash_indices: expected leading shape [batch, heads] = {tuple(vertical.shape[:2])} "
+            f"(that of vertical_indices), got {tuple(slash.shape)}"
+        )
+    if vertical.shape[2] == 0 or slash.shape[2] == 0:
+        raise ValueError(
+            f"vertical_indices, slash_indices: expected at least one entry per head, "
+            f"got shapes {tuple(vertical.shape)} and {tuple(slash.shape)}"
+        )
+    check_positive_int("seqlen_q", seqlen_q)
+    check_positive_int("seqlen_k", seqlen_k)
+    check_positive_int("block_size_q", block_size_q)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+
+
+def _runs(desc: torch.Tensor, width: int):
+    """Runs of offsets sorted descending whose neighbours are <= width apart: (hi, lo, count)."""
+    ns = desc.shape[-1]
+    gap = desc[..., :-1] - desc[..., 1:]
+    edge = gap > width
+    ones = torch.ones_like(desc[..., :1], dtype=torch.bool)
+    first = torch.cat([ones, edge], -1)
+    last = torch.cat([edge, ones], -1)
+    run_id = first.long().cumsum(-1) - 1
+    slot = torch.full_like(desc, ns)
+    hi = torch.full((*desc.shape[:-1], ns + 1), _PAD, dtype=torch.int32, device=desc.device)
+    lo = hi.clone()
+    hi.scatter_(-1, torch.where(first, run_id, slot), desc)
+    lo.scatter_(-1, torch.where(last, run_id, slot), desc)
+    return hi[..., :ns], lo[..., :ns], first.sum(-1, dtype=torch.int32)
+
+
+def _prepare(vertical, slash, seqlen_q: int, seqlen_k: int, block_size_q: int) -> _Plan:
+    verticals = vertical.to(torch.int32).sort(-1).values.contiguous()
+    desc = slash.to(torch.int32).sort(-1, descending=True).values.contiguous()
+    last_width = seqlen_q - (math.ceil(seqlen_q / block_size_q) - 1) * block_size_q
+    full, last = _runs(desc, min(block_size_q, seqlen_q)), _runs(desc, last_width)
+    distinct = (verticals[..., 1:] != verticals[..., :-1]).sum(-1) + 1
+    # One device sync for the range checks and both output widths.
+    stats = torch.stack([
+        verticals[..., 0].min(), verticals[..., -1].max(), desc[..., -1].min(), desc[..., 0].max(),
+        torch.maximum(full[2].max(), last[2].max()), distinct.max().to(torch.int32),
+    ]).tolist()
+    vmin, vmax, smin, smax, max_ranges, max_columns = stats
+    if vmin < 0 or vmax >= seqlen_k:
+        raise ValueError(f"vertical_indices: expected key ids in [0, {seqlen_k}) (seqlen_k), got [{vmin}, {vmax}]")
+    if smin < 0 or smax >= seqlen_k:
+        raise ValueError(
+            f"slash_indices: expected diagonal offsets in [0, {seqlen_k}) (seqlen_k), got [{smin}, {smax}]"
+        )
+    present = torch.zeros(*desc.shape[:-1], seqlen_k + 1, dtype=torch.int32, device=desc.device)
+    present.scatter_(-1, desc.long() + 1, 1)
+    return _Plan(
+        run_hi=torch.stack([full[0], last[0]]).contiguous(),
+        run_lo=torch.stack([full[1], last[1]]).contiguous(),
+        run_count=torch.stack([full[2], last[2]]).contiguous(),
+        offsets_below=present.cumsum(-1, dtype=torch.int32),
+        verticals=verticals,
+        max_ranges=max_ranges,
+        max_columns=max_columns,
+    )
+
+
+def _outputs(plan: _Plan, nqb: int):
+    b, h = plan.verticals.shape[:2]
+    dev = plan.verticals.device
+
+    def new(*shape):
+        return torch.empty(*shape, dtype=torch.int32, device=dev)
+
+    return (new(b, h, nqb), new(b, h, nqb, plan.max_ranges), new(b, h, nqb, plan.max_ranges),
+            new(b, h, nqb), new(b, h, nqb, plan.max_columns))
+
+
+# ----------------------------------------------------------------------------------------------- torch
+
+
+def _torch_ranges(plan: _Plan, cls: int, q0, q1, off: int, out) -> None:
+    """Ranges of the blocks [q0, q1) (all of class cls), written into out's block slice."""
+    counts, starts, ends = out
+    hi, lo, n = plan.run_hi[cls].long(), plan.run_lo[cls].long(), plan.run_count[cls].long()
+    limit = (q1 + off).expand(*n.shape, -1).contiguous()  # runs with lo >= limit end at or before key 0
+    dead = torch.searchsorted((-lo).contiguous(), -limit, right=True)
+    r = torch.arange(plan.max_ranges, device=hi.device)
+    g = (dead.unsqueeze(-1) + r).clamp(max=hi.shape[-1] - 1)
+    hi_g = hi.unsqueeze(2).expand(*g.shape[:3], -1).gather(-1, g)
+    lo_g = lo.unsqueeze(2).expand(*g.shape[:3], -1).gather(-1, g)
+    counts.copy_(n.unsqueeze(-1) - dead)
+    starts.copy_((q0[:, None] + off - hi_g).clamp(min=0))
+    ends.copy_(q1[:, None] + off - lo_g)
+
+
+def _torch_columns(plan: _Plan, q0, q1, off: int, seqlen_k: int, counts, cols) -> None:
+    j = plan.verticals.long().unsqueeze(2)  # [B, H, 1, NV]
+    width = (q1 - q0)[:, None]
+    d = q0[:, None] + off - j  # the offset of the diagonal through (q0, j)
+    below = plan.offsets_below.long()
+    covered = below.gather(-1, (d + width).clamp(0, seqlen_k).flatten(2)).view(d.shape) > below.gather(
+        -1, d.clamp(0, seqlen_k).flatten(2)
+    ).view(d.shape)
+    repeat = torch.zeros_like(j, dtype=torch.bool)
+    repeat[..., 1:] = j[..., 1:] == j[..., :-1]
+    keep = (d >= 1 - width) & ~covered & ~repeat
+    counts.copy_(keep.sum(-1))
+    slot = torch.where(keep, keep.long().cumsum(-1) - 1, cols.shape[-1])
+    padded = torch.zeros(*keep.shape[:3], cols.shape[-1] + 1, dtype=torch.int32, device=cols.device)
+    padded.scatter_(-1, slot, j.expand_as(keep).int())
+    cols.copy_(padded[..., :-1])
+
+
+def _build_torch(plan: _Plan, seqlen_q, seqlen_k, bq, nqb, out) -> None:
+    range_counts, starts, ends, col_counts, cols = out
+    off = seqlen_k - seqlen_q
+    dev = plan.verticals.device
+    q0 = torch.arange(nqb, device=dev) * bq
+    q1 = (q0 + bq).clamp(max=seqlen_q)
+    for cls, blocks in ((0, slice(0, nqb - 1)), (1, slice(nqb - 1, nqb))):
+        if blocks.stop == blocks.start:
+            continue
+        part = (range_counts[:, :, blocks], starts[:, :, blocks], ends[:, :, blocks])
+        _torch_ranges(plan, cls, q0[blocks], q1[blocks], off, part)
+    _torch_columns(plan, q0, q1, off, seqlen_k, col_counts, cols)
+
+
+# ---------------------------------------------------------------------------------------------- triton
+
+
+@triton.jit
+def _index_kernel(RUN_HI, RUN_LO, RUN_COUNT, BELOW, VERT,
+                  R_COUNT, R_START, R_END, C_COUNT, C_IDX,
+                  BH, NS, NV, nqb, max_ranges, max_columns, seqlen_q, seqlen_k,
+                  BQ: tl.constexpr, CHUNK: tl.constexpr):
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    off = seqlen_k - seqlen_q
+    q0 = qb * BQ
+    q1 = tl.minimum(q0 + BQ, seqlen_q)
+    width = q1 - q0
+    cls = (qb == nqb - 1).to(tl.int32)  # full blocks share class 0; the last block has its own runs
+    table = (cls * BH + bh).to(tl.int64) * NS
+    n_runs = tl.load(RUN_COUNT + cls * BH + bh)
+    out_block = bh.to(tl.int64) * nqb + qb
+    lane = tl.arange(0, CHUNK)
+
+    # Leading runs that end at or before key 0 are dropped; the rest are shifted by q0 + off.
+    limit = q1 + off
+    # while loops: under NumPy 2 the Triton interpreter takes no runtime scalar as a range() bound.
+    dead = 0
+    g0 = 0
+    while g0 < n_runs:
+        live = g0 + lane < n_runs
+        lo = tl.load(RUN_LO + table + g0 + lane, mask=live, other=0)
+        dead += tl.sum((live & (lo >= limit)).to(tl.int32), 0)
+        g0 += CHUNK
+    g0 = dead
+    while g0 < n_runs:
+        g = g0 + lane
+        g0 += CHUNK
+        live = g < n_runs
+        hi = tl.load(RUN_HI + table + g, mask=live, other=0)
+        lo = tl.load(RUN_LO + table + g, mask=live, other=0)
+        dst = out_block * max_ranges + (g - dead)
+        tl.store(R_START + dst, tl.maximum(q0 + off - hi, 0), mask=live)
+        tl.store(R_END + dst, limit - lo, mask=live)
+    tl.store(R_COUNT + out_block, n_runs - dead)
+
+    # Columns: seen by some row, in no range (no offset in [d, d + width)), first of their repeats.
+    below = BELOW + bh.to(tl.int64) * (seqlen_k + 1)
+    vert = VERT + bh.to(tl.int64) * NV
+    kept = 0
+    c0 = 0
+    while c0 < NV:
+        c = c0 + lane
+        c0 += CHUNK
+        inside = c < NV
+        j = tl.load(vert + c, mask=inside, other=0)
+        prev = tl.load(vert + c - 1, mask=inside & (c > 0), other=-1)
+        d = q0 + off - j
+        seen = inside & (d >= 1 - width)
+        n_hi = tl.load(below + tl.minimum(tl.maximum(d + width, 0), seqlen_k), mask=seen, other=0)
+        n_lo = tl.load(below + tl.minimum(tl.maximum(d, 0), seqlen_k), mask=seen, other=0)
+        keep = seen & (n_hi == n_lo) & (j != prev)
+        slot = kept + tl.cumsum(keep.to(tl.int32), 0) - 1
+        tl.store(C_IDX + out_block * max_columns + slot, j, mask=keep)
+        kept += tl.sum(keep.to(tl.int32), 0)
+    tl.store(C_COUNT + out_block, kept)
+
+
+def _build_triton(plan: _Plan, seqlen_q, seqlen_k, bq, nqb, out) -> None:
+    range_counts, starts, ends, col_counts, cols = out
+    b, h, nv = plan.verticals.shape
+    ns = plan.run_hi.shape[-1]
+    _index_kernel[(nqb, b * h)](
+        plan.run_hi, plan.run_lo, plan.run_count, plan.offsets_below, plan.verticals,
+        range_counts, starts, ends, col_counts, cols,
+        b * h, ns, nv, nqb, plan.max_ranges, plan.max_columns, seqlen_q, seqlen_k,
+        BQ=bq, CHUNK=256, num_warps=4,
+    )
+
+
+def _build_cuda(plan: _Plan, seqlen_q, seqlen_k, bq, nqb, out) -> None:
+    from ... import _cuda
+
+    ext = _cuda.load()
+    if ext is None:
+        raise RuntimeError(
+            "backend='cuda': the CUDA extension sparse_attn._C is not available "
+            f"({_cuda.load_error()}); use backend='triton' or 'torch'"
+        )
+    ext.vertical_slash_index(plan.run_hi, plan.run_lo, plan.run_count, plan.offsets_below, plan.verticals,
+                             *out, seqlen_q, seqlen_k, bq)
+
+
+def _pick_backend(backend: str, device: torch.device) -> str:
+    if backend != "auto":
+        return backend
+    if device.type == "cuda":
+        from ... import _cuda
+
+        return "cuda" if _cuda.load() is not None else "triton"
+    return "triton" if os.environ.get("TRITON_INTERPRET") == "1" else "torch"
+
+
+def build_vertical_slash_index(
+    vertical_indices: torch.Tensor,
+    slash_indices: torch.Tensor,
+    seqlen_q: int,
+    seqlen_k: int,
+    block_size_q: int = 64,
+    *,
+    backend: str = "auto",
+) -> VerticalSlashLayout:
+    """The VerticalSlashLayout of the given key columns and diagonals (see the module docstring).
+
+    vertical_indices: int32/int64 [B, H, NV] key ids in [0, seqlen_k), any order, repeats allowed.
+    slash_indices: int32/int64 [B, H, NS] diagonal offsets in [0, seqlen_k); offset o holds the pairs
+    (i, i + seqlen_k - seqlen_q - o), so o = 0 is the main (bottom-right) diagonal.
+    backend: "torch", "triton", "cuda" (sparse_attn._C), or "auto": cuda where the extension loads and
+    the tensors are on a GPU, else triton on a GPU or under TRITON_INTERPRET=1, else torch.
+    Widths: max_ranges <= NS and max_columns <= NV (one device sync decides them).
+    """
+    _check_inputs(vertical_indices, slash_indices, seqlen_q, seqlen_k, block_size_q, backend)
+    backend = _pick_backend(backend, vertical_indices.device)
+    if backend == "cuda" and vertical_indices.device.type != "cuda":
+        raise ValueError(f"backend='cuda': expected tensors on a CUDA device, got {vertical_indices.device}")
+    plan = _prepare(vertical_indices, slash_indices, seqlen_q, seqlen_k, block_size_q)
+    nqb = math.ceil(seqlen_q / block_size_q)
+    out = _outputs(plan, nqb)
+    build = {"torch": _build_torch, "triton": _build_triton, "cuda": _build_cuda}[backend]
+    build(plan, seqlen_q, seqlen_k, block_size_q, nqb, out)
+    return VerticalSlashLayout(*out, block_size_q, seqlen_q, seqlen_k, validate=False)

@@ -1,0 +1,186 @@
+"""Vertical-slash attention kernel vs the fp32 reference with the same layout (flash-attn's rule)."""
+import logging
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sparse_attn.ops.reference import reference_attention
+from sparse_attn.ops.vertical_slash import (
+    build_vertical_slash_index,
+    kernel as vs_kernel,
+    not_supported_reasons,
+    vertical_slash_attention,
+)
+
+FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-4}
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Outputs start as NaN, so an element the kernel forgets to write fails the comparison."""
+    real = vs_kernel._alloc_outputs
+
+    def poisoned(q, return_lse):
+        out, lse = real(q, return_lse)
+        return out.fill_(float("nan")), None if lse is None else lse.fill_(float("nan"))
+
+    monkeypatch.setattr(vs_kernel, "_alloc_outputs", poisoned)
+
+
+def random_layout(b, hq, sq, sk, bq, nv, ns, device="cpu", seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    vertical = torch.randint(0, sk, (b, hq, nv), generator=g, device=device)
+    near = torch.randint(0, max(1, min(sk, 4 * bq)), (b, hq, ns - ns // 2), generator=g, device=device)
+    far = torch.randint(0, sk, (b, hq, ns // 2), generator=g, device=device)
+    return build_vertical_slash_index(vertical, torch.cat([near, far], -1), sq, sk, bq)
+
+
+def assert_close_to_reference(q, k, v, layout, *, causal=True, scale=None, cu_seqlens_q=None, cu_seqlens_k=None):
+    kw = dict(causal=causal, scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    out, lse = vertical_slash_attention(q, k, v, layout, return_lse=True, **kw)
+    ref, ref_lse = reference_attention(q, k, v, layout, return_lse=True, **kw)
+    low = reference_attention(q, k, v, layout, upcast=False, **kw)
+    assert not out.isnan().any() and not lse.isnan().any(), "an output element was never written"
+    err = (out.float() - ref.float()).abs().max().item()
+    low_err = (low.float() - ref.float()).abs().max().item()
+    assert err <= 2 * low_err + FLOOR[q.dtype], (err, low_err)
+    assert torch.equal(lse.isinf(), ref_lse.isinf())
+    finite = ref_lse.isfinite()
+    assert torch.allclose(lse[finite], ref_lse[finite], atol=1e-3, rtol=1e-3)
+    return out, lse
+
+
+@st.composite
+def attention_case(draw):
+    return dict(
+        b=draw(st.integers(1, 2)),
+        hkv=draw(st.integers(1, 2)),
+        group=draw(st.sampled_from([1, 2, 3])),
+        sq=draw(st.integers(1, 150)),
+        extra_k=draw(st.integers(-20, 80)),
+        d=draw(st.sampled_from([16, 32, 64])),
+        bq=draw(st.sampled_from([16, 32, 64])),
+        dtype=draw(st.sampled_from([torch.float16, torch.float32])),
+        causal=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@given(attention_case())
+def test_matches_reference(case):
+    c = case
+    sq, sk = c["sq"], max(1, c["sq"] + c["extra_k"])
+    hq = c["hkv"] * c["group"]
+    torch.manual_seed(c["seed"])
+    q = torch.randn(c["b"], hq, sq, c["d"], dtype=c["dtype"])
+    k = torch.randn(c["b"], c["hkv"], sk, c["d"], dtype=c["dtype"])
+    v = torch.randn(c["b"], c["hkv"], sk, c["d"], dtype=c["dtype"])
+    layout = random_layout(c["b"], hq, sq, sk, c["bq"], nv=9, ns=6, seed=c["seed"])
+    assert_close_to_reference(q, k, v, layout, causal=c["causal"])
+
+
+def test_rows_without_keys():
+    """More queries than keys: the first rows see no key (0, lse -inf); one long range, many tiles."""
+    torch.manual_seed(1)
+    q = torch.randn(1, 2, 200, 32, dtype=torch.float16)
+    k, v = torch.randn(2, 1, 2, 90, 32, dtype=torch.float16)
+    layout = build_vertical_slash_index(torch.tensor([[[3, 50]] * 2]), torch.arange(80).expand(1, 2, 80), 200, 90, 32)
+    out, lse = assert_close_to_reference(q, k, v, layout)
+    assert (out[:, :, :110] == 0).all() and torch.isneginf(lse[:, :, :110]).all()
+
+
+def test_transposed_views_and_scale():
+    """HF hands over [B, S, H, D] memory viewed as [B, H, S, D]: read through strides, never copied."""
+    torch.manual_seed(2)
+    q = torch.randn(2, 70, 4, 32, dtype=torch.float16).transpose(1, 2)
+    k = torch.randn(2, 70, 2, 32, dtype=torch.float16).transpose(1, 2)
+    v = torch.randn(2, 70, 2, 32, dtype=torch.float16).transpose(1, 2)
+    layout = random_layout(2, 4, 70, 70, 16, nv=5, ns=4)
+    out, _ = assert_close_to_reference(q, k, v, layout, scale=0.3)
+    assert out.stride() == q.stride()
+
+
+def test_varlen_packed():
+    torch.manual_seed(3)
+    lens_q, lens_k = [37, 1, 90], [60, 20, 90]
+    cu_q = torch.tensor([0, 37, 38, 128], dtype=torch.int32)
+    cu_k = torch.tensor([0, 60, 80, 170], dtype=torch.int32)
+    q = torch.randn(sum(lens_q), 4, 32, dtype=torch.float16)
+    k, v = torch.randn(2, sum(lens_k), 2, 32, dtype=torch.float16)
+    layout = random_layout(3, 4, max(lens_q), max(lens_k), 32, nv=7, ns=5, seed=3)
+    assert_close_to_reference(q, k, v, layout, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    assert_close_to_reference(q, k, v, layout, causal=False, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+
+
+def test_unsupported_falls_back_with_one_warning(caplog):
+    torch.manual_seed(4)
+    q, k, v = torch.randn(3, 1, 2, 40, 24)
+    layout = random_layout(1, 2, 40, 40, 16, nv=3, ns=3)
+    assert any("head_dim 24" in r for r in not_supported_reasons(q, k, v, layout))
+    with caplog.at_level(logging.WARNING, logger="sparse_attn"):
+        out = vertical_slash_attention(q, k, v, layout)
+        vertical_slash_attention(q, k, v, layout)
+    assert sum("head_dim 24" in r.message for r in caplog.records) == 1
+    assert torch.allclose(out, reference_attention(q, k, v, layout, causal=True))
+    q32, k32, v32 = torch.randn(3, 1, 2, 40, 32)
+    assert not_supported_reasons(q32, k32, v32, layout) == []
+
+
+def test_bad_inputs():
+    q, k, v = torch.randn(3, 1, 2, 40, 16)
+    layout = random_layout(1, 2, 40, 40, 16, nv=3, ns=3)
+    with pytest.raises(TypeError, match="layout: expected a VerticalSlashLayout"):
+        vertical_slash_attention(q, k, v, torch.ones(1, 2, 40, 40, dtype=torch.bool))
+    with pytest.raises(ValueError, match="layout: expected batch"):
+        vertical_slash_attention(q, k, v, random_layout(1, 3, 40, 40, 16, nv=3, ns=3))
+    with pytest.raises(ValueError, match="layout: expected seqlen_q"):
+        vertical_slash_attention(q, k, v, random_layout(1, 2, 30, 40, 16, nv=3, ns=3))
+    with pytest.raises(ValueError, match="scale"):
+        vertical_slash_attention(q, k, v, layout, scale=-1.0)
+    with pytest.raises(ValueError, match="k: expected a number of kv heads"):
+        vertical_slash_attention(q, torch.randn(1, 3, 40, 16), torch.randn(1, 3, 40, 16), layout)
+    with pytest.raises(TypeError, match="k, v: expected the dtype of q"):
+        vertical_slash_attention(q, k.half(), v.half(), layout)
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("sq, sk", [(4096, 4096), (3001, 5003), (8192, 8192)])
+def test_gpu_matches_reference(dtype, d, sq, sk):
+    torch.manual_seed(sq + d)
+    q = torch.randn(1, 8, sq, d, device="cuda", dtype=dtype)
+    k, v = torch.randn(2, 1, 2, sk, d, device="cuda", dtype=dtype)
+    layout = random_layout(1, 8, sq, sk, 64, nv=300, ns=200, device="cuda", seed=sq)
+    assert_close_to_reference(q, k, v, layout)
+
+
+@pytest.mark.gpu
+def test_gpu_varlen_and_views():
+    torch.manual_seed(5)
+    dev, dt = "cuda", torch.bfloat16
+    cu_q = torch.tensor([0, 1000, 1001, 5001], dtype=torch.int32, device=dev)
+    cu_k = torch.tensor([0, 3000, 3100, 7100], dtype=torch.int32, device=dev)
+    q = torch.randn(5001, 8, 128, device=dev, dtype=dt)
+    k, v = torch.randn(2, 7100, 2, 128, device=dev, dtype=dt)
+    layout = random_layout(3, 8, 4000, 4000, 64, nv=200, ns=100, device=dev, seed=5)
+    assert_close_to_reference(q, k, v, layout, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    qh = torch.randn(1, 4096, 8, 128, device=dev, dtype=dt).transpose(1, 2)
+    kh, vh = torch.randn(2, 1, 4096, 2, 128, device=dev, dtype=dt).transpose(2, 3)
+    assert_close_to_reference(qh, kh, vh, random_layout(1, 8, 4096, 4096, 64, nv=100, ns=100, device=dev))
+
+
+@pytest.mark.gpu
+def test_gpu_long_sequence():
+    """32K keys, MInference-like budgets (1000 vertical, 2048 slash), 2 heads of one kv head."""
+    torch.manual_seed(6)
+    s, d, dt = 32768, 128, torch.bfloat16
+    q = torch.randn(1, 2, s, d, device="cuda", dtype=dt)
+    k, v = torch.randn(2, 1, 1, s, d, device="cuda", dtype=dt)
+    layout = random_layout(1, 2, s, s, 64, nv=1000, ns=2048, device="cuda", seed=6)
+    assert_close_to_reference(q, k, v, layout)
