@@ -42,7 +42,7 @@ def parse_args():
     p.add_argument("--block", type=int, default=128, help="layout block size (query and key)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--variants", nargs="*", default=[],
-                   help="extra kernel configs to time, each block_m,block_n,num_warps,num_stages")
+                   help="extra kernel configs to time, each block_m,block_n,num_warps,num_stages[,warp_specialize]")
     p.add_argument("--variants-max-seqlen", type=int, default=32768, help="time --variants only up to this S")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
     p.add_argument("--rep-ms", type=int, default=100)

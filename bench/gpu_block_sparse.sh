@@ -11,8 +11,8 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -m pytest -q -m gpu tests/test_block_sparse.py 2>&1 | tail -n 15 | tee "$OUT/gpu_tests.log"
 variants=()
 if [ "${SWEEP:-0}" = 1 ]; then
-    variants=(--variants 128,128,8,2 128,64,8,4 128,64,8,2 64,64,4,3 64,128,4,2)
+    variants=(--variants ${VARIANTS:-128,128,8,3 128,128,8,2,1 128,64,8,3,1 128,64,8,3})
     python3 bench/bench_block_sparse.py --seqlens 32768 --block 64 --no-flex --densities 0.1 1.0 \
-        --variants 64,64,4,4 64,64,4,2 64,32,4,3 --out "$OUT/block64" 2>&1 | tail -n 14
+        --variants ${VARIANTS64:-64,64,4,3,1 64,64,8,2} --out "$OUT/block64" 2>&1 | tail -n 14
 fi
 python3 bench/bench_block_sparse.py --seqlens ${SEQLENS:-8192 32768 131072} "${variants[@]}" --out "$OUT"

@@ -56,6 +56,7 @@ class Config:
     block_n: int
     num_warps: int
     num_stages: int
+    warp_specialize: bool = False
 
 
 def default_config(head_dim: int, dtype: torch.dtype, block_size_q: int, block_size_k: int) -> Config:
@@ -64,9 +65,9 @@ def default_config(head_dim: int, dtype: torch.dtype, block_size_q: int, block_s
         return Config(min(64, block_size_q), min(32, block_size_k), 4, 2)
     if head_dim > 128:
         return Config(min(64, block_size_q), min(64, block_size_k), 8, 2)
-    bm = min(128, block_size_q)
-    bn = min(128 if head_dim <= 64 else 64, block_size_k)
-    return Config(bm, bn, 8 if bm >= 128 else 4, 3)
+    if block_size_q >= 128:
+        return Config(128, min(128, block_size_k), 8, 2)
+    return Config(64, min(64, block_size_k), 4, 3)
 
 
 @triton.jit
@@ -129,18 +130,21 @@ def _tiles(
     acc, m_i, l_i, q, k_base, v_base, idx_row, s_ij, s_ks, s_kd, s_vs, s_vd,
     lo, hi, offs_m, offs_n, offs_d, sk, off, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     """Online softmax over tiles lo..hi of the listed key blocks (BK // BLOCK_N tiles per block)."""
     SPLIT: tl.constexpr = BK // BLOCK_N
     d_ok = offs_d < HEAD_DIM
-    for t in range(lo, hi):
+    # Offsets inside one tile stay 32-bit and loop-invariant; only the tile's start is 64-bit.
+    kt_off = offs_n[None, :] * s_ks + offs_d[:, None] * s_kd
+    v_off = offs_n[:, None] * s_vs + offs_d[None, :] * s_vd
+    for t in tl.range(lo, hi, warp_specialize=WARP_SPEC):
         kb = tl.load(idx_row + (t // SPLIT) * s_ij)
-        cols = kb * BK + (t % SPLIT) * BLOCK_N + offs_n
-        cols64 = cols.to(tl.int64)
-        kt_ptrs = k_base + cols64[None, :] * s_ks + offs_d[:, None] * s_kd
-        v_ptrs = v_base + cols64[:, None] * s_vs + offs_d[None, :] * s_vd
+        start = kb * BK + (t % SPLIT) * BLOCK_N
+        kt_ptrs = k_base + start.to(tl.int64) * s_ks + kt_off
+        v_ptrs = v_base + start.to(tl.int64) * s_vs + v_off
         if MASKED:
+            cols = start + offs_n
             col_ok = cols < sk
             kt = tl.load(kt_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
@@ -179,7 +183,7 @@ def _attn_kernel(
     H, GROUP, NQ, M_TILES, SQ, SK, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BQ: tl.constexpr, BK: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-    WRITE_LSE: tl.constexpr, DOT_PREC: tl.constexpr,
+    WRITE_LSE: tl.constexpr, DOT_PREC: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
@@ -220,10 +224,10 @@ def _attn_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc, m_i, l_i = _tiles(acc, m_i, l_i, q, k_base, v_base, idx_row, s_ij, s_ks, s_kd, s_vs, s_vd,
                            0, n_full, offs_m, offs_n, offs_d, sk, off, qk_scale,
-                           HEAD_DIM, BLOCK_D, BLOCK_N, BK, False, CAUSAL, DOT_PREC)
+                           HEAD_DIM, BLOCK_D, BLOCK_N, BK, False, CAUSAL, DOT_PREC, WARP_SPEC)
     acc, m_i, l_i = _tiles(acc, m_i, l_i, q, k_base, v_base, idx_row, s_ij, s_ks, s_kd, s_vs, s_vd,
                            n_full, n_vis, offs_m, offs_n, offs_d, sk, off, qk_scale,
-                           HEAD_DIM, BLOCK_D, BLOCK_N, BK, True, CAUSAL, DOT_PREC)
+                           HEAD_DIM, BLOCK_D, BLOCK_N, BK, True, CAUSAL, DOT_PREC, WARP_SPEC)
 
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
@@ -287,7 +291,7 @@ def forward(
         hq, hq // hkv, nq, m_tiles, sq_fixed, sk_fixed, scale * LOG2E,
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BQ=bq, BK=bk, CAUSAL=causal, VARLEN=packed, WRITE_LSE=return_lse,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else None,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else None, WARP_SPEC=cfg.warp_specialize,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return (out, lse) if return_lse else out
