@@ -67,7 +67,7 @@ def default_config(head_dim: int, dtype: torch.dtype, block_size_q: int, block_s
         return Config(min(64, block_size_q), min(64, block_size_k), 8, 2)
     if block_size_q >= 128:
         return Config(128, min(128, block_size_k), 8, 2)
-    return Config(64, min(64, block_size_k), 4, 3)
+    return Config(min(64, block_size_q), min(64, block_size_k), 4, 3)
 
 
 @triton.jit
