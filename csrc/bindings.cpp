@@ -2,7 +2,7 @@
 #include <torch/extension.h>
 
 void vertical_slash_index(torch::Tensor run_hi, torch::Tensor run_lo, torch::Tensor run_count,
-                          torch::Tensor below, torch::Tensor vert, torch::Tensor r_count, torch::Tensor r_start,
+                          torch::Tensor covered, torch::Tensor vert, torch::Tensor r_count, torch::Tensor r_start,
                           torch::Tensor r_end, torch::Tensor c_count, torch::Tensor c_idx, int64_t seqlen_q,
                           int64_t seqlen_k, int64_t block_q);
 

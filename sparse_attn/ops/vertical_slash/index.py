@@ -12,7 +12,8 @@ with the offsets sorted descending two neighbours merge exactly when their gap i
 ("runs") of merged offsets are therefore the same for every block of one width: only the full width and
 the last, shorter block occur. A block's ranges are those runs shifted by q0 + off, minus the leading
 runs that end at or before key 0. A column j lies in a range exactly when some offset falls in
-[q0 + off - j, q0 + off - j + w), one difference of a prefix count over offsets.
+[d, d + w) with d = q0 + off - j: a table over d per width (from a prefix count over offsets), so each
+(block, column) costs one byte read.
 
 `_prepare` does the per-head work (sort, runs, prefix counts) in torch, O(heads x (NS + seqlen_k));
 the per-block work (the whole output) is done by one of three interchangeable backends: "torch" (the
@@ -46,7 +47,7 @@ class _Plan:
     run_hi: torch.Tensor  # int32 [2, B, H, NS] largest offset of each run (descending runs)
     run_lo: torch.Tensor  # int32 [2, B, H, NS] smallest offset of each run
     run_count: torch.Tensor  # int32 [2, B, H]
-    offsets_below: torch.Tensor  # int32 [B, H, seqlen_k + 1]: number of distinct offsets < index
+    covered: torch.Tensor  # uint8 [2, B, H, seqlen_k + BQ]: at d + BQ - 1, is some offset in [d, d + width)
     verticals: torch.Tensor  # int32 [B, H, NV] sorted ascending (repeats kept)
     max_ranges: int
     max_columns: int
@@ -89,6 +90,21 @@ def _runs(desc: torch.Tensor, width: int):
     return hi[..., :ns], lo[..., :ns], first.sum(-1, dtype=torch.int32)
 
 
+def _covered(desc: torch.Tensor, seqlen_k: int, bq: int, last_width: int) -> torch.Tensor:
+    """uint8 [2, B, H, seqlen_k + bq]; entry d + bq - 1 of class c: an offset lies in [d, d + width_c),
+    for d in [1 - bq, seqlen_k)."""
+    present = torch.zeros(*desc.shape[:-1], seqlen_k + 1, dtype=torch.int32, device=desc.device)
+    present.scatter_(-1, desc.long() + 1, 1)
+    below = torch.nn.functional.pad(present.cumsum(-1, dtype=torch.int32), (bq, bq))  # below[x + bq]
+    d = torch.arange(1 - bq, seqlen_k + 1, device=desc.device)
+    tables = []
+    for width in (bq, last_width):
+        hi = (d + width).clamp(0, seqlen_k) + bq
+        lo = d.clamp(0, seqlen_k) + bq
+        tables.append((below[..., hi] > below[..., lo]).to(torch.uint8))
+    return torch.stack(tables).contiguous()
+
+
 def _prepare(vertical, slash, seqlen_q: int, seqlen_k: int, block_size_q: int) -> _Plan:
     verticals = vertical.to(torch.int32).sort(-1).values.contiguous()
     desc = slash.to(torch.int32).sort(-1, descending=True).values.contiguous()
@@ -107,13 +123,11 @@ def _prepare(vertical, slash, seqlen_q: int, seqlen_k: int, block_size_q: int) -
         raise ValueError(
             f"slash_indices: expected diagonal offsets in [0, {seqlen_k}) (seqlen_k), got [{smin}, {smax}]"
         )
-    present = torch.zeros(*desc.shape[:-1], seqlen_k + 1, dtype=torch.int32, device=desc.device)
-    present.scatter_(-1, desc.long() + 1, 1)
     return _Plan(
         run_hi=torch.stack([full[0], last[0]]).contiguous(),
         run_lo=torch.stack([full[1], last[1]]).contiguous(),
         run_count=torch.stack([full[2], last[2]]).contiguous(),
-        offsets_below=present.cumsum(-1, dtype=torch.int32),
+        covered=_covered(desc, seqlen_k, block_size_q, last_width),
         verticals=verticals,
         max_ranges=max_ranges,
         max_columns=max_columns,
@@ -149,17 +163,19 @@ def _torch_ranges(plan: _Plan, cls: int, q0, q1, off: int, out) -> None:
     ends.copy_(q1[:, None] + off - lo_g)
 
 
-def _torch_columns(plan: _Plan, q0, q1, off: int, seqlen_k: int, counts, cols) -> None:
+def _torch_columns(plan: _Plan, q0, q1, off: int, bq: int, counts, cols) -> None:
     j = plan.verticals.long().unsqueeze(2)  # [B, H, 1, NV]
     width = (q1 - q0)[:, None]
     d = q0[:, None] + off - j  # the offset of the diagonal through (q0, j)
-    below = plan.offsets_below.long()
-    covered = below.gather(-1, (d + width).clamp(0, seqlen_k).flatten(2)).view(d.shape) > below.gather(
-        -1, d.clamp(0, seqlen_k).flatten(2)
-    ).view(d.shape)
+    seen = d >= 1 - width
+    cls = (torch.arange(q0.shape[0], device=j.device) == q0.shape[0] - 1).long()[:, None]
+    table = plan.covered.long()  # [2, B, H, seqlen_k + bq]
+    at = (d + bq - 1).clamp(min=0)
+    covered = torch.where(cls == 0, table[0].gather(-1, at.flatten(2)).view(d.shape),
+                          table[1].gather(-1, at.flatten(2)).view(d.shape)) > 0
     repeat = torch.zeros_like(j, dtype=torch.bool)
     repeat[..., 1:] = j[..., 1:] == j[..., :-1]
-    keep = (d >= 1 - width) & ~covered & ~repeat
+    keep = seen & ~covered & ~repeat
     counts.copy_(keep.sum(-1))
     slot = torch.where(keep, keep.long().cumsum(-1) - 1, cols.shape[-1])
     padded = torch.zeros(*keep.shape[:3], cols.shape[-1] + 1, dtype=torch.int32, device=cols.device)
@@ -178,14 +194,14 @@ def _build_torch(plan: _Plan, seqlen_q, seqlen_k, bq, nqb, out) -> None:
             continue
         part = (range_counts[:, :, blocks], starts[:, :, blocks], ends[:, :, blocks])
         _torch_ranges(plan, cls, q0[blocks], q1[blocks], off, part)
-    _torch_columns(plan, q0, q1, off, seqlen_k, col_counts, cols)
+    _torch_columns(plan, q0, q1, off, bq, col_counts, cols)
 
 
 # ---------------------------------------------------------------------------------------------- triton
 
 
 @triton.jit
-def _index_kernel(RUN_HI, RUN_LO, RUN_COUNT, BELOW, VERT,
+def _index_kernel(RUN_HI, RUN_LO, RUN_COUNT, COVERED, VERT,
                   R_COUNT, R_START, R_END, C_COUNT, C_IDX,
                   BH, NS, NV, nqb, max_ranges, max_columns, seqlen_q, seqlen_k,
                   BQ: tl.constexpr, CHUNK: tl.constexpr):
@@ -223,25 +239,26 @@ def _index_kernel(RUN_HI, RUN_LO, RUN_COUNT, BELOW, VERT,
         tl.store(R_END + dst, limit - lo, mask=live)
     tl.store(R_COUNT + out_block, n_runs - dead)
 
-    # Columns: seen by some row, in no range (no offset in [d, d + width)), first of their repeats.
-    below = BELOW + bh.to(tl.int64) * (seqlen_k + 1)
+    # Columns: seen by some row, in no range, first of their repeats. Sorted, so the columns that some
+    # row sees come first: stop at the first chunk that starts past the block's last row.
+    covered = COVERED + (cls * BH + bh).to(tl.int64) * (seqlen_k + BQ) + BQ - 1
     vert = VERT + bh.to(tl.int64) * NV
+    last_key = q1 - 1 + off
     kept = 0
     c0 = 0
-    while c0 < NV:
+    while (c0 < NV) & (tl.load(vert + tl.minimum(c0, NV - 1)) <= last_key):
         c = c0 + lane
-        c0 += CHUNK
         inside = c < NV
         j = tl.load(vert + c, mask=inside, other=0)
         prev = tl.load(vert + c - 1, mask=inside & (c > 0), other=-1)
         d = q0 + off - j
-        seen = inside & (d >= 1 - width)
-        n_hi = tl.load(below + tl.minimum(tl.maximum(d + width, 0), seqlen_k), mask=seen, other=0)
-        n_lo = tl.load(below + tl.minimum(tl.maximum(d, 0), seqlen_k), mask=seen, other=0)
-        keep = seen & (n_hi == n_lo) & (j != prev)
+        seen = inside & (j <= last_key)
+        hit = tl.load(covered + d, mask=seen, other=1)
+        keep = seen & (hit == 0) & (j != prev)
         slot = kept + tl.cumsum(keep.to(tl.int32), 0) - 1
         tl.store(C_IDX + out_block * max_columns + slot, j, mask=keep)
         kept += tl.sum(keep.to(tl.int32), 0)
+        c0 += CHUNK
     tl.store(C_COUNT + out_block, kept)
 
 
@@ -250,7 +267,7 @@ def _build_triton(plan: _Plan, seqlen_q, seqlen_k, bq, nqb, out) -> None:
     b, h, nv = plan.verticals.shape
     ns = plan.run_hi.shape[-1]
     _index_kernel[(nqb, b * h)](
-        plan.run_hi, plan.run_lo, plan.run_count, plan.offsets_below, plan.verticals,
+        plan.run_hi, plan.run_lo, plan.run_count, plan.covered, plan.verticals,
         range_counts, starts, ends, col_counts, cols,
         b * h, ns, nv, nqb, plan.max_ranges, plan.max_columns, seqlen_q, seqlen_k,
         BQ=bq, CHUNK=256, num_warps=4,
@@ -266,7 +283,7 @@ def _build_cuda(plan: _Plan, seqlen_q, seqlen_k, bq, nqb, out) -> None:
             "backend='cuda': the CUDA extension sparse_attn._C is not available "
             f"({_cuda.load_error()}); use backend='triton' or 'torch'"
         )
-    ext.vertical_slash_index(plan.run_hi, plan.run_lo, plan.run_count, plan.offsets_below, plan.verticals,
+    ext.vertical_slash_index(plan.run_hi, plan.run_lo, plan.run_count, plan.covered, plan.verticals,
                              *out, seqlen_q, seqlen_k, bq)
 
 

@@ -28,6 +28,8 @@ __all__ = ["vertical_slash_attention", "not_supported_reasons"]
 
 _LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
+# Launch configuration for 16-bit inputs (fp32 takes half the key tile and fewer stages).
+CONFIG = {"BN": 64, "num_warps": 4, "num_stages": 3}
 BLOCK_SIZES_Q = (16, 32, 64, 128)
 
 
@@ -257,8 +259,8 @@ def vertical_slash_attention(
         *lse_strides,
         shapes.num_heads, shapes.num_heads // shapes.num_kv_heads, layout.num_query_blocks,
         layout.max_ranges, layout.max_columns, shapes.max_seqlen_q, shapes.max_seqlen_k, scale * _LOG2E,
-        BM=layout.block_size_q, BN=64 if head_dim <= 64 or not fp32 else 32, D=head_dim, CAUSAL=bool(causal),
+        BM=layout.block_size_q, BN=CONFIG["BN"] // 2 if fp32 else CONFIG["BN"], D=head_dim, CAUSAL=bool(causal),
         VARLEN=packed, RETURN_LSE=lse is not None, WHILE_LOOPS=_on_interpreter(),
-        PREC="ieee" if fp32 else None, num_warps=4, num_stages=2 if fp32 else 3,
+        PREC="ieee" if fp32 else None, num_warps=CONFIG["num_warps"], num_stages=2 if fp32 else CONFIG["num_stages"],
     )
     return (out, lse) if return_lse else out
