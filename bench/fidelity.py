@@ -125,10 +125,12 @@ def summarize(records, methods, lengths):
             if not runs:
                 continue
             same = [run["correct"] == r["runs"]["dense"]["correct"] for r, run in zip(rs, runs)]
+            same_text = [run["answer"].strip() == r["runs"]["dense"]["answer"].strip() for r, run in zip(rs, runs)]
             rows.append({
                 "method": label, "length": glabel, "prompts": len(runs),
                 "passkey": sum(run["correct"] for run in runs) / len(runs),
                 "same_as_dense": sum(same) / len(same),
+                "same_answer": sum(same_text) / len(same_text),
                 "top1": sum(run.get("top1", 1.0) for run in runs) / len(runs),
                 "top1_tail": sum(run.get("top1_tail", 1.0) for run in runs) / len(runs),
                 "kl": sum(run.get("kl", 0.0) for run in runs) / len(runs),
@@ -140,14 +142,29 @@ def summarize(records, methods, lengths):
 
 def table(rows) -> str:
     w = max([len("method")] + [len(r["method"]) for r in rows])
-    head = (f"| {'method':<{w}} | {'length':>6} | {'n':>3} | {'pass key':>8} | {'= dense':>7} | {'top-1':>6} "
+    head = (f"| {'method':<{w}} | {'length':>6} | {'n':>3} | {'pass key':>8} | {'= dense':>7} | {'same text':>9} "
+            f"| {'top-1':>6} "
             f"| {'top-1 end':>9} | {'KL nats':>8} | {'density':>7} | {'prefill s':>9} |")
     lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
     for r in rows:
         lines.append(f"| {r['method']:<{w}} | {r['length']:>6} | {r['prompts']:>3} | {r['passkey']:>8.0%} | "
-                     f"{r['same_as_dense']:>7.0%} | {r['top1']:>6.1%} | {r['top1_tail']:>9.1%} | {r['kl']:>8.4f} | {r['density']:>7.3f} | "
+                     f"{r['same_as_dense']:>7.0%} | {r['same_answer']:>9.0%} | {r['top1']:>6.1%} | {r['top1_tail']:>9.1%} | {r['kl']:>8.4f} | {r['density']:>7.3f} | "
                      f"{r['prefill_s']:>9.1f} |")
     return "\n".join(lines)
+
+
+def markdown(results) -> str:
+    """One section per saved run: when, where, with what, and its table."""
+    parts = []
+    for res in results:
+        m = res["meta"]
+        where = m["gpu"] or f"CPU, {m['cpu_threads']} threads"
+        parts.append(f"### {', '.join(m['args']['methods'])}\n\n"
+                     f"{m['date']} on `{m['machine']}` ({where}), {m['model']}, {m['dtype']}, torch {m['torch']}, "
+                     f"transformers {m['transformers']}; minference profile: {m['minference_profile']}; "
+                     f"lengths {m['args']['lengths']}, prompts {m['args']['prompts']}, seed {m['args']['seed']}.\n\n"
+                     + table(summarize(res["records"], [(m,) for m in m["args"]["methods"]], m["args"]["lengths"])))
+    return "\n\n".join(parts) + "\n"
 
 
 def parse_args(argv=None):
@@ -169,6 +186,8 @@ def parse_args(argv=None):
     p.add_argument("--cpu-attend", choices=["sdpa", "reference"], default="sdpa")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default=None, help="JSON file")
+    p.add_argument("--render", nargs="+", default=None, metavar="JSON",
+                   help="only print saved runs (--out files) as markdown, running nothing")
     args = p.parse_args(argv)
     if len(args.prompts) not in (1, len(args.lengths)):
         p.error("--prompts: give one number or one per --lengths entry")
@@ -177,6 +196,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.render:
+        print(markdown([json.loads(Path(f).read_text()) for f in args.render]), end="")
+        return
     methods = [parse_spec(s) for s in args.methods]
     if args.threads:
         torch.set_num_threads(args.threads)
