@@ -8,7 +8,8 @@ Two launches per call:
 - `_attn_kernel`: FlashAttention-style online softmax over the listed key blocks of one query tile; the
   whole prefix runs without masks, only the straddling tail is masked.
 
-Query tiles are launched last-first so the longest rows (causal) start early and the tail balances.
+Programs sharing a kv head run together (L2 reuse of its key blocks); within one, query tiles are launched
+last-first so the longest rows (causal) start early and the tail balances.
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def default_config(head_dim: int, dtype: torch.dtype, block_size_q: int, block_s
     if head_dim > 128:
         return Config(min(64, block_size_q), min(64, block_size_k), 8, 2)
     if block_size_q >= 128:
-        return Config(128, min(128, block_size_k), 8, 2)
+        return Config(128, min(128, block_size_k), 8, 3)
     return Config(min(64, block_size_q), min(64, block_size_k), 4, 3)
 
 
@@ -185,11 +186,15 @@ def _attn_kernel(
     BQ: tl.constexpr, BK: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     WRITE_LSE: tl.constexpr, DOT_PREC: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
-    bh = tl.program_id(0)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    hk = h // GROUP
-    q_start = (M_TILES - 1 - tl.program_id(1)) * BLOCK_M  # last tiles first: they have the most keys
+    # Axis 0 walks (query tile, head of the GQA group) with the head fastest, axis 1 (batch, kv head): the
+    # programs resident at once share one kv head, so its key blocks are reused from L2. Within a kv head
+    # the last query tiles go first: they have the most keys, and the short ones fill the tail.
+    g = tl.program_id(0) % GROUP
+    q_start = (M_TILES - 1 - tl.program_id(0) // GROUP) * BLOCK_M
+    b = (tl.program_id(1) // (H // GROUP)).to(tl.int64)
+    hk = (tl.program_id(1) % (H // GROUP)).to(tl.int64)
+    h = hk * GROUP + g
+    bh = b * H + h
     if VARLEN:
         q0 = tl.load(cu_q + b).to(tl.int64)
         k0 = tl.load(cu_k + b).to(tl.int64)
@@ -284,7 +289,7 @@ def forward(
     else:
         ls = (0, 0, 0)
     m_tiles = max(1, math.ceil(max_seqlen_q / cfg.block_m))
-    _attn_kernel[(batch * hq, m_tiles)](
+    _attn_kernel[(m_tiles * (hq // hkv), batch * hkv)](
         q, k, v, out, lse, plan, idx, cu_q, cu_k,
         *_strides4(q, packed), *_strides4(k, packed), *_strides4(v, packed), *_strides4(out, packed),
         *ls, *idx.stride(),
