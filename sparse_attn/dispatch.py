@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ._checks import warn_once
 from .estimators import a_shape_layout, block_topk_layout, estimate_block_topk, estimate_vertical_slash
 from .layouts import VerticalSlashLayout
-from .ops.reference import reference_attention
+from .ops.reference import reference_attention, sdpa_layout_attention
 
 __all__ = [
     "HeadGroup",
@@ -116,7 +116,8 @@ def plan_pattern(pattern: str, q, k, configs, *, causal: bool, scale, block_size
 
 
 def attend(q, k, v, layout, *, causal: bool, scale: Optional[float]):
-    """Phase 3: attention over the layout; Triton kernels on CUDA, the fp32 reference elsewhere."""
+    """Phase 3: attention over the layout; Triton kernels on CUDA, elsewhere the same entries in fp32
+    through SDPA with the layout's mask, by row chunks (several times faster than the explicit reference)."""
     if q.is_cuda:
         try:
             if isinstance(layout, VerticalSlashLayout):
@@ -128,7 +129,8 @@ def attend(q, k, v, layout, *, causal: bool, scale: Optional[float]):
                       f"sparse_attn: no kernel for {type(layout).__name__} ({e}); using the reference (slow)")
         else:
             return kernel(q, k, v, layout, causal=causal, scale=scale)
-    return reference_attention(q, k, v, layout, causal=causal, scale=scale)
+        return reference_attention(q, k, v, layout, causal=causal, scale=scale)
+    return sdpa_layout_attention(q, k, v, layout, causal=causal, scale=scale)
 
 
 def dense_attention(q, k, v, *, causal: bool, scale: Optional[float]):

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sparse_attn import BlockLayout, reference_attention
+from sparse_attn import BlockLayout, VerticalSlashLayout, reference_attention
+from sparse_attn.ops import sdpa_layout_attention
 
 
 def sdpa(q, k, v, mask=None, causal=False):
@@ -69,6 +70,36 @@ def test_block_layout_equals_its_dense_mask(s, causal, block):
     assert torch.allclose(out[visible], ref[visible], atol=1e-5)
     # Rows that see no key: output 0 and lse -inf, never NaN.
     assert (out[~visible] == 0).all() and torch.isneginf(lse[~visible]).all()
+
+
+@given(shapes(), st.booleans(), st.sampled_from([4, 8]), st.integers(1, 9))
+def test_sdpa_layout_path_equals_reference(s, causal, block, rows):
+    """The CPU path of the methods (SDPA under the layout's mask, by row chunks) computes the reference."""
+    q, k, v = make_qkv(s)
+    sq, sk = q.shape[2], k.shape[2]
+    g = torch.Generator().manual_seed(s["seed"] + 2)
+    block_mask = torch.rand(s["b"], s["h"], math.ceil(sq / block), math.ceil(sk / block), generator=g) < 0.5
+    layout = BlockLayout.from_block_mask(block_mask, block, block, sq, sk)
+    poisoned = torch.full_like(q, float("nan"))
+    out = sdpa_layout_attention(q, k, v, layout, causal=causal, rows=rows)
+    assert not torch.isnan(out).any() and not torch.equal(out, poisoned)
+    assert torch.allclose(out, reference_attention(q, k, v, layout, causal=causal), atol=1e-5)
+
+
+def test_sdpa_layout_path_vertical_slash_half_precision():
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, h, 37, 16, generator=g).to(torch.bfloat16) for h in (4, 2, 2))
+    # per query block of 8 rows: one key range and two loose columns, per head
+    nq = 5
+    starts = torch.randint(0, 20, (1, 4, nq, 1), generator=g, dtype=torch.int32)
+    layout = VerticalSlashLayout(
+        range_counts=torch.ones(1, 4, nq, dtype=torch.int32), range_starts=starts, range_ends=starts + 9,
+        column_counts=torch.full((1, 4, nq), 2, dtype=torch.int32),
+        column_indices=torch.tensor([30, 33], dtype=torch.int32).expand(1, 4, nq, 2).contiguous(),
+        block_size_q=8, seqlen_q=37, seqlen_k=37)
+    out = sdpa_layout_attention(q, k, v, layout, causal=True, rows=16)
+    ref = reference_attention(q, k, v, layout, causal=True)
+    assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), ref.float(), atol=1e-2)
 
 
 @given(st.lists(st.integers(0, 30), min_size=1, max_size=4), st.integers(0, 2**31 - 1), st.booleans())
