@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ._checks import warn_once
 from .estimators import a_shape_layout, block_topk_layout, estimate_block_topk, estimate_vertical_slash
 from .layouts import VerticalSlashLayout
-from .ops.reference import reference_attention, sdpa_layout_attention
+from .ops.reference import reference_attention, sdpa, sdpa_layout_attention
 
 __all__ = [
     "HeadGroup",
@@ -136,11 +135,10 @@ def attend(q, k, v, layout, *, causal: bool, scale: Optional[float]):
 def dense_attention(q, k, v, *, causal: bool, scale: Optional[float]):
     """Dense attention through torch SDPA (GQA without repeating k/v), bottom-right causal."""
     sq, sk = q.shape[2], k.shape[2]
-    gqa = q.shape[1] != k.shape[1]
     if not causal or sq == 1:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+        return sdpa(q, k, v, scale=scale)
     if sq == sk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        return sdpa(q, k, v, is_causal=True, scale=scale)
     # Sq != Sk: SDPA's is_causal is top-left aligned, so pass the bottom-right band explicitly, by rows.
     out = torch.zeros_like(q)
     rows = max(1, _MASK_ELEMENTS // sk)
@@ -149,8 +147,7 @@ def dense_attention(q, k, v, *, causal: bool, scale: Optional[float]):
         r1 = min(sq, r0 + rows)
         i = torch.arange(r0, r1, device=q.device)[:, None] + (sk - sq)
         band = torch.arange(sk, device=q.device)[None, :] <= i
-        out[:, :, r0:r1] = F.scaled_dot_product_attention(q[:, :, r0:r1], k, v, attn_mask=band, scale=scale,
-                                                          enable_gqa=gqa)
+        out[:, :, r0:r1] = sdpa(q[:, :, r0:r1], k, v, attn_mask=band, scale=scale)
     return out
 
 

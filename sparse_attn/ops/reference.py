@@ -166,6 +166,20 @@ def reference_attention(
     return (out, lse) if return_lse else out
 
 
+def sdpa(q, k, v, **kwargs) -> torch.Tensor:
+    """torch SDPA where k/v may have fewer heads than q (GQA): `enable_gqa` where torch has it (>= 2.5),
+    else k/v repeated per query head."""
+    group = q.shape[-3] // k.shape[-3]
+    if group == 1:
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    if _SDPA_GQA:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(group, -3), v.repeat_interleave(group, -3), **kwargs)
+
+
+_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
 def sdpa_layout_attention(q, k, v, mask: Mask, *, causal: bool = False, scale: Optional[float] = None,
                           upcast: bool = True, rows: int = 512) -> torch.Tensor:
     """The same attention as `reference_attention` for [B, H, S, D] inputs, through torch SDPA with the
@@ -189,8 +203,7 @@ def sdpa_layout_attention(q, k, v, mask: Mask, *, causal: bool = False, scale: O
             if causal:
                 band = cols[None, :] <= torch.arange(r0, r1, device=q.device)[:, None] + (sk - sq)
                 allowed = band.expand(s.num_heads, -1, -1) if allowed is None else allowed & band
-            o = F.scaled_dot_product_attention(q[b:b + 1, :, r0:r1].to(cdt), kc[b:b + 1], vc[b:b + 1],
-                                               attn_mask=None if allowed is None else allowed[None], scale=scale,
-                                               enable_gqa=s.num_heads != s.num_kv_heads)
+            o = sdpa(q[b:b + 1, :, r0:r1].to(cdt), kc[b:b + 1], vc[b:b + 1],
+                     attn_mask=None if allowed is None else allowed[None], scale=scale)
             out[b:b + 1, :, r0:r1] = o.nan_to_num(0.0).to(q.dtype)  # a row with no key: SDPA gives NaN
     return out
