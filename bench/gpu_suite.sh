@@ -3,6 +3,7 @@
 # Prints a short summary table last; full logs, JSON and plots go to $OUT (or bench/results).
 #   bash bench/gpu_suite.sh            # tests + benchmarks at the issue sizes
 #   SUITE=quick bash bench/gpu_suite.sh  # smaller sizes, for a smoke run
+#   STEPS="build gpu_tests" bash bench/gpu_suite.sh   # only these steps (a lent machine allows 10 min a call)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
@@ -11,8 +12,11 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 SUITE=${SUITE:-full}
 status=0
 
+STEPS=${STEPS:-build gpu_tests bench_block_sparse bench_methods}
+
 step() {  # step NAME CMD...: run, log to $OUT/NAME.log, remember failures
     local name=$1; shift
+    case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
     echo "== $name: $*"
     local t0=$SECONDS
     "$@" > "$OUT/$name.log" 2>&1
