@@ -1,0 +1,569 @@
+"""Offline per-head pattern profiler: which sparse pattern, at which budget, each head of a model needs.
+
+    profile, scores = profile_model(model, input_ids, target=0.95)   # or budget=0.3 (mean cost)
+    save_profile(profile, "patches/SmolLM2-135M-Instruct.json")
+
+One forward pass over calibration text. A capturing attention function (registered through transformers'
+AttentionInterface, as sparse_attn.patch does) receives every layer's queries and keys after RoPE, runs
+dense SDPA so the forward goes on, and scores that layer's candidates at once; only one layer's q/k is
+alive at a time. Per layer:
+1. block mass: for every (query head, 64-row query block, key) the softmax mass of the block's rows,
+   computed in row chunks (never seq x seq). Our layouts keep the same keys for every row of a query
+   block, so any candidate's recall (sparse_attn.recall's definition) is a sum over this [H, nq, Sk]
+   tensor: whole key blocks for BlockLayouts, prefix-sum differences over ranges plus single columns for
+   VerticalSlashLayouts. It equals attention_recall exactly (tests check it) at a fraction of the cost.
+2. candidates (default_candidates): a_shape at several windows, vertical_slash at several
+   (vertical_size, slash_size), block_sparse at several top_k, and dense. Each is planned exactly as the
+   runtime plans it (same estimators, last_q, block size), so the recall is that of the method as run.
+3. cost per candidate and head (candidate_cost): computed entries (density) weighted by the kernels'
+   measured speed (SPEED_TFLOPS, or plain FLOPs with cost="flops"), plus the estimator's own FLOPs.
+Selection: per head the cheapest candidate whose recall meets `target` (dense always does), or, with
+`budget`, a greedy over all heads that spends a mean cost on the best recall gain per unit cost.
+
+Budgets are stored as absolute token counts (sink, window, vertical_size, slash_size) and key-block
+counts (top_k), the MInference convention, and applied unchanged at any length: a local window, the
+sink tokens and the offsets of strong diagonals are properties of the head, not of the prompt length,
+so a profile taken at 8K gives a density that falls like 1/length at 128K, which is the point of
+sparsity. The price: heads whose mass spreads as the context grows lose recall at lengths far above
+the profiled one; settings.seqlen records the profiled length, and each head records the recall and
+density measured there.
+"""
+from __future__ import annotations
+
+import contextlib
+import heapq
+import math
+import resource
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import plan_pattern
+from .estimators import a_shape_layout, block_topk_layout, estimate_block_topk, estimate_vertical_slash
+from .layouts import BlockLayout, VerticalSlashLayout
+from .profiles import Profile
+
+__all__ = [
+    "SPEED_TFLOPS",
+    "default_candidates",
+    "candidate_cost",
+    "block_mass",
+    "mass_recall",
+    "score_candidates",
+    "head_config_scores",
+    "select_heads",
+    "select_budget",
+    "capture_qk",
+    "LayerScores",
+    "profile_model",
+    "compare_uniform",
+    "uniform_vertical_slash",
+    "plot_profile",
+    "peak_rss_mib",
+]
+
+# Effective throughput of each pattern's kernel, TFLOP/s of computed entries (H100, bf16, head dim 128,
+# bench/NOTES_block_sparse.md and bench/RESULTS.md): dense = cuDNN causal (~550 at 128K), block_sparse
+# (also A-shape, which runs the same kernel) ~450 at 10 % density and 128K, vertical_slash ~330.
+# cost="time" weighs each computed entry by 1 / speed, in units of dense time.
+SPEED_TFLOPS: Dict[str, float] = {"dense": 550.0, "block_sparse": 450.0, "a_shape": 450.0, "vertical_slash": 330.0}
+
+COSTS = ("time", "flops")
+# Element budget of one chunk of scores in block_mass (float32 heads x rows x keys): 2**25 is 128 MiB.
+_CHUNK_ELEMENTS = 1 << 25
+
+
+def _powers(low: int, high: int) -> List[int]:
+    return [low << i for i in range(64) if low << i <= high]
+
+
+def default_candidates(seqlen: int, block_size: int = 64) -> List[Dict[str, Any]]:
+    """The candidate grid for a profiling length (head dicts, absolute budgets):
+    a_shape with one sink block and windows 64 .. seqlen/4 (powers of two); vertical_slash with
+    vertical_size in {64, 80} and powers of two up to seqlen/8, slash_size in {64, 68, 80} and powers of
+    two up to seqlen/4; block_sparse with top_k 2 .. (key blocks)/4; and dense. At 8K: 6 + 6 x 8 + 6 + 1.
+    The estimator always keeps the first 64 columns and the 64 nearest diagonals, so 64 means those only
+    and 68 / 80 add 4 / 16 chosen ones: a chosen diagonal costs a block-wide band (as much as 64 columns),
+    so the slash grid is finest there."""
+    nk = -(-seqlen // block_size)
+    verticals = [v for v in (64, 80) if v <= max(64, seqlen // 8)] + _powers(128, seqlen // 8)
+    slashes = [s for s in (64, 68, 80) if s <= max(64, seqlen // 4)] + _powers(128, seqlen // 4)
+    out = [{"pattern": "a_shape", "sink": block_size, "window": w} for w in _powers(64, max(64, seqlen // 4))]
+    out += [{"pattern": "vertical_slash", "vertical_size": v, "slash_size": s} for v in verticals for s in slashes]
+    out += [{"pattern": "block_sparse", "top_k": t} for t in _powers(2, max(2, nk // 4))]
+    return out + [{"pattern": "dense"}]
+
+
+def candidate_cost(pattern: str, density, seqlen: int, *, cost: str = "time", last_q: int = 64,
+                   block_size: int = 64):
+    """Cost of a candidate in units of dense attention (dense = 1): its computed entries (density), times
+    SPEED_TFLOPS["dense"] / SPEED_TFLOPS[pattern] with cost="time", plus its estimator's FLOPs relative to
+    dense causal attention's 2*D*seqlen^2: vertical_slash scores last_q queries against every key
+    (last_q / seqlen), block_sparse scores pooled blocks (1 / (2 * block_size^2)), a_shape nothing."""
+    if cost not in COSTS:
+        raise ValueError(f"cost: expected one of {COSTS}, got {cost!r}")
+    if pattern not in SPEED_TFLOPS:
+        raise ValueError(f"pattern: expected one of {sorted(SPEED_TFLOPS)}, got {pattern!r}")
+    weight = SPEED_TFLOPS["dense"] / SPEED_TFLOPS[pattern] if cost == "time" else 1.0
+    estimate = {"vertical_slash": min(last_q, seqlen) / seqlen, "block_sparse": 0.5 / block_size ** 2}
+    return density * weight + estimate.get(pattern, 0.0)
+
+
+def block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 64, scale: Optional[float] = None,
+               chunk_elements: int = _CHUNK_ELEMENTS) -> torch.Tensor:
+    """float32 [Hq, ceil(S / block_size), S]: per query head, query block and key, the causal softmax mass
+    that the block's rows put on the key (self-attention, batch 1, q [1, Hq, S, D], k [1, Hkv, S, D])."""
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != 1 or k.shape[0] != 1 or q.shape[2] != k.shape[2]:
+        raise ValueError(f"q, k: expected [1, Hq, S, D] and [1, Hkv, S, D] (batch 1, self-attention), "
+                         f"got {tuple(q.shape)} and {tuple(k.shape)}")
+    _, hq, s, d = q.shape
+    hkv = k.shape[1]
+    scale = d ** -0.5 if scale is None else float(scale)
+    nq = -(-s // block_size)
+    rows = max(1, chunk_elements // (hq * s) // block_size) * block_size  # whole query blocks per chunk
+    mass = torch.zeros(hq, nq, s, dtype=torch.float32, device=q.device)
+    kb = k[0].float().unsqueeze(1)  # [Hkv, 1, S, D]
+    for r0 in range(0, s, rows):
+        r1 = min(s, r0 + rows)
+        keys = r1  # causal: later keys carry no mass for these rows
+        qc = q[0, :, r0:r1].float().unflatten(0, (hkv, hq // hkv))
+        scores = torch.matmul(qc, kb[:, :, :keys].transpose(-1, -2)).flatten(0, 1) * scale
+        above = torch.arange(keys, device=q.device)[None, :] > torch.arange(r0, r1, device=q.device)[:, None]
+        p = torch.softmax(scores.masked_fill_(above, float("-inf")), dim=-1)
+        del scores
+        pad = -(r1 - r0) % block_size  # the last, partial block
+        p = F.pad(p, (0, 0, 0, pad)).unflatten(1, (-1, block_size)).sum(2)
+        mass[:, r0 // block_size : r0 // block_size + p.shape[1], :keys] = p
+    return mass
+
+
+@dataclass
+class _Sums:
+    """Per (head, query block) values over keys, summed the three ways the layouts read them: as is (single
+    columns), as prefix sums over keys (ranges) and per key block (BlockLayouts)."""
+
+    values: torch.Tensor  # [H, nq, S]
+    prefix: torch.Tensor  # float64 [H, nq, S + 1]
+    blocks: torch.Tensor  # float64 [H, nq, nk]
+    block_size: int
+
+    @classmethod
+    def of(cls, values: torch.Tensor, block_size: int) -> "_Sums":
+        s = values.shape[-1]
+        prefix = F.pad(values.double().cumsum(-1), (1, 0))
+        ends = prefix[..., block_size::block_size]
+        if s % block_size:
+            ends = torch.cat([ends, prefix[..., -1:]], dim=-1)
+        blocks = torch.diff(ends, dim=-1, prepend=prefix[..., :1])
+        return cls(values, prefix, blocks, block_size)
+
+    def kept(self, layout) -> torch.Tensor:
+        """float64 [H]: the values of the entries a batch-1 layout keeps, summed per head."""
+        h, nq, s = self.values.shape
+        if layout.num_query_blocks != nq or layout.block_size_q * nq < s:
+            raise ValueError(f"layout: expected {nq} query blocks of {self.block_size} rows, "
+                             f"got {layout.num_query_blocks} of {layout.block_size_q}")
+        if isinstance(layout, BlockLayout):
+            if layout.block_size_k != self.block_size:
+                raise ValueError(f"layout: expected key blocks of {self.block_size}, got {layout.block_size_k}")
+            return (self.blocks * layout.to_block_mask()[0]).sum((1, 2))
+        if not isinstance(layout, VerticalSlashLayout):
+            raise TypeError(f"layout: expected a BlockLayout or a VerticalSlashLayout, got {type(layout).__name__}")
+        live_r = torch.arange(layout.max_ranges) < layout.range_counts[0].unsqueeze(-1)
+        starts = layout.range_starts[0].long().clamp(0, s)
+        ends = layout.range_ends[0].long().clamp(0, s)
+        ranges = ((self.prefix.gather(-1, ends) - self.prefix.gather(-1, starts)) * live_r).sum((1, 2))
+        live_c = torch.arange(layout.max_columns) < layout.column_counts[0].unsqueeze(-1)
+        cols = self.values.gather(-1, layout.column_indices[0].long().clamp(0, s - 1)).double()
+        return ranges + (cols * live_c).sum((1, 2))
+
+
+def _causal_counts(num_heads: int, seqlen: int, block_size: int) -> torch.Tensor:
+    """float32 [H, nq, S] (an expanded view): how many rows of each query block see each key causally."""
+    q0 = torch.arange(0, seqlen, block_size)[:, None]
+    q1 = (q0 + block_size).clamp(max=seqlen)
+    key = torch.arange(seqlen)[None, :]
+    return (q1 - torch.maximum(key, q0)).clamp(min=0).float().expand(num_heads, -1, -1)
+
+
+class _Meter:
+    """Recall (from block_mass) and density (from causal counts) of any batch-1 layout, exactly as
+    attention_recall and layout.head_density define them, from sums prepared once per layer."""
+
+    def __init__(self, mass: torch.Tensor, block_size: int):
+        h, _, s = mass.shape
+        self.seqlen = s
+        self.mass = _Sums.of(mass, block_size)
+        self.counts = _Sums.of(_causal_counts(h, s, block_size), block_size)
+        self.total = s * (s + 1) / 2
+
+    def recall(self, layout) -> torch.Tensor:
+        return self.mass.kept(layout) / self.seqlen
+
+    def density(self, layout) -> torch.Tensor:
+        return self.counts.kept(layout) / self.total
+
+
+def mass_recall(layout, mass: torch.Tensor, block_size: int = 64) -> torch.Tensor:
+    """float64 [H]: attention recall of a batch-1 layout (query blocks of block_size rows) from block_mass."""
+    return _Meter(mass, block_size).recall(layout)
+
+
+@dataclass
+class LayerScores:
+    """One layer's candidates scored per query head: recall and density [n_candidates, H] (float64)."""
+
+    candidates: List[Dict[str, Any]]
+    recall: torch.Tensor
+    density: torch.Tensor
+
+
+def _vs_indices(q, k, verticals: Sequence[int], slashes: Sequence[int], last_q: int, scale):
+    """Vertical ids per vertical_size and slash offsets per slash_size. The estimator picks columns and
+    diagonals independently, so max(len) calls cover the whole grid instead of one call per pair."""
+    cols, diags = {}, {}
+    for i in range(max(len(verticals), len(slashes))):
+        v, s = verticals[min(i, len(verticals) - 1)], slashes[min(i, len(slashes) - 1)]
+        vi, si = estimate_vertical_slash(q, k, vertical_size=v, slash_size=s, last_q=last_q, scale=scale)
+        cols[v], diags[s] = vi, si
+    return cols, diags
+
+
+def _candidate_layout(cfg, q, k, vs, block_size: int):
+    """The layout of one candidate applied to every head (None for dense)."""
+    from .ops.vertical_slash import build_vertical_slash_index
+
+    _, h, s, _ = q.shape
+    if cfg["pattern"] == "a_shape":
+        return a_shape_layout(1, h, s, s, sink=cfg["sink"], window=cfg["window"], block_size=block_size)
+    if cfg["pattern"] == "block_sparse":
+        return block_topk_layout(estimate_block_topk(q, k, top_k=cfg["top_k"], block_size=block_size), s, s,
+                                 block_size)
+    if cfg["pattern"] == "vertical_slash":
+        cols, diags = vs
+        # On the CPU the torch builder (identical layouts); "auto" would pick the Triton interpreter under
+        # TRITON_INTERPRET=1, ~50x slower.
+        return build_vertical_slash_index(cols[cfg["vertical_size"]], diags[cfg["slash_size"]], s, s,
+                                          block_size_q=block_size, backend="auto" if q.is_cuda else "torch")
+    return None
+
+
+def score_candidates(q, k, candidates: Sequence[Dict[str, Any]], *, block_size: int = 64, last_q: int = 64,
+                     scale: Optional[float] = None, mass: Optional[torch.Tensor] = None) -> LayerScores:
+    """Recall and density of every candidate on every query head of one layer (batch 1, self-attention)."""
+    mass = block_mass(q, k, block_size=block_size, scale=scale) if mass is None else mass
+    meter = _Meter(mass, block_size)
+    verticals = sorted({c["vertical_size"] for c in candidates if c["pattern"] == "vertical_slash"})
+    slashes = sorted({c["slash_size"] for c in candidates if c["pattern"] == "vertical_slash"})
+    vs = _vs_indices(q, k, verticals, slashes, last_q, scale) if verticals else None
+    h = q.shape[1]
+    recall = torch.ones(len(candidates), h, dtype=torch.float64)
+    density = torch.ones(len(candidates), h, dtype=torch.float64)
+    for i, cfg in enumerate(candidates):
+        layout = _candidate_layout(cfg, q, k, vs, block_size)
+        if layout is not None:
+            recall[i] = meter.recall(layout)
+            density[i] = meter.density(layout)
+    return LayerScores(list(candidates), recall, density)
+
+
+def head_config_scores(q, k, head_config: Sequence[Dict[str, Any]], *, block_size: int = 64, last_q: int = 64,
+                       scale: Optional[float] = None, mass: Optional[torch.Tensor] = None):
+    """(recall, density), float64 [H] each, of one layer's per-head config as the runtime plans it
+    (dispatch.plan_pattern, one plan per pattern over all heads with per-head budgets); dense heads 1."""
+    mass = block_mass(q, k, block_size=block_size, scale=scale) if mass is None else mass
+    meter = _Meter(mass, block_size)
+    h = q.shape[1]
+    recall = torch.ones(h, dtype=torch.float64)
+    density = torch.ones(h, dtype=torch.float64)
+    for pattern in sorted({c["pattern"] for c in head_config} - {"dense"}):
+        heads = [i for i, c in enumerate(head_config) if c["pattern"] == pattern]
+        # Heads of other patterns borrow a config of this one; their rows of the layout are not read.
+        configs = [c if c["pattern"] == pattern else head_config[heads[0]] for c in head_config]
+        layout = plan_pattern(pattern, q, k, configs, causal=True, scale=scale, block_size=block_size,
+                              last_q=last_q)
+        recall[heads] = meter.recall(layout)[heads]
+        density[heads] = meter.density(layout)[heads]
+    return recall, density
+
+
+def select_heads(scores: LayerScores, target: float, cost: torch.Tensor) -> List[int]:
+    """Per head the index of the cheapest candidate with recall >= target (the earlier one on a tie);
+    a head that no candidate brings to the target gets its highest-recall candidate."""
+    ok = scores.recall >= target
+    best = torch.where(ok, cost, torch.full_like(cost, math.inf)).argmin(0)
+    fallback = scores.recall.argmax(0)
+    return torch.where(ok.any(0), best, fallback).tolist()
+
+
+def _hull(costs: Sequence[float], recalls: Sequence[float]) -> List[int]:
+    """Indices on the upper-left convex hull of (cost, recall), by increasing cost: the only upgrades a
+    greedy spending a cost budget on recall should consider."""
+    order = sorted(range(len(costs)), key=lambda i: (costs[i], -recalls[i]))
+    hull: List[int] = []
+    for i in order:
+        if hull and recalls[i] <= recalls[hull[-1]]:
+            continue
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # b lies on or below the segment a -> i: drop it.
+            if (recalls[b] - recalls[a]) * (costs[i] - costs[a]) <= (recalls[i] - recalls[a]) * (costs[b] - costs[a]):
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    return hull
+
+
+def select_budget(layers: Sequence[LayerScores], costs: Sequence[torch.Tensor], budget: float) -> List[List[int]]:
+    """Per layer, per head the candidate index, spending at most `budget` (mean cost over all heads) where
+    it buys the most recall per unit cost. Every head starts at its cheapest candidate."""
+    heads = [(li, h) for li, s in enumerate(layers) for h in range(s.recall.shape[1])]
+    hulls, pos, spent, heap = [], [], 0.0, []
+    for n, (li, h) in enumerate(heads):
+        c, r = costs[li][:, h].tolist(), layers[li].recall[:, h].tolist()
+        hull = _hull(c, r)
+        hulls.append([(i, c[i], r[i]) for i in hull])
+        pos.append(0)
+        spent += c[hull[0]]
+    if spent > budget * len(heads) + 1e-9:
+        raise ValueError(f"budget: expected at least the cheapest mean cost {spent / len(heads):.4f}, got {budget}")
+
+    def push(n):
+        if pos[n] + 1 < len(hulls[n]):
+            (_, c0, r0), (_, c1, r1) = hulls[n][pos[n]], hulls[n][pos[n] + 1]
+            heapq.heappush(heap, (-(r1 - r0) / max(c1 - c0, 1e-12), n))
+
+    for n in range(len(heads)):
+        push(n)
+    while heap:
+        _, n = heapq.heappop(heap)
+        step = hulls[n][pos[n] + 1][1] - hulls[n][pos[n]][1]
+        if spent + step > budget * len(heads) + 1e-9:
+            continue  # this head's next step does not fit; cheaper steps of others may
+        spent += step
+        pos[n] += 1
+        push(n)
+    out: List[List[int]] = [[0] * s.recall.shape[1] for s in layers]
+    for n, (li, h) in enumerate(heads):
+        out[li][h] = hulls[n][pos[n]][0]
+    return out
+
+
+@contextlib.contextmanager
+def capture_qk(model, callback: Callable[[int, torch.Tensor, torch.Tensor, Optional[float]], None]) -> Iterator:
+    """While open, every attention call of `model` runs transformers' SDPA and first hands
+    (layer_idx, query [B, Hq, S, D], key [B, Hkv, S, D] after RoPE, scaling) to callback."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from .integrations.hf import _configs, _register, _unregister
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        callback(module.layer_idx, query, key, scaling)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+
+    name = f"sparse_attn_profile_{id(model)}"
+    previous = [(c, c._attn_implementation) for c in _configs(model)]
+    _register(name, attention)
+    try:
+        model.set_attn_implementation(name)
+        yield model
+    finally:
+        for config, implementation in previous:
+            config._attn_implementation = implementation
+        _unregister(name)
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # tqdm is in the hf/bench extras; without it, no bar
+            pass
+        else:
+            return tqdm(total=total, desc=desc, unit="layer")
+    return contextlib.nullcontext(None)
+
+
+def model_info(model, name: Optional[str] = None) -> Dict[str, Any]:
+    """The profile's model identity: name (model_name unless given), architecture, layer/head counts."""
+    from .integrations.hf import _model_shape, model_name
+
+    config = model.config
+    arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
+    name = name or model_name(model) or arch
+    return {"name": name, "architecture": arch, **_model_shape(model)}
+
+
+def run_layers(model, input_ids: torch.Tensor, per_layer: Callable, *, progress: bool = True,
+               desc: str = "profiling") -> Dict[int, Any]:
+    """One forward pass over input_ids [1, S]; per_layer(layer, q, k, scale) runs on each layer's q/k as
+    they come (nothing is kept but its result). Returns {layer: result}."""
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids: expected [1, seqlen], got {tuple(input_ids.shape)}")
+    results: Dict[int, Any] = {}
+    num_layers = model_info(model)["num_layers"]
+    with _progress(num_layers, progress, desc) as bar:
+        def callback(layer, q, k, scale):
+            results[layer] = per_layer(layer, q.detach(), k.detach(), scale)
+            if bar is not None:
+                bar.update(1)
+
+        with capture_qk(model, callback), torch.no_grad():
+            # logits_to_keep=1: the vocabulary projection of every position would cost 8K x 49K floats.
+            model(input_ids.to(model.device), use_cache=False, logits_to_keep=1)
+    missing = sorted(set(range(num_layers)) - set(results))
+    if missing:
+        raise RuntimeError(f"model: layers {missing} never called the attention interface; cannot profile them")
+    return results
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def profile_model(model, input_ids: torch.Tensor, *, candidates: Optional[Sequence[Dict[str, Any]]] = None,
+                  target: float = 0.95, budget: Optional[float] = None, cost: str = "time", block_size: int = 64,
+                  last_q: int = 64, name: Optional[str] = None, progress: bool = True,
+                  settings: Optional[Dict[str, Any]] = None):
+    """Profile every head of `model` on input_ids [1, S]. Returns (Profile, [LayerScores per layer]).
+
+    target: per head, the cheapest candidate whose recall reaches it; or budget: a mean cost (dense = 1,
+    see candidate_cost) spent greedily over all heads. cost: "time" (speed-weighted) or "flops".
+    block_size, last_q: must be those the runtime uses (the "minference" method's defaults)."""
+    if not 0.0 < float(target) <= 1.0:
+        raise ValueError(f"target: expected a recall in (0, 1], got {target!r}")
+    if budget is not None and not 0.0 < float(budget) <= 2.0:
+        raise ValueError(f"budget: expected a mean cost in (0, 2] (dense = 1), got {budget!r}")
+    if cost not in COSTS:
+        raise ValueError(f"cost: expected one of {COSTS}, got {cost!r}")
+    seqlen = input_ids.shape[-1]
+    candidates = list(candidates) if candidates is not None else default_candidates(seqlen, block_size)
+    start = time.perf_counter()
+    results = run_layers(model, input_ids, lambda layer, q, k, scale: score_candidates(
+        q, k, candidates, block_size=block_size, last_q=last_q, scale=scale), progress=progress)
+    layers = [results[i] for i in range(len(results))]
+    costs = [candidate_cost_table(candidates, s.density, seqlen, cost, last_q, block_size) for s in layers]
+    if budget is None:
+        picks = [select_heads(s, target, c) for s, c in zip(layers, costs)]
+    else:
+        picks = select_budget(layers, costs, budget)
+    heads = [[_head_entry(s, i, h) for h, i in enumerate(p)] for s, p in zip(layers, picks)]
+    recall = torch.tensor([[h["recall"] for h in layer] for layer in heads])
+    density = torch.tensor([[h["density"] for h in layer] for layer in heads])
+    info = {"seqlen": seqlen, "recall_target": None if budget is not None else target, "budget": budget,
+            "cost": cost, "block_size": block_size, "last_q": last_q, "candidates": len(candidates),
+            "speed_tflops": dict(SPEED_TFLOPS) if cost == "time" else None,
+            "budget_units": "absolute: tokens (sink, window, vertical_size, slash_size), key blocks (top_k)",
+            "mean_recall": round(recall.mean().item(), 4), "mean_density": round(density.mean().item(), 4),
+            "elapsed_s": round(time.perf_counter() - start, 1), "peak_rss_mib": round(peak_rss_mib())}
+    info.update(settings or {})
+    return Profile(model=model_info(model, name), layers=heads, settings=info), layers
+
+
+def candidate_cost_table(candidates, density: torch.Tensor, seqlen: int, cost: str, last_q: int,
+                         block_size: int) -> torch.Tensor:
+    """float64 [n_candidates, H]: candidate_cost of every candidate on every head."""
+    return torch.stack([candidate_cost(c["pattern"], density[i], seqlen, cost=cost, last_q=last_q,
+                                       block_size=block_size) for i, c in enumerate(candidates)])
+
+
+def _head_entry(scores: LayerScores, index: int, head: int) -> Dict[str, Any]:
+    entry = dict(scores.candidates[index])
+    entry["recall"] = round(scores.recall[index, head].item(), 4)
+    entry["density"] = round(scores.density[index, head].item(), 4)
+    return entry
+
+
+def uniform_vertical_slash(slash_size: int) -> Dict[str, Any]:
+    """The uniform family compare_uniform matches against: vertical_size = slash_size / 2 (at least 64),
+    the ratio of methods.default_head_config."""
+    return {"pattern": "vertical_slash", "vertical_size": max(64, slash_size // 2), "slash_size": slash_size}
+
+
+def compare_uniform(model, input_ids: torch.Tensor, profile: Profile, *, slash_sizes: Sequence[int] = (),
+                    block_size: int = 64, last_q: int = 64, progress: bool = True) -> Dict[str, Any]:
+    """Mean recall and density over all heads of the profile and of uniform vertical-slash configs
+    (uniform_vertical_slash at each of slash_sizes, default 64 .. seqlen/2) on input_ids, all planned as
+    the runtime plans them; plus the uniform recall interpolated at the profile's mean density."""
+    seqlen = input_ids.shape[-1]
+    slash_sizes = list(slash_sizes) or _powers(64, max(64, seqlen // 2))
+    uniform = [uniform_vertical_slash(s) for s in slash_sizes]
+
+    def per_layer(layer, q, k, scale):
+        mass = block_mass(q, k, block_size=block_size, scale=scale)
+        prof = head_config_scores(q, k, profile.layer(layer), block_size=block_size, last_q=last_q, scale=scale,
+                                  mass=mass)
+        uni = score_candidates(q, k, uniform, block_size=block_size, last_q=last_q, scale=scale, mass=mass)
+        return prof, uni
+
+    results = run_layers(model, input_ids, per_layer, progress=progress, desc="comparing")
+    layers = [results[i] for i in range(len(results))]
+    p_recall = torch.stack([p[0] for p, _ in layers]).mean().item()
+    p_density = torch.stack([p[1] for p, _ in layers]).mean().item()
+    u_recall = torch.stack([u.recall for _, u in layers]).mean((0, 2)).tolist()
+    u_density = torch.stack([u.density for _, u in layers]).mean((0, 2)).tolist()
+    return {"seqlen": seqlen, "profile": {"recall": p_recall, "density": p_density},
+            "uniform": [{**cfg, "recall": r, "density": d} for cfg, r, d in zip(uniform, u_recall, u_density)],
+            "uniform_recall_at_profile_density": _interpolate(u_density, u_recall, p_density)}
+
+
+def _interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> Optional[float]:
+    """y at x on the piecewise-linear curve through (xs, ys) sorted by x; None outside its range."""
+    pts = sorted(zip(xs, ys))
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+_PATTERN_COLORS = {"a_shape": "tab:green", "vertical_slash": "tab:blue", "block_sparse": "tab:orange",
+                   "dense": "tab:red"}
+
+
+def plot_profile(profile: Profile, path, scores: Optional[Sequence[LayerScores]] = None, *, cost: str = "time"):
+    """PNG: the chosen pattern per (layer, head), cells labelled with their density; and recall vs cost of
+    every head's choice (coloured by pattern), over every candidate tried when `scores` is given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    names = list(_PATTERN_COLORS)
+    grid = [[names.index(h["pattern"]) for h in layer] for layer in profile.layers]
+    seqlen = int(profile.settings.get("seqlen", 8192))
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(13, max(5, 0.22 * profile.num_layers + 1.5)))
+    ax0.imshow(grid, cmap=ListedColormap(list(_PATTERN_COLORS.values())), vmin=0, vmax=len(names) - 1,
+               aspect="auto")
+    for li, layer in enumerate(profile.layers):
+        for h, head in enumerate(layer):
+            if "density" in head:
+                ax0.text(h, li, f"{head['density']:.2f}", ha="center", va="center", fontsize=6)
+    ax0.set(xlabel="query head", ylabel="layer", title="chosen pattern (cell: density)")
+    if scores is not None:
+        for s in scores:
+            c = candidate_cost_table(s.candidates, s.density, seqlen, cost, 64, 64)
+            ax1.scatter(c.flatten(), s.recall.flatten(), s=3, color="0.8", zorder=1)
+    for pattern, color in _PATTERN_COLORS.items():
+        heads = [h for layer in profile.layers for h in layer if h["pattern"] == pattern and "recall" in h]
+        if heads:
+            x = [candidate_cost(pattern, h.get("density", 1.0), seqlen, cost=cost) for h in heads]
+            ax1.scatter(x, [h["recall"] for h in heads], s=14, color=color, label=f"{pattern} ({len(heads)})",
+                        zorder=2)
+    target = profile.settings.get("recall_target")
+    if target:
+        ax1.axhline(target, color="k", lw=0.6, ls="--")
+    ax1.set(xlabel=f"cost ({cost}, dense = 1)", ylabel="attention recall",
+            title="per head: choice (colour) among candidates (grey)")
+    ax1.legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"{profile.model['name']} at {seqlen} tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,250 @@
+"""The offline profiler: exact recall/density from block mass, the choice on heads with a planted pattern,
+the budget greedy, and the CLI (argument errors, a profile written for a tiny model that loads and fits it)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sparse_attn import cli
+from sparse_attn.estimators import a_shape_layout, block_topk_layout, estimate_block_topk, estimate_vertical_slash
+from sparse_attn.ops.vertical_slash import build_vertical_slash_index
+from sparse_attn.profiler import (
+    LayerScores,
+    _hull,
+    block_mass,
+    candidate_cost,
+    candidate_cost_table,
+    default_candidates,
+    head_config_scores,
+    mass_recall,
+    profile_model,
+    score_candidates,
+    select_budget,
+    select_heads,
+)
+from sparse_attn.profiles import load_profile
+from sparse_attn.recall import attention_recall
+
+T, D = 2048, 128
+SCALE = D ** -0.5
+
+
+@pytest.mark.parametrize("seqlen", [64, 300, 513])
+def test_block_mass_recall_and_density_equal_the_definitions(seqlen):
+    g = torch.Generator().manual_seed(seqlen)
+    q = torch.randn(1, 6, seqlen, 32, generator=g) * 2
+    k = torch.randn(1, 2, seqlen, 32, generator=g) * 2
+    mass = block_mass(q, k, chunk_elements=6 * seqlen * 64)  # several row chunks
+    assert torch.allclose(mass.sum(-1).sum(-1), torch.full((6,), float(seqlen)), rtol=1e-5)
+    vi, si = estimate_vertical_slash(q, k, vertical_size=[3, 5, 70, 1, 2, 9], slash_size=[2, 4, 1, 66, 3, 7])
+    layouts = [
+        a_shape_layout(1, 6, seqlen, seqlen, sink=[0, 64, 1, 128, 64, 0], window=[1, 64, 100, 7, 300, 64]),
+        block_topk_layout(estimate_block_topk(q, k, top_k=[2, 3, 1, 4, 2, 5]), seqlen, seqlen),
+        build_vertical_slash_index(vi, si, seqlen, seqlen, block_size_q=64),
+    ]
+    for layout in layouts:
+        assert torch.allclose(mass_recall(layout, mass), attention_recall(q, k, layout)[0], atol=1e-6)
+    scores = score_candidates(q, k, default_candidates(seqlen))
+    for i, cfg in enumerate(scores.candidates):
+        if cfg["pattern"] == "a_shape":
+            layout = a_shape_layout(1, 6, seqlen, seqlen, sink=cfg["sink"], window=cfg["window"])
+            assert torch.allclose(scores.density[i], layout.head_density()[0])
+            assert torch.allclose(scores.recall[i], attention_recall(q, k, layout)[0], atol=1e-6)
+
+
+def _local_head():
+    """ALiBi-like: logit(i, j) = -beta (i - j), so the mass sits in a window of ~1/beta tokens."""
+    q, k = torch.zeros(T, D), torch.zeros(T, D)
+    i = torch.arange(T).float()
+    beta = 0.05
+    k[:, 0], k[:, 1] = i / T, 1.0
+    q[:, 0], q[:, 1] = beta * T / SCALE, -beta * i / SCALE
+    return q, k
+
+
+def _vertical_head(g, peak=10.0):
+    """Key 0 and 12 keys spread over the first half share a direction every query aligns with."""
+    cols = torch.cat([torch.tensor([0]), torch.randperm(T // 2 - 64, generator=g)[:12] + 64])
+    k = 0.3 * torch.randn(T, D, generator=g)
+    q = 0.3 * torch.randn(T, D, generator=g)
+    k[:, 0] = 0.0
+    k[cols] = 0.0
+    k[cols, 0] = q[:, 0] = (peak / SCALE) ** 0.5
+    return q, k
+
+
+def _slash_head(g, offsets=(300, 777, 1201, 1500), peak=16.0):
+    """Random unit codes per position; query i is the sum of the codes of keys i - o: diagonals at o."""
+    k = torch.randn(T, D, generator=g) / D ** 0.5
+    q = torch.zeros(T, D)
+    for o in offsets:
+        q[o:] += k[:-o] * peak / SCALE
+    return q, k
+
+
+def _block_head(g, clusters=8, peak=12.0):
+    """Each 64-token block carries one of 8 orthonormal codes: blocks attend to blocks of their code."""
+    basis = torch.linalg.qr(torch.randn(D, clusters, generator=g))[0].T
+    codes = basis[torch.randint(0, clusters, (T // 64,), generator=g)].repeat_interleave(64, 0)
+    return codes * (peak / SCALE), codes.clone()
+
+
+@pytest.fixture(scope="module")
+def planted():
+    g = torch.Generator().manual_seed(0)
+    heads = [_local_head(), _vertical_head(g), _slash_head(g), _block_head(g)]
+    q = torch.stack([h[0] for h in heads])[None]
+    k = torch.stack([h[1] for h in heads])[None]
+    return q, k, score_candidates(q, k, default_candidates(T))
+
+
+def test_profiler_picks_the_planted_pattern(planted):
+    q, k, scores = planted
+    cost = candidate_cost_table(scores.candidates, scores.density, T, "time", 64, 64)
+    picks = select_heads(scores, 0.95, cost)
+    chosen = [scores.candidates[i] for i in picks]
+    assert [c["pattern"] for c in chosen] == ["a_shape", "vertical_slash", "vertical_slash", "block_sparse"]
+    assert chosen[0]["window"] <= 128  # the ~1/beta = 20-token window, at block granularity
+    assert chosen[1]["vertical_size"] > 64 and chosen[1]["slash_size"] == 64  # columns, not diagonals
+    assert chosen[2]["slash_size"] > 64  # chosen diagonals beyond the forced nearest 64
+    for h, i in enumerate(picks):
+        assert scores.recall[i, h] >= 0.95 and scores.density[i, h] < 0.5
+    # The planted structure is real: A-shape cannot hold the columns, the diagonals or the blocks.
+    a_shape = [i for i, c in enumerate(scores.candidates) if c["pattern"] == "a_shape"]
+    assert (scores.recall[a_shape, 1:] < 0.8).all()
+
+
+def test_chosen_configs_run_as_profiled(planted):
+    """The runtime plans a profile's per-head config with per-head budgets; the recall and density must be
+    those measured for each head's candidate alone."""
+    q, k, scores = planted
+    cost = candidate_cost_table(scores.candidates, scores.density, T, "time", 64, 64)
+    picks = select_heads(scores, 0.95, cost)
+    recall, density = head_config_scores(q, k, [scores.candidates[i] for i in picks])
+    assert torch.allclose(recall, scores.recall[picks, range(4)], atol=1e-9)
+    assert torch.allclose(density, scores.density[picks, range(4)], atol=1e-9)
+
+
+def test_select_heads_falls_back_to_the_best_recall():
+    cands = [{"pattern": "a_shape", "sink": 0, "window": 64}, {"pattern": "block_sparse", "top_k": 2}]
+    scores = LayerScores(cands, torch.tensor([[0.5, 0.97], [0.9, 0.99]], dtype=torch.float64),
+                         torch.tensor([[0.1, 0.1], [0.2, 0.05]], dtype=torch.float64))
+    cost = candidate_cost_table(cands, scores.density, 4096, "flops", 64, 64)
+    # head 0: nothing reaches 0.95 -> highest recall (1); head 1: both do -> the cheaper (1, density 0.05).
+    assert select_heads(scores, 0.95, cost) == [1, 1]
+    assert select_heads(scores, 0.5, cost) == [0, 1]
+
+
+def test_candidate_cost_weighs_speed_and_estimation():
+    assert candidate_cost("dense", 1.0, 8192) == 1.0
+    assert candidate_cost("vertical_slash", 0.1, 8192, cost="flops") == pytest.approx(0.1 + 64 / 8192)
+    assert candidate_cost("vertical_slash", 0.1, 8192) > candidate_cost("block_sparse", 0.1, 8192)
+    assert candidate_cost("a_shape", 0.1, 8192) < candidate_cost("block_sparse", 0.1, 8192)
+    with pytest.raises(ValueError, match="cost"):
+        candidate_cost("dense", 1.0, 8192, cost="watts")
+
+
+def test_hull_and_budget_greedy():
+    assert _hull([0.1, 0.2, 0.3, 1.0], [0.5, 0.6, 0.95, 1.0]) == [0, 2, 3]  # 0.2 lies under 0.1 -> 0.3
+    cands = [{"pattern": "a_shape", "sink": 0, "window": 64}, {"pattern": "block_sparse", "top_k": 4},
+             {"pattern": "dense"}]
+    recall = torch.tensor([[0.5, 0.9], [0.9, 0.92], [1.0, 1.0]], dtype=torch.float64)
+    density = torch.tensor([[0.1, 0.1], [0.3, 0.3], [1.0, 1.0]], dtype=torch.float64)
+    layer = LayerScores(cands, recall, density)
+    cost = [candidate_cost_table(cands, density, 8192, "flops", 64, 64)]
+    assert select_budget([layer], cost, 0.101) == [[0, 0]]
+    # 0.2 more buys head 0's step to block_sparse (+0.4 recall), not head 1's (+0.02).
+    assert select_budget([layer], cost, 0.21) == [[1, 0]]
+    assert select_budget([layer], cost, 1.0) == [[2, 2]]
+    with pytest.raises(ValueError, match="budget"):
+        select_budget([layer], cost, 0.05)
+
+
+# --- the CLI ---------------------------------------------------------------------------------------------
+
+
+class _CharTokenizer:
+    bos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=False):
+        return type("Enc", (), {"input_ids": [2 + ord(c) % 120 for c in text]})()
+
+
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=128,
+                                      max_position_embeddings=1024)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["profile", "--target", "1.5"], "expected a number in (0, 1]"),
+    (["profile", "--length", "0"], "expected a positive int"),
+    (["profile", "--target", "0.9", "--budget", "0.3"], "not allowed with argument"),
+    (["profile", "--cost", "watts"], "invalid choice"),
+    (["compare"], "--profile"),
+    (["import-minference", "x.json"], "--out"),
+    ([], "command"),
+])
+def test_cli_argument_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_profile_writes_a_profile_that_fits_the_model(tmp_path, monkeypatch, capsys):
+    model = _tiny_llama()
+    monkeypatch.setattr(cli, "_load", lambda args: (model, _CharTokenizer()))
+    out, png = tmp_path / "tiny.json", tmp_path / "tiny.png"
+    with pytest.raises(SystemExit, match="--budget"):
+        cli.main(["profile", "--budget", "3", "--out", str(out)])
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    assert cli.main(["profile", "--length", "384", "--name", "org/tiny-llama", "--text", str(text), "--out", str(out),
+                     "--plot", str(png), "--no-progress"]) == 0
+    profile = load_profile(out)
+    profile.check_model(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
+    assert profile.model["name"] == "org/tiny-llama" and profile.settings["seqlen"] == 384
+    assert all(0.0 <= h["recall"] <= 1.0 and h["recall"] >= 0.95 for layer in profile.layers for h in layer)
+    assert png.stat().st_size > 1000
+    assert "wrote" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--text"):
+        cli.main(["profile", "--text", str(tmp_path / "missing.txt"), "--out", str(out)])
+
+
+def test_profile_model_budget_mode_spends_at_most_the_budget():
+    model = _tiny_llama()
+    ids = torch.randint(0, 128, (1, 320), generator=torch.Generator().manual_seed(0))
+    profile, layers = profile_model(model, ids, budget=0.7, cost="flops", progress=False)
+    assert profile.settings["budget"] == 0.7 and profile.settings["recall_target"] is None
+    spent = [candidate_cost(h["pattern"], h["density"], 320, cost="flops") for layer in profile.layers for h in layer]
+    assert sum(spent) / len(spent) <= 0.7 + 1e-3  # densities are rounded to 4 digits in the file
+    with pytest.raises(ValueError, match="input_ids"):
+        profile_model(model, ids[0], progress=False)
+
+
+def test_cli_import_minference(tmp_path, capsys):
+    config = [{"0": ["vertical_and_slash", 1000, 6096, 0.9], "1": ["stream_llm", 100, 800, 0.8]},
+              {"0": ["block_sparse", 0, 0, 0.7], "1": ["vertical_and_slash", 30, 800, 0.95]}]
+    src = tmp_path / "mi.json"
+    src.write_text(json.dumps(config))
+    out = tmp_path / "imported.json"
+    with pytest.raises(SystemExit, match="--name"):
+        cli.main(["import-minference", str(src), "--out", str(out)])
+    assert cli.main(["import-minference", str(src), "--out", str(out), "--name", "org/m", "--num-kv-heads", "1",
+                     "--head-dim", "64"]) == 0
+    profile = load_profile(out)
+    assert [h["pattern"] for h in profile.layer(0)] == ["vertical_slash", "a_shape"]
+    assert profile.layer(0)[1]["window"] == 800
+    assert profile.model["num_layers"] == 2 and profile.model["num_heads"] == 2
+
+
+def test_python_dash_m_runs_the_cli():
+    r = subprocess.run([sys.executable, "-m", "sparse_attn.cli", "profile", "--target", "2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--target" in r.stderr
