@@ -1,14 +1,22 @@
 """Vertical-slash attention: one Triton kernel that attends each query block to its layout's key ranges
-(read BLOCK_N keys at a time, contiguous) and then to its gathered key columns (BLOCK_N ids at a
-time), in one online softmax.
+and then to its gathered key columns, in one online softmax.
 
-Per program: one (batch, query head, query block). Causal masking is paid only by the tiles that can
-cross the diagonal (a range's tail past the first row's last visible key, and the columns); the
-other range tiles run unmasked. GQA: query head h reads kv head h // (Hq / Hkv), k and v are never
-repeated. Padded [B, H, S, D] inputs (any strides, e.g. HF's transposed views) and packed varlen
-[T, H, D] inputs with cu_seqlens are both read through strides; a sequence shorter than the layout
-uses the layout's first blocks, its own causal offset, and keys clipped to its length (as the
-reference does). Scores are kept in the log2 domain (exp2), accumulation is float32.
+Two steps per call:
+- `_plan_kernel` (run twice: count, then write) cuts every block's ranges (clipped to what its rows can
+  see) into BN-wide key tiles and lists them flat: tile t of a block is keys [start_t, end_t), end_t - start_t
+  <= BN. Ranges average a few BN wide, so looping over ranges and then over their tiles would restart the
+  software pipeline at every range; one flat loop over the tile list keeps it full. It also counts the
+  tiles that every row of the block sees whole (a prefix: ranges are sorted) and the columns that every
+  row sees (a prefix: columns are sorted), so only the tiles near the causal diagonal pay the causal mask.
+- `_vs_attn_kernel`: per (batch, query head, query block) the online softmax over the tile list (keys past
+  a tile's end masked out), then over the columns, gathered BN at a time.
+
+Program order: programs of the query heads sharing a kv head run side by side, last query blocks first
+(they see the most keys; the short ones fill the tail), so neighbouring programs read the same keys and
+reuse them from L2. GQA: k and v are never repeated. Padded [B, H, S, D] inputs (any strides, e.g. HF's
+transposed views) and packed varlen [T, H, D] inputs with cu_seqlens are both read through strides; a
+sequence shorter than the layout uses the layout's first blocks, its own causal offset, and keys clipped
+to its length (as the reference does). Scores are kept in the log2 domain (exp2), accumulation is float32.
 """
 from __future__ import annotations
 
@@ -22,73 +30,171 @@ import triton.language as tl
 
 from ..._checks import warn_once
 from ...layouts import VerticalSlashLayout
+from ..block_sparse.kernel import _interpreter_index_fix
 from ..reference import check_attention_inputs, reference_attention
 
 __all__ = ["vertical_slash_attention", "not_supported_reasons"]
 
 _LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
-# Launch configuration for 16-bit inputs (fp32 takes half the key tile and fewer stages).
-CONFIG = {"BN": 64, "num_warps": 4, "num_stages": 3}
+# Launch configuration for 16-bit inputs by query block size (fp32 takes half the key tile, 2 stages).
+CONFIG = {64: {"BN": 64, "num_warps": 4, "num_stages": 3}, 128: {"BN": 64, "num_warps": 8, "num_stages": 3}}
 BLOCK_SIZES_Q = (16, 32, 64, 128)
+_LANES = 64  # ranges / columns the plan kernel reads at a time
+_COUNTS = 4  # per block: tiles, tiles every row sees whole, visible columns, columns every row sees
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_index_fix()
 
 
 @triton.jit
-def _tile(acc, m_i, l_i, q, K, V, keys, key_ok, rows, off, qk_scale, s_kn, s_kd, s_vn, s_vd,
-          D: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
-    """One BLOCK_N tile of keys (any ids) folded into the running softmax state."""
-    d = tl.arange(0, D)
-    kn = keys.to(tl.int64)
+def _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
+    """(first row, rows, first key, keys) of sequence b."""
+    if VARLEN:
+        q_start = tl.load(CU_Q + b)
+        k_start = tl.load(CU_K + b)
+        return q_start, tl.load(CU_Q + b + 1) - q_start, k_start, tl.load(CU_K + b + 1) - k_start
+    zero = b * 0  # a tensor, like the loads above
+    return zero, seqlen_q + zero, zero, seqlen_k + zero
+
+
+@triton.jit
+def _reaches(q0, sq, sk, BM: tl.constexpr, CAUSAL: tl.constexpr):
+    """(reach, first_reach): keys below `reach` are seen by some row of the block, below `first_reach`
+    by every row."""
+    if CAUSAL:
+        off = sk - sq
+        return tl.minimum(sk, tl.minimum(q0 + BM, sq) + off), tl.maximum(tl.minimum(sk, q0 + off + 1), 0)
+    return sk, sk
+
+
+@triton.jit
+def _plan_kernel(R_COUNT, R_START, R_END, C_COUNT, C_IDX, CU_Q, CU_K, COUNTS, T_START, T_END,
+                 num_heads, nqb, max_ranges, max_columns, max_tiles, seqlen_q, seqlen_k,
+                 BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+                 WRITE: tl.constexpr, LANES: tl.constexpr):
+    """COUNTS (WRITE=False), or the tile list T_START / T_END of each block (WRITE=True, COUNTS known)."""
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    block = bh.to(tl.int64) * nqb + qb
+    _, sq, _, sk = _seq_bounds(CU_Q, CU_K, bh // num_heads, seqlen_q, seqlen_k, VARLEN)
+    q0 = qb * BM
+    reach, first = _reaches(q0, sq, sk, BM, CAUSAL)
+    lane = tl.arange(0, LANES)
+    n_ranges = tl.where(q0 < sq, tl.load(R_COUNT + block), 0)
+    n_tiles = 0
+    n_full = 0
+    for r0 in tl.range(0, n_ranges, LANES):
+        live = r0 + lane < n_ranges
+        start = tl.load(R_START + block * max_ranges + r0 + lane, mask=live, other=0)
+        end = tl.minimum(tl.load(R_END + block * max_ranges + r0 + lane, mask=live, other=0), reach)
+        tiles = tl.maximum(end - start + BN - 1, 0) // BN
+        if WRITE:
+            before = n_tiles + tl.cumsum(tiles, 0) - tiles  # the range's first slot in the list
+            for i0 in tl.range(0, tl.max(tiles, 0), LANES):
+                i = i0 + lane
+                ok = i[None, :] < tiles[:, None]
+                t_start = start[:, None] + i[None, :] * BN
+                slot = block * max_tiles + before[:, None] + i[None, :]
+                tl.store(T_START + slot, t_start, mask=ok)
+                tl.store(T_END + slot, tl.minimum(t_start + BN, end[:, None]), mask=ok)
+        whole = tl.where(end <= first, tiles, tl.maximum(first - start, 0) // BN)
+        n_tiles += tl.sum(tiles, 0)
+        n_full += tl.sum(tl.where(tiles > 0, whole, 0), 0)
+    if not WRITE:
+        n_cols = tl.where(q0 < sq, tl.load(C_COUNT + block), 0)
+        n_vis = 0
+        n_seen = 0
+        for c0 in tl.range(0, n_cols, LANES):
+            listed = c0 + lane < n_cols
+            j = tl.load(C_IDX + block * max_columns + c0 + lane, mask=listed, other=0)
+            n_vis += tl.sum((listed & (j < reach)).to(tl.int32), 0)
+            n_seen += tl.sum((listed & (j < first)).to(tl.int32), 0)
+        dst = COUNTS + block * 4
+        tl.store(dst, n_tiles)
+        tl.store(dst + 1, n_full)
+        tl.store(dst + 2, n_vis)
+        tl.store(dst + 3, n_seen)
+
+
+@triton.jit
+def _fold(acc, m_i, l_i, q, k, v, ok, qk_scale, MASK: tl.constexpr, GUARD: tl.constexpr, PREC: tl.constexpr):
+    """One tile (k [D, BN], v [BN, D]; where MASK, scores outside ok ([BM, BN] or [1, BN]) dropped)
+    folded into the running softmax state."""
+    s = tl.dot(q, k, input_precision=PREC)
     if MASK:
-        k = tl.load(K + kn[:, None] * s_kn + d[None, :] * s_kd, mask=key_ok[:, None], other=0.0)
-    else:
-        k = tl.load(K + kn[:, None] * s_kn + d[None, :] * s_kd)
-    qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-    if MASK:
-        ok = key_ok[None, :]
-        if CAUSAL:
-            ok = ok & (keys[None, :] <= rows[:, None] + off)
-        qk = tl.where(ok, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: no NaN
-    else:
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_use = m_new
-    p = tl.math.exp2(qk - m_use[:, None])
+        s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    m_use = m_new
+    if GUARD:  # a row with no key yet keeps m = -inf: shift by 0 there, so exp2 gives 0, not NaN
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s * qk_scale - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if MASK:
-        v = tl.load(V + kn[:, None] * s_vn + d[None, :] * s_vd, mask=key_ok[:, None], other=0.0)
-    else:
-        v = tl.load(V + kn[:, None] * s_vn + d[None, :] * s_vd)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
     return acc, m_new, l_i
 
 
 @triton.jit
+def _range_tiles(acc, m_i, l_i, q, Kb, Vb, T_START, T_END, lo, hi, rows, off, qk_scale,
+                 s_kn, s_kd, s_vn, s_vd, BN: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr,
+                 PREC: tl.constexpr):
+    """Tiles lo..hi of the block's tile list; CAUSAL: they may cross the diagonal."""
+    lane = tl.arange(0, BN)
+    d = tl.arange(0, D)
+    k_off = lane[None, :] * s_kn + d[:, None] * s_kd  # 32-bit and loop-invariant; the tile start is 64-bit
+    v_off = lane[:, None] * s_vn + d[None, :] * s_vd
+    for t in tl.range(lo, hi):
+        start = tl.load(T_START + t)
+        width = tl.load(T_END + t) - start
+        inside = lane < width
+        k = tl.load(Kb + start.to(tl.int64) * s_kn + k_off, mask=inside[None, :], other=0.0)
+        v = tl.load(Vb + start.to(tl.int64) * s_vn + v_off, mask=inside[:, None], other=0.0)
+        ok = inside[None, :]
+        if CAUSAL:
+            ok = ok & (start + lane[None, :] <= rows[:, None] + off)
+        acc, m_i, l_i = _fold(acc, m_i, l_i, q, k, v, ok, qk_scale, True, CAUSAL, PREC)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _column_tiles(acc, m_i, l_i, q, Kb, Vb, cols, lo, hi, n_cols, rows, off, qk_scale,
+                  s_kn, s_kd, s_vn, s_vd, BN: tl.constexpr, D: tl.constexpr, MASK: tl.constexpr,
+                  CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    """Columns lo..hi (a multiple of BN apart unless MASK) of the block's list, gathered BN at a time."""
+    lane = tl.arange(0, BN)
+    d = tl.arange(0, D)
+    for c0 in tl.range(lo, hi, BN):
+        listed = c0 + lane < n_cols  # only read where MASK
+        if MASK:
+            keys = tl.load(cols + c0 + lane, mask=listed, other=0)
+        else:
+            keys = tl.load(cols + c0 + lane)
+        kn = keys.to(tl.int64)
+        k = tl.load(Kb + kn[None, :] * s_kn + d[:, None] * s_kd)
+        v = tl.load(Vb + kn[:, None] * s_vn + d[None, :] * s_vd)
+        ok = listed[None, :]
+        if CAUSAL:
+            ok = ok & (keys[None, :] <= rows[:, None] + off)
+        acc, m_i, l_i = _fold(acc, m_i, l_i, q, k, v, ok, qk_scale, MASK, MASK, PREC)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _vs_attn_kernel(
-    Q, K, V, O, LSE, R_COUNT, R_START, R_END, C_COUNT, C_IDX, CU_Q, CU_K,
+    Q, K, V, O, LSE, COUNTS, T_START, T_END, C_IDX, CU_Q, CU_K,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
     s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm,
-    num_heads, group, nqb, max_ranges, max_columns, seqlen_q, seqlen_k, qk_scale,
+    num_heads, group, nqb, max_tiles, max_columns, seqlen_q, seqlen_k, qk_scale,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-    RETURN_LSE: tl.constexpr, WHILE_LOOPS: tl.constexpr, PREC: tl.constexpr,
+    RETURN_LSE: tl.constexpr, PREC: tl.constexpr,
 ):
-    qb = nqb - 1 - tl.program_id(0)  # the longest blocks (last rows) start first
-    bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
-    hk = h // group
-    if VARLEN:
-        q_start = tl.load(CU_Q + b)
-        sq = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        sk = tl.load(CU_K + b + 1) - k_start
-    else:
-        q_start = 0
-        sq = seqlen_q
-        k_start = 0
-        sk = seqlen_k
+    # Axis 0: (query block, head of the GQA group), head fastest, last blocks first; axis 1: (batch, kv head).
+    qb = nqb - 1 - tl.program_id(0) // group
+    hk = tl.program_id(1) % (num_heads // group)
+    b = tl.program_id(1) // (num_heads // group)
+    h = hk * group + tl.program_id(0) % group
+    q_start, sq, k_start, sk = _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
     q0 = qb * BM
     if q0 < sq:
         off = sk - sq
@@ -104,59 +210,22 @@ def _vs_attn_kernel(
         m_i = tl.full([BM], float("-inf"), tl.float32)
         l_i = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, D], tl.float32)
-        lane = tl.arange(0, BN)
-        block = bh.to(tl.int64) * nqb + qb
-
-        # Keys past the last row's reach (or past this sequence) are never needed.
-        reach = sk
-        first_reach = sk
-        if CAUSAL:
-            reach = tl.minimum(sk, tl.minimum(q0 + BM, sq) + off)
-            first_reach = tl.minimum(sk, q0 + off + 1)  # keys every row of the block sees
-        n_ranges = tl.load(R_COUNT + block)
-        r = 0
-        while r < n_ranges:
-            start = tl.load(R_START + block * max_ranges + r)
-            end = tl.minimum(tl.load(R_END + block * max_ranges + r), reach)
-            # Whole tiles before `first_reach` need no mask; the rest of the range does.
-            split = start + tl.maximum(tl.minimum(end, first_reach) - start, 0) // BN * BN
-            if WHILE_LOOPS:  # the interpreter (NumPy 2) takes no runtime scalar as a range() bound
-                k0 = start
-                while k0 < split:
-                    acc, m_i, l_i = _tile(acc, m_i, l_i, q, Kb, Vb, k0 + lane, lane < BN, rows, off, qk_scale,
-                                          s_kn, s_kd, s_vn, s_vd, D, False, CAUSAL, PREC)
-                    k0 += BN
-                while k0 < end:
-                    keys = k0 + lane
-                    acc, m_i, l_i = _tile(acc, m_i, l_i, q, Kb, Vb, keys, keys < end, rows, off, qk_scale,
-                                          s_kn, s_kd, s_vn, s_vd, D, True, CAUSAL, PREC)
-                    k0 += BN
-            else:
-                for k0 in tl.range(start, split, BN):
-                    acc, m_i, l_i = _tile(acc, m_i, l_i, q, Kb, Vb, k0 + lane, lane < BN, rows, off, qk_scale,
-                                          s_kn, s_kd, s_vn, s_vd, D, False, CAUSAL, PREC)
-                for k0 in tl.range(split, end, BN):
-                    keys = k0 + lane
-                    acc, m_i, l_i = _tile(acc, m_i, l_i, q, Kb, Vb, keys, keys < end, rows, off, qk_scale,
-                                          s_kn, s_kd, s_vn, s_vd, D, True, CAUSAL, PREC)
-            r += 1
-
-        n_cols = tl.load(C_COUNT + block)
+        block = (b64 * num_heads + h) * nqb + qb
+        n_tiles = tl.load(COUNTS + block * 4)
+        n_full = tl.load(COUNTS + block * 4 + 1)
+        n_cols = tl.load(COUNTS + block * 4 + 2)
+        n_seen = tl.load(COUNTS + block * 4 + 3) // BN * BN
+        ts = T_START + block * max_tiles
+        te = T_END + block * max_tiles
+        acc, m_i, l_i = _range_tiles(acc, m_i, l_i, q, Kb, Vb, ts, te, 0, n_full, rows, off, qk_scale,
+                                     s_kn, s_kd, s_vn, s_vd, BN, D, False, PREC)
+        acc, m_i, l_i = _range_tiles(acc, m_i, l_i, q, Kb, Vb, ts, te, n_full, n_tiles, rows, off, qk_scale,
+                                     s_kn, s_kd, s_vn, s_vd, BN, D, CAUSAL, PREC)
         cols = C_IDX + block * max_columns
-        if WHILE_LOOPS:
-            c0 = 0
-            while c0 < n_cols:
-                listed = c0 + lane < n_cols
-                keys = tl.load(cols + c0 + lane, mask=listed, other=0)
-                acc, m_i, l_i = _tile(acc, m_i, l_i, q, Kb, Vb, keys, listed & (keys < reach), rows, off,
-                                      qk_scale, s_kn, s_kd, s_vn, s_vd, D, True, CAUSAL, PREC)
-                c0 += BN
-        else:
-            for c0 in tl.range(0, n_cols, BN):
-                listed = c0 + lane < n_cols
-                keys = tl.load(cols + c0 + lane, mask=listed, other=0)
-                acc, m_i, l_i = _tile(acc, m_i, l_i, q, Kb, Vb, keys, listed & (keys < reach), rows, off,
-                                      qk_scale, s_kn, s_kd, s_vn, s_vd, D, True, CAUSAL, PREC)
+        acc, m_i, l_i = _column_tiles(acc, m_i, l_i, q, Kb, Vb, cols, 0, n_seen, n_cols, rows, off, qk_scale,
+                                      s_kn, s_kd, s_vn, s_vd, BN, D, False, CAUSAL, PREC)
+        acc, m_i, l_i = _column_tiles(acc, m_i, l_i, q, Kb, Vb, cols, n_seen, n_cols, n_cols, rows, off,
+                                      qk_scale, s_kn, s_kd, s_vn, s_vd, BN, D, True, CAUSAL, PREC)
 
         seen = l_i > 0.0
         out = acc / tl.where(seen, l_i, 1.0)[:, None]  # rows that saw no key: acc is 0, so 0
@@ -207,6 +276,30 @@ def _strides4(t: torch.Tensor, packed: bool):
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
 
+def launch_config(block_size_q: int, fp32: bool) -> dict:
+    """BN / warps / stages for a query block size (measured on H100, see bench/NOTES_vertical_slash.md)."""
+    cfg = dict(CONFIG[128 if block_size_q >= 128 else 64])
+    if fp32:
+        cfg.update(BN=cfg["BN"] // 2, num_stages=2)
+    return cfg
+
+
+def _plan(layout: VerticalSlashLayout, cu, lengths, num_heads: int, bn: int, causal: bool, packed: bool):
+    """Per-block counts int32 [B, H, nqb, 4] and tile lists (start, end) int32 [B, H, nqb, max_tiles]."""
+    b, h, nqb = layout.range_counts.shape
+    counts = torch.empty(b, h, nqb, _COUNTS, dtype=torch.int32, device=layout.device)
+    args = (layout.range_counts, layout.range_starts, layout.range_ends, layout.column_counts,
+            layout.column_indices, *cu, counts)
+    sizes = (num_heads, nqb, layout.max_ranges, layout.max_columns)
+    meta = dict(BM=layout.block_size_q, BN=bn, CAUSAL=causal, VARLEN=packed, LANES=_LANES, num_warps=4)
+    _plan_kernel[(nqb, b * h)](*args, counts, counts, *sizes, 0, *lengths, WRITE=False, **meta)
+    max_tiles = max(1, int(counts[..., 0].max()))  # one device sync sizes the tile lists
+    t_start = torch.empty(b, h, nqb, max_tiles, dtype=torch.int32, device=layout.device)
+    t_end = torch.empty_like(t_start)
+    _plan_kernel[(nqb, b * h)](*args, t_start, t_end, *sizes, max_tiles, *lengths, WRITE=True, **meta)
+    return counts, t_start, t_end
+
+
 def vertical_slash_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -248,19 +341,21 @@ def vertical_slash_attention(
     lse_strides = (0, 0, 0)
     if lse is not None:
         lse_strides = (0, lse.stride(1), lse.stride(0)) if packed else lse.stride()
-    dummy = layout.range_counts  # stands in for cu_seqlens when not packed (never read)
-    grid = (layout.num_query_blocks, shapes.batch * shapes.num_heads)
     fp32 = q.dtype == torch.float32
+    cfg = launch_config(layout.block_size_q, fp32)
+    dummy = layout.range_counts  # stands in for cu_seqlens when not packed (never read)
+    cu = (cu_seqlens_q, cu_seqlens_k) if packed else (dummy, dummy)
+    lengths = (shapes.max_seqlen_q, shapes.max_seqlen_k)
+    counts, t_start, t_end = _plan(layout, cu, lengths, shapes.num_heads, cfg["BN"], bool(causal), packed)
+    nqb = layout.num_query_blocks
+    group = shapes.num_heads // shapes.num_kv_heads
+    grid = (nqb * group, shapes.batch * shapes.num_kv_heads)
     _vs_attn_kernel[grid](
-        q, k, v, out, lse if lse is not None else out, layout.range_counts, layout.range_starts,
-        layout.range_ends, layout.column_counts, layout.column_indices,
-        cu_seqlens_q if packed else dummy, cu_seqlens_k if packed else dummy,
+        q, k, v, out, lse if lse is not None else out, counts, t_start, t_end, layout.column_indices, *cu,
         *_strides4(q, packed), *_strides4(k, packed), *_strides4(v, packed), *_strides4(out, packed),
-        *lse_strides,
-        shapes.num_heads, shapes.num_heads // shapes.num_kv_heads, layout.num_query_blocks,
-        layout.max_ranges, layout.max_columns, shapes.max_seqlen_q, shapes.max_seqlen_k, scale * _LOG2E,
-        BM=layout.block_size_q, BN=CONFIG["BN"] // 2 if fp32 else CONFIG["BN"], D=head_dim, CAUSAL=bool(causal),
-        VARLEN=packed, RETURN_LSE=lse is not None, WHILE_LOOPS=_on_interpreter(),
-        PREC="ieee" if fp32 else None, num_warps=CONFIG["num_warps"], num_stages=2 if fp32 else CONFIG["num_stages"],
+        *lse_strides, shapes.num_heads, group, nqb, t_start.shape[-1], layout.max_columns, *lengths,
+        scale * _LOG2E, BM=layout.block_size_q, BN=cfg["BN"], D=head_dim, CAUSAL=bool(causal), VARLEN=packed,
+        RETURN_LSE=lse is not None, PREC="ieee" if fp32 else None, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return (out, lse) if return_lse else out
