@@ -2,12 +2,13 @@
 and then to its gathered key columns, in one online softmax.
 
 Two steps per call:
-- `_plan_kernel` (run twice: count, then write) cuts every block's ranges (clipped to what its rows can
-  see) into BN-wide key tiles and lists them flat: tile t of a block is keys [start_t, end_t), end_t - start_t
-  <= BN. Ranges average a few BN wide, so looping over ranges and then over their tiles would restart the
-  software pipeline at every range; one flat loop over the tile list keeps it full. It also counts the
-  tiles that every row of the block sees whole (a prefix: ranges are sorted) and the columns that every
-  row sees (a prefix: columns are sorted), so only the tiles near the causal diagonal pay the causal mask.
+- the plan: `_count_kernel` counts each block's tiles, and `_tiles_kernel` cuts its ranges (clipped to
+  what its rows can see) into BN-wide key tiles listed flat, blocks one after the other: tile t is keys
+  [start_t, end_t), end_t - start_t <= BN. Ranges average a few BN wide, so looping over ranges and then
+  over their tiles would restart the software pipeline at every range; one flat loop over the tile list
+  keeps it full. The counts also give the tiles that every row of the block sees whole (a prefix: ranges
+  are sorted) and the columns that every row sees (a prefix: columns are sorted), so only the tiles near
+  the causal diagonal pay the causal mask.
 - `_vs_attn_kernel`: per (batch, query head, query block) the online softmax over the tile list (keys past
   a tile's end masked out), then over the columns, gathered BN at a time.
 
@@ -30,7 +31,7 @@ import triton.language as tl
 
 from ..._checks import warn_once
 from ...layouts import VerticalSlashLayout
-from ..block_sparse.kernel import _interpreter_index_fix
+from ..block_sparse.kernel import _count_below, _interpreter_index_fix
 from ..reference import check_attention_inputs, reference_attention
 
 __all__ = ["vertical_slash_attention", "not_supported_reasons"]
@@ -40,7 +41,7 @@ HEAD_DIMS = (16, 32, 64, 128)
 # Launch configuration for 16-bit inputs by query block size (fp32 takes half the key tile, 2 stages).
 CONFIG = {64: {"BN": 64, "num_warps": 4, "num_stages": 3}, 128: {"BN": 64, "num_warps": 8, "num_stages": 3}}
 BLOCK_SIZES_Q = (16, 32, 64, 128)
-_LANES = 64  # ranges / columns the plan kernel reads at a time
+_LANES = 64  # blocks per program of the count kernel; ranges at a time in the tiles kernel
 _COUNTS = 4  # per block: tiles, tiles every row sees whole, visible columns, columns every row sees
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -65,56 +66,76 @@ def _reaches(q0, sq, sk, BM: tl.constexpr, CAUSAL: tl.constexpr):
     if CAUSAL:
         off = sk - sq
         return tl.minimum(sk, tl.minimum(q0 + BM, sq) + off), tl.maximum(tl.minimum(sk, q0 + off + 1), 0)
-    return sk, sk
+    every = sk + q0 * 0  # q0's shape: both branches must return the same types
+    return every, every
 
 
 @triton.jit
-def _plan_kernel(R_COUNT, R_START, R_END, C_COUNT, C_IDX, CU_Q, CU_K, COUNTS, T_START, T_END,
-                 num_heads, nqb, max_ranges, max_columns, max_tiles, seqlen_q, seqlen_k,
-                 BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-                 WRITE: tl.constexpr, LANES: tl.constexpr):
-    """COUNTS (WRITE=False), or the tile list T_START / T_END of each block (WRITE=True, COUNTS known)."""
+def _count_kernel(R_COUNT, R_START, R_END, C_COUNT, C_IDX, CU_Q, CU_K, COUNTS,
+                  num_heads, nqb, max_ranges, max_columns, seqlen_q, seqlen_k,
+                  BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+                  STEPS: tl.constexpr, LANES: tl.constexpr):
+    """COUNTS of LANES blocks at a time (one lane each): a latency-bound walk, so many blocks share it."""
+    bh = tl.program_id(1)
+    qb = tl.program_id(0) * LANES + tl.arange(0, LANES)
+    _, sq, _, sk = _seq_bounds(CU_Q, CU_K, bh // num_heads, seqlen_q, seqlen_k, VARLEN)
+    q0 = qb * BM
+    live = (qb < nqb) & (q0 < sq)
+    reach, first = _reaches(q0, sq, sk, BM, CAUSAL)
+    block = bh.to(tl.int64) * nqb + qb
+    n_ranges = tl.load(R_COUNT + block, mask=live, other=0)
+    n_tiles = tl.zeros([LANES], tl.int32)
+    n_full = tl.zeros([LANES], tl.int32)
+    for r in tl.range(0, tl.max(n_ranges, 0)):
+        on = r < n_ranges
+        start = tl.load(R_START + block * max_ranges + r, mask=on, other=0)
+        end = tl.minimum(tl.load(R_END + block * max_ranges + r, mask=on, other=0), reach)
+        tiles = tl.maximum(end - start + BN - 1, 0) // BN
+        whole = tl.where(end <= first, tiles, tl.maximum(first - start, 0) // BN)
+        n_tiles += tiles
+        n_full += tl.where(tiles > 0, whole, 0)
+    n_cols = tl.load(C_COUNT + block, mask=live, other=0)
+    row = C_IDX + block * max_columns
+    dst = COUNTS + block * 4
+    tl.store(dst, n_tiles, mask=live)
+    tl.store(dst + 1, n_full, mask=live)
+    tl.store(dst + 2, _count_below(row, 1, n_cols, reach, live, STEPS), mask=live)
+    tl.store(dst + 3, _count_below(row, 1, n_cols, first, live, STEPS), mask=live)
+    tl.store(dst, 0, mask=(qb < nqb) & ~live)
+    tl.store(dst + 1, 0, mask=(qb < nqb) & ~live)
+    tl.store(dst + 2, 0, mask=(qb < nqb) & ~live)
+    tl.store(dst + 3, 0, mask=(qb < nqb) & ~live)
+
+
+@triton.jit
+def _tiles_kernel(R_COUNT, R_START, R_END, CU_Q, CU_K, FIRST_TILE, T_START, T_END,
+                  num_heads, nqb, max_ranges, seqlen_q, seqlen_k,
+                  BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+                  LANES: tl.constexpr, TL: tl.constexpr):
+    """One block's tiles, written from FIRST_TILE[block] on: LANES ranges x TL tiles per store."""
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     block = bh.to(tl.int64) * nqb + qb
     _, sq, _, sk = _seq_bounds(CU_Q, CU_K, bh // num_heads, seqlen_q, seqlen_k, VARLEN)
     q0 = qb * BM
-    reach, first = _reaches(q0, sq, sk, BM, CAUSAL)
+    reach, _ = _reaches(q0, sq, sk, BM, CAUSAL)
     lane = tl.arange(0, LANES)
     n_ranges = tl.where(q0 < sq, tl.load(R_COUNT + block), 0)
-    n_tiles = 0
-    n_full = 0
+    slot = tl.load(FIRST_TILE + block)
     for r0 in tl.range(0, n_ranges, LANES):
         live = r0 + lane < n_ranges
         start = tl.load(R_START + block * max_ranges + r0 + lane, mask=live, other=0)
         end = tl.minimum(tl.load(R_END + block * max_ranges + r0 + lane, mask=live, other=0), reach)
         tiles = tl.maximum(end - start + BN - 1, 0) // BN
-        if WRITE:
-            before = n_tiles + tl.cumsum(tiles, 0) - tiles  # the range's first slot in the list
-            for i0 in tl.range(0, tl.max(tiles, 0), LANES):
-                i = i0 + lane
-                ok = i[None, :] < tiles[:, None]
-                t_start = start[:, None] + i[None, :] * BN
-                slot = block * max_tiles + before[:, None] + i[None, :]
-                tl.store(T_START + slot, t_start, mask=ok)
-                tl.store(T_END + slot, tl.minimum(t_start + BN, end[:, None]), mask=ok)
-        whole = tl.where(end <= first, tiles, tl.maximum(first - start, 0) // BN)
-        n_tiles += tl.sum(tiles, 0)
-        n_full += tl.sum(tl.where(tiles > 0, whole, 0), 0)
-    if not WRITE:
-        n_cols = tl.where(q0 < sq, tl.load(C_COUNT + block), 0)
-        n_vis = 0
-        n_seen = 0
-        for c0 in tl.range(0, n_cols, LANES):
-            listed = c0 + lane < n_cols
-            j = tl.load(C_IDX + block * max_columns + c0 + lane, mask=listed, other=0)
-            n_vis += tl.sum((listed & (j < reach)).to(tl.int32), 0)
-            n_seen += tl.sum((listed & (j < first)).to(tl.int32), 0)
-        dst = COUNTS + block * 4
-        tl.store(dst, n_tiles)
-        tl.store(dst + 1, n_full)
-        tl.store(dst + 2, n_vis)
-        tl.store(dst + 3, n_seen)
+        before = slot + tl.cumsum(tiles, 0) - tiles  # each range's first slot
+        for i0 in tl.range(0, tl.max(tiles, 0), TL):
+            i = i0 + tl.arange(0, TL)
+            ok = i[None, :] < tiles[:, None]
+            t_start = start[:, None] + i[None, :] * BN
+            dst = before[:, None] + i[None, :]
+            tl.store(T_START + dst, t_start, mask=ok)
+            tl.store(T_END + dst, tl.minimum(t_start + BN, end[:, None]), mask=ok)
+        slot += tl.sum(tiles, 0)
 
 
 @triton.jit
@@ -182,10 +203,10 @@ def _column_tiles(acc, m_i, l_i, q, Kb, Vb, cols, lo, hi, n_cols, rows, off, qk_
 
 @triton.jit
 def _vs_attn_kernel(
-    Q, K, V, O, LSE, COUNTS, T_START, T_END, C_IDX, CU_Q, CU_K,
+    Q, K, V, O, LSE, COUNTS, FIRST_TILE, T_START, T_END, C_IDX, CU_Q, CU_K,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
     s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm,
-    num_heads, group, nqb, max_tiles, max_columns, seqlen_q, seqlen_k, qk_scale,
+    num_heads, group, nqb, max_columns, seqlen_q, seqlen_k, qk_scale,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     RETURN_LSE: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -215,8 +236,9 @@ def _vs_attn_kernel(
         n_full = tl.load(COUNTS + block * 4 + 1)
         n_cols = tl.load(COUNTS + block * 4 + 2)
         n_seen = tl.load(COUNTS + block * 4 + 3) // BN * BN
-        ts = T_START + block * max_tiles
-        te = T_END + block * max_tiles
+        first_tile = tl.load(FIRST_TILE + block)
+        ts = T_START + first_tile
+        te = T_END + first_tile
         acc, m_i, l_i = _range_tiles(acc, m_i, l_i, q, Kb, Vb, ts, te, 0, n_full, rows, off, qk_scale,
                                      s_kn, s_kd, s_vn, s_vd, BN, D, False, PREC)
         acc, m_i, l_i = _range_tiles(acc, m_i, l_i, q, Kb, Vb, ts, te, n_full, n_tiles, rows, off, qk_scale,
@@ -285,19 +307,25 @@ def launch_config(block_size_q: int, fp32: bool) -> dict:
 
 
 def _plan(layout: VerticalSlashLayout, cu, lengths, num_heads: int, bn: int, causal: bool, packed: bool):
-    """Per-block counts int32 [B, H, nqb, 4] and tile lists (start, end) int32 [B, H, nqb, max_tiles]."""
+    """Per-block counts int32 [B, H, nqb, 4], each block's first slot int64 [B, H, nqb], and the tile
+    lists (start, end) int32 [total tiles], blocks one after the other (no padding to the longest)."""
     b, h, nqb = layout.range_counts.shape
     counts = torch.empty(b, h, nqb, _COUNTS, dtype=torch.int32, device=layout.device)
-    args = (layout.range_counts, layout.range_starts, layout.range_ends, layout.column_counts,
-            layout.column_indices, *cu, counts)
-    sizes = (num_heads, nqb, layout.max_ranges, layout.max_columns)
-    meta = dict(BM=layout.block_size_q, BN=bn, CAUSAL=causal, VARLEN=packed, LANES=_LANES, num_warps=4)
-    _plan_kernel[(nqb, b * h)](*args, counts, counts, *sizes, 0, *lengths, WRITE=False, **meta)
-    max_tiles = max(1, int(counts[..., 0].max()))  # one device sync sizes the tile lists
-    t_start = torch.empty(b, h, nqb, max_tiles, dtype=torch.int32, device=layout.device)
+    meta = dict(BM=layout.block_size_q, BN=bn, CAUSAL=causal, VARLEN=packed)
+    steps = max(1, math.ceil(math.log2(layout.max_columns + 1)))
+    _count_kernel[(triton.cdiv(nqb, _LANES), b * h)](
+        layout.range_counts, layout.range_starts, layout.range_ends, layout.column_counts,
+        layout.column_indices, *cu, counts, num_heads, nqb, layout.max_ranges, layout.max_columns, *lengths,
+        STEPS=steps, LANES=_LANES, num_warps=2, **meta)
+    ends = counts[..., 0].flatten().cumsum(0)
+    first_tile = (ends - counts[..., 0].flatten()).view(b, h, nqb)
+    total = max(1, int(ends[-1]))  # one device sync sizes the tile lists
+    t_start = torch.empty(total, dtype=torch.int32, device=layout.device)
     t_end = torch.empty_like(t_start)
-    _plan_kernel[(nqb, b * h)](*args, t_start, t_end, *sizes, max_tiles, *lengths, WRITE=True, **meta)
-    return counts, t_start, t_end
+    _tiles_kernel[(nqb, b * h)](
+        layout.range_counts, layout.range_starts, layout.range_ends, *cu, first_tile, t_start, t_end,
+        num_heads, nqb, layout.max_ranges, *lengths, LANES=_LANES, TL=16, num_warps=4, **meta)
+    return counts, first_tile, t_start, t_end
 
 
 def vertical_slash_attention(
@@ -346,14 +374,14 @@ def vertical_slash_attention(
     dummy = layout.range_counts  # stands in for cu_seqlens when not packed (never read)
     cu = (cu_seqlens_q, cu_seqlens_k) if packed else (dummy, dummy)
     lengths = (shapes.max_seqlen_q, shapes.max_seqlen_k)
-    counts, t_start, t_end = _plan(layout, cu, lengths, shapes.num_heads, cfg["BN"], bool(causal), packed)
+    plan = _plan(layout, cu, lengths, shapes.num_heads, cfg["BN"], bool(causal), packed)
     nqb = layout.num_query_blocks
     group = shapes.num_heads // shapes.num_kv_heads
     grid = (nqb * group, shapes.batch * shapes.num_kv_heads)
     _vs_attn_kernel[grid](
-        q, k, v, out, lse if lse is not None else out, counts, t_start, t_end, layout.column_indices, *cu,
+        q, k, v, out, lse if lse is not None else out, *plan, layout.column_indices, *cu,
         *_strides4(q, packed), *_strides4(k, packed), *_strides4(v, packed), *_strides4(out, packed),
-        *lse_strides, shapes.num_heads, group, nqb, t_start.shape[-1], layout.max_columns, *lengths,
+        *lse_strides, shapes.num_heads, group, nqb, layout.max_columns, *lengths,
         scale * _LOG2E, BM=layout.block_size_q, BN=cfg["BN"], D=head_dim, CAUSAL=bool(causal), VARLEN=packed,
         RETURN_LSE=lse is not None, PREC="ieee" if fp32 else None, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
