@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     goal = p.add_mutually_exclusive_group()
     goal.add_argument("--target", type=_fraction, default=0.95,
                       help="per head: the cheapest candidate with at least this attention recall")
+    p.add_argument("--tail-target", type=_fraction, default=0.98,
+                   help="recall the last query block (the question) must reach")
     goal.add_argument("--budget", type=float, default=None,
                       help="instead: a mean cost over all heads (dense = 1) spent greedily on recall")
     p.add_argument("--cost", choices=["time", "flops"], default="time",
@@ -131,7 +133,8 @@ def cmd_profile(args) -> int:
     ids = _input_ids(tokenizer, args)
     text = args.text or (f"pass-key prompt (sparse_attn.models.passkey_prompt, depth {args.depth}, seed {args.seed})"
                          if args.calibration == "passkey" else f"pydoc_data.topics (seed {args.seed})")
-    profile, scores = profile_model(model, ids, target=args.target, budget=args.budget, cost=args.cost,
+    profile, scores = profile_model(model, ids, target=args.target, tail_target=args.tail_target,
+                                    budget=args.budget, cost=args.cost,
                                     name=args.name, progress=not args.no_progress,
                                     settings={"calibration_text": text})
     out = Path(args.out) if args.out else Path("patches") / profile_filename(profile.model["name"])

@@ -141,6 +141,11 @@ def test_tail_recall_keeps_a_retrieval_head_off_a_shape():
     chosen = select_heads(scores, 0.95, cost)[0]
     assert scores.candidates[chosen]["pattern"] == "vertical_slash"
     assert scores.tail_recall[chosen, 0] >= 0.95
+    # A-shape loses the far key's mass; a tail target below what it keeps lets it back in.
+    a_shape = [i for i, c in enumerate(scores.candidates) if c["pattern"] == "a_shape"]
+    kept = scores.tail_recall[a_shape, 0].max().item()
+    assert kept < 0.5
+    assert scores.candidates[select_heads(scores, 0.95, cost, tail_target=kept * 0.99)[0]]["pattern"] == "a_shape"
 
 
 def test_select_heads_falls_back_to_the_best_recall():
@@ -226,6 +231,7 @@ def test_cli_profile_writes_a_profile_that_fits_the_model(tmp_path, monkeypatch,
     profile = load_profile(out)
     profile.check_model(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
     assert profile.model["name"] == "org/tiny-llama" and profile.settings["seqlen"] == 384
+    assert profile.settings["tail_recall_target"] == 0.98
     assert all(0.0 <= h["recall"] <= 1.0 and h["recall"] >= 0.95 for layer in profile.layers for h in layer)
     assert png.stat().st_size > 1000
     assert "wrote" in capsys.readouterr().out
@@ -242,6 +248,8 @@ def test_profile_model_budget_mode_spends_at_most_the_budget():
     assert sum(spent) / len(spent) <= 0.7 + 1e-3  # densities are rounded to 4 digits in the file
     with pytest.raises(ValueError, match="input_ids"):
         profile_model(model, ids[0], progress=False)
+    with pytest.raises(ValueError, match="tail_target"):
+        profile_model(model, ids, tail_target=1.5, progress=False)
 
 
 def test_cli_import_minference(tmp_path, capsys):
