@@ -3,10 +3,11 @@ summed per key column (vertical) and per diagonal (slash), without writing the l
 
 Two passes over the keys, both reading each key tile once for all query heads of a kv head:
 1. `_lse_kernel`: per query row, the log-sum-exp over all keys (split over key ranges, combined in torch);
-2. `_scores_kernel`: recompute each tile's probabilities, store its column sums, and add its diagonal sums
-   to the slash scores. Diagonals run across the tile, so the tile is written to a per-program scratch
-   area (L2-resident) and read back skewed: row t of local diagonal c sits at column t + BN - 1 - c.
-   The kernel is persistent (a fixed number of programs loop over tiles) so that scratch stays small.
+2. `_scores_kernel`: recompute each tile's probabilities, store its column sums, and sum its diagonals.
+   Diagonals run across the tile: `tl.gather` skews it in registers (through shared memory), row t of
+   local diagonal c sitting at column t + BN - 1 - c. Each program walks a run of consecutive key tiles
+   downwards, so half of a tile's diagonal sums carry over to the next tile in registers and the other
+   half is final: plain stores, with atomics only where two programs' runs meet.
 Scores are in the log2 domain (exp2), as FlashAttention kernels do.
 """
 from __future__ import annotations
@@ -19,6 +20,8 @@ import triton.language as tl
 __all__ = ["vertical_slash_scores_triton"]
 
 _LOG2E = 1.4426950408889634
+_PROGRAMS_PER_SM = 8  # scores pass: programs per SM (each walks a run of key tiles)
+_SCORES_WARPS = 4
 
 
 @triton.jit
@@ -69,54 +72,62 @@ def _lse_kernel(Q, K, M_OUT, L_OUT,
 
 
 @triton.jit
-def _scores_kernel(Q, K, LSE, V_OUT, S_OUT, SCRATCH,
+def _scores_kernel(Q, K, LSE, V_OUT, S_OUT,
                    s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
-                   Hkv, Sk, L, G_SUB, n_key_tiles, total_tiles, n_prog, scale_log2,
-                   HG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, D: tl.constexpr,
-                   CAUSAL: tl.constexpr):
-    pid = tl.program_id(0)
+                   Hkv, Sk, L, G_SUB, n_key_tiles, tiles_per_prog, scale_log2,
+                   HG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr):
+    group = tl.program_id(0)  # (b, hk, sub)
+    chunk = tl.program_id(1)  # a run of consecutive key tiles, walked from the last one down
+    sub = group % G_SUB
+    hk = ((group // G_SUB) % Hkv).to(tl.int64)
+    b = (group // (G_SUB * Hkv)).to(tl.int64)
     r = tl.arange(0, HG * BM)
     t = r % BM
     cols = tl.arange(0, BN)
     d = tl.arange(0, D)
-    heads_g = tl.arange(0, HG)
-    scratch = SCRATCH + pid.to(tl.int64) * (HG * BM * BN)
-    for tile0 in range(0, total_tiles, n_prog):
-        tile = tile0 + pid
-        if tile < total_tiles:
-            kt = tile % n_key_tiles
-            group = tile // n_key_tiles  # (b, hk, sub)
-            sub = group % G_SUB
-            hk = ((group // G_SUB) % Hkv).to(tl.int64)
-            b = (group // (G_SUB * Hkv)).to(tl.int64)
-            j0 = kt * BN
-            keys = j0 + cols
-            kmask = keys < Sk
-            k_ptr = K + b * s_kb + hk * s_kh + keys[:, None] * s_kn + d[None, :] * s_kd
-            k = tl.load(k_ptr, mask=kmask[:, None], other=0.0)
-            q = _load_q(Q, b, hk, s_qb, s_qh, s_qm, s_qd, L, HG, BM, D, G_SUB, sub)
-            s = tl.dot(q, tl.trans(k)) * scale_log2
-            lse = tl.load(LSE + group.to(tl.int64) * HG * BM + r)
-            valid = kmask[None, :] & (t < L)[:, None]
-            if CAUSAL:
-                valid = valid & (keys[None, :] <= Sk - L + t[:, None])
-            p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
-            head = hk * G_SUB * HG + sub * HG + heads_g  # query heads of this program, [HG]
-            row_base = (b * Hkv * G_SUB * HG + head) * Sk  # [HG]
-            vert = tl.sum(tl.reshape(p, (HG, BM, BN)), 1)
-            tl.store(V_OUT + row_base[:, None] + keys[None, :], vert, mask=kmask[None, :])
-            tl.store(scratch + r[:, None] * BN + cols[None, :], p)
-            tl.debug_barrier()
-            o_base = Sk - L - j0 - (BN - 1)
-            for c0 in range(0, BN + BM - 1, BC):  # a rolled loop: unrolled, it spills registers
-                c = c0 + tl.arange(0, BC)
-                x = t[:, None] + (BN - 1) - c[None, :]
-                skew = tl.load(scratch + r[:, None] * BN + x, mask=(x >= 0) & (x < BN), other=0.0)
-                diag = tl.sum(tl.reshape(skew, (HG, BM, BC)), 1)
-                o = o_base + c
-                ok = (o >= 0) & (o < Sk)
-                tl.atomic_add(S_OUT + row_base[:, None] + o[None, :], diag, mask=ok[None, :])
-            tl.debug_barrier()
+    q = _load_q(Q, b, hk, s_qb, s_qh, s_qm, s_qd, L, HG, BM, D, G_SUB, sub)
+    lse = tl.load(LSE + group.to(tl.int64) * HG * BM + r)
+    head = hk * G_SUB * HG + sub * HG + tl.arange(0, HG)  # query heads of this program, [HG]
+    row_base = (b * Hkv * G_SUB * HG + head) * Sk  # [HG]
+    # Skew in registers (tl.gather goes through shared memory): local diagonal c of a tile holds
+    # p[t, t + BN - 1 - c]; c < BN + BM - 1 <= 2 * BN, split in two halves of BN.
+    x_lo = t[:, None] + (BN - 1) - cols[None, :]
+    x_hi = x_lo - BN
+    in_lo = (x_lo >= 0) & (x_lo < BN)
+    in_hi = (x_hi >= 0) & (x_hi < BN)
+    x_lo = tl.where(in_lo, x_lo, 0)
+    x_hi = tl.where(in_hi, x_hi, 0)
+    kt_hi = tl.minimum((chunk + 1) * tiles_per_prog, n_key_tiles)
+    n_tiles = kt_hi - chunk * tiles_per_prog
+    carry = tl.zeros([HG, BN], tl.float32)
+    o = cols  # the last flushed offsets (a vector: the loop re-assigns it)
+    for i in range(0, n_tiles):
+        j0 = (kt_hi - 1 - i) * BN
+        keys = j0 + cols
+        kmask = keys < Sk
+        k = tl.load(K + b * s_kb + hk * s_kh + keys[:, None] * s_kn + d[None, :] * s_kd, mask=kmask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        valid = kmask[None, :] & (t < L)[:, None]
+        if CAUSAL:
+            valid = valid & (keys[None, :] <= Sk - L + t[:, None])
+        p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
+        vert = tl.sum(tl.reshape(p, (HG, BM, BN)), 1)
+        tl.store(V_OUT + row_base[:, None] + keys[None, :], vert, mask=kmask[None, :])
+        d_lo = tl.sum(tl.reshape(tl.where(in_lo, tl.gather(p, x_lo, 1), 0.0), (HG, BM, BN)), 1)
+        d_hi = tl.sum(tl.reshape(tl.where(in_hi, tl.gather(p, x_hi, 1), 0.0), (HG, BM, BN)), 1)
+        # Walking down the keys the offsets rise by BN per tile: the low half plus the previous tile's
+        # high half is final. Only the first flush shares its offsets with another program.
+        o = Sk - L - j0 - (BN - 1) + cols
+        ok = (o >= 0) & (o < Sk)
+        out = d_lo + carry
+        if i == 0:
+            tl.atomic_add(S_OUT + row_base[:, None] + o[None, :], out, mask=ok[None, :])
+        else:
+            tl.store(S_OUT + row_base[:, None] + o[None, :], out, mask=ok[None, :])
+        carry = d_hi
+    o = o + BN
+    ok = (o >= 0) & (o < Sk)
+    tl.atomic_add(S_OUT + row_base[:, None] + o[None, :], carry, mask=ok[None, :])
 
 
 def _heads_per_program(group: int, bm: int) -> int:
@@ -142,7 +153,7 @@ def vertical_slash_scores_triton(q: torch.Tensor, k: torch.Tensor, last_q: int, 
     ql = q[:, :, sq - last_q :]
     strides = (*ql.stride(), *k.stride())
     scale_log2 = scale * _LOG2E
-    bn = 64 if d <= 128 else 32
+    bn = max(bm, 64 if d <= 128 else 32)  # BN >= BM: a tile's diagonals fit in two halves of BN
     n_groups = b * hkv * g_sub
     # Pass 1: log-sum-exp per query row, split over key ranges so that the grid fills the GPU.
     n_split = max(1, min(triton.cdiv(sk, 4 * bn), triton.cdiv(1024, n_groups)))
@@ -158,18 +169,16 @@ def vertical_slash_scores_triton(q: torch.Tensor, k: torch.Tensor, last_q: int, 
     m_safe = torch.where(torch.isinf(m_max), torch.zeros_like(m_max), m_max)
     lse = (m_safe.squeeze(1) + torch.log2((s * torch.exp2(m - m_safe)).sum(1))).contiguous()
     lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))  # padded rows: p = 0
-    # Pass 2: column and diagonal sums, persistent over (group, key tile).
+    # Pass 2: column and diagonal sums; a program per (group, run of consecutive key tiles).
     vertical = torch.empty(b, hq, sk, device=q.device, dtype=torch.float32)
     slash = torch.zeros(b, hq, sk, device=q.device, dtype=torch.float32)
     n_key_tiles = triton.cdiv(sk, bn)
-    total = n_groups * n_key_tiles
-    if q.is_cuda:
-        n_prog = min(total, 4 * torch.cuda.get_device_properties(q.device).multi_processor_count)
-    else:
-        n_prog = min(total, 4)
-    scratch = torch.empty(n_prog, hg * bm * bn, device=q.device, dtype=torch.float32)
-    _scores_kernel[(n_prog,)](
-        ql, k, lse, vertical, slash, scratch, *strides, hkv, sk, last_q, g_sub, n_key_tiles, total, n_prog, scale_log2,
-        HG=hg, BM=bm, BN=bn, BC=32, D=d, CAUSAL=causal, num_warps=8,
+    n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+    chunks = max(1, min(n_key_tiles, triton.cdiv(_PROGRAMS_PER_SM * n_sm, n_groups)))
+    tiles_per_prog = triton.cdiv(n_key_tiles, chunks)
+    chunks = triton.cdiv(n_key_tiles, tiles_per_prog)
+    _scores_kernel[(n_groups, chunks)](
+        ql, k, lse, vertical, slash, *strides, hkv, sk, last_q, g_sub, n_key_tiles, tiles_per_prog, scale_log2,
+        HG=hg, BM=bm, BN=bn, D=d, CAUSAL=causal, num_warps=_SCORES_WARPS,
     )
     return vertical, slash
