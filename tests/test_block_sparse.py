@@ -163,6 +163,16 @@ def test_tiles_smaller_than_layout_blocks(config, monkeypatch):
     assert_close(q, k, v, random_layout(gen, 1, 2, 120, 120, 64, 64, 0.6))
 
 
+def test_default_config_short_rows_take_smaller_tiles():
+    bf16 = torch.bfloat16
+    long_rows = bs_kernel.default_config(128, bf16, 128, 128, max_blocks=64)
+    short_rows = bs_kernel.default_config(128, bf16, 128, 128, max_blocks=8)
+    assert (long_rows.block_m, long_rows.block_n) == (128, 128)
+    assert (short_rows.block_m, short_rows.block_n) == (64, 64)
+    for cfg in (long_rows, short_rows, bs_kernel.default_config(64, torch.float16, 64, 64, max_blocks=3)):
+        assert 128 % cfg.block_m == 0 and 128 % cfg.block_n == 0
+
+
 def test_custom_scale():
     gen = torch.Generator().manual_seed(6)
     q, k, v = (rand(gen, 1, 2, 50, 16, dtype=torch.float32) for _ in range(3))

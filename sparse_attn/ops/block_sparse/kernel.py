@@ -60,12 +60,21 @@ class Config:
     warp_specialize: bool = False
 
 
-def default_config(head_dim: int, dtype: torch.dtype, block_size_q: int, block_size_k: int) -> Config:
-    """Tile shapes by (head_dim, dtype, layout blocks); measured on H100, see bench/NOTES_block_sparse.md."""
+# Up to this many listed key blocks per query block (128-token blocks), 64x64 tiles beat 128x128 ones:
+# short rows leave 128-row programs few tiles to pipeline (8K at 5-10 % density, H100, NOTES_block_sparse.md).
+_SHORT_ROWS = 16
+
+
+def default_config(head_dim: int, dtype: torch.dtype, block_size_q: int, block_size_k: int,
+                   max_blocks: Optional[int] = None) -> Config:
+    """Tile shapes by (head_dim, dtype, layout blocks, longest listed row); measured on H100, see
+    bench/NOTES_block_sparse.md."""
     if dtype == torch.float32:
         return Config(min(64, block_size_q), min(32, block_size_k), 4, 2)
     if head_dim > 128:
         return Config(min(64, block_size_q), min(64, block_size_k), 8, 2)
+    if block_size_q >= 128 and max_blocks is not None and max_blocks * block_size_k <= _SHORT_ROWS * 128:
+        return Config(64, min(64, block_size_k), 4, 3)
     if block_size_q >= 128:
         return Config(128, min(128, block_size_k), 8, 3)
     return Config(min(64, block_size_q), min(64, block_size_k), 4, 3)
@@ -266,7 +275,7 @@ def forward(
     hq, hkv = (q.shape[1], k.shape[1])
     d = q.shape[-1]
     bq, bk = layout.block_size_q, layout.block_size_k
-    cfg = config or default_config(d, q.dtype, bq, bk)
+    cfg = config or default_config(d, q.dtype, bq, bk, layout.max_blocks)
     if bq % cfg.block_m or bk % cfg.block_n:
         raise ValueError(f"config: block_m {cfg.block_m} / block_n {cfg.block_n} must divide the layout blocks")
     out, lse = _outputs(q, return_lse)
