@@ -258,6 +258,31 @@ def test_gpu_fp32_and_varlen():
     assert_close(q, k, v, random_layout(gen, 3, 8, 4000, 4000, 64, 64, 0.4), cu_seqlens_q=cu, cu_seqlens_k=cu)
 
 
+def test_tma_descriptors_only_where_they_can_run():
+    gen = torch.Generator().manual_seed(13)
+    k = rand(gen, 1, 2, 100, 64, dtype=torch.float16)
+    assert bs_kernel._descriptors(k, k, 64, packed=True) == (None, None)
+    if not k.is_cuda:
+        assert bs_kernel._descriptors(k, k, 64, packed=False) == (None, None)
+    odd = rand(gen, 1, 2, 100, 72, dtype=torch.float16)  # head dim not a power of two
+    assert bs_kernel._descriptors(odd, odd, 64, packed=False) == (None, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tma", [True, False])
+def test_gpu_tma_and_pointer_loads_on_hf_views(tma, monkeypatch):
+    """Both K/V load paths on strided [B, H, S, D] views of [B, S, H, D] tensors, odd lengths."""
+    gen = torch.Generator().manual_seed(14)
+    b, s, hq, hkv, d = 2, 2077, 8, 2, 128
+    q = rand(gen, b, s, hq, d, dtype=torch.bfloat16).transpose(1, 2)
+    kv = rand(gen, b, s, 2, hkv, d, dtype=torch.bfloat16)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    cfg = bs_kernel.Config(128, 128, 8, 3, tma=tma)
+    assert bs_kernel._descriptors(k, v, cfg.block_n, packed=False)[0] is not None  # TMA can take these views
+    monkeypatch.setattr(bs_kernel, "default_config", lambda *a, **kw: cfg)
+    assert_close(q, k, v, random_layout(gen, b, hq, s, s, 128, 128, 0.5), floor=1e-3)
+
+
 @pytest.mark.gpu
 def test_gpu_128k():
     gen = torch.Generator().manual_seed(12)

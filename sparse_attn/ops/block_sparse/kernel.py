@@ -6,7 +6,8 @@ Two launches per call:
   whole blocks are a prefix and the blocks that straddle the causal diagonal (or the end of the keys) follow
   it; blocks past the diagonal are skipped. A vectorised binary search, so nothing seq x seq is allocated.
 - `_attn_kernel`: FlashAttention-style online softmax over the listed key blocks of one query tile; the
-  whole prefix runs without masks, only the straddling tail is masked.
+  whole prefix runs without masks, only the straddling tail is masked. K/V tiles come through TMA tensor
+  descriptors where the inputs allow it (padded layout, 16-byte aligned strides), else through pointers.
 
 Programs sharing a kv head run together (L2 reuse of its key blocks); within one, query tiles are launched
 last-first so the longest rows (causal) start early and the tail balances.
@@ -58,6 +59,8 @@ class Config:
     num_warps: int
     num_stages: int
     warp_specialize: bool = False
+    # K/V tiles through Hopper's TMA (host tensor descriptors); padded [B, H, S, D] inputs only, else ignored.
+    tma: bool = False
 
 
 # Up to this many listed key blocks per query block (128-token blocks), 64x64 tiles beat 128x128 ones:
@@ -73,11 +76,12 @@ def default_config(head_dim: int, dtype: torch.dtype, block_size_q: int, block_s
         return Config(min(64, block_size_q), min(32, block_size_k), 4, 2)
     if head_dim > 128:
         return Config(min(64, block_size_q), min(64, block_size_k), 8, 2)
+    # 16-bit, head_dim <= 128: K/V through TMA (3-4 % faster at every measured point, v5 in the notes).
     if block_size_q >= 128 and max_blocks is not None and max_blocks * block_size_k <= _SHORT_ROWS * 128:
-        return Config(64, min(64, block_size_k), 4, 3)
+        return Config(64, min(64, block_size_k), 4, 3, tma=True)
     if block_size_q >= 128:
-        return Config(128, min(128, block_size_k), 8, 3)
-    return Config(min(64, block_size_q), min(64, block_size_k), 4, 3)
+        return Config(128, min(128, block_size_k), 8, 3, tma=True)
+    return Config(min(64, block_size_q), min(64, block_size_k), 4, 3, tma=True)
 
 
 @triton.jit
@@ -137,10 +141,11 @@ def _plan_kernel(
 
 @triton.jit
 def _tiles(
-    acc, m_i, l_i, q, k_base, v_base, idx_row, s_ij, s_ks, s_kd, s_vs, s_vd,
+    acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, b32, hk32, idx_row, s_ij, s_ks, s_kd, s_vs, s_vd,
     lo, hi, offs_m, offs_n, offs_d, sk, off, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, WARP_SPEC: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """Online softmax over tiles lo..hi of the listed key blocks (BK // BLOCK_N tiles per block)."""
     SPLIT: tl.constexpr = BK // BLOCK_N
@@ -156,6 +161,10 @@ def _tiles(
         if MASKED:
             cols = start + offs_n
             col_ok = cols < sk
+        if TMA:  # rows past the keys' end come back zero-filled
+            kt = tl.trans(k_desc.load([b32, hk32, start, 0]).reshape(BLOCK_N, BLOCK_D))
+            v = v_desc.load([b32, hk32, start, 0]).reshape(BLOCK_N, BLOCK_D)
+        elif MASKED:
             kt = tl.load(kt_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         elif HEAD_DIM == BLOCK_D:
@@ -187,13 +196,13 @@ def _tiles(
 
 @triton.jit
 def _attn_kernel(
-    Q, K, V, O, LSE, plan, indices, cu_q, cu_k,
+    Q, K, V, KD, VD, O, LSE, plan, indices, cu_q, cu_k,
     s_qb, s_qh, s_qs, s_qd, s_kb, s_kh, s_ks, s_kd, s_vb, s_vh, s_vs, s_vd,
     s_ob, s_oh, s_os, s_od, s_lb, s_lh, s_ls, s_ib, s_ih, s_iq, s_ij,
     H, GROUP, NQ, M_TILES, SQ, SK, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BQ: tl.constexpr, BK: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-    WRITE_LSE: tl.constexpr, DOT_PREC: tl.constexpr, WARP_SPEC: tl.constexpr,
+    WRITE_LSE: tl.constexpr, DOT_PREC: tl.constexpr, WARP_SPEC: tl.constexpr, TMA: tl.constexpr,
 ):
     # Axis 0 walks (query tile, head of the GQA group) with the head fastest, axis 1 (batch, kv head): the
     # programs resident at once share one kv head, so its key blocks are reused from L2. Within a kv head
@@ -233,15 +242,17 @@ def _attn_kernel(
     n_vis = tl.load(entry + 1) * (BK // BLOCK_N)
     off = sk - sq
 
+    b32 = b.to(tl.int32)  # TMA coordinates
+    hk32 = hk.to(tl.int32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, m_i, l_i = _tiles(acc, m_i, l_i, q, k_base, v_base, idx_row, s_ij, s_ks, s_kd, s_vs, s_vd,
-                           0, n_full, offs_m, offs_n, offs_d, sk, off, qk_scale,
-                           HEAD_DIM, BLOCK_D, BLOCK_N, BK, False, CAUSAL, DOT_PREC, WARP_SPEC)
-    acc, m_i, l_i = _tiles(acc, m_i, l_i, q, k_base, v_base, idx_row, s_ij, s_ks, s_kd, s_vs, s_vd,
-                           n_full, n_vis, offs_m, offs_n, offs_d, sk, off, qk_scale,
-                           HEAD_DIM, BLOCK_D, BLOCK_N, BK, True, CAUSAL, DOT_PREC, WARP_SPEC)
+    acc, m_i, l_i = _tiles(acc, m_i, l_i, q, k_base, v_base, KD, VD, b32, hk32, idx_row, s_ij,
+                           s_ks, s_kd, s_vs, s_vd, 0, n_full, offs_m, offs_n, offs_d, sk, off, qk_scale,
+                           HEAD_DIM, BLOCK_D, BLOCK_N, BK, False, CAUSAL, DOT_PREC, WARP_SPEC, TMA)
+    acc, m_i, l_i = _tiles(acc, m_i, l_i, q, k_base, v_base, KD, VD, b32, hk32, idx_row, s_ij,
+                           s_ks, s_kd, s_vs, s_vd, n_full, n_vis, offs_m, offs_n, offs_d, sk, off, qk_scale,
+                           HEAD_DIM, BLOCK_D, BLOCK_N, BK, True, CAUSAL, DOT_PREC, WARP_SPEC, TMA)
 
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
@@ -298,14 +309,35 @@ def forward(
     else:
         ls = (0, 0, 0)
     m_tiles = max(1, math.ceil(max_seqlen_q / cfg.block_m))
+    kd, vd = _descriptors(k, v, cfg.block_n, packed) if cfg.tma else (None, None)
     _attn_kernel[(m_tiles * (hq // hkv), batch * hkv)](
-        q, k, v, out, lse, plan, idx, cu_q, cu_k,
+        q, k, v, kd or k, vd or v, out, lse, plan, idx, cu_q, cu_k,
         *_strides4(q, packed), *_strides4(k, packed), *_strides4(v, packed), *_strides4(out, packed),
         *ls, *idx.stride(),
         hq, hq // hkv, nq, m_tiles, sq_fixed, sk_fixed, scale * LOG2E,
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BQ=bq, BK=bk, CAUSAL=causal, VARLEN=packed, WRITE_LSE=return_lse,
         DOT_PREC="ieee" if q.dtype == torch.float32 else None, WARP_SPEC=cfg.warp_specialize,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        TMA=kd is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return (out, lse) if return_lse else out
+
+
+def _descriptors(k, v, block_n: int, packed: bool):
+    """TMA descriptors of [B, Hkv, S, D] k and v (block [1, 1, block_n, D]), or (None, None) where TMA
+    cannot take them: packed inputs, the interpreter, a head dim that is not a power of two, strides or
+    bases that are not 16-byte aligned."""
+    d = k.shape[-1]
+    if packed or INTERPRETED or not k.is_cuda or d != triton.next_power_of_2(d) or d < 16:
+        return None, None
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None, None
+    descs = []
+    for t in (k, v):
+        es = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((st * es) % 16 for st in t.stride()[:-1]):
+            return None, None
+        descs.append(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, d]))
+    return descs[0], descs[1]
