@@ -7,7 +7,8 @@ Two launches per call:
   it; blocks past the diagonal are skipped. A vectorised binary search, so nothing seq x seq is allocated.
 - `_attn_kernel`: FlashAttention-style online softmax over the listed key blocks of one query tile; the
   whole prefix runs without masks, only the straddling tail is masked. K/V tiles come through TMA tensor
-  descriptors where the inputs allow it (padded layout, 16-byte aligned strides), else through pointers.
+  descriptors where the GPU and inputs allow it (Hopper or newer, padded layout, 16-byte aligned strides),
+  else through pointers.
 
 Programs sharing a kv head run together (L2 reuse of its key blocks); within one, query tiles are launched
 last-first so the longest rows (causal) start early and the tail balances.
@@ -325,10 +326,12 @@ def forward(
 
 def _descriptors(k, v, block_n: int, packed: bool):
     """TMA descriptors of [B, Hkv, S, D] k and v (block [1, 1, block_n, D]), or (None, None) where TMA
-    cannot take them: packed inputs, the interpreter, a head dim that is not a power of two, strides or
-    bases that are not 16-byte aligned."""
+    cannot take them: packed inputs, the interpreter, GPUs before Hopper (no TMA unit), a head dim that
+    is not a power of two, strides or bases that are not 16-byte aligned."""
     d = k.shape[-1]
     if packed or INTERPRETED or not k.is_cuda or d != triton.next_power_of_2(d) or d < 16:
+        return None, None
+    if torch.cuda.get_device_capability(k.device)[0] < 9:
         return None, None
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
