@@ -1,6 +1,6 @@
 """Command line: `sparse-attn <command>` (or `python -m sparse_attn.cli <command>`).
 
-    sparse-attn profile [--model DIR|FILE.gguf] [--length 8192] [--target 0.95 | --budget 0.3] [--plot x.png]
+    sparse-attn profile [--model DIR|FILE.gguf] [--length 8192] [--target 0.95 | --budget 0.3 [--floor 0.95]] [--plot x.png]
     sparse-attn compare --profile patches/SmolLM2-135M-Instruct.json [--length 8192] [--seed 1]
     sparse-attn import-minference CONFIG.json --out patches/x.json [--model DIR | --name ... --num-kv-heads ...]
 
@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recall the last query block (the question) must reach")
     goal.add_argument("--budget", type=float, default=None,
                       help="instead: a mean cost over all heads (dense = 1) spent greedily on recall")
+    p.add_argument("--floor", type=_fraction, default=None,
+                   help="with --budget: only candidates with this recall (and --tail-target on the question) "
+                        "may be picked")
     p.add_argument("--cost", choices=["time", "flops"], default="time",
                    help="time: computed entries weighted by the kernels' measured speed; flops: unweighted")
     p.add_argument("--name", default=None, help="model name in the profile (default: the model's name_or_path)")
@@ -128,13 +131,15 @@ def cmd_profile(args) -> int:
 
     if args.budget is not None and not 0.0 < args.budget <= 2.0:
         raise SystemExit(f"--budget: expected a mean cost in (0, 2] (dense = 1), got {args.budget}")
+    if args.floor is not None and args.budget is None:
+        raise SystemExit("--floor: only with --budget (it limits the candidates the budget greedy may pick)")
     _setup_torch(args)
     model, tokenizer = _load(args)
     ids = _input_ids(tokenizer, args)
     text = args.text or (f"pass-key prompt (sparse_attn.models.passkey_prompt, depth {args.depth}, seed {args.seed})"
                          if args.calibration == "passkey" else f"pydoc_data.topics (seed {args.seed})")
     profile, scores = profile_model(model, ids, target=args.target, tail_target=args.tail_target,
-                                    budget=args.budget, cost=args.cost,
+                                    budget=args.budget, floor=args.floor, cost=args.cost,
                                     name=args.name, progress=not args.no_progress,
                                     settings={"calibration_text": text})
     out = Path(args.out) if args.out else Path("patches") / profile_filename(profile.model["name"])

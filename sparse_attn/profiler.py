@@ -18,14 +18,19 @@ alive at a time. Per layer:
 3. cost per candidate and head (candidate_cost): computed entries (density) weighted by the kernels'
    measured speed (SPEED_TFLOPS, or plain FLOPs with cost="flops"), plus the estimator's own FLOPs.
 Selection: per head the cheapest candidate whose recall meets `target` (dense always does), or, with
-`budget`, a greedy over all heads that spends a mean cost on the best recall gain per unit cost.
+`budget`, a greedy over all heads that spends a mean cost on the best recall gain per unit cost, from
+each head's cheapest candidate or, with `floor`, only among the candidates that meet the floor and the
+tail target (so every head keeps at least what the threshold rule would give it).
 Recall is required twice: over all rows, and over the last query block alone (tail_recall). The mean
 over 8K rows hides retrieval heads: on plain text they look local, and an A-shape head keeps 0.97 of
 their mass, yet on a pass-key prompt the question's rows must reach the key thousands of tokens back.
 The CLI therefore calibrates on a pass-key prompt (pydoc text, a key at half depth, a question at the
 end): the last block's rows are the question, and a head that reads the key fails the tail there.
 The tail target defaults to 0.98: with 0.95 (mean density 0.27 on SmolLM2 at 8K) the pass key was lost
-on one of two 4K prompts that dense answers; with 0.98 (density 0.33) on neither.
+on one of two 4K prompts that dense answers; with 0.98 (density 0.33) on neither. The budget greedy
+alone (density 0.355) kept next-token agreement higher but lost the key of the demo's 4K prompt: a few
+retrieval heads fell below the tail target where the greedy found recall cheaper elsewhere. A floor
+(0.95, tail 0.98) and the budget on top kept both (bench/RESULTS.md).
 
 Budgets are stored as absolute token counts (sink, window, vertical_size, slash_size) and key-block
 counts (top_k), the MInference convention, and applied unchanged at any length: a local window, the
@@ -317,13 +322,20 @@ def select_heads(scores: LayerScores, target: float, cost: torch.Tensor,
     """Per head the index of the cheapest candidate whose recall reaches target and whose tail_recall
     (when scored) reaches tail_target (default: target), the earlier one on a tie; a head that no
     candidate brings there gets the candidate with the highest of the lower of the two recalls."""
-    worst = _worst(scores)
-    ok = scores.recall >= target
+    mask = floor_mask(scores, target, tail_target)
+    return torch.where(mask, cost, torch.full_like(cost, math.inf)).argmin(0).tolist()
+
+
+def floor_mask(scores: LayerScores, floor: float, tail_target: Optional[float] = None) -> torch.Tensor:
+    """bool [candidates, heads]: the candidates whose recall reaches floor and whose tail_recall (when
+    scored) reaches tail_target (default: floor); a head that none reaches keeps only the candidate with
+    the highest of the lower of its two recalls (as select_heads falls back)."""
+    ok = scores.recall >= floor
     if scores.tail_recall is not None:
-        ok &= scores.tail_recall >= (target if tail_target is None else tail_target)
-    best = torch.where(ok, cost, torch.full_like(cost, math.inf)).argmin(0)
-    fallback = worst.argmax(0)
-    return torch.where(ok.any(0), best, fallback).tolist()
+        ok &= scores.tail_recall >= (floor if tail_target is None else tail_target)
+    best = torch.zeros_like(ok)
+    best[_worst(scores).argmax(0), torch.arange(ok.shape[1])] = True
+    return torch.where(ok.any(0, keepdim=True), ok, best)
 
 
 def _hull(costs: Sequence[float], recalls: Sequence[float]) -> List[int]:
@@ -345,20 +357,26 @@ def _hull(costs: Sequence[float], recalls: Sequence[float]) -> List[int]:
     return hull
 
 
-def select_budget(layers: Sequence[LayerScores], costs: Sequence[torch.Tensor], budget: float) -> List[List[int]]:
+def select_budget(layers: Sequence[LayerScores], costs: Sequence[torch.Tensor], budget: float,
+                  allowed: Optional[Sequence[torch.Tensor]] = None) -> List[List[int]]:
     """Per layer, per head the candidate index, spending at most `budget` (mean cost over all heads) where
     it buys the most recall (the lower of recall and tail_recall) per unit cost. Every head starts at its
-    cheapest candidate."""
+    cheapest candidate; with `allowed` (per layer a bool [candidates, heads]) only the allowed ones are
+    considered, e.g. those that meet a recall floor (floor_mask)."""
     heads = [(li, h) for li, s in enumerate(layers) for h in range(s.recall.shape[1])]
     hulls, pos, spent, heap = [], [], 0.0, []
     for n, (li, h) in enumerate(heads):
         c, r = costs[li][:, h].tolist(), _worst(layers[li])[:, h].tolist()
-        hull = _hull(c, r)
+        ids = list(range(len(c))) if allowed is None else allowed[li][:, h].nonzero().flatten().tolist()
+        if not ids:
+            raise ValueError(f"allowed: layer {li} head {h} has no allowed candidate")
+        hull = [ids[i] for i in _hull([c[i] for i in ids], [r[i] for i in ids])]
         hulls.append([(i, c[i], r[i]) for i in hull])
         pos.append(0)
         spent += c[hull[0]]
     if spent > budget * len(heads) + 1e-9:
-        raise ValueError(f"budget: expected at least the cheapest mean cost {spent / len(heads):.4f}, got {budget}")
+        what = "the cheapest allowed" if allowed is not None else "the cheapest"
+        raise ValueError(f"budget: expected at least {what} mean cost {spent / len(heads):.4f}, got {budget}")
 
     def push(n):
         if pos[n] + 1 < len(hulls[n]):
@@ -457,16 +475,19 @@ def peak_rss_mib() -> float:
 
 def profile_model(model, input_ids: torch.Tensor, *, candidates: Optional[Sequence[Dict[str, Any]]] = None,
                   target: float = 0.95, tail_target: Optional[float] = 0.98, budget: Optional[float] = None,
-                  cost: str = "time", block_size: int = 64,
+                  floor: Optional[float] = None, cost: str = "time", block_size: int = 64,
                   last_q: int = 64, name: Optional[str] = None, progress: bool = True,
                   settings: Optional[Dict[str, Any]] = None):
     """Profile every head of `model` on input_ids [1, S]. Returns (Profile, [LayerScores per layer]).
 
     target: per head, the cheapest candidate whose recall reaches it, and whose recall on the last query
     block reaches tail_target (None: target); or budget: a mean cost (dense = 1, see candidate_cost)
-    spent greedily over all heads. cost: "time" (speed-weighted) or "flops".
+    spent greedily over all heads, over every candidate or, with floor, over those with recall >= floor
+    and tail recall >= tail_target. cost: "time" (speed-weighted) or "flops".
     block_size, last_q: must be those the runtime uses (the "minference" method's defaults)."""
-    for key, value in (("target", target), ("tail_target", tail_target)):
+    if floor is not None and budget is None:
+        raise ValueError("floor: only with budget (it limits the candidates the budget greedy may pick)")
+    for key, value in (("target", target), ("tail_target", tail_target), ("floor", floor)):
         if value is not None and not 0.0 < float(value) <= 1.0:
             raise ValueError(f"{key}: expected a recall in (0, 1], got {value!r}")
     if budget is not None and not 0.0 < float(budget) <= 2.0:
@@ -483,12 +504,15 @@ def profile_model(model, input_ids: torch.Tensor, *, candidates: Optional[Sequen
     if budget is None:
         picks = [select_heads(s, target, c, tail_target) for s, c in zip(layers, costs)]
     else:
-        picks = select_budget(layers, costs, budget)
+        allowed = None if floor is None else [floor_mask(s, floor, tail_target) for s in layers]
+        picks = select_budget(layers, costs, budget, allowed)
     heads = [[_head_entry(s, i, h) for h, i in enumerate(p)] for s, p in zip(layers, picks)]
     recall = torch.tensor([[h["recall"] for h in layer] for layer in heads])
     density = torch.tensor([[h["density"] for h in layer] for layer in heads])
     info = {"seqlen": seqlen, "recall_target": None if budget is not None else target,
-            "tail_recall_target": None if budget is not None else (tail_target or target), "budget": budget,
+            "tail_recall_target": (tail_target or target) if budget is None else
+                                  ((tail_target or floor) if floor is not None else None),
+            "budget": budget, "floor": floor,
             "cost": cost, "block_size": block_size, "last_q": last_q, "candidates": len(candidates),
             "speed_tflops": dict(SPEED_TFLOPS) if cost == "time" else None,
             "budget_units": "absolute: tokens (sink, window, vertical_size, slash_size), key blocks (top_k)",

@@ -21,6 +21,7 @@ from sparse_attn.profiler import (
     mass_recall,
     profile_model,
     score_candidates,
+    floor_mask,
     select_budget,
     select_heads,
 )
@@ -183,6 +184,29 @@ def test_hull_and_budget_greedy():
         select_budget([layer], cost, 0.05)
 
 
+def test_budget_greedy_within_a_floor():
+    """With a floor the greedy only picks candidates that meet it (recall and tail), never one whose lower
+    recall is higher but whose tail is below the tail target."""
+    cands = [{"pattern": "a_shape", "sink": 0, "window": 64}, {"pattern": "block_sparse", "top_k": 4},
+             {"pattern": "vertical_slash", "vertical_size": 64, "slash_size": 64}, {"pattern": "dense"}]
+    recall = torch.tensor([[0.5, 0.95], [0.96, 0.99], [0.9, 0.96], [1.0, 1.0]], dtype=torch.float64)
+    tail = torch.tensor([[1.0, 0.99], [1.0, 0.97], [1.0, 0.985], [1.0, 1.0]], dtype=torch.float64)
+    density = torch.tensor([[0.1, 0.1], [0.3, 0.3], [0.5, 0.5], [1.0, 1.0]], dtype=torch.float64)
+    layer = LayerScores(cands, recall, density, tail)
+    cost = [candidate_cost_table(cands, density, 8192, "flops", 64, 64)]
+    allowed = [floor_mask(layer, 0.95, 0.98)]
+    assert allowed[0].T.tolist() == [[False, True, False, True], [True, False, True, True]]
+    assert select_budget([layer], cost, 0.76) == [[3, 1]]  # head 1 takes block_sparse: tail 0.97
+    assert select_budget([layer], cost, 0.76, allowed) == [[3, 0]]
+    assert select_budget([layer], cost, 0.201, allowed) == [[1, 0]]  # = select_heads at the floor
+    assert select_heads(layer, 0.95, cost[0], tail_target=0.98) == [1, 0]
+    with pytest.raises(ValueError, match="cheapest allowed"):
+        select_budget([layer], cost, 0.15, allowed)
+    # No candidate meets the floor: only the one with the best lower recall is allowed.
+    first3 = LayerScores(cands[:3], recall[:3], density[:3], tail[:3])
+    assert floor_mask(first3, 0.99, 0.98).T.tolist() == [[False, True, False], [False, True, False]]
+
+
 # --- the CLI ---------------------------------------------------------------------------------------------
 
 
@@ -207,6 +231,7 @@ def _tiny_llama():
     (["profile", "--length", "0"], "expected a positive int"),
     (["profile", "--target", "0.9", "--budget", "0.3"], "not allowed with argument"),
     (["profile", "--cost", "watts"], "invalid choice"),
+    (["profile", "--floor", "2"], "expected a number in (0, 1]"),
     (["compare"], "--profile"),
     (["import-minference", "x.json"], "--out"),
     ([], "command"),
@@ -250,6 +275,26 @@ def test_profile_model_budget_mode_spends_at_most_the_budget():
         profile_model(model, ids[0], progress=False)
     with pytest.raises(ValueError, match="tail_target"):
         profile_model(model, ids, tail_target=1.5, progress=False)
+    with pytest.raises(ValueError, match="floor: only with budget"):
+        profile_model(model, ids, floor=0.9, progress=False)
+
+
+def test_profile_model_budget_within_a_floor_keeps_every_head_at_the_floor():
+    model = _tiny_llama()
+    ids = torch.randint(0, 128, (1, 320), generator=torch.Generator().manual_seed(1))
+    floor, _ = profile_model(model, ids, target=0.9, tail_target=0.9, cost="flops", progress=False)
+    floor_cost = [candidate_cost(h["pattern"], h["density"], 320, cost="flops") for layer in floor.layers for h in layer]
+    budget = sum(floor_cost) / len(floor_cost) + 0.1
+    profile, _ = profile_model(model, ids, budget=budget, floor=0.9, tail_target=0.9, cost="flops", progress=False)
+    assert profile.settings["floor"] == 0.9 and profile.settings["tail_recall_target"] == 0.9
+    heads = [h for layer in profile.layers for h in layer]
+    assert all(h["recall"] >= 0.9 - 1e-4 and h["tail_recall"] >= 0.9 - 1e-4 for h in heads)
+    spent = [candidate_cost(h["pattern"], h["density"], 320, cost="flops") for h in heads]
+    assert sum(spent) / len(spent) <= budget + 1e-3
+    assert sum(spent) >= sum(floor_cost) - 1e-3  # from the floor, never below it
+    with pytest.raises(ValueError, match="cheapest allowed"):
+        profile_model(model, ids, budget=min(floor_cost) / 2, floor=0.9, tail_target=0.9, cost="flops",
+                      progress=False)
 
 
 def test_cli_import_minference(tmp_path, capsys):
