@@ -163,14 +163,23 @@ def test_tiles_smaller_than_layout_blocks(config, monkeypatch):
     assert_close(q, k, v, random_layout(gen, 1, 2, 120, 120, 64, 64, 0.6))
 
 
-def test_default_config_short_rows_take_smaller_tiles():
+def test_default_config_table():
     bf16 = torch.bfloat16
-    long_rows = bs_kernel.default_config(128, bf16, 128, 128, max_blocks=64)
-    short_rows = bs_kernel.default_config(128, bf16, 128, 128, max_blocks=8)
-    assert (long_rows.block_m, long_rows.block_n) == (128, 128)
-    assert (short_rows.block_m, short_rows.block_n) == (64, 64)
-    for cfg in (long_rows, short_rows, bs_kernel.default_config(64, torch.float16, 64, 64, max_blocks=3)):
+    two_per_sm = bs_kernel.default_config(128, bf16, 128, 128, 8, 8192)
+    assert (two_per_sm.block_m, two_per_sm.block_n, two_per_sm.num_stages, two_per_sm.maxnreg) == (128, 64, 2, 128)
+    long_sparse = bs_kernel.default_config(128, bf16, 128, 128, 130, 131072)  # 128K at ~10 %: 128x128
+    assert (long_sparse.block_m, long_sparse.block_n, long_sparse.maxnreg) == (128, 128, 0)
+    for cfg in (two_per_sm, long_sparse, bs_kernel.default_config(64, torch.float16, 64, 64, 3, 200),
+                bs_kernel.default_config(128, bf16, 128, 128), bs_kernel.default_config(32, torch.float32, 128, 128)):
         assert 128 % cfg.block_m == 0 and 128 % cfg.block_n == 0
+
+
+@pytest.mark.parametrize("config", [bs_kernel.Config(128, 64, 8, 2, maxnreg=128)])
+def test_two_programs_per_sm_config_on_the_interpreter(config, monkeypatch):
+    gen = torch.Generator().manual_seed(16)
+    q, k, v = (rand(gen, 1, 2, 300, 32, dtype=torch.float16) for _ in range(3))
+    monkeypatch.setattr(bs_kernel, "default_config", lambda *a: config)
+    assert_close(q, k, v, random_layout(gen, 1, 2, 300, 300, 128, 128, 0.6))
 
 
 def test_custom_scale():
@@ -269,15 +278,15 @@ def test_tma_descriptors_only_where_they_can_run():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tma", [True, False])
-def test_gpu_tma_and_pointer_loads_on_hf_views(tma, monkeypatch):
+@pytest.mark.parametrize("cfg", [bs_kernel.Config(128, 128, 8, 3, tma=True), bs_kernel.Config(128, 128, 8, 3),
+                                 bs_kernel.Config(128, 64, 8, 2, tma=True, maxnreg=128)])
+def test_gpu_tma_and_pointer_loads_on_hf_views(cfg, monkeypatch):
     """Both K/V load paths on strided [B, H, S, D] views of [B, S, H, D] tensors, odd lengths."""
     gen = torch.Generator().manual_seed(14)
     b, s, hq, hkv, d = 2, 2077, 8, 2, 128
     q = rand(gen, b, s, hq, d, dtype=torch.bfloat16).transpose(1, 2)
     kv = rand(gen, b, s, 2, hkv, d, dtype=torch.bfloat16)
     k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-    cfg = bs_kernel.Config(128, 128, 8, 3, tma=tma)
     assert bs_kernel._descriptors(k, v, cfg.block_n, packed=False)[0] is not None  # TMA can take these views
     monkeypatch.setattr(bs_kernel, "default_config", lambda *a, **kw: cfg)
     assert_close(q, k, v, random_layout(gen, b, hq, s, s, 128, 128, 0.5), floor=1e-3)

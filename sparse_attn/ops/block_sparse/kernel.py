@@ -62,26 +62,33 @@ class Config:
     warp_specialize: bool = False
     # K/V tiles through Hopper's TMA (host tensor descriptors); padded [B, H, S, D] inputs only, else ignored.
     tma: bool = False
+    # Register cap per thread (0: the compiler's choice): 128 lets two 8-warp programs share an SM.
+    maxnreg: int = 0
 
 
-# Up to this many listed key blocks per query block (128-token blocks), 64x64 tiles beat 128x128 ones:
-# short rows leave 128-row programs few tiles to pipeline (8K at 5-10 % density, H100, NOTES_block_sparse.md).
-_SHORT_ROWS = 16
+# 16-bit, head_dim <= 128, layout blocks of 128 rows: 128x64 tiles, 2 stages and at most 128 registers a
+# thread, so that two 8-warp programs share an SM and one's prologue/epilogue hides under the other's tiles.
+# Measured faster than 128x128 / 3 stages (one program per SM) at 8K and 32K at every density and at 128K at
+# 5, 50 and 100 %, slower at 128K with 10-25 % (random layouts, whose rows list 12K-48K keys): there the
+# longer tile wins (H100, 2026-11-23, NOTES_block_sparse.md v6).
+_TWO_PER_SM = (12288, 49152)
 
 
 def default_config(head_dim: int, dtype: torch.dtype, block_size_q: int, block_size_k: int,
-                   max_blocks: Optional[int] = None) -> Config:
-    """Tile shapes by (head_dim, dtype, layout blocks, longest listed row); measured on H100, see
+                   max_blocks: Optional[int] = None, seqlen_k: Optional[int] = None) -> Config:
+    """Tile shapes by (head_dim, dtype, layout blocks, longest listed row, keys); measured on H100, see
     bench/NOTES_block_sparse.md."""
     if dtype == torch.float32:
         return Config(min(64, block_size_q), min(32, block_size_k), 4, 2)
     if head_dim > 128:
         return Config(min(64, block_size_q), min(64, block_size_k), 8, 2)
     # 16-bit, head_dim <= 128: K/V through TMA (3-6 % faster at every measured point, v5 in the notes).
-    if block_size_q >= 128 and max_blocks is not None and max_blocks * block_size_k <= _SHORT_ROWS * 128:
-        return Config(64, min(64, block_size_k), 4, 3, tma=True)
+    row_keys = None if max_blocks is None else max_blocks * block_size_k
     if block_size_q >= 128:
-        return Config(128, min(128, block_size_k), 8, 3, tma=True)
+        if (seqlen_k is not None and seqlen_k >= 65536 and row_keys is not None
+                and _TWO_PER_SM[0] < row_keys <= _TWO_PER_SM[1]):
+            return Config(128, min(128, block_size_k), 8, 3, tma=True)
+        return Config(128, min(64, block_size_k), 8, 2, tma=True, maxnreg=128)
     return Config(min(64, block_size_q), min(64, block_size_k), 4, 3, tma=True)
 
 
@@ -287,7 +294,7 @@ def forward(
     hq, hkv = (q.shape[1], k.shape[1])
     d = q.shape[-1]
     bq, bk = layout.block_size_q, layout.block_size_k
-    cfg = config or default_config(d, q.dtype, bq, bk, layout.max_blocks)
+    cfg = config or default_config(d, q.dtype, bq, bk, layout.max_blocks, layout.seqlen_k)
     if bq % cfg.block_m or bk % cfg.block_n:
         raise ValueError(f"config: block_m {cfg.block_m} / block_n {cfg.block_n} must divide the layout blocks")
     out, lse = _outputs(q, return_lse)
@@ -320,6 +327,7 @@ def forward(
         BQ=bq, BK=bk, CAUSAL=causal, VARLEN=packed, WRITE_LSE=return_lse,
         DOT_PREC="ieee" if q.dtype == torch.float32 else None, WARP_SPEC=cfg.warp_specialize,
         TMA=kd is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
     return (out, lse) if return_lse else out
 
