@@ -6,6 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sparse_attn.layouts import VerticalSlashLayout
 from sparse_attn.ops.reference import reference_attention
 from sparse_attn.ops.vertical_slash import (
     build_vertical_slash_index,
@@ -79,6 +80,52 @@ def test_matches_reference(case):
     v = torch.randn(c["b"], c["hkv"], sk, c["d"], dtype=c["dtype"])
     layout = random_layout(c["b"], hq, sq, sk, c["bq"], nv=9, ns=6, seed=c["seed"])
     assert_close_to_reference(q, k, v, layout, causal=c["causal"])
+
+
+def hand_made_layout(gen, b, h, sq, sk, bq, widths):
+    """Per block: ranges of widths drawn from `widths` with random gaps (0 included: touching ranges), in
+    random order along the keys, plus a few columns outside them."""
+    nqb = -(-sq // bq)
+    starts, ends, counts, cols, ccounts = [], [], [], [], []
+    for _ in range(b * h * nqb):
+        pos, rs, re_ = int(torch.randint(0, 40, (1,), generator=gen)), [], []
+        for _ in range(int(torch.randint(0, 7, (1,), generator=gen))):
+            w = widths[int(torch.randint(0, len(widths), (1,), generator=gen))]
+            if pos + w > sk:
+                break
+            rs.append(pos)
+            re_.append(pos + w)
+            pos += w + int(torch.randint(0, 3, (1,), generator=gen)) * int(torch.randint(0, 50, (1,), generator=gen))
+        starts.append(rs)
+        ends.append(re_)
+        counts.append(len(rs))
+        covered = torch.zeros(sk, dtype=torch.bool)
+        for a, e in zip(rs, re_):
+            covered[a:e] = True
+        free = (~covered).nonzero().flatten()
+        c = free[torch.randperm(len(free), generator=gen)[:5]].sort().values
+        cols.append(c.tolist())
+        ccounts.append(len(c))
+
+    def pad(rows, width):
+        return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32).view(b, h, nqb, width)
+
+    mr, mc = max(1, max(counts)), max(1, max(ccounts))
+    return VerticalSlashLayout(torch.tensor(counts, dtype=torch.int32).view(b, h, nqb), pad(starts, mr),
+                               pad(ends, mr), torch.tensor(ccounts, dtype=torch.int32).view(b, h, nqb),
+                               pad(cols, mc), bq, sq, sk)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_hand_made_ranges(causal, dtype):
+    """Ranges from 1 key to a few tiles wide, touching or apart, several within one tile, in one call."""
+    gen = torch.Generator().manual_seed(21)
+    b, h, sq, sk, bq = 1, 4, 300, 520, 64
+    layout = hand_made_layout(gen, b, h, sq, sk, bq, widths=[1, 3, 17, 64, 65, 100, 130])
+    q = torch.randn(b, h, sq, 32, generator=gen).to(dtype)
+    k, v = (torch.randn(b, 2, sk, 32, generator=gen).to(dtype) for _ in range(2))
+    assert_close_to_reference(q, k, v, layout, causal=causal)
 
 
 def test_rows_without_keys():
