@@ -78,10 +78,11 @@ __all__ = [
 ]
 
 # Effective throughput of each pattern's kernel, TFLOP/s of computed entries (H100, bf16, head dim 128,
-# bench/NOTES_block_sparse.md and bench/RESULTS.md): dense = cuDNN causal (~550 at 128K), block_sparse
-# (also A-shape, which runs the same kernel) ~450 at 10 % density and 128K, vertical_slash ~330.
+# suite run of 2026-11-23 in bench/RESULTS.md): dense = cuDNN causal (526-596 at 8K-128K), block_sparse
+# (also A-shape, which runs the same kernel) 467 at 10 % density and 128K, vertical_slash 393 (its
+# 1000 / 6096 layout at 128K: 44.7 ms for 12.5 % of the causal entries).
 # cost="time" weighs each computed entry by 1 / speed, in units of dense time.
-SPEED_TFLOPS: Dict[str, float] = {"dense": 550.0, "block_sparse": 450.0, "a_shape": 450.0, "vertical_slash": 330.0}
+SPEED_TFLOPS: Dict[str, float] = {"dense": 550.0, "block_sparse": 467.0, "a_shape": 467.0, "vertical_slash": 393.0}
 
 COSTS = ("time", "flops")
 # Element budget of one chunk of scores in block_mass (float32 heads x rows x keys): 2**25 is 128 MiB.
