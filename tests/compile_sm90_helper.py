@@ -1,0 +1,154 @@
+"""Compile every Triton kernel of the package for Hopper (sm_90) on a machine without a GPU.
+
+Run by tests/test_compile_sm90.py in a subprocess (the test session itself runs kernels through the
+Triton interpreter, which never compiles them). The Triton interpreter does not type-check: a variable
+given different types in two branches of a runtime `if`, a layout the Hopper backend rejects, or a
+pipeliner assertion pass on the CPU and fail only on the GPU. Here each kernel goes through its real
+Python entry point on CPU tensors, so the JIT sees the same argument specialisations it sees on a GPU, and
+is compiled for sm_90 down to a cubin (Triton ships ptxas). Nothing is launched: a stand-in driver
+reports an sm_90 device and the compiled kernels' launch does nothing, and `torch.empty` gives zeros so
+sizes read back from "device" buffers stay small.
+
+Prints one JSON line per compiled kernel: name, warps, stages, shared memory bytes, maxnreg. Exit code 3
+means this Triton's internals differ from the ones this stand-in was written against (3.6): the caller skips.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+try:
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import compiler as triton_compiler
+    from triton.runtime.driver import driver
+except Exception as e:  # noqa: BLE001
+    print(f"setup: {type(e).__name__}: {e}", file=sys.stderr)
+    sys.exit(3)
+
+
+class _Sm90Driver:
+    """Just enough of a Triton driver for the JIT to compile for sm_90."""
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+compiled = []
+
+
+def _install() -> None:
+    def no_handles(self):
+        if not getattr(self, "_sm90_recorded", False):
+            self._sm90_recorded = True
+            compiled.append(self)
+
+    if not hasattr(triton_compiler.CompiledKernel, "_init_handles"):
+        raise AttributeError("CompiledKernel._init_handles")
+    triton_compiler.CompiledKernel._init_handles = no_handles
+    triton_compiler.CompiledKernel.run = property(lambda self: (self._init_handles(), lambda *a, **k: None)[1])
+    driver.set_active(_Sm90Driver())
+    torch.empty = lambda *a, **k: torch.zeros(*a, **k)  # sizes read back from kernel outputs stay 0
+
+
+def _run_all() -> None:
+    from sparse_attn.estimators.vertical_slash import vertical_slash_scores
+    from sparse_attn.layouts import BlockLayout
+    from sparse_attn.ops.block_sparse import kernel as bs_kernel
+    from sparse_attn.ops.vertical_slash import build_vertical_slash_index
+    from sparse_attn.ops.vertical_slash import kernel as vs_kernel
+
+    gen = torch.Generator().manual_seed(0)
+    s, h, hkv = 1000, 4, 2
+
+    def qkv(d, dtype, packed=False):
+        shape_q, shape_kv = ((s, h, d), (s, hkv, d)) if packed else ((1, h, s, d), (1, hkv, s, d))
+        return (torch.randn(shape_q, generator=gen).to(dtype),
+                torch.randn(shape_kv, generator=gen).to(dtype), torch.randn(shape_kv, generator=gen).to(dtype))
+
+    # block-sparse: the default configs (two programs per SM, 128x128), TMA and pointer loads, fp32, packed
+    keep = torch.rand(1, h, 8, 8, generator=gen) < 0.5
+    layout = BlockLayout.from_block_mask(keep, 128, 128, s, s)
+    cu = torch.tensor([0, 400, s], dtype=torch.int32)
+    layout2 = BlockLayout.from_block_mask(torch.rand(2, h, 8, 8, generator=gen) < 0.5, 128, 128, s, s)
+
+    def tma_descriptors(k, v, block_n, packed):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        d = k.shape[-1]
+        return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, d]) for t in (k, v))
+
+    real_descriptors = bs_kernel._descriptors
+    runs = [(128, torch.bfloat16, None, True), (128, torch.bfloat16, None, False),
+            (128, torch.bfloat16, bs_kernel.Config(128, 128, 8, 3, tma=True), True),
+            (64, torch.float16, None, True), (128, torch.float32, None, False)]
+    for d, dtype, cfg, tma in runs:
+        q, k, v = qkv(d, dtype)
+        bs_kernel._descriptors = tma_descriptors if tma else real_descriptors
+        bs_kernel.forward(q, k, v, layout, causal=True, scale=0.1, packed=False, batch=1,
+                          max_seqlen_q=s, return_lse=True, config=cfg)
+    bs_kernel._descriptors = real_descriptors
+    q, k, v = qkv(128, torch.bfloat16, packed=True)
+    bs_kernel.forward(q, k, v, layout2, causal=True, scale=0.1, packed=True, batch=2, max_seqlen_q=600,
+                      cu_seqlens_q=cu, cu_seqlens_k=cu)
+
+    # vertical-slash: estimator (Triton scores), index builder (Triton), attention (bf16, fp32, packed)
+    q, k, v = qkv(128, torch.bfloat16)
+    vertical_slash_scores(q, k, last_q=64, scale=0.1, causal=True, backend="triton")
+    vertical = torch.randint(0, s, (1, h, 30), generator=gen)
+    slash = torch.randint(0, s, (1, h, 20), generator=gen)
+    build_vertical_slash_index(vertical, slash, s, s, 64, backend="triton")
+    vs_layout = build_vertical_slash_index(vertical, slash, s, s, 64, backend="torch")
+    vs_kernel.not_supported_reasons = lambda *a, **kw: []
+    for dtype in (torch.bfloat16, torch.float32):
+        q, k, v = qkv(128, dtype)
+        vs_kernel.vertical_slash_attention(q, k, v, vs_layout, return_lse=True)
+    q, k, v = qkv(128, torch.bfloat16, packed=True)
+    vs2 = build_vertical_slash_index(vertical.expand(2, h, 30), slash.expand(2, h, 20), s, s, 64, backend="torch")
+    vs_kernel.vertical_slash_attention(q, k, v, vs2, cu_seqlens_q=cu, cu_seqlens_k=cu)
+
+
+def _constexprs(ck) -> dict:
+    """The kernel's int, bool and str compile-time arguments by name (head dim, tile sizes, flags)."""
+    src = getattr(ck, "src", None)
+    out = {}
+    if src is None or not hasattr(src, "constants"):
+        return out
+    names = src.fn.arg_names
+    for key, val in src.constants.items():
+        idx = key[0] if isinstance(key, tuple) else key
+        if isinstance(idx, int) and isinstance(val, (bool, int, str)):
+            out[names[idx]] = val
+    return out
+
+
+def main() -> int:
+    try:
+        _install()
+    except Exception as e:  # noqa: BLE001
+        print(f"setup: {type(e).__name__}: {e}", file=sys.stderr)
+        return 3
+    _run_all()
+    for ck in compiled:
+        md = ck.metadata
+        print(json.dumps({"name": ck.name, "num_warps": md.num_warps, "num_stages": md.num_stages,
+                          "shared": md.shared, "maxnreg": getattr(md, "maxnreg", None),
+                          "constexprs": _constexprs(ck)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
