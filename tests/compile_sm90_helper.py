@@ -85,11 +85,8 @@ def _run_all() -> None:
     cu = torch.tensor([0, 400, s], dtype=torch.int32)
     layout2 = BlockLayout.from_block_mask(torch.rand(2, h, 8, 8, generator=gen) < 0.5, 128, 128, s, s)
 
-    def tma_descriptors(k, v, block_n, packed):
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        d = k.shape[-1]
-        return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, d]) for t in (k, v))
+    def tma_descriptors(k, v, block_n, packed):  # _descriptors refuses CPU tensors
+        return bs_kernel._tensor_descriptor(k, block_n), bs_kernel._tensor_descriptor(v, block_n)
 
     real_descriptors = bs_kernel._descriptors
     runs = [(128, torch.bfloat16, None, True), (128, torch.bfloat16, None, False),

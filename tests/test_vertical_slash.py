@@ -83,8 +83,8 @@ def test_matches_reference(case):
 
 
 def hand_made_layout(gen, b, h, sq, sk, bq, widths):
-    """Per block: ranges of widths drawn from `widths` with random gaps (0 included: touching ranges), in
-    random order along the keys, plus a few columns outside them."""
+    """Per block: up to 6 ranges in order along the keys, widths drawn from `widths`, random gaps (0
+    included: touching ranges), plus up to 5 columns outside them."""
     nqb = -(-sq // bq)
     starts, ends, counts, cols, ccounts = [], [], [], [], []
     for _ in range(b * h * nqb):

@@ -83,8 +83,8 @@ def default_config(head_dim: int, dtype: torch.dtype, block_size_q: int, block_s
     if head_dim > 128:
         return Config(min(64, block_size_q), min(64, block_size_k), 8, 2)
     # 16-bit, head_dim <= 128: K/V through TMA (3-6 % faster at every measured point, v5 in the notes).
-    row_keys = None if max_blocks is None else max_blocks * block_size_k
     if block_size_q >= 128:
+        row_keys = None if max_blocks is None else max_blocks * block_size_k
         if (seqlen_k is not None and seqlen_k >= 65536 and row_keys is not None
                 and _TWO_PER_SM[0] < row_keys <= _TWO_PER_SM[1]):
             return Config(128, min(128, block_size_k), 8, 3, tma=True)
@@ -342,13 +342,18 @@ def _descriptors(k, v, block_n: int, packed: bool):
     if torch.cuda.get_device_capability(k.device)[0] < 9:
         return None, None
     try:
-        from triton.tools.tensor_descriptor import TensorDescriptor
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
     except ImportError:
         return None, None
-    descs = []
     for t in (k, v):
         es = t.element_size()
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any((st * es) % 16 for st in t.stride()[:-1]):
             return None, None
-        descs.append(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, d]))
-    return descs[0], descs[1]
+    return _tensor_descriptor(k, block_n), _tensor_descriptor(v, block_n)
+
+
+def _tensor_descriptor(t, block_n: int):
+    """The TMA descriptor the kernel reads K or V tiles through: [B, Hkv, S, D], block [1, 1, block_n, D]."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, t.shape[-1]])
