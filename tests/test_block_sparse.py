@@ -132,6 +132,38 @@ def test_rows_without_keys_are_zero_with_lse_minus_inf():
     assert_close(q, k, v, layout)
 
 
+def test_plan_is_reused_and_invalidated_by_edits(monkeypatch):
+    """A second call with the same layout skips the plan launch; editing the layout in place, a new
+    causal flag or other lengths plan again, and every result matches the reference."""
+    gen = torch.Generator().manual_seed(11)
+    sq = 100
+    q = rand(gen, 1, 2, sq, 32, dtype=torch.float16)
+    k, v = (rand(gen, 1, 1, sq, 32, dtype=torch.float16) for _ in range(2))
+    layout = random_layout(gen, 1, 2, sq, sq, 16, 16, 0.4, beyond_diagonal=True)
+    launches = []
+    real = bs_kernel._plan_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(bs_kernel, "_plan_kernel", Counting())
+    assert_close(q, k, v, layout)
+    assert_close(q, k, v, layout)
+    assert len(launches) == 1
+    assert_close(q, k, v, layout, causal=False)
+    assert len(launches) == 2
+    keep = layout.counts.clone()
+    layout.counts.fill_(1)  # in place: only each block's first listed key block remains
+    assert_close(q, k, v, layout, causal=False)
+    assert len(launches) == 3
+    layout.counts.copy_(keep)
+    shorter = q[:, :, :70]  # other lengths (the layout covers more than the call needs)
+    assert_close(shorter, k[:, :, :70], v[:, :, :70], layout)
+    assert len(launches) == 4
+
+
 def test_non_contiguous_hf_views():
     gen = torch.Generator().manual_seed(3)
     b, s, hq, hkv, d = 2, 100, 4, 2, 32

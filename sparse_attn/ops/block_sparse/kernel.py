@@ -1,6 +1,6 @@
 """Triton kernels of block-sparse prefill attention (forward only).
 
-Two launches per call:
+Two launches per call (one when the layout's plan is cached, see `_plan`):
 - `_plan_kernel`: per (batch, query head, query block), how many of the listed key blocks every row of the
   block sees whole (`n_full`) and how many any row sees at all (`n_visible`). Listed ids are sorted, so the
   whole blocks are a prefix and the blocks that straddle the causal diagonal (or the end of the keys) follow
@@ -299,25 +299,20 @@ def forward(
         raise ValueError(f"config: block_m {cfg.block_m} / block_n {cfg.block_n} must divide the layout blocks")
     out, lse = _outputs(q, return_lse)
     nq = max(1, math.ceil(max_seqlen_q / bq))
-    plan = torch.empty(batch * hq * nq * 2, dtype=torch.int32, device=q.device)
     dummy = layout.counts  # stands in for cu_seqlens when padded (never read)
     cu_q = cu_seqlens_q if packed else dummy
     cu_k = cu_seqlens_k if packed else dummy
     sq_fixed = 0 if packed else q.shape[2]
     sk_fixed = 0 if packed else k.shape[2]
-    counts, idx = layout.counts, layout.indices
-    steps = max(1, math.ceil(math.log2(layout.max_blocks + 1)))
-    _plan_kernel[(batch * hq, triton.cdiv(nq, _PLAN_LANES))](
-        counts, idx, cu_q, cu_k, plan, *counts.stride(), *idx.stride(),
-        hq, nq, sq_fixed, sk_fixed,
-        BQ=bq, BK=bk, CAUSAL=causal, VARLEN=packed, STEPS=steps, LANES=_PLAN_LANES,
-    )
+    idx = layout.indices
     if return_lse:
         ls = (0, 1, hq) if packed else lse.stride()
     else:
         ls = (0, 0, 0)
     m_tiles = max(1, math.ceil(max_seqlen_q / cfg.block_m))
+    # Everything the attention launch needs is ready before the plan launch, so the two follow each other.
     kd, vd = _descriptors(k, v, cfg.block_n, packed) if cfg.tma else (None, None)
+    plan = _plan(layout, causal, packed, batch, hq, nq, cu_q, cu_k, sq_fixed, sk_fixed)
     _attn_kernel[(m_tiles * (hq // hkv), batch * hkv)](
         q, k, v, kd or k, vd or v, out, lse, plan, idx, cu_q, cu_k,
         *_strides4(q, packed), *_strides4(k, packed), *_strides4(v, packed), *_strides4(out, packed),
@@ -330,6 +325,47 @@ def forward(
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
     return (out, lse) if return_lse else out
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    """torch's in-place edit counter of t; None for inference-mode tensors, which have none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def _plan(layout, causal: bool, packed: bool, batch: int, hq: int, nq: int, cu_q, cu_k, sq_fixed: int,
+          sk_fixed: int) -> torch.Tensor:
+    """(n_full, n_visible) per (batch, head, query block), int32 [B * Hq * nq * 2], from `_plan_kernel`.
+
+    For padded inputs the plan is kept on the layout and reused by later calls with the same layout,
+    causal flag and lengths (like a FlexAttention BlockMask built once): a repeated call is one launch.
+    The key includes the index tensors' addresses and torch version counters, so replacing them or
+    editing them in place with torch ops invalidates it; writes by other kernels (which torch does not
+    see) are not detected: treat a layout as read-only once it has been used. Packed (varlen) calls
+    depend on the cu_seqlens values and are planned every time, as are layouts made in inference mode
+    (torch keeps no version counter for those).
+    """
+    counts, idx = layout.counts, layout.indices
+    key = None
+    versions = (_version(counts), _version(idx))
+    if not packed and None not in versions:
+        key = (bool(causal), sq_fixed, sk_fixed, counts.data_ptr(), idx.data_ptr(), versions)
+        cached = layout.__dict__.get("_plan_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+    plan = torch.empty(batch * hq * nq * 2, dtype=torch.int32, device=counts.device)
+    steps = max(1, math.ceil(math.log2(layout.max_blocks + 1)))
+    _plan_kernel[(batch * hq, triton.cdiv(nq, _PLAN_LANES))](
+        counts, idx, cu_q, cu_k, plan, *counts.stride(), *idx.stride(),
+        hq, nq, sq_fixed, sk_fixed,
+        BQ=layout.block_size_q, BK=layout.block_size_k, CAUSAL=causal, VARLEN=packed, STEPS=steps,
+        LANES=_PLAN_LANES,
+    )
+    if key is not None:
+        layout.__dict__["_plan_cache"] = (key, plan)
+    return plan
 
 
 def _descriptors(k, v, block_n: int, packed: bool):
