@@ -32,7 +32,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-METHODS = ("a_shape", "vertical_slash", "block_sparse", "minference")
+METHODS = ("a_shape", "vertical_slash", "vs_pairs", "block_sparse", "minference")
+# "vs_pairs": vertical_slash with share_heads=2 (one index per pair of query heads of a GQA group, two heads
+# per kernel program); same budgets, so the same amount of attention work as "vertical_slash".
 
 
 def parse_args(argv=None):
@@ -117,15 +119,18 @@ def method_phases(name, args, q, k, v):
         return [("total", total)], config[0]
     if name == "a_shape":
         config, density = {"pattern": "a_shape", "sink": args.sink, "window": args.window}, None
-    elif name == "vertical_slash":
+    elif name in ("vertical_slash", "vs_pairs"):
         config, density = {"pattern": "vertical_slash", "vertical_size": args.vertical_size,
                            "slash_size": args.slash_size}, None
+        if name == "vs_pairs":
+            common["share_heads"] = 2
     else:
         config = {"pattern": "block_sparse", "top_k": args.top_k}
         density = None if args.top_k is not None else args.density
     configs = [config] * q.shape[1]
     phases = [
-        ("estimate", lambda _: dispatch.estimate_pattern(config["pattern"], q, k, configs, density=density, **common)),
+        ("estimate", lambda _: dispatch.estimate_pattern(config["pattern"], q, k, configs, density=density,
+                                                         **common)),
         ("index", lambda est: dispatch.build_pattern(config["pattern"], est, q, k, configs, block_size=64)),
         ("attention", lambda layout: (dispatch.attend(q, k, v, layout, causal=True, scale=None), layout)),
     ]

@@ -79,7 +79,7 @@ def methods(out: Path) -> None:
             continue
         g = lambda key: f"{r[key]:.2f}" if r.get(key) is not None else "-"  # noqa: E731
         bar = ""
-        if name == "vertical_slash" and r["seqlen"] in targets:
+        if name in ("vertical_slash", "vs_pairs") and r["seqlen"] in targets:
             bar = f">={targets[r['seqlen']]:.0f}x " + _mark(r["speedup"] >= targets[r["seqlen"]])
             if r["seqlen"] == 131072 and r.get("est_index_frac") is not None:
                 bar += f", est+idx {100 * r['est_index_frac']:.1f}% " + _mark(r["est_index_frac"] <= 0.10)

@@ -68,12 +68,13 @@ def _budget(configs: Sequence[Dict[str, Any]], key: str) -> torch.Tensor:
 
 
 def estimate_pattern(pattern: str, q, k, configs, *, causal: bool, scale: Optional[float], block_size: int,
-                     last_q: int, density: Optional[float] = None):
-    """Phase 1, online estimation (nothing for a_shape). `configs`: one head dict per query head of q."""
+                     last_q: int, density: Optional[float] = None, share_heads: int = 1):
+    """Phase 1, online estimation (nothing for a_shape). `configs`: one head dict per query head of q.
+    share_heads (vertical_slash): one estimate per run of that many query heads of a GQA group."""
     if pattern == "vertical_slash":
         return estimate_vertical_slash(q, k, vertical_size=_budget(configs, "vertical_size"),
                                        slash_size=_budget(configs, "slash_size"), last_q=last_q,
-                                       causal=causal, scale=scale)
+                                       causal=causal, scale=scale, share_heads=share_heads)
     if pattern == "block_sparse":
         top_k = None if density is not None else _budget(configs, "top_k")
         return estimate_block_topk(q, k, top_k=top_k, density=density, block_size=block_size, causal=causal)
@@ -93,7 +94,8 @@ def _build_vertical_slash_index(vertical, slash, seqlen_q: int, seqlen_k: int, b
 
 
 def build_pattern(pattern: str, estimate, q, k, configs, *, block_size: int):
-    """Phase 2, the sparse index (a BlockLayout or a VerticalSlashLayout) over q's heads."""
+    """Phase 2, the sparse index (a BlockLayout or a VerticalSlashLayout) over q's heads. A vertical-slash
+    estimate made for runs of query heads (share_heads) is built once per run and repeated."""
     b, h, sq = q.shape[:3]
     sk = k.shape[2]
     if pattern == "a_shape":
@@ -101,7 +103,8 @@ def build_pattern(pattern: str, estimate, q, k, configs, *, block_size: int):
                               block_size=block_size, device=q.device)
     if pattern == "vertical_slash":
         vertical, slash = estimate
-        return _build_vertical_slash_index(vertical, slash, sq, sk, block_size)
+        layout = _build_vertical_slash_index(vertical, slash, sq, sk, block_size)
+        return layout.repeat_heads(h // vertical.shape[1]) if vertical.shape[1] != h else layout
     if pattern == "block_sparse":
         return block_topk_layout(estimate, sq, sk, block_size)
     raise ValueError(f"pattern: expected one of a_shape, vertical_slash, block_sparse, got {pattern!r}")

@@ -257,6 +257,9 @@ class VerticalSlashLayout(_Layout):
     column_counts:  int32 [batch, heads, num_query_blocks]
     column_indices: int32 [batch, heads, num_query_blocks, max_columns] strictly increasing,
                     never inside one of the same query block's ranges (nothing is counted twice).
+    shared_heads:   n >= 1: heads come in runs of n (0..n-1, n..2n-1, ...) with identical entries, as
+                    `repeat_heads(n)` makes them; with an even n and an even GQA group the kernel serves
+                    two query heads from one stream of key/value tiles. 1: no promise.
     """
 
     range_counts: torch.Tensor
@@ -268,9 +271,11 @@ class VerticalSlashLayout(_Layout):
     seqlen_q: int
     seqlen_k: int
     validate: bool = True
+    shared_heads: int = 1
 
     def __post_init__(self):
         dev = self.range_counts.device
+        check_positive_int("shared_heads", self.shared_heads)
         check_tensor("range_counts", self.range_counts, ndim=3, dtypes=INDEX_DTYPES)
         check_tensor("range_starts", self.range_starts, ndim=4, dtypes=INDEX_DTYPES, device=dev)
         check_tensor("range_ends", self.range_ends, ndim=4, dtypes=INDEX_DTYPES, device=dev)
@@ -289,8 +294,22 @@ class VerticalSlashLayout(_Layout):
             )
         if tuple(self.column_counts.shape) != lead:
             raise ValueError(f"column_counts: expected shape {lead}, got {tuple(self.column_counts.shape)}")
+        if lead[1] % self.shared_heads:
+            raise ValueError(f"shared_heads: expected a divisor of the number of heads ({lead[1]}), "
+                             f"got {self.shared_heads}")
         if self.validate:
             self.check_values()
+
+    def _parts(self):
+        return (self.range_counts, self.range_starts, self.range_ends, self.column_counts, self.column_indices)
+
+    def repeat_heads(self, n: int) -> "VerticalSlashLayout":
+        """Each head's index used by n consecutive heads (a layout with n x the heads, shared_heads x n):
+        one estimate per run of query heads of a GQA group, see estimate_vertical_slash(share_heads=)."""
+        check_positive_int("n", n)
+        parts = [t.repeat_interleave(n, dim=1) for t in self._parts()]
+        return VerticalSlashLayout(*parts, self.block_size_q, self.seqlen_q, self.seqlen_k, validate=False,
+                                   shared_heads=self.shared_heads * n)
 
     def _counts(self) -> torch.Tensor:
         return self.range_counts
@@ -309,6 +328,18 @@ class VerticalSlashLayout(_Layout):
     def check_values(self) -> None:
         sk = self.seqlen_k
         rc, cc = self.range_counts, self.column_counts
+        n = self.shared_heads
+        if n > 1:
+            b, h = rc.shape[:2]
+            live_r, live_c = self._live(rc, self.max_ranges), self._live(cc, self.max_columns)
+            for name, t, live in (("range_counts", rc, None), ("column_counts", cc, None),
+                                  ("range_starts", self.range_starts, live_r), ("range_ends", self.range_ends, live_r),
+                                  ("column_indices", self.column_indices, live_c)):
+                t = t if live is None else torch.where(live, t, -1)  # entries past the counts are free
+                runs = t.reshape(b, h // n, n, *t.shape[2:])
+                if not torch.equal(runs, runs[:, :, :1].expand_as(runs)):
+                    raise ValueError(f"{name}: shared_heads={n} promises identical entries within each run of "
+                                     f"{n} heads, but they differ")
         if (rc < 0).any() or (rc > self.max_ranges).any():
             raise ValueError(f"range_counts: expected values in [0, {self.max_ranges}] (range_starts.shape[-1])")
         if (cc < 0).any() or (cc > self.max_columns).any():
@@ -363,5 +394,5 @@ class VerticalSlashLayout(_Layout):
         return VerticalSlashLayout(
             self.range_counts.to(device), self.range_starts.to(device), self.range_ends.to(device),
             self.column_counts.to(device), self.column_indices.to(device), self.block_size_q,
-            self.seqlen_q, self.seqlen_k, validate=False,
+            self.seqlen_q, self.seqlen_k, validate=False, shared_heads=self.shared_heads,
         )

@@ -21,6 +21,7 @@ import torch
 from ._checks import warn_once
 from . import dispatch
 from .ops.reference import AttentionInputs
+from .estimators.vertical_slash import check_share_heads
 from .profiles import check_head_config
 
 __all__ = [
@@ -93,12 +94,12 @@ def _dense_result(q, k, v, causal, scale):
     return out, dispatch.LayerPlan(q.shape[0], q.shape[1], causal), ["dense"] * q.shape[1]
 
 
-def _uniform(q, k, v, config, *, causal, scale, block_size, last_q=64, density=None):
+def _uniform(q, k, v, config, *, causal, scale, block_size, last_q=64, density=None, share_heads=1):
     """Every head with one pattern: one estimator call, one kernel launch, no head gathering."""
     pattern = config["pattern"]
     configs = [config] * q.shape[1]
     est = dispatch.estimate_pattern(pattern, q, k, configs, causal=causal, scale=scale, block_size=block_size,
-                           last_q=last_q, density=density)
+                                    last_q=last_q, density=density, share_heads=share_heads)
     layout = dispatch.build_pattern(pattern, est, q, k, configs, block_size=block_size)
     out = dispatch.attend(q, k, v, layout, causal=causal, scale=scale)
     every = (list(range(q.shape[1])), list(range(k.shape[1])), layout)
@@ -126,13 +127,15 @@ def _run_a_shape(q, k, v, *, causal, scale, head_config, sink, window, block_siz
 
 
 def _run_vertical_slash(q, k, v, *, causal, scale, head_config, vertical_size, slash_size, last_q, block_size,
-                        min_seqlen):
+                        share_heads, min_seqlen):
+    check_share_heads(share_heads, q.shape[1], k.shape[1])  # a config that does not fit the model fails early
     if q.shape[2] < min_seqlen:
         return _dense_result(q, k, v, causal, scale)
     if not causal:
         return _needs_causal("vertical_slash", q, k, v, causal, scale)
     config = {"pattern": "vertical_slash", "vertical_size": vertical_size, "slash_size": slash_size}
-    return _uniform(q, k, v, config, causal=causal, scale=scale, block_size=block_size, last_q=last_q)
+    return _uniform(q, k, v, config, causal=causal, scale=scale, block_size=block_size, last_q=last_q,
+                    share_heads=share_heads)
 
 
 def _run_block_sparse(q, k, v, *, causal, scale, head_config, top_k, density, block_size, min_seqlen):
@@ -192,11 +195,15 @@ register_method(Method(
 ))
 register_method(Method(
     "vertical_slash", "MInference vertical-slash: top key columns + top diagonals, estimated from the last queries",
-    {"vertical_size": 1000, "slash_size": 6096, "last_q": 64, "block_size": 64, "min_seqlen": DEFAULT_MIN_SEQLEN},
+    {"vertical_size": 1000, "slash_size": 6096, "last_q": 64, "block_size": 64, "share_heads": 1,
+     "min_seqlen": DEFAULT_MIN_SEQLEN},
     _run_vertical_slash,
     {"vertical_size": "key columns kept per head (clipped to seqlen_k; the first 64 tokens always)",
      "slash_size": "diagonals kept per head (clipped to seqlen_k; offsets 0..63 always)",
      "last_q": "queries at the end of the input used to estimate", "block_size": "query rows per block of the index",
+     "share_heads": "1: an index per head (MInference); n (dividing the GQA group): one per run of n query heads, "
+                    "chosen from their summed scores; with an even n the kernel serves two heads per K/V stream "
+                    "(faster; recall falls where the run's heads disagree)",
      "min_seqlen": _MIN_SEQLEN_DOC},
     pattern="vertical_slash",
 ))

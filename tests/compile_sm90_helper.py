@@ -110,9 +110,15 @@ def _run_all() -> None:
     build_vertical_slash_index(vertical, slash, s, s, 64, backend="triton")
     vs_layout = build_vertical_slash_index(vertical, slash, s, s, 64, backend="torch")
     vs_kernel.not_supported_reasons = lambda *a, **kw: []
-    for dtype in (torch.bfloat16, torch.float32):
+    # one and two heads per program (two: a shared index), K/V through TMA (16-bit) and through pointers
+    pairs = build_vertical_slash_index(vertical[:, ::2], slash[:, ::2], s, s, 64, backend="torch").repeat_heads(2)
+    real_vs_descriptors = vs_kernel._descriptors
+    for dtype, lay, tma in ((torch.bfloat16, vs_layout, True), (torch.float32, vs_layout, False),
+                            (torch.bfloat16, pairs, True), (torch.bfloat16, pairs, False)):
         q, k, v = qkv(128, dtype)
-        vs_kernel.vertical_slash_attention(q, k, v, vs_layout, return_lse=True)
+        vs_kernel._descriptors = tma_descriptors if tma else real_vs_descriptors
+        vs_kernel.vertical_slash_attention(q, k, v, lay, return_lse=lay is vs_layout)
+    vs_kernel._descriptors = real_vs_descriptors
     q, k, v = qkv(128, torch.bfloat16, packed=True)
     vs2 = build_vertical_slash_index(vertical.expand(2, h, 30), slash.expand(2, h, 20), s, s, 64, backend="torch")
     vs_kernel.vertical_slash_attention(q, k, v, vs2, cu_seqlens_q=cu, cu_seqlens_k=cu)

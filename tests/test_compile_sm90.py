@@ -59,7 +59,7 @@ def test_attention_kernels_are_pipelined(compiled):
         if k["name"] == "_attn_kernel" and c.get("DOT_PREC") != "ieee":  # "ieee": fp32 inputs
             d, bm, bn = c["BLOCK_D"], c["BLOCK_M"], c["BLOCK_N"]
         elif k["name"] == "_vs_attn_kernel" and c.get("PREC") != "ieee":
-            d, bm, bn = c["D"], c["BM"], c["BN"]
+            d, bm, bn = c["D"], c["BM"] * c.get("HP", 1), c["BN"]
         else:
             continue
         need = _tile_bytes(bm, d) + k["num_stages"] * 2 * _tile_bytes(bn, d)

@@ -116,6 +116,29 @@ def test_vertical_slash_gqa_equals_repeated_kv_and_head_chunks(monkeypatch):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+def test_vertical_slash_share_heads():
+    """One choice per run of heads: with the run's heads identical it is each head's own choice; budgets
+    must agree within a run and the run must divide the GQA group."""
+    q, k = _qk(b=2, hq=4, hkv=1, sq=256, sk=256)
+    twins = q[:, ::2].repeat_interleave(2, dim=1)  # heads 0 = 1 and 2 = 3
+    own = estimate_vertical_slash(twins, k, vertical_size=[70, 70, 90, 90], slash_size=80, last_q=32)
+    shared = estimate_vertical_slash(twins, k, vertical_size=[70, 70, 90, 90], slash_size=80, last_q=32,
+                                     share_heads=2)
+    assert shared[0].shape == (2, 2, 90) and shared[1].shape == (2, 2, 80)
+    assert torch.equal(shared[0], own[0][:, ::2]) and torch.equal(shared[1], own[1][:, ::2])
+    # distinct heads: the run's choice keeps the forced entries and exact budgets, and is not head 0's alone
+    v4, s4 = estimate_vertical_slash(q, k, vertical_size=70, slash_size=80, last_q=32, share_heads=4)
+    assert v4.shape == (2, 1, 70) and len(v4[0, 0].unique()) == 70 and len(s4[1, 0].unique()) == 80
+    assert torch.isin(torch.arange(FORCED_COLUMNS), v4[0, 0]).all()
+    assert torch.isin(torch.arange(FORCED_SLASHES), s4[0, 0]).all()
+    alone = estimate_vertical_slash(q, k, vertical_size=70, slash_size=80, last_q=32)
+    assert not torch.equal(v4[:, 0], alone[0][:, 0])
+    with pytest.raises(ValueError, match="vertical_size: with share_heads=2 every run of 2 heads needs one budget"):
+        estimate_vertical_slash(q, k, vertical_size=[70, 80, 90, 90], slash_size=80, share_heads=2)
+    with pytest.raises(ValueError, match="share_heads: expected a positive int dividing"):
+        estimate_vertical_slash(q, k, vertical_size=70, slash_size=80, share_heads=3)
+
+
 def _visible_blocks(sq, sk, bs):
     nq = -(-sq // bs)
     last = (torch.arange(nq) * bs + bs).clamp(max=sq) - 1 + sk - sq

@@ -76,6 +76,13 @@ def test_registry_lists_the_methods():
         assert "min_seqlen" in get_method(name).defaults
 
 
+def test_share_heads_must_divide_the_gqa_group():
+    q, k, v = _inputs(hq=6, hkv=2)
+    with pytest.raises(ValueError, match=r"share_heads: expected a positive int dividing the query heads per kv "
+                                         r"head \(3\), got 2"):
+        sparse_attention(q, k, v, "vertical_slash", share_heads=2)
+
+
 def test_unknown_method_and_bad_kwargs_are_named():
     q, k, v = _inputs()
     with pytest.raises(ValueError, match="unknown method 'nope'.*a_shape"):
@@ -153,6 +160,7 @@ def test_full_budget_equals_dense(method, sq, sk):
 @pytest.mark.parametrize("method,kwargs", [
     ("a_shape", {"sink": 64, "window": 64}),
     ("vertical_slash", {"vertical_size": 66, "slash_size": 66, "last_q": 32}),
+    ("vertical_slash", {"vertical_size": 66, "slash_size": 66, "last_q": 32, "share_heads": 2}),
     ("block_sparse", {"top_k": 2}),
     ("block_sparse", {"density": 0.3}),
 ])
@@ -170,9 +178,12 @@ def test_sparse_path_equals_reference_with_its_own_index(method, kwargs, monkeyp
     merged = check_method_kwargs(method, dict(kwargs, min_seqlen=0))
     configs = [{"pattern": m.pattern, **{key: merged[key] for key in BUDGET_KEYS if key in merged}}] * 4
     est = dispatch.estimate_pattern(m.pattern, q, k, configs, causal=True, scale=None, block_size=64,
-                                    last_q=merged.get("last_q", 64), density=merged.get("density"))
+                                    last_q=merged.get("last_q", 64), density=merged.get("density"),
+                                    share_heads=merged.get("share_heads", 1))
     again = dispatch.build_pattern(m.pattern, est, q, k, configs, block_size=64)
     assert torch.equal(again.to_dense(), layout.to_dense())
+    if merged.get("share_heads", 1) > 1:
+        assert layout.shared_heads == 2 and torch.equal(layout.to_dense()[:, ::2], layout.to_dense()[:, 1::2])
 
 
 def test_short_inputs_run_dense_and_a_shape_sparsifies_decode():
@@ -259,6 +270,7 @@ def test_minference_default_is_uniform_vertical_slash_scaled_to_length():
 @pytest.mark.parametrize("method,kwargs", [
     ("a_shape", {"sink": 128, "window": 512}),
     ("vertical_slash", {"vertical_size": 200, "slash_size": 96}),  # random data: 500 diagonals cover all keys
+    ("vertical_slash", {"vertical_size": 200, "slash_size": 96, "share_heads": 2}),
     ("block_sparse", {"top_k": 8}),
     ("minference", {}),
 ])

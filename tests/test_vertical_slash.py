@@ -128,6 +128,47 @@ def test_hand_made_ranges(causal, dtype):
     assert_close_to_reference(q, k, v, layout, causal=causal)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("group, sq, sk", [(2, 300, 520), (4, 131, 131), (4, 200, 90)])
+def test_shared_heads_two_per_program(causal, group, sq, sk):
+    """Heads sharing their index run two per program (one 128-row tile of two heads' 64-row blocks):
+    same result as the reference; a layout without the promise, or an odd group, runs one per program."""
+    gen = torch.Generator().manual_seed(group + sq)
+    b, hkv, bq = 2, 2, 64
+    hq = hkv * group
+    layout = hand_made_layout(gen, b, hq // 2, sq, sk, bq, widths=[1, 5, 64, 65, 130]).repeat_heads(2)
+    assert layout.shared_heads == 2 and layout.num_heads == hq
+    assert vs_kernel.heads_per_program(layout, group, fp32=False) == 2
+    assert vs_kernel.heads_per_program(layout, 3, fp32=False) == 1
+    q = torch.randn(b, hq, sq, 32, generator=gen).half()
+    k, v = (torch.randn(b, hkv, sk, 32, generator=gen).half() for _ in range(2))
+    assert_close_to_reference(q, k, v, layout, causal=causal)
+    # HF's [B, S, H, D] memory, and packed varlen sequences
+    qt, kt, vt = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    assert_close_to_reference(qt, kt, vt, layout, causal=causal)
+    if sq <= sk:
+        cu_q = torch.tensor([0, sq - 7, 2 * sq - 7], dtype=torch.int32)
+        cu_k = torch.tensor([0, sk - 7, 2 * sk - 7], dtype=torch.int32)
+        qp = q.transpose(1, 2).flatten(0, 1)[: 2 * sq - 7]
+        kp, vp = (x.transpose(1, 2).flatten(0, 1)[: 2 * sk - 7] for x in (k, v))
+        assert_close_to_reference(qp, kp, vp, layout, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+
+
+def test_shared_heads_promise_is_checked():
+    gen = torch.Generator().manual_seed(5)
+    layout = hand_made_layout(gen, 1, 4, 100, 100, 32, widths=[3, 40])
+    parts = dict(range_counts=layout.range_counts, range_starts=layout.range_starts, range_ends=layout.range_ends,
+                 column_counts=layout.column_counts, column_indices=layout.column_indices, block_size_q=32,
+                 seqlen_q=100, seqlen_k=100)
+    with pytest.raises(ValueError, match="shared_heads=2 promises identical entries"):
+        VerticalSlashLayout(**parts, shared_heads=2)
+    with pytest.raises(ValueError, match="shared_heads: expected a divisor of the number of heads"):
+        VerticalSlashLayout(**parts, shared_heads=3)
+    twice = layout.repeat_heads(2)
+    VerticalSlashLayout(**{n: getattr(twice, n) for n in parts}, shared_heads=2)  # the promise holds
+    assert torch.equal(twice.to_dense()[:, ::2], layout.to_dense())
+
+
 def test_rows_without_keys():
     """More queries than keys: the first rows see no key (0, lse -inf); one long range, many tiles."""
     torch.manual_seed(1)
@@ -220,6 +261,22 @@ def test_gpu_varlen_and_views():
     qh = torch.randn(1, 4096, 8, 128, device=dev, dtype=dt).transpose(1, 2)
     kh, vh = torch.randn(2, 1, 4096, 2, 128, device=dev, dtype=dt).transpose(2, 3)
     assert_close_to_reference(qh, kh, vh, random_layout(1, 8, 4096, 4096, 64, nv=100, ns=100, device=dev))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_shared_heads_pairs_and_tma(dtype):
+    """Two heads per program with K/V through TMA, on contiguous and HF-transposed inputs; odd lengths."""
+    torch.manual_seed(7)
+    sq = sk = 8000
+    q = torch.randn(1, 8, sq, 128, device="cuda", dtype=dtype)
+    k, v = torch.randn(2, 1, 2, sk, 128, device="cuda", dtype=dtype)
+    layout = random_layout(1, 4, sq, sk, 64, nv=300, ns=400, device="cuda", seed=7).repeat_heads(2)
+    assert vs_kernel.heads_per_program(layout, 4, fp32=False) == 2
+    assert vs_kernel._descriptors(k, v, 64, False)[0] is not None
+    assert_close_to_reference(q, k, v, layout)
+    qh, kh, vh = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    assert_close_to_reference(qh, kh, vh, layout)
 
 
 @pytest.mark.gpu

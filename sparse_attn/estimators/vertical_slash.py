@@ -17,7 +17,8 @@ import torch
 
 from .a_shape import PerHead, per_head
 
-__all__ = ["estimate_vertical_slash", "vertical_slash_scores", "diagonal_sums", "FORCED_COLUMNS", "FORCED_SLASHES"]
+__all__ = ["estimate_vertical_slash", "vertical_slash_scores", "diagonal_sums", "check_share_heads", "FORCED_COLUMNS",
+           "FORCED_SLASHES"]
 
 FORCED_COLUMNS = 64
 FORCED_SLASHES = 64
@@ -39,6 +40,15 @@ def diagonal_sums(p: torch.Tensor) -> torch.Tensor:
     flipped = torch.nn.functional.pad(p, (length, 0)).flip(-1).contiguous()
     view = flipped.as_strided((n, length, sk), (length * width, width - 1, 1), flipped.storage_offset() + length - 1)
     return view.sum(1)
+
+
+def check_share_heads(share_heads, num_heads: int, num_kv_heads: int) -> int:
+    """share_heads: a positive int dividing the GQA group (query heads per kv head)."""
+    group = num_heads // num_kv_heads
+    if isinstance(share_heads, bool) or not isinstance(share_heads, int) or share_heads < 1 or group % share_heads:
+        raise ValueError(f"share_heads: expected a positive int dividing the query heads per kv head ({group}), "
+                         f"got {share_heads!r}")
+    return share_heads
 
 
 def _forced(scores: torch.Tensor, n_forced: int, ceiling: float) -> None:
@@ -114,8 +124,9 @@ def estimate_vertical_slash(
     causal: bool = True,
     scale: Optional[float] = None,
     backend: str = "auto",
+    share_heads: int = 1,
 ):
-    """Choose vertical key columns and slash diagonals per query head.
+    """Choose vertical key columns and slash diagonals per query head (or per run of query heads).
 
     q [B, Hq, Sq, D], k [B, Hkv, Sk, D] (GQA: Hq a multiple of Hkv; k is never repeated).
     vertical_size / slash_size: an int or one per query head; clipped to seqlen_k.
@@ -123,6 +134,12 @@ def estimate_vertical_slash(
     int32 [B, Hq, max slash_size] diagonal offsets, each sorted ascending. A head whose budget is below
     the maximum repeats its best-scoring id (the first forced column / the main diagonal) to fill the row,
     so duplicates may appear and mean nothing more. backend: see vertical_slash_scores.
+
+    share_heads = n > 1: one choice per run of n consecutive query heads of a GQA group (n must divide
+    Hq / Hkv), from the sum of the run's scores; the budgets must be equal within a run. Returns
+    [B, Hq / n, ...]; build the index from them and `repeat_heads(n)` it: the attention kernel then
+    serves two heads from one stream of K/V tiles. Each head keeps the same number of entries, but
+    chosen for the run, so a head's recall can only fall where the run's heads disagree.
     """
     b, hq, sq, d = q.shape
     sk = k.shape[2]
@@ -130,7 +147,19 @@ def estimate_vertical_slash(
     last_q = max(1, min(int(last_q), sq, sk))
     nv = per_head("vertical_size", vertical_size, hq, minimum=1).clamp(max=sk)
     ns = per_head("slash_size", slash_size, hq, minimum=1).clamp(max=sk)
+    n = check_share_heads(share_heads, hq, k.shape[1])
+    if n > 1:
+        for name, sizes in (("vertical_size", nv), ("slash_size", ns)):
+            runs = sizes.view(-1, n)
+            if not bool((runs == runs[:, :1]).all()):
+                raise ValueError(f"{name}: with share_heads={n} every run of {n} heads needs one budget, "
+                                 f"got {sizes.tolist()}")
+        nv, ns = nv[::n], ns[::n]
     v_scores, s_scores = vertical_slash_scores(q, k, last_q=last_q, scale=scale, causal=causal, backend=backend)
-    _forced(v_scores, FORCED_COLUMNS, float(last_q))
-    _forced(s_scores, FORCED_SLASHES, float(last_q))
+    if n > 1:
+        v_scores = v_scores.unflatten(1, (hq // n, n)).sum(2)
+        s_scores = s_scores.unflatten(1, (hq // n, n)).sum(2)
+    ceiling = float(last_q * n)  # no score exceeds it: each of n heads' last_q rows sums to 1
+    _forced(v_scores, FORCED_COLUMNS, ceiling)
+    _forced(s_scores, FORCED_SLASHES, ceiling)
     return _topk_padded(v_scores, nv), _topk_padded(s_scores, ns)

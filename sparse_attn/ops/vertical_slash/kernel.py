@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ..._checks import warn_once
 from ...layouts import VerticalSlashLayout
-from ..block_sparse.kernel import _count_below, _interpreter_index_fix
+from ..block_sparse.kernel import _count_below, _descriptors, _interpreter_index_fix
 from ..reference import check_attention_inputs, reference_attention
 
 __all__ = ["vertical_slash_attention", "not_supported_reasons"]
@@ -40,6 +40,8 @@ _LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
 # Launch configuration for 16-bit inputs by query block size (fp32 takes half the key tile, 2 stages).
 CONFIG = {64: {"BN": 64, "num_warps": 4, "num_stages": 3}, 128: {"BN": 64, "num_warps": 8, "num_stages": 3}}
+# Two heads per program (a 128-row tile of two heads' 64-row blocks): overrides CONFIG[128].
+PAIR_CONFIG = {"BN": 64, "num_warps": 8, "num_stages": 2, "maxnreg": 128}
 BLOCK_SIZES_Q = (16, 32, 64, 128)
 _LANES = 64  # blocks per program of the count kernel; ranges at a time in the tiles kernel
 _COUNTS = 4  # per block: tiles, tiles every row sees whole, visible columns, columns every row sees
@@ -157,10 +159,12 @@ def _fold(acc, m_i, l_i, q, k, v, ok, qk_scale, MASK: tl.constexpr, GUARD: tl.co
 
 
 @triton.jit
-def _range_tiles(acc, m_i, l_i, q, Kb, Vb, T_START, T_END, lo, hi, rows, off, qk_scale,
+def _range_tiles(acc, m_i, l_i, q, Kb, Vb, KD, VD, b32, hk32, T_START, T_END, lo, hi, rows, off, qk_scale,
                  s_kn, s_kd, s_vn, s_vd, BN: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr,
-                 PREC: tl.constexpr):
-    """Tiles lo..hi of the block's tile list; CAUSAL: they may cross the diagonal."""
+                 PREC: tl.constexpr, TMA: tl.constexpr):
+    """Tiles lo..hi of the block's tile list; CAUSAL: they may cross the diagonal. TMA: K/V tiles come
+    through tensor descriptors from the tile's start (keys past its end are real keys of the sequence, or
+    zeros past the last one, and are masked out of the scores)."""
     lane = tl.arange(0, BN)
     d = tl.arange(0, D)
     k_off = lane[None, :] * s_kn + d[:, None] * s_kd  # 32-bit and loop-invariant; the tile start is 64-bit
@@ -169,8 +173,12 @@ def _range_tiles(acc, m_i, l_i, q, Kb, Vb, T_START, T_END, lo, hi, rows, off, qk
         start = tl.load(T_START + t)
         width = tl.load(T_END + t) - start
         inside = lane < width
-        k = tl.load(Kb + start.to(tl.int64) * s_kn + k_off, mask=inside[None, :], other=0.0)
-        v = tl.load(Vb + start.to(tl.int64) * s_vn + v_off, mask=inside[:, None], other=0.0)
+        if TMA:
+            k = tl.trans(KD.load([b32, hk32, start, 0]).reshape(BN, D))
+            v = VD.load([b32, hk32, start, 0]).reshape(BN, D)
+        else:
+            k = tl.load(Kb + start.to(tl.int64) * s_kn + k_off, mask=inside[None, :], other=0.0)
+            v = tl.load(Vb + start.to(tl.int64) * s_vn + v_off, mask=inside[:, None], other=0.0)
         ok = inside[None, :]
         if CAUSAL:
             ok = ok & (start + lane[None, :] <= rows[:, None] + off)
@@ -203,35 +211,44 @@ def _column_tiles(acc, m_i, l_i, q, Kb, Vb, cols, lo, hi, n_cols, rows, off, qk_
 
 @triton.jit
 def _vs_attn_kernel(
-    Q, K, V, O, LSE, COUNTS, FIRST_TILE, T_START, T_END, C_IDX, CU_Q, CU_K,
+    Q, K, V, KD, VD, O, LSE, COUNTS, FIRST_TILE, T_START, T_END, C_IDX, CU_Q, CU_K,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
     s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm,
     num_heads, group, nqb, max_columns, seqlen_q, seqlen_k, qk_scale,
-    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-    RETURN_LSE: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, HP: tl.constexpr, CAUSAL: tl.constexpr,
+    VARLEN: tl.constexpr, RETURN_LSE: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
 ):
-    # Axis 0: (query block, head of the GQA group), head fastest, last blocks first; axis 1: (batch, kv head).
-    qb = nqb - 1 - tl.program_id(0) // group
+    # One program: query block qb of HP query heads h0 .. h0 + HP - 1 of one GQA group (HP > 1 only when
+    # their indices are identical: the plan and index of h0 serve all). Its tile stacks the heads' rows,
+    # [HP * BM, D], so every K/V tile loaded is used by HP heads.
+    # Axis 0: (query block, run of HP heads of the group), heads fastest, last blocks first; axis 1:
+    # (batch, kv head).
+    per_kv = group // HP
+    qb = nqb - 1 - tl.program_id(0) // per_kv
     hk = tl.program_id(1) % (num_heads // group)
     b = tl.program_id(1) // (num_heads // group)
-    h = hk * group + tl.program_id(0) % group
+    h0 = hk * group + (tl.program_id(0) % per_kv) * HP
     q_start, sq, k_start, sk = _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
     q0 = qb * BM
     if q0 < sq:
         off = sk - sq
-        rows = q0 + tl.arange(0, BM)
+        i = tl.arange(0, HP * BM)
+        rows = q0 + i % BM  # query position of each tile row
+        heads = (h0 + i // BM).to(tl.int64)  # and its query head
         row_ok = rows < sq
         d = tl.arange(0, D)
         b64 = b.to(tl.int64)
         q_rows = (q_start + rows).to(tl.int64)
-        q = tl.load(Q + b64 * s_qb + h.to(tl.int64) * s_qh + q_rows[:, None] * s_qm + d[None, :] * s_qd,
+        q = tl.load(Q + b64 * s_qb + heads[:, None] * s_qh + q_rows[:, None] * s_qm + d[None, :] * s_qd,
                     mask=row_ok[:, None], other=0.0)
         Kb = K + b64 * s_kb + hk.to(tl.int64) * s_kh + k_start.to(tl.int64) * s_kn
         Vb = V + b64 * s_vb + hk.to(tl.int64) * s_vh + k_start.to(tl.int64) * s_vn
-        m_i = tl.full([BM], float("-inf"), tl.float32)
-        l_i = tl.zeros([BM], tl.float32)
-        acc = tl.zeros([BM, D], tl.float32)
-        block = (b64 * num_heads + h) * nqb + qb
+        b32 = b.to(tl.int32)  # TMA coordinates (padded inputs only: k_start is 0)
+        hk32 = hk.to(tl.int32)
+        m_i = tl.full([HP * BM], float("-inf"), tl.float32)
+        l_i = tl.zeros([HP * BM], tl.float32)
+        acc = tl.zeros([HP * BM, D], tl.float32)
+        block = (b64 * num_heads + h0) * nqb + qb
         n_tiles = tl.load(COUNTS + block * 4)
         n_full = tl.load(COUNTS + block * 4 + 1)
         n_cols = tl.load(COUNTS + block * 4 + 2)
@@ -239,10 +256,10 @@ def _vs_attn_kernel(
         first_tile = tl.load(FIRST_TILE + block)
         ts = T_START + first_tile
         te = T_END + first_tile
-        acc, m_i, l_i = _range_tiles(acc, m_i, l_i, q, Kb, Vb, ts, te, 0, n_full, rows, off, qk_scale,
-                                     s_kn, s_kd, s_vn, s_vd, BN, D, False, PREC)
-        acc, m_i, l_i = _range_tiles(acc, m_i, l_i, q, Kb, Vb, ts, te, n_full, n_tiles, rows, off, qk_scale,
-                                     s_kn, s_kd, s_vn, s_vd, BN, D, CAUSAL, PREC)
+        acc, m_i, l_i = _range_tiles(acc, m_i, l_i, q, Kb, Vb, KD, VD, b32, hk32, ts, te, 0, n_full, rows, off,
+                                     qk_scale, s_kn, s_kd, s_vn, s_vd, BN, D, False, PREC, TMA)
+        acc, m_i, l_i = _range_tiles(acc, m_i, l_i, q, Kb, Vb, KD, VD, b32, hk32, ts, te, n_full, n_tiles, rows,
+                                     off, qk_scale, s_kn, s_kd, s_vn, s_vd, BN, D, CAUSAL, PREC, TMA)
         cols = C_IDX + block * max_columns
         acc, m_i, l_i = _column_tiles(acc, m_i, l_i, q, Kb, Vb, cols, 0, n_seen, n_cols, rows, off, qk_scale,
                                       s_kn, s_kd, s_vn, s_vd, BN, D, False, CAUSAL, PREC)
@@ -251,12 +268,12 @@ def _vs_attn_kernel(
 
         seen = l_i > 0.0
         out = acc / tl.where(seen, l_i, 1.0)[:, None]  # rows that saw no key: acc is 0, so 0
-        tl.store(O + b64 * s_ob + h.to(tl.int64) * s_oh + q_rows[:, None] * s_om + d[None, :] * s_od,
+        tl.store(O + b64 * s_ob + heads[:, None] * s_oh + q_rows[:, None] * s_om + d[None, :] * s_od,
                  out.to(O.dtype.element_ty), mask=row_ok[:, None])
         if RETURN_LSE:
             lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
                            float("-inf"))
-            tl.store(LSE + b64 * s_lb + h.to(tl.int64) * s_lh + q_rows * s_lm, lse, mask=row_ok)
+            tl.store(LSE + b64 * s_lb + heads * s_lh + q_rows * s_lm, lse, mask=row_ok)
 
 
 def _on_interpreter() -> bool:
@@ -298,12 +315,24 @@ def _strides4(t: torch.Tensor, packed: bool):
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
 
-def launch_config(block_size_q: int, fp32: bool) -> dict:
-    """BN / warps / stages for a query block size (measured on H100, see bench/NOTES_vertical_slash.md)."""
-    cfg = dict(CONFIG[128 if block_size_q >= 128 else 64])
+def launch_config(block_size_q: int, fp32: bool, heads_per_program: int = 1) -> dict:
+    """BN / warps / stages / register cap for a tile of heads_per_program x block_size_q rows (measured on
+    H100, see bench/NOTES_vertical_slash.md)."""
+    rows = heads_per_program * block_size_q
+    cfg = dict(CONFIG[128 if rows >= 128 else 64])
+    if heads_per_program > 1:
+        cfg.update(PAIR_CONFIG)
     if fp32:
         cfg.update(BN=cfg["BN"] // 2, num_stages=2)
     return cfg
+
+
+def heads_per_program(layout: VerticalSlashLayout, group: int, fp32: bool) -> int:
+    """2 where two query heads of one GQA group share their index (layout.shared_heads even, group even)
+    and their stacked rows make a tile of at most 128 (16-bit inputs); else 1."""
+    if layout.shared_heads % 2 == 0 and group % 2 == 0 and layout.block_size_q <= 64 and not fp32:
+        return 2
+    return 1
 
 
 def _plan(layout: VerticalSlashLayout, cu, lengths, num_heads: int, bn: int, causal: bool, packed: bool):
@@ -363,6 +392,16 @@ def vertical_slash_attention(
     out, lse = _alloc_outputs(q, return_lse)
     if q.numel() == 0:
         return (out, lse) if return_lse else out
+    forward(q, k, v, layout, out, lse, shapes, causal=bool(causal), scale=scale, cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k)
+    return (out, lse) if return_lse else out
+
+
+def forward(q, k, v, layout, out, lse, shapes, *, causal: bool, scale: Optional[float], cu_seqlens_q=None,
+            cu_seqlens_k=None, config: Optional[dict] = None, heads: Optional[int] = None,
+            tma: Optional[bool] = None) -> None:
+    """Plan + attention into out (and lse). Inputs are assumed validated (see vertical_slash_attention).
+    config / heads / tma override the launch configuration, heads per program and TMA use (benchmarks)."""
     packed = shapes.packed
     head_dim = shapes.head_dim
     scale = head_dim ** -0.5 if scale is None else scale
@@ -370,20 +409,27 @@ def vertical_slash_attention(
     if lse is not None:
         lse_strides = (0, lse.stride(1), lse.stride(0)) if packed else lse.stride()
     fp32 = q.dtype == torch.float32
-    cfg = launch_config(layout.block_size_q, fp32)
+    group = shapes.num_heads // shapes.num_kv_heads
+    hp = heads_per_program(layout, group, fp32) if heads is None else heads
+    if group % hp or layout.shared_heads % hp:
+        raise ValueError(f"heads: {hp} heads per program must divide the GQA group ({group}) and "
+                         f"layout.shared_heads ({layout.shared_heads})")
+    cfg = config or launch_config(layout.block_size_q, fp32, hp)
+    kd = vd = None
+    if (not fp32) if tma is None else tma:
+        kd, vd = _descriptors(k, v, cfg["BN"], packed)
     dummy = layout.range_counts  # stands in for cu_seqlens when not packed (never read)
     cu = (cu_seqlens_q, cu_seqlens_k) if packed else (dummy, dummy)
     lengths = (shapes.max_seqlen_q, shapes.max_seqlen_k)
-    plan = _plan(layout, cu, lengths, shapes.num_heads, cfg["BN"], bool(causal), packed)
+    plan = _plan(layout, cu, lengths, shapes.num_heads, cfg["BN"], causal, packed)
     nqb = layout.num_query_blocks
-    group = shapes.num_heads // shapes.num_kv_heads
-    grid = (nqb * group, shapes.batch * shapes.num_kv_heads)
+    grid = (nqb * (group // hp), shapes.batch * shapes.num_kv_heads)
+    extra = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
     _vs_attn_kernel[grid](
-        q, k, v, out, lse if lse is not None else out, *plan, layout.column_indices, *cu,
+        q, k, v, kd or k, vd or v, out, lse if lse is not None else out, *plan, layout.column_indices, *cu,
         *_strides4(q, packed), *_strides4(k, packed), *_strides4(v, packed), *_strides4(out, packed),
         *lse_strides, shapes.num_heads, group, nqb, layout.max_columns, *lengths,
-        scale * _LOG2E, BM=layout.block_size_q, BN=cfg["BN"], D=head_dim, CAUSAL=bool(causal), VARLEN=packed,
-        RETURN_LSE=lse is not None, PREC="ieee" if fp32 else None, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        scale * _LOG2E, BM=layout.block_size_q, BN=cfg["BN"], D=head_dim, HP=hp, CAUSAL=causal, VARLEN=packed,
+        RETURN_LSE=lse is not None, PREC="ieee" if fp32 else None, TMA=kd is not None,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra,
     )
-    return (out, lse) if return_lse else out
