@@ -27,6 +27,37 @@ def bench_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def bench_graph_ms(fn: Callable[[], object], rep: int = 30, warmup: int = 5) -> float:
+    """Median GPU time of fn in ms without its host time: fn is captured once into a CUDA graph and each
+    timed replay follows the same L2 flush do_bench does. nan where fn cannot be captured (it syncs)."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as e:  # noqa: BLE001 - report, do not end the benchmark
+        print(f"bench_graph_ms: capture failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
+        torch.cuda.synchronize()
+        return float("nan")
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(warmup + rep)]
+    for start, end in events:
+        flush.zero_()
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(a.elapsed_time(b) for a, b in events[warmup:])
+    del graph
+    return float(times[len(times) // 2])
+
+
 def device_info() -> Dict[str, str]:
     import triton
 
