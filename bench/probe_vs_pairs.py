@@ -70,6 +70,9 @@ def main():
         ("pairs hp2 tma no maxnreg", "pairs", 2, True, dict(pair, maxnreg=0)),
         ("pairs hp2 tma 3 stages", "pairs", 2, True, dict(pair, num_stages=3, maxnreg=0)),
         ("pairs hp2 tma 4 warps", "pairs", 2, True, dict(pair, num_warps=4, maxnreg=0)),
+        ("pairs hp2 tma BN32 3 stages", "pairs", 2, True, dict(pair, BN=32, num_stages=3)),
+        ("pairs hp2 tma BN32 4 stages", "pairs", 2, True, dict(pair, BN=32, num_stages=4)),
+        ("pairs hp2 tma BN128 no maxnreg", "pairs", 2, True, dict(pair, BN=128, maxnreg=0)),
     ]
     rows = []
     print(f"{'variant':>28} {'ms':>8} {'max |diff| vs first of its layout':>34}", flush=True)

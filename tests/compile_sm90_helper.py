@@ -98,6 +98,7 @@ def _run_all() -> None:
         bs_kernel.forward(q, k, v, layout, causal=True, scale=0.1, packed=False, batch=1,
                           max_seqlen_q=s, return_lse=True, config=cfg)
     bs_kernel._descriptors = real_descriptors
+    _check_fast_launch(bs_kernel, layout, qkv, tma_descriptors)
     q, k, v = qkv(128, torch.bfloat16, packed=True)
     bs_kernel.forward(q, k, v, layout2, causal=True, scale=0.1, packed=True, batch=2, max_seqlen_q=600,
                       cu_seqlens_q=cu, cu_seqlens_k=cu)
@@ -122,6 +123,65 @@ def _run_all() -> None:
     q, k, v = qkv(128, torch.bfloat16, packed=True)
     vs2 = build_vertical_slash_index(vertical.expand(2, h, 30), slash.expand(2, h, 20), s, s, 64, backend="torch")
     vs_kernel.vertical_slash_attention(q, k, v, vs2, cu_seqlens_q=cu, cu_seqlens_k=cu)
+
+
+def _same(a, b) -> bool:
+    """One launch argument of the JIT path (a) and of the fast path (b) agree."""
+    if isinstance(a, torch.Tensor):
+        return (isinstance(b, torch.Tensor) and a.shape == b.shape and a.stride() == b.stride()
+                and a.dtype == b.dtype and a.data_ptr() % 16 == b.data_ptr() % 16)
+    if hasattr(a, "block_shape"):  # a TMA descriptor
+        return (a.base is b.base and list(a.shape) == list(b.shape) and list(a.strides) == list(b.strides)
+                and list(a.block_shape) == list(b.block_shape) and a.padding == b.padding)
+    return type(a) is type(b) and a == b
+
+
+def _check_fast_launch(bs_kernel, layout, qkv, tma_descriptors) -> None:
+    """Three public calls with one signature: the first through the JIT, the others through
+    bs_kernel.fast_forward; record what reaches the launcher and compare argument by argument."""
+    import sparse_attn.ops.block_sparse as bs_public
+
+    launches = []
+    real_run = triton_compiler.CompiledKernel.run
+    real_reasons, real_descriptors = bs_public.not_supported_reasons, bs_kernel._descriptors
+    real_fast = bs_kernel.fast_forward
+    hits = []
+
+    def fast(*a, **kw):
+        out = real_fast(*a, **kw)
+        hits.append(out is not None)
+        return out
+
+    def recorder(self):
+        self._init_handles()
+        return lambda *a, **kw: launches.append((self.name, a)) if self.name == "_attn_kernel" else None
+
+    triton_compiler.CompiledKernel.run = property(recorder)
+    bs_public.not_supported_reasons = lambda *a, **kw: []
+    bs_kernel._descriptors = tma_descriptors
+    bs_kernel.fast_forward = fast
+    try:
+        q, k, v = qkv(128, torch.bfloat16)
+        for _ in range(3):
+            bs_public.block_sparse_attention(q, k, v, layout, causal=True)
+    finally:
+        triton_compiler.CompiledKernel.run = real_run
+        bs_public.not_supported_reasons, bs_kernel._descriptors = real_reasons, real_descriptors
+        bs_kernel.fast_forward = real_fast
+    (_, jit), *rest = launches
+    mismatches, compared = [], 0
+    for _, args in rest:
+        if len(args) != len(jit):
+            mismatches.append(f"{len(args)} arguments, the JIT passed {len(jit)}")
+            continue
+        for i, (a, b) in enumerate(zip(jit, args)):
+            if i in (4, 5, 6):  # function handle, packed metadata, launch metadata: the kernel's own
+                continue
+            compared += 1
+            if not _same(a, b):
+                mismatches.append(f"argument {i}: {type(a).__name__} vs {type(b).__name__}")
+    print(json.dumps({"fast_path": {"jit_launches": hits.count(False), "fast_launches": hits.count(True),
+                                    "compared": compared, "mismatches": mismatches}}))
 
 
 def _constexprs(ck) -> dict:

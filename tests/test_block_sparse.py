@@ -290,6 +290,39 @@ def test_gpu_head_dims(head_dim):
 
 
 @pytest.mark.gpu
+def test_gpu_repeated_signature_takes_the_fast_launch(monkeypatch):
+    """The second call with a signature launches the remembered kernel without checks or JIT: fresh
+    inputs, another layout of the same geometry (its own plan and indices), HF views and lse all still
+    match the reference; a q whose base is not 16-byte aligned is another signature (the JIT's own
+    specialisation differs) and takes the checked path."""
+    hits = []
+    real = bs_kernel.fast_forward
+
+    def counting(*a, **kw):
+        out = real(*a, **kw)
+        hits.append(out is not None)
+        return out
+
+    monkeypatch.setattr(bs_kernel, "fast_forward", counting)
+    gen = torch.Generator().manual_seed(17)
+    s = 3000
+    for trial in range(3):
+        q = rand(gen, 1, 8, s, 128, dtype=torch.bfloat16)
+        k, v = (rand(gen, 1, 2, s, 128, dtype=torch.bfloat16) for _ in range(2))
+        layout = random_layout(gen, 1, 8, s, s, 128, 128, 0.3)
+        assert_close(q, k, v, layout, floor=1e-3)
+    assert hits.count(True) >= 2, hits
+    views = [rand(gen, 1, s, h, 128, dtype=torch.bfloat16).transpose(1, 2) for h in (8, 2, 2)]
+    for _ in range(2):
+        assert_close(*views, layout, floor=1e-3)
+    hits.clear()
+    shifted = rand(gen, 8 * s * 128 + 8, dtype=torch.bfloat16)[1 : 1 + 8 * s * 128].view(1, 8, s, 128)
+    assert shifted.data_ptr() % 16
+    assert_close(shifted, k, v, layout, floor=1e-3)
+    assert hits == [False]
+
+
+@pytest.mark.gpu
 def test_gpu_fp32_and_varlen():
     gen = torch.Generator().manual_seed(11)
     lens = [1500, 7, 4000]

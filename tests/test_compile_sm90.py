@@ -18,7 +18,7 @@ KB = 1024
 
 
 @pytest.fixture(scope="module")
-def compiled():
+def helper_output():
     triton = pytest.importorskip("triton")
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     if not ptxas.exists():
@@ -31,6 +31,19 @@ def compiled():
         pytest.skip(f"the sm_90 stand-in driver does not fit this Triton: {proc.stderr.strip()[-300:]}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+def compiled(helper_output):
+    return [k for k in helper_output if "num_warps" in k]
+
+
+def test_fast_launch_passes_what_the_jit_passes(helper_output):
+    """block_sparse_attention called again with the same signature launches the remembered compiled kernel
+    directly (no checks, no JIT): the arguments it passes, position by position, equal the JIT's."""
+    (fast,) = [k["fast_path"] for k in helper_output if "fast_path" in k]
+    assert fast["jit_launches"] == 1 and fast["fast_launches"] >= 2, fast
+    assert fast["compared"] >= 40 and not fast["mismatches"], fast
 
 
 def test_every_kernel_compiles_for_sm90(compiled):

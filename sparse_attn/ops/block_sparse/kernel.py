@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import math
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.driver import driver as _driver
 
 # The interpreter is chosen when @triton.jit runs, so whether CPU tensors can run is fixed at import.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -289,8 +291,10 @@ def _outputs(q: torch.Tensor, return_lse: bool):
 def forward(
     q, k, v, layout, *, causal: bool, scale: float, packed: bool, batch: int, max_seqlen_q: int,
     cu_seqlens_q=None, cu_seqlens_k=None, return_lse: bool = False, config: Optional[Config] = None,
+    remember=None,
 ):
-    """Launch plan + attention. Inputs are assumed validated (see block_sparse_attention)."""
+    """Launch plan + attention. Inputs are assumed validated (see block_sparse_attention); `remember`: the
+    call's signature_key, to launch later calls with the same key through fast_forward."""
     hq, hkv = (q.shape[1], k.shape[1])
     d = q.shape[-1]
     bq, bk = layout.block_size_q, layout.block_size_k
@@ -313,18 +317,107 @@ def forward(
     # Everything the attention launch needs is ready before the plan launch, so the two follow each other.
     kd, vd = _descriptors(k, v, cfg.block_n, packed) if cfg.tma else (None, None)
     plan = _plan(layout, causal, packed, batch, hq, nq, cu_q, cu_k, sq_fixed, sk_fixed)
-    _attn_kernel[(m_tiles * (hq // hkv), batch * hkv)](
-        q, k, v, kd or k, vd or v, out, lse, plan, idx, cu_q, cu_k,
-        *_strides4(q, packed), *_strides4(k, packed), *_strides4(v, packed), *_strides4(out, packed),
-        *ls, *idx.stride(),
-        hq, hq // hkv, nq, m_tiles, sq_fixed, sk_fixed, scale * LOG2E,
+    grid = (m_tiles * (hq // hkv), batch * hkv)
+    per_call = (q, k, v, kd or k, vd or v, out, lse, plan, idx, cu_q, cu_k)
+    ints = (*_strides4(q, packed), *_strides4(k, packed), *_strides4(v, packed), *_strides4(out, packed),
+            *ls, *idx.stride(), hq, hq // hkv, nq, m_tiles, sq_fixed, sk_fixed, scale * LOG2E)
+    constexprs = dict(
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BQ=bq, BK=bk, CAUSAL=causal, VARLEN=packed, WRITE_LSE=return_lse,
         DOT_PREC="ieee" if q.dtype == torch.float32 else None, WARP_SPEC=cfg.warp_specialize,
-        TMA=kd is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
-    )
+        TMA=kd is not None)
+    options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                   **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
+    compiled = _attn_kernel[grid](*per_call, *ints, **constexprs, **options)
+    if remember is not None and compiled is not None and not INTERPRETED:
+        _remember(remember, compiled, grid, per_call, ints, constexprs, kd is not None)
     return (out, lse) if return_lse else out
+
+
+# ------------------------------------------------------------------------------------------ fast launches
+# A repeated call (same shapes, strides, dtypes, devices, base-pointer alignment, layout geometry and
+# options: what the input checks and the JIT's argument specialisation look at) skips both: it reuses the
+# compiled kernel of the first such call and launches it directly. The plan (cached on the layout, see
+# `_plan`) and the outputs are per call. ~0.19 ms of host time per call became ~X on the lent H100's host
+# (bench/NOTES_block_sparse.md v7); kernels' GPU time is unchanged.
+_FAST_MAX = 64
+_fast: "OrderedDict[tuple, tuple]" = OrderedDict()
+# Positions of the per-call arguments (tensors and descriptors) in _attn_kernel's signature.
+_PER_CALL = ("Q", "K", "V", "KD", "VD", "O", "LSE", "plan", "indices", "cu_q", "cu_k")
+
+
+def signature_key(q, k, v, layout, causal, scale, return_lse):
+    """Everything about a padded (non-varlen) call that its input checks, the kernel configuration and
+    Triton's argument specialisation depend on; equal keys give identical launches but for the tensors."""
+    c, idx = layout.counts, layout.indices
+    return (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype,
+            q.device, k.device, v.device, q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16,
+            type(layout), layout.block_size_q, layout.block_size_k, layout.seqlen_q, layout.seqlen_k,
+            c.shape, c.stride(), c.device, c.data_ptr() % 16, idx.shape, idx.stride(), idx.data_ptr() % 16,
+            bool(causal), scale, bool(return_lse))
+
+
+def _remember(key, compiled, grid, per_call, ints, constexprs, tma: bool) -> None:
+    try:
+        compiled[grid]  # noqa: B018  (CompiledKernel[grid](*args, stream=) launches, calling triton's hooks)
+    except Exception:  # noqa: BLE001  (another triton: keep the JIT path)
+        return
+    names = _attn_kernel.arg_names
+    named = dict(zip(names, (*per_call, *ints)))
+    named.update(constexprs)
+    template = [named[n] for n in names]
+    slots = tuple(names.index(n) for n in _PER_CALL)
+    desc = None
+    if tma:  # the descriptors' geometry; their tensors (like every per-call slot) are not kept
+        desc = tuple((tuple(d.shape), tuple(d.strides), tuple(d.block_shape), d.padding) for d in per_call[3:5])
+    for slot in slots:
+        template[slot] = None
+    _fast[key] = (compiled, (*grid, 1), template, slots, desc)
+    _fast.move_to_end(key)
+    while len(_fast) > _FAST_MAX:
+        _fast.popitem(last=False)
+
+
+def fast_forward(q, k, v, layout, causal: bool, scale: Optional[float], return_lse: bool, key=None):
+    """The launch for an input signature seen before (see signature_key), or None: then take the checked
+    path, which remembers it."""
+    if not _fast:
+        return None
+    entry = _fast.get(signature_key(q, k, v, layout, causal, scale, return_lse) if key is None else key)
+    if entry is None:
+        return None
+    active = _driver.active
+    device = active.get_current_device()
+    if q.device.index not in (None, device):
+        return None  # the JIT launches on the current device; so does this path, or it leaves it to the JIT
+    compiled, grid, template, slots, desc = entry
+    out, lse = _outputs(q, return_lse)
+    sq = q.shape[2]
+    plan = _plan(layout, causal, False, q.shape[0], q.shape[1], -(-sq // layout.block_size_q), layout.counts,
+                 layout.counts, sq, k.shape[2])
+    args = list(template)
+    if desc is None:
+        kd, vd = k, v
+    else:
+        kd, vd = _Desc(k, desc[0]), _Desc(v, desc[1])
+    counts = layout.counts
+    (args[slots[0]], args[slots[1]], args[slots[2]], args[slots[3]], args[slots[4]], args[slots[5]], args[slots[6]],
+     args[slots[7]], args[slots[8]], args[slots[9]], args[slots[10]]) = (
+        q, k, v, kd, vd, out, lse if return_lse else out, plan, layout.indices, counts, counts)
+    compiled[grid](*args, stream=active.get_current_stream(device))
+    return (out, lse) if return_lse else out
+
+
+class _Desc:
+    """A TMA descriptor of t with the geometry (shape, strides, block, padding) of the one triton's
+    TensorDescriptor built and checked for the same signature (so for a tensor of the same shape and
+    strides). The launcher reads only these fields."""
+
+    __slots__ = ("base", "shape", "strides", "block_shape", "padding")
+
+    def __init__(self, t, geometry):
+        self.base = t
+        self.shape, self.strides, self.block_shape, self.padding = geometry
 
 
 def _version(t: torch.Tensor) -> Optional[int]:
