@@ -154,7 +154,7 @@ def _check_fast_launch(bs_kernel, layout, qkv, tma_descriptors) -> None:
 
     def recorder(self):
         self._init_handles()
-        return lambda *a, **kw: launches.append((self.name, a)) if self.name == "_attn_kernel" else None
+        return lambda *a, **kw: launches.append((self.name, a))
 
     triton_compiler.CompiledKernel.run = property(recorder)
     bs_public.not_supported_reasons = lambda *a, **kw: []
@@ -162,24 +162,30 @@ def _check_fast_launch(bs_kernel, layout, qkv, tma_descriptors) -> None:
     bs_kernel.fast_forward = fast
     try:
         q, k, v = qkv(128, torch.bfloat16)
-        for _ in range(3):
-            bs_public.block_sparse_attention(q, k, v, layout, causal=True)
+        for _ in range(3):  # a new layout of the same geometry each time: the plan kernel runs too
+            fresh = type(layout)(layout.counts.clone(), layout.indices.clone(), layout.block_size_q,
+                                 layout.block_size_k, layout.seqlen_q, layout.seqlen_k)
+            bs_public.block_sparse_attention(q, k, v, fresh, causal=True)
     finally:
         triton_compiler.CompiledKernel.run = real_run
         bs_public.not_supported_reasons, bs_kernel._descriptors = real_reasons, real_descriptors
         bs_kernel.fast_forward = real_fast
-    (_, jit), *rest = launches
     mismatches, compared = [], 0
-    for _, args in rest:
-        if len(args) != len(jit):
-            mismatches.append(f"{len(args)} arguments, the JIT passed {len(jit)}")
-            continue
-        for i, (a, b) in enumerate(zip(jit, args)):
-            if i in (4, 5, 6):  # function handle, packed metadata, launch metadata: the kernel's own
+    names = [name for name, _ in launches]
+    if names != ["_plan_kernel", "_attn_kernel"] * 3:
+        mismatches.append(f"launches {names}")
+    for kernel in ("_plan_kernel", "_attn_kernel"):
+        jit, *rest = [args for name, args in launches if name == kernel]
+        for args in rest:
+            if len(args) != len(jit):
+                mismatches.append(f"{kernel}: {len(args)} arguments, the JIT passed {len(jit)}")
                 continue
-            compared += 1
-            if not _same(a, b):
-                mismatches.append(f"argument {i}: {type(a).__name__} vs {type(b).__name__}")
+            for i, (a, b) in enumerate(zip(jit, args)):
+                if i in (4, 5, 6):  # function handle, packed metadata, launch metadata: the kernel's own
+                    continue
+                compared += 1
+                if not _same(a, b):
+                    mismatches.append(f"{kernel} argument {i}: {type(a).__name__} vs {type(b).__name__}")
     print(json.dumps({"fast_path": {"jit_launches": hits.count(False), "fast_launches": hits.count(True),
                                     "compared": compared, "mismatches": mismatches}}))
 

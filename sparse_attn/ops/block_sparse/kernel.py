@@ -316,7 +316,8 @@ def forward(
     m_tiles = max(1, math.ceil(max_seqlen_q / cfg.block_m))
     # Everything the attention launch needs is ready before the plan launch, so the two follow each other.
     kd, vd = _descriptors(k, v, cfg.block_n, packed) if cfg.tma else (None, None)
-    plan = _plan(layout, causal, packed, batch, hq, nq, cu_q, cu_k, sq_fixed, sk_fixed)
+    plan_launch = [] if remember is not None else None
+    plan = _plan(layout, causal, packed, batch, hq, nq, cu_q, cu_k, sq_fixed, sk_fixed, record=plan_launch)
     grid = (m_tiles * (hq // hkv), batch * hkv)
     per_call = (q, k, v, kd or k, vd or v, out, lse, plan, idx, cu_q, cu_k)
     ints = (*_strides4(q, packed), *_strides4(k, packed), *_strides4(v, packed), *_strides4(out, packed),
@@ -330,7 +331,8 @@ def forward(
                    **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
     compiled = _attn_kernel[grid](*per_call, *ints, **constexprs, **options)
     if remember is not None and compiled is not None and not INTERPRETED:
-        _remember(remember, compiled, grid, per_call, ints, constexprs, kd is not None)
+        _remember(remember, compiled, grid, per_call, ints, constexprs, kd is not None,
+                  plan_launch[0] if plan_launch else None)
     return (out, lse) if return_lse else out
 
 
@@ -342,7 +344,7 @@ def forward(
 # (bench/NOTES_block_sparse.md v7); kernels' GPU time is unchanged.
 _FAST_MAX = 64
 _fast: "OrderedDict[tuple, tuple]" = OrderedDict()
-# Positions of the per-call arguments (tensors and descriptors) in _attn_kernel's signature.
+# The per-call arguments (tensors and descriptors): the first of _attn_kernel's signature.
 _PER_CALL = ("Q", "K", "V", "KD", "VD", "O", "LSE", "plan", "indices", "cu_q", "cu_k")
 
 
@@ -357,22 +359,28 @@ def signature_key(q, k, v, layout, causal, scale, return_lse):
             bool(causal), scale, bool(return_lse))
 
 
-def _remember(key, compiled, grid, per_call, ints, constexprs, tma: bool) -> None:
+def _template(jit_fn, positional, constexprs: dict, n_per_call: int) -> list:
+    """jit_fn's arguments in signature order (constexprs included, as the JIT passes them to the
+    launcher), with the first n_per_call (the per-call tensors) blanked, so none is kept alive."""
+    names = jit_fn.arg_names
+    named = dict(zip(names, positional))
+    named.update(constexprs)
+    template = [named[n] for n in names]
+    template[:n_per_call] = [None] * n_per_call
+    return template
+
+
+def _remember(key, compiled, grid, per_call, ints, constexprs, tma: bool, plan_launch) -> None:
     try:
         compiled[grid]  # noqa: B018  (CompiledKernel[grid](*args, stream=) launches, calling triton's hooks)
     except Exception:  # noqa: BLE001  (another triton: keep the JIT path)
         return
-    names = _attn_kernel.arg_names
-    named = dict(zip(names, (*per_call, *ints)))
-    named.update(constexprs)
-    template = [named[n] for n in names]
-    slots = tuple(names.index(n) for n in _PER_CALL)
+    assert _attn_kernel.arg_names[: len(_PER_CALL)] == list(_PER_CALL)
+    template = _template(_attn_kernel, (*per_call, *ints), constexprs, len(per_call))
     desc = None
-    if tma:  # the descriptors' geometry; their tensors (like every per-call slot) are not kept
+    if tma:  # the descriptors' geometry; their tensors (like every per-call argument) are not kept
         desc = tuple((tuple(d.shape), tuple(d.strides), tuple(d.block_shape), d.padding) for d in per_call[3:5])
-    for slot in slots:
-        template[slot] = None
-    _fast[key] = (compiled, (*grid, 1), template, slots, desc)
+    _fast[key] = (compiled, (*grid, 1), template, desc, plan_launch)
     _fast.move_to_end(key)
     while len(_fast) > _FAST_MAX:
         _fast.popitem(last=False)
@@ -390,21 +398,18 @@ def fast_forward(q, k, v, layout, causal: bool, scale: Optional[float], return_l
     device = active.get_current_device()
     if q.device.index not in (None, device):
         return None  # the JIT launches on the current device; so does this path, or it leaves it to the JIT
-    compiled, grid, template, slots, desc = entry
+    compiled, grid, template, desc, plan_launch = entry
     out, lse = _outputs(q, return_lse)
     sq = q.shape[2]
     plan = _plan(layout, causal, False, q.shape[0], q.shape[1], -(-sq // layout.block_size_q), layout.counts,
-                 layout.counts, sq, k.shape[2])
-    args = list(template)
+                 layout.counts, sq, k.shape[2], fast=plan_launch)
     if desc is None:
         kd, vd = k, v
     else:
         kd, vd = _Desc(k, desc[0]), _Desc(v, desc[1])
     counts = layout.counts
-    (args[slots[0]], args[slots[1]], args[slots[2]], args[slots[3]], args[slots[4]], args[slots[5]], args[slots[6]],
-     args[slots[7]], args[slots[8]], args[slots[9]], args[slots[10]]) = (
-        q, k, v, kd, vd, out, lse if return_lse else out, plan, layout.indices, counts, counts)
-    compiled[grid](*args, stream=active.get_current_stream(device))
+    compiled[grid](q, k, v, kd, vd, out, lse if return_lse else out, plan, layout.indices, counts, counts,
+                   *template[len(_PER_CALL):], stream=active.get_current_stream(device))
     return (out, lse) if return_lse else out
 
 
@@ -429,7 +434,7 @@ def _version(t: torch.Tensor) -> Optional[int]:
 
 
 def _plan(layout, causal: bool, packed: bool, batch: int, hq: int, nq: int, cu_q, cu_k, sq_fixed: int,
-          sk_fixed: int) -> torch.Tensor:
+          sk_fixed: int, fast=None, record=None) -> torch.Tensor:
     """(n_full, n_visible) per (batch, head, query block), int32 [B * Hq * nq * 2], from `_plan_kernel`.
 
     For padded inputs the plan is kept on the layout and reused by later calls with the same layout,
@@ -439,6 +444,8 @@ def _plan(layout, causal: bool, packed: bool, batch: int, hq: int, nq: int, cu_q
     see) are not detected: treat a layout as read-only once it has been used. Packed (varlen) calls
     depend on the cu_seqlens values and are planned every time, as are layouts made in inference mode
     (torch keeps no version counter for those).
+    fast: a remembered launch of the plan kernel for this signature (see _remember), used instead of the
+    JIT; record: a list that receives this call's launch, to be remembered.
     """
     counts, idx = layout.counts, layout.indices
     key = None
@@ -449,13 +456,20 @@ def _plan(layout, causal: bool, packed: bool, batch: int, hq: int, nq: int, cu_q
         if cached is not None and cached[0] == key:
             return cached[1]
     plan = torch.empty(batch * hq * nq * 2, dtype=torch.int32, device=counts.device)
-    steps = max(1, math.ceil(math.log2(layout.max_blocks + 1)))
-    _plan_kernel[(batch * hq, triton.cdiv(nq, _PLAN_LANES))](
-        counts, idx, cu_q, cu_k, plan, *counts.stride(), *idx.stride(),
-        hq, nq, sq_fixed, sk_fixed,
-        BQ=layout.block_size_q, BK=layout.block_size_k, CAUSAL=causal, VARLEN=packed, STEPS=steps,
-        LANES=_PLAN_LANES,
-    )
+    per_call = (counts, idx, cu_q, cu_k, plan)
+    if fast is not None:
+        compiled, grid, template = fast
+        compiled[grid](*per_call, *template[len(per_call):], stream=_driver.active.get_current_stream(
+            _driver.active.get_current_device()))
+    else:
+        grid = (batch * hq, triton.cdiv(nq, _PLAN_LANES))
+        ints = (*counts.stride(), *idx.stride(), hq, nq, sq_fixed, sk_fixed)
+        constexprs = dict(BQ=layout.block_size_q, BK=layout.block_size_k, CAUSAL=causal, VARLEN=packed,
+                          STEPS=max(1, math.ceil(math.log2(layout.max_blocks + 1))), LANES=_PLAN_LANES)
+        compiled = _plan_kernel[grid](*per_call, *ints, **constexprs)
+        if record is not None and compiled is not None:
+            record.append((compiled, (*grid, 1), _template(_plan_kernel, (*per_call, *ints), constexprs,
+                                                            len(per_call))))
     if key is not None:
         layout.__dict__["_plan_cache"] = (key, plan)
     return plan
