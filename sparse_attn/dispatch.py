@@ -95,7 +95,7 @@ def _build_vertical_slash_index(vertical, slash, seqlen_q: int, seqlen_k: int, b
 
 def build_pattern(pattern: str, estimate, q, k, configs, *, block_size: int):
     """Phase 2, the sparse index (a BlockLayout or a VerticalSlashLayout) over q's heads. A vertical-slash
-    estimate made for runs of query heads (share_heads) is built once per run and repeated."""
+    estimate made for runs of query heads (share_heads) gives a layout with identical runs (shared_heads)."""
     b, h, sq = q.shape[:3]
     sk = k.shape[2]
     if pattern == "a_shape":
@@ -103,8 +103,15 @@ def build_pattern(pattern: str, estimate, q, k, configs, *, block_size: int):
                               block_size=block_size, device=q.device)
     if pattern == "vertical_slash":
         vertical, slash = estimate
-        layout = _build_vertical_slash_index(vertical, slash, sq, sk, block_size)
-        return layout.repeat_heads(h // vertical.shape[1]) if vertical.shape[1] != h else layout
+        n = h // vertical.shape[1]
+        if n == 1:
+            return _build_vertical_slash_index(vertical, slash, sq, sk, block_size)
+        # Built per query head from the repeated choices (cheaper than building per run and copying the
+        # index arrays): the builder is a function of a head's choices, so each run's entries are identical.
+        layout = _build_vertical_slash_index(vertical.repeat_interleave(n, 1), slash.repeat_interleave(n, 1),
+                                             sq, sk, block_size)
+        return VerticalSlashLayout(*layout._parts(), layout.block_size_q, layout.seqlen_q, layout.seqlen_k,
+                                   validate=False, shared_heads=n)
     if pattern == "block_sparse":
         return block_topk_layout(estimate, sq, sk, block_size)
     raise ValueError(f"pattern: expected one of a_shape, vertical_slash, block_sparse, got {pattern!r}")

@@ -184,6 +184,7 @@ def test_sparse_path_equals_reference_with_its_own_index(method, kwargs, monkeyp
     assert torch.equal(again.to_dense(), layout.to_dense())
     if merged.get("share_heads", 1) > 1:
         assert layout.shared_heads == 2 and torch.equal(layout.to_dense()[:, ::2], layout.to_dense()[:, 1::2])
+        layout.check_values()  # includes the promise: identical entries within each pair
 
 
 def test_short_inputs_run_dense_and_a_shape_sparsifies_decode():

@@ -340,9 +340,9 @@ def forward(
 # A repeated call (same shapes, strides, dtypes, devices, base-pointer alignment, layout geometry and
 # options: what the input checks and the JIT's argument specialisation look at) skips both: it reuses the
 # compiled kernel of the first such call and launches it directly. The plan (cached on the layout, see
-# `_plan`) and the outputs are per call. ~0.19 ms of host time per call became ~X on the lent H100's host
+# `_plan`) and the outputs are per call. Host time per call on the lent H100 machine: ~190 us -> 49-64 us
 # (bench/NOTES_block_sparse.md v7); kernels' GPU time is unchanged.
-_FAST_MAX = 64
+_FAST_MAX = 64  # signatures remembered; the oldest remembered is dropped first
 _fast: "OrderedDict[tuple, tuple]" = OrderedDict()
 # The per-call arguments (tensors and descriptors): the first of _attn_kernel's signature.
 _PER_CALL = ("Q", "K", "V", "KD", "VD", "O", "LSE", "plan", "indices", "cu_q", "cu_k")
