@@ -104,6 +104,7 @@ def test_full_budget_gives_dense_logits(family, method):
     ("a_shape", {"sink": 64, "window": 64}),
     ("block_sparse", {"top_k": 2}),
     pytest.param("vertical_slash", {"vertical_size": 16, "slash_size": 16}, marks=needs_vs_index),
+    pytest.param("vertical_slash", {"vertical_size": 16, "slash_size": 16, "share_heads": 2}, marks=needs_vs_index),
 ])
 def test_tiny_budget_changes_logits_and_reports_density(method, kwargs):
     model, ids = tiny_model(), _ids(seq=320)
@@ -251,6 +252,9 @@ def test_bad_inputs_give_clear_errors():
         sparse_attn.patch(model, "minference", wrong)
     with pytest.raises(ValueError, match="config: a head profile applies to method 'minference' only"):
         sparse_attn.patch(model, "a_shape", _full_profile(model))
+    with pytest.raises(ValueError, match=r"share_heads: expected a positive int dividing the query heads per kv "
+                                         r"head \(2\), got 4"):
+        sparse_attn.patch(model, "vertical_slash", share_heads=4)  # 4 query heads, 2 per kv head
     with pytest.raises(ValueError, match="not patched"):
         sparse_attn.get_stats(model)
     assert not is_patched(model) and model.config._attn_implementation == "sdpa"

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .._checks import warn_once
+from ..estimators.vertical_slash import check_share_heads
 from ..methods import check_method_kwargs, get_method, sparse_attention
 from ..profiles import Profile, find_profile, load_profile
 
@@ -263,8 +264,11 @@ def patch(model, method: str = "minference", config=None, *, stats: bool = True,
     """
     get_method(method)
     kwargs = dict(method_kwargs)
-    check_method_kwargs(method, kwargs)
+    merged = check_method_kwargs(method, kwargs)
     _check_model(model)
+    if "share_heads" in merged:  # a run of query heads must lie within one GQA group of this model
+        shape = _model_shape(model)
+        check_share_heads(merged["share_heads"], shape["num_heads"], shape["num_kv_heads"])
     profile = _resolve_profile(model, method, config)
     p = _patches.get(model)
     if p is None:
