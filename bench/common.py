@@ -27,19 +27,26 @@ def bench_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def capture_graph(fn: Callable[[], object], warmup: int = 2) -> "torch.cuda.CUDAGraph":
+    """fn captured into a CUDA graph, after `warmup` calls on a side stream (allocator and compile warm-up
+    outside the capture). Raises what capture raises, e.g. for a fn that syncs."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def bench_graph_ms(fn: Callable[[], object], rep: int = 30, warmup: int = 5) -> float:
     """Median GPU time of fn in ms without its host time: fn is captured once into a CUDA graph and each
     timed replay follows the same L2 flush do_bench does. nan where fn cannot be captured (it syncs)."""
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        graph = capture_graph(fn)
     except Exception as e:  # noqa: BLE001 - report, do not end the benchmark
         print(f"bench_graph_ms: capture failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
         torch.cuda.synchronize()

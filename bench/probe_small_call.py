@@ -8,8 +8,9 @@ do_bench's median (what bench_block_sparse.py reports: L2 flushed, each call tim
 that exceeds the flush shows), the host time per call (200 calls queued, no sync), and the GPU time of
 the call replayed from a CUDA graph (no host work at all).
 
-Written 2026-11-23 after the suite showed the 8K / 6.5 % point host-bound; not run yet (that session's
-device time was spent), so no figure here has been measured with it.
+Written 2026-11-23 after the suite showed the 8K / 6.5 % point host-bound; its runs before and after the
+fast launch: bench/results/2026-11-23-h100-vs-pairs/run1_probe_small_call_before_fast_launch.txt and
+bench/results/2026-11-23-h100-fastlaunch/probe_small_call.txt (NOTES_block_sparse.md v7).
 """
 import sys
 import time
@@ -22,7 +23,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 
 from bench_block_sparse import random_causal_layout  # noqa: E402
-from common import bench_ms, flex_attention_fn, flex_block_mask  # noqa: E402
+from common import bench_ms, capture_graph, flex_attention_fn, flex_block_mask  # noqa: E402
 from sparse_attn.ops.block_sparse import block_sparse_attention  # noqa: E402
 from sparse_attn.ops.block_sparse import kernel as bs_kernel  # noqa: E402
 
@@ -40,15 +41,7 @@ def host_us(fn, n=200):
 
 def graph_us(fn, n=50):
     try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
+        g = capture_graph(fn, warmup=3)
         g.replay()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
