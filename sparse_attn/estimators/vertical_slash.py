@@ -137,8 +137,9 @@ def estimate_vertical_slash(
 
     share_heads = n > 1: one choice per run of n consecutive query heads of a GQA group (n must divide
     Hq / Hkv), from the sum of the run's scores; the budgets must be equal within a run. Returns
-    [B, Hq / n, ...]; build the index from them and `repeat_heads(n)` it: the attention kernel then
-    serves two heads from one stream of K/V tiles. Each head keeps the same number of entries, but
+    [B, Hq / n, ...]; dispatch.build_pattern turns them into a layout with shared_heads=n (built per query
+    head from the repeated choices; `VerticalSlashLayout.repeat_heads` gives the same from a per-run
+    index): the attention kernel then serves two heads from one stream of K/V tiles. Each head keeps the same number of entries, but
     chosen for the run, so a head's recall can only fall where the run's heads disagree.
     """
     b, hq, sq, d = q.shape

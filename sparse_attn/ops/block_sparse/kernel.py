@@ -399,17 +399,18 @@ def fast_forward(q, k, v, layout, causal: bool, scale: Optional[float], return_l
     if q.device.index not in (None, device):
         return None  # the JIT launches on the current device; so does this path, or it leaves it to the JIT
     compiled, grid, template, desc, plan_launch = entry
+    stream = active.get_current_stream(device)
     out, lse = _outputs(q, return_lse)
     sq = q.shape[2]
     plan = _plan(layout, causal, False, q.shape[0], q.shape[1], -(-sq // layout.block_size_q), layout.counts,
-                 layout.counts, sq, k.shape[2], fast=plan_launch)
+                 layout.counts, sq, k.shape[2], fast=None if plan_launch is None else (*plan_launch, stream))
     if desc is None:
         kd, vd = k, v
     else:
         kd, vd = _Desc(k, desc[0]), _Desc(v, desc[1])
     counts = layout.counts
     compiled[grid](q, k, v, kd, vd, out, lse if return_lse else out, plan, layout.indices, counts, counts,
-                   *template[len(_PER_CALL):], stream=active.get_current_stream(device))
+                   *template[len(_PER_CALL):], stream=stream)
     return (out, lse) if return_lse else out
 
 
@@ -444,8 +445,8 @@ def _plan(layout, causal: bool, packed: bool, batch: int, hq: int, nq: int, cu_q
     see) are not detected: treat a layout as read-only once it has been used. Packed (varlen) calls
     depend on the cu_seqlens values and are planned every time, as are layouts made in inference mode
     (torch keeps no version counter for those).
-    fast: a remembered launch of the plan kernel for this signature (see _remember), used instead of the
-    JIT; record: a list that receives this call's launch, to be remembered.
+    fast: a remembered launch of the plan kernel for this signature (see _remember) and the stream to
+    launch it on, used instead of the JIT; record: a list that receives this call's launch, to be remembered.
     """
     counts, idx = layout.counts, layout.indices
     key = None
@@ -458,9 +459,8 @@ def _plan(layout, causal: bool, packed: bool, batch: int, hq: int, nq: int, cu_q
     plan = torch.empty(batch * hq * nq * 2, dtype=torch.int32, device=counts.device)
     per_call = (counts, idx, cu_q, cu_k, plan)
     if fast is not None:
-        compiled, grid, template = fast
-        compiled[grid](*per_call, *template[len(per_call):], stream=_driver.active.get_current_stream(
-            _driver.active.get_current_device()))
+        compiled, grid, template, stream = fast
+        compiled[grid](*per_call, *template[len(per_call):], stream=stream)
     else:
         grid = (batch * hq, triton.cdiv(nq, _PLAN_LANES))
         ints = (*counts.stride(), *idx.stride(), hq, nq, sq_fixed, sk_fixed)
