@@ -124,6 +124,23 @@ def _run_all() -> None:
     vs2 = build_vertical_slash_index(vertical.expand(2, h, 30), slash.expand(2, h, 20), s, s, 64, backend="torch")
     vs_kernel.vertical_slash_attention(q, k, v, vs2, cu_seqlens_q=cu, cu_seqlens_k=cu)
 
+    # the experimental Gluon Hopper kernel (SPARSE_ATTN_VS_BACKEND=gluon): bf16 D=128 with lse, fp16 D=64,
+    # bf16 packed; hopper.supported refuses CPU tensors, so it is bypassed here
+    from sparse_attn.ops.vertical_slash import hopper
+    if hopper.AVAILABLE:
+        real_supported = hopper.supported
+        hopper.supported = lambda *a, **kw: True
+        os.environ["SPARSE_ATTN_VS_BACKEND"] = "gluon"
+        try:
+            for d, dtype in ((128, torch.bfloat16), (64, torch.float16)):
+                q, k, v = qkv(d, dtype)
+                vs_kernel.vertical_slash_attention(q, k, v, vs_layout, return_lse=d == 128)
+            q, k, v = qkv(128, torch.bfloat16, packed=True)
+            vs_kernel.vertical_slash_attention(q, k, v, vs2, cu_seqlens_q=cu, cu_seqlens_k=cu)
+        finally:
+            hopper.supported = real_supported
+            del os.environ["SPARSE_ATTN_VS_BACKEND"]
+
 
 def _same(a, b) -> bool:
     """One launch argument of the JIT path (a) and of the fast path (b) agree."""

@@ -53,6 +53,21 @@ def test_every_kernel_compiles_for_sm90(compiled):
     assert expected <= names, f"not compiled: {sorted(expected - names)}"
 
 
+def test_gluon_hopper_kernel_compiles_for_two_programs_per_sm(compiled):
+    """The experimental Gluon vertical-slash kernel compiles (bf16 / fp16, D 128 / 64, lse, packed), and its
+    D=128 ring (Q + 3 stages of K and V) leaves room for two programs per SM, which its schedule relies on."""
+    from sparse_attn.ops.vertical_slash import hopper
+
+    if not hopper.AVAILABLE:
+        pytest.skip("this Triton has no Gluon")
+    gluon = [k for k in compiled if k["name"] == "_vs_hopper_kernel"]
+    assert len(gluon) == 3, gluon
+    for k in gluon:
+        d = k["constexprs"]["D"]
+        assert k["shared"] >= _tile_bytes(64, d) * (1 + 2 * 3), k
+        assert 2 * (k["shared"] + KB) <= 228 * KB, k
+
+
 def test_shared_memory_fits_one_program(compiled):
     over = [k for k in compiled if k["shared"] > SMEM_LIMIT]
     assert not over, over

@@ -216,6 +216,26 @@ def test_unsupported_falls_back_with_one_warning(caplog):
     assert not_supported_reasons(q32, k32, v32, layout) == []
 
 
+def test_backend_choice_is_checked_and_gluon_falls_back_with_one_warning(monkeypatch, caplog):
+    """SPARSE_ATTN_VS_BACKEND: a wrong value is an error naming it; "gluon" where the Gluon kernel cannot run
+    (here: CPU tensors) gives the Triton kernel's result and says so once."""
+    from sparse_attn import _checks
+
+    torch.manual_seed(3)
+    q = torch.randn(1, 2, 100, 32)
+    k, v = torch.randn(2, 1, 1, 100, 32)
+    layout = random_layout(1, 2, 100, 100, 64, nv=10, ns=10)
+    monkeypatch.setenv("SPARSE_ATTN_VS_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="backend"):
+        vertical_slash_attention(q, k, v, layout)
+    monkeypatch.setenv("SPARSE_ATTN_VS_BACKEND", "gluon")
+    monkeypatch.setattr(_checks, "_warned", set())
+    with caplog.at_level(logging.WARNING):
+        assert_close_to_reference(q, k, v, layout)
+        assert_close_to_reference(q, k, v, layout)
+    assert sum("Gluon backend" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_bad_inputs():
     q, k, v = torch.randn(3, 1, 2, 40, 16)
     layout = random_layout(1, 2, 40, 40, 16, nv=3, ns=3)
@@ -288,3 +308,33 @@ def test_gpu_long_sequence():
     k, v = torch.randn(2, 1, 1, s, d, device="cuda", dtype=dt)
     layout = random_layout(1, 2, s, s, 64, nv=1000, ns=2048, device="cuda", seed=6)
     assert_close_to_reference(q, k, v, layout)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["gluon", "triton"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("d, group, sq, sk, kv", [(128, 4, 4096, 4096, "contiguous"), (64, 1, 3001, 5003, "hf"),
+                                                  (128, 2, 2500, 1900, "padded")])
+def test_gpu_backends_match_reference(monkeypatch, backend, causal, d, group, sq, sk, kv):
+    """Both attention backends (the experimental Gluon Hopper kernel and the Triton kernel) against the
+    reference, with K/V contiguous, as HF's transposed views and with a padded last dim. The Gluon kernel
+    must really have run where the device is sm_90."""
+    from sparse_attn.ops.vertical_slash import hopper
+
+    calls = []
+    real = hopper.forward
+    monkeypatch.setattr(hopper, "forward", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    monkeypatch.setenv("SPARSE_ATTN_VS_BACKEND", backend)
+    torch.manual_seed(sq + d + group)
+    dt = torch.bfloat16
+    q = torch.randn(1, 2 * group, sq, d, device="cuda", dtype=dt)
+    if kv == "contiguous":
+        k, v = torch.randn(2, 1, 2, sk, d, device="cuda", dtype=dt)
+    elif kv == "hf":
+        k, v = torch.randn(2, 1, sk, 2, d, device="cuda", dtype=dt).transpose(2, 3)
+    else:
+        k, v = torch.randn(2, 1, 2, sk, d + 16, device="cuda", dtype=dt)[..., :d]
+    layout = random_layout(1, 2 * group, sq, sk, 64, nv=200, ns=300, device="cuda", seed=sq + d)
+    assert_close_to_reference(q, k, v, layout, causal=causal)
+    gluon_here = hopper.AVAILABLE and torch.cuda.get_device_capability() == (9, 0)
+    assert len(calls) == (1 if backend == "gluon" and gluon_here else 0)

@@ -33,6 +33,7 @@ from ..._checks import warn_once
 from ...layouts import VerticalSlashLayout
 from ..block_sparse.kernel import _count_below, _descriptors, _interpreter_index_fix
 from ..reference import check_attention_inputs, reference_attention
+from . import hopper
 
 __all__ = ["vertical_slash_attention", "not_supported_reasons"]
 
@@ -399,9 +400,12 @@ def vertical_slash_attention(
 
 def forward(q, k, v, layout, out, lse, shapes, *, causal: bool, scale: Optional[float], cu_seqlens_q=None,
             cu_seqlens_k=None, config: Optional[dict] = None, heads: Optional[int] = None,
-            tma: Optional[bool] = None) -> None:
+            tma: Optional[bool] = None, backend: Optional[str] = None) -> None:
     """Plan + attention into out (and lse). Inputs are assumed validated (see vertical_slash_attention).
-    config / heads / tma override the launch configuration, heads per program and TMA use (benchmarks)."""
+    config / heads / tma override the launch configuration, heads per program and TMA use (benchmarks).
+    backend: "triton" (default) or "gluon" (the experimental Hopper kernel of hopper.py: sm_90, 16-bit,
+    head dim 64/128, 64-row blocks, one head per program; slower today); None reads
+    SPARSE_ATTN_VS_BACKEND (default "triton"). Inputs the Gluon kernel cannot take run on Triton."""
     packed = shapes.packed
     head_dim = shapes.head_dim
     scale = head_dim ** -0.5 if scale is None else scale
@@ -414,15 +418,30 @@ def forward(q, k, v, layout, out, lse, shapes, *, causal: bool, scale: Optional[
     if group % hp or layout.shared_heads % hp:
         raise ValueError(f"heads: {hp} heads per program must divide the GQA group ({group}) and "
                          f"layout.shared_heads ({layout.shared_heads})")
+    dummy = layout.range_counts  # stands in for cu_seqlens when not packed (never read)
+    cu = (cu_seqlens_q, cu_seqlens_k) if packed else (dummy, dummy)
+    lengths = (shapes.max_seqlen_q, shapes.max_seqlen_k)
+    nqb = layout.num_query_blocks
+    if backend is None:
+        backend = os.environ.get("SPARSE_ATTN_VS_BACKEND", "triton")
+    if backend not in ("triton", "gluon"):
+        raise ValueError(f"backend: expected 'triton' or 'gluon' (or SPARSE_ATTN_VS_BACKEND unset), got {backend!r}")
+    if backend == "gluon" and config is None and tma is None:
+        if hopper.supported(q, k, v, out, layout, group, hp):
+            plan = _plan(layout, cu, lengths, shapes.num_heads, hopper.BN, causal, packed)
+            hopper.forward(q, k, v, out, lse, plan, layout.column_indices, cu,
+                           [_strides4(t, packed) for t in (q, k, v, out)], lse_strides, shapes.num_heads, group,
+                           nqb, layout.max_columns, lengths, scale * _LOG2E, causal=causal, packed=packed,
+                           batch=shapes.batch, num_kv_heads=shapes.num_kv_heads)
+            return
+        warn_once("vertical_slash:gluon-unsupported", "vertical_slash_attention: the Gluon backend takes sm_90, "
+                  "16-bit, head dim 64/128, 64-row blocks, one head per program, last dim contiguous; these inputs "
+                  "run on the Triton kernel")
     cfg = config or launch_config(layout.block_size_q, fp32, hp)
     kd = vd = None
     if (not fp32) if tma is None else tma:
         kd, vd = _descriptors(k, v, cfg["BN"], packed)
-    dummy = layout.range_counts  # stands in for cu_seqlens when not packed (never read)
-    cu = (cu_seqlens_q, cu_seqlens_k) if packed else (dummy, dummy)
-    lengths = (shapes.max_seqlen_q, shapes.max_seqlen_k)
     plan = _plan(layout, cu, lengths, shapes.num_heads, cfg["BN"], causal, packed)
-    nqb = layout.num_query_blocks
     grid = (nqb * (group // hp), shapes.batch * shapes.num_kv_heads)
     extra = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
     _vs_attn_kernel[grid](

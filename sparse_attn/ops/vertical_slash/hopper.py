@@ -1,0 +1,270 @@
+"""Vertical-slash attention for Hopper (sm_90), written in Gluon: the Triton kernel's tile loop with
+explicit wgmma groups, so a tile's PV GEMM runs while the next tile's softmax does. Experimental and
+opt-in (`SPARSE_ATTN_VS_BACKEND=gluon`): on the H100 it is slower than the Triton kernel (58.5 vs 43.5 ms
+at 128K, bench/NOTES_vertical_slash.md); it is kept, with its GPU tests, as the base for a
+warp-specialised version.
+
+One warpgroup (4 warps, 64 query rows) per program, two programs per SM. Per tile t (FlashAttention-3's
+intra-warpgroup order):
+
+    issue S[t] = Q K[t]^T;  rescale O;  issue O += P[t-1] V[t-1]
+    wait for S[t] only;  softmax(S[t]) -> P[t]  (on the CUDA cores, while PV[t-1] runs)
+    wait for PV[t-1]
+
+O is never in flight across the loop's back edge (ptxas serialises every wgmma when registers of one in
+flight are read, which carrying it across would cause). K/V tiles come through a 3-stage ring filled by
+cp.async, one commit group per K or V tile: range tiles are `start + lane` keys, column tiles gathered
+keys, both from one flat list per block (the Triton kernel's plan: ranges cut into BN-wide tiles, then the
+columns BN at a time). A K stage frees one iteration before its V stage, so both get two iterations of
+lead; a tile's keys are loaded an iteration before its copies. Keys past a tile's end are zero-filled and
+masked out of the scores; only tiles that need it (a partial tile, a tile near the causal diagonal, the
+columns not every row sees) pay the mask. Q sits in shared memory as the A operand of the score GEMM, P
+stays in registers as the A operand of PV.
+
+Scope: 16-bit inputs, head dim 64 or 128, 64-row layout blocks, one head per program, the last dim
+contiguous; `kernel.forward` takes the Triton kernel for everything else.
+"""
+from __future__ import annotations
+
+import torch
+
+try:  # Gluon ships with Triton >= 3.5; anything missing means this path is off
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
+                                                                  warpgroup_mma_init, warpgroup_mma_wait)
+    AVAILABLE = True
+except Exception:  # noqa: BLE001
+    AVAILABLE = False
+
+__all__ = ["AVAILABLE", "supported", "forward"]
+
+BM = 64
+BN = 64
+STAGES = 3
+HEAD_DIMS = (64, 128)
+
+if AVAILABLE:
+
+    @gluon.jit
+    def _tile_keys(t, n_tiles, n_total, TS, TE, COLS, n_cols, lane, BN: gl.constexpr):
+        """Keys of tile t of the block's list and which of them are real (a range tile: start + lane below
+        its end; a column tile: listed columns). Tiles past the list give no real key."""
+        tt = gl.minimum(t, gl.maximum(n_total - 1, 0))
+        if tt < n_tiles:
+            start = gl.load(TS + tt)
+            keys = start + lane
+            ok = lane < gl.load(TE + tt) - start
+        else:
+            c = (tt - n_tiles) * BN + lane
+            ok = c < n_cols
+            keys = gl.load(COLS + c, mask=ok, other=0)
+        return keys, ok & (t < n_total)
+
+    @gluon.jit
+    def _copy_rows(X, keys, ok, s_xn, dst, D: gl.constexpr, LD: gl.constexpr):
+        """cp.async the rows `keys` of X ([BN, D], zeros where not ok) into dst, as one commit group."""
+        d = gl.arange(0, D, layout=gl.SliceLayout(0, LD))
+        async_copy.async_copy_global_to_shared(dst, X + keys.to(gl.int64)[:, None] * s_xn + d[None, :],
+                                               mask=ok[:, None])
+        async_copy.commit_group()
+
+    @gluon.jit
+    def _needs_mask(t, n_tiles, n_full, n_seen, TS, TE, BN: gl.constexpr):
+        """Whether tile t has keys some row must not see: a partial range tile, a range tile past the
+        ones every row sees whole, a column tile past the columns every row sees."""
+        if t < n_tiles:
+            need = (gl.load(TE + t) - gl.load(TS + t) < BN) | (t >= n_full)
+        else:
+            need = (t - n_tiles + 1) * BN > n_seen
+        return need
+
+    @gluon.jit
+    def _softmax(s, m_i, l_i, need, keys, ok, rows, off, qk_scale, CAUSAL: gl.constexpr, P_L: gl.constexpr,
+                 DT: gl.constexpr):
+        """Scores of one tile folded into the running max / sum: (P in PV's register layout, the factor
+        for O, new max, new sum). Where need, keys outside ok (or above a row's causal limit) drop out."""
+        if need:
+            okm = ok[None, :]
+            if CAUSAL:
+                okm = okm & (keys[None, :] <= rows[:, None] + off)
+            s = gl.where(okm, s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        # a row with no key yet keeps m = -inf: shift by 0 there, so exp2 gives 0, not NaN
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        p = gl.exp2(s * qk_scale - m_use[:, None])
+        alpha = gl.exp2(m_i - m_use)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        return gl.convert_layout(p.to(DT), P_L), alpha, m_new, l_i
+
+    @gluon.jit
+    def _vs_hopper_kernel(
+        Q, K, V, O, LSE, COUNTS, FIRST_TILE, T_START, T_END, C_IDX, CU_Q, CU_K,
+        s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh, s_lm,
+        num_heads, group, nqb, max_columns, seqlen_q, seqlen_k, qk_scale,
+        BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
+        RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, Q_SMEM: gl.constexpr, KV_SMEM: gl.constexpr,
+        ABLATE: gl.constexpr = 0,
+    ):
+        S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, BN, 16])
+        O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, D, 16])
+        P_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_L, k_width=2)
+        LD: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (D // 8), D // 8],
+                                            warps_per_cta=[4, 1], order=[1, 0])
+        dtype: gl.constexpr = Q.dtype.element_ty
+        gl.static_assert(STAGES == 3, "the K/V ring's wait counts are written for 3 stages")
+
+        # Same program order as the Triton kernel: the heads of a kv head side by side, last blocks first.
+        qb = nqb - 1 - gl.program_id(0) // group
+        n_kv = num_heads // group
+        hk = gl.program_id(1) % n_kv
+        b = gl.program_id(1) // n_kv
+        h = hk * group + gl.program_id(0) % group
+        if VARLEN:
+            q_start = gl.load(CU_Q + b)
+            sq = gl.load(CU_Q + b + 1) - q_start
+            k_start = gl.load(CU_K + b)
+            sk = gl.load(CU_K + b + 1) - k_start
+        else:
+            zero = b * 0  # tensors, like the loads above
+            q_start = zero
+            sq = seqlen_q + zero
+            k_start = zero
+            sk = seqlen_k + zero
+        q0 = qb * BM
+        if q0 < sq:
+            off = sk - sq
+            b64 = b.to(gl.int64)
+            h64 = h.to(gl.int64)
+            hk64 = hk.to(gl.int64)
+
+            rq = gl.arange(0, BM, layout=gl.SliceLayout(1, LD))
+            dq = gl.arange(0, D, layout=gl.SliceLayout(0, LD))
+            q_rows = (q_start + q0 + rq).to(gl.int64)
+            q = gl.load(Q + b64 * s_qb + h64 * s_qh + q_rows[:, None] * s_qm + dq[None, :],
+                        mask=(q0 + rq < sq)[:, None], other=0.0)
+            q_smem = gl.allocate_shared_memory(dtype, [BM, D], Q_SMEM, q)
+            k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], KV_SMEM)
+            v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], KV_SMEM)
+
+            block = (b64 * num_heads + h64) * nqb + qb
+            n_tiles = gl.load(COUNTS + block * 4)
+            n_full = gl.load(COUNTS + block * 4 + 1)
+            n_cols = gl.load(COUNTS + block * 4 + 2)
+            n_seen = gl.load(COUNTS + block * 4 + 3) // BN * BN
+            first = gl.load(FIRST_TILE + block)
+            TS = T_START + first
+            TE = T_END + first
+            COLS = C_IDX + block * max_columns
+            n_total = n_tiles + (n_cols + BN - 1) // BN
+            Kb = K + b64 * s_kb + hk64 * s_kh + k_start.to(gl.int64) * s_kn
+            Vb = V + b64 * s_vb + hk64 * s_vh + k_start.to(gl.int64) * s_vn
+
+            # K/V ring of 3 stages, filled by cp.async, one commit group per K or V tile. Before the loop:
+            # K0 V0 K1 V1 K2. Iteration t (1 .. n-1) needs K[t] and V[t - 1]; after its barrier the stages of
+            # K[t - 1] and V[t - 2] are free (their GEMMs were waited for in iteration t - 1), so it issues
+            # K[t + 2] and V[t + 1]: two iterations of lead for both. The keys of a tile (scalar loads, a
+            # gather for column tiles) are loaded an iteration before its first copy.
+            lane = gl.arange(0, BN, layout=gl.SliceLayout(1, LD))
+            keys0, ok0 = _tile_keys(0, n_tiles, n_total, TS, TE, COLS, n_cols, lane, BN)
+            keys1, ok1 = _tile_keys(1, n_tiles, n_total, TS, TE, COLS, n_cols, lane, BN)
+            keys2, ok2 = _tile_keys(2, n_tiles, n_total, TS, TE, COLS, n_cols, lane, BN)
+            _copy_rows(Kb, keys0, ok0, s_kn, k_smem.index(0), D, LD)
+            _copy_rows(Vb, keys0, ok0, s_vn, v_smem.index(0), D, LD)
+            _copy_rows(Kb, keys1, ok1, s_kn, k_smem.index(1), D, LD)
+            _copy_rows(Vb, keys1, ok1, s_vn, v_smem.index(1), D, LD)
+            _copy_rows(Kb, keys2, ok2, s_kn, k_smem.index(2), D, LD)
+            keys3, ok3 = _tile_keys(3, n_tiles, n_total, TS, TE, COLS, n_cols, lane, BN)
+
+            rows = q0 + gl.arange(0, BM, layout=gl.SliceLayout(1, S_L))
+            lane_s = gl.arange(0, BN, layout=gl.SliceLayout(0, S_L))
+            # Tile 0 (with no tile at all, tile 0 is all masked: rows end with l = 0, out 0, lse -inf).
+            need = _needs_mask(0, n_tiles, n_full, n_seen, TS, TE, BN) | (n_total == 0)
+            keys_s, ok_s = _tile_keys(0, n_tiles, n_total, TS, TE, COLS, n_cols, lane_s, BN)
+            async_copy.wait_group(4)
+            gl.thread_barrier()
+            fence_async_shared()
+            s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([BM, BN], gl.float32, S_L),
+                              use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(0, deps=(s, ))
+            m_i = gl.full([BM], float("-inf"), gl.float32, gl.SliceLayout(1, S_L))
+            l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, S_L))
+            p16, alpha, m_i, l_i = _softmax(s, m_i, l_i, need, keys_s, ok_s, rows, off, qk_scale, CAUSAL, P_L, dtype)
+            acc = gl.zeros([BM, D], gl.float32, O_L)
+            for t in range(1, n_total):
+                async_copy.wait_group(2)  # K[t] and V[t - 1] have landed
+                gl.thread_barrier()
+                fence_async_shared()
+                s = warpgroup_mma(q_smem, k_smem.index(t % STAGES).permute((1, 0)),
+                                  gl.zeros([BM, BN], gl.float32, S_L), use_acc=False, is_async=True)
+                if ABLATE % 2 == 0:  # ABLATE 1, 3: no K/V loads in the loop (wrong results; the probe's only)
+                    _copy_rows(Kb, keys3, ok3, s_kn, k_smem.index((t + 2) % STAGES), D, LD)
+                    _copy_rows(Vb, keys2, ok2, s_vn, v_smem.index((t + 1) % STAGES), D, LD)
+                keys2 = keys3
+                ok2 = ok3
+                keys3, ok3 = _tile_keys(t + 3, n_tiles, n_total, TS, TE, COLS, n_cols, lane, BN)
+                need = _needs_mask(t, n_tiles, n_full, n_seen, TS, TE, BN)
+                keys_s, ok_s = _tile_keys(t, n_tiles, n_total, TS, TE, COLS, n_cols, lane_s, BN)
+                # O is not in flight here: rescale it, then PV[t - 1] runs while the softmax of S[t] does.
+                acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_L))[:, None]
+                acc = warpgroup_mma(p16, v_smem.index((t - 1) % STAGES), acc, is_async=True)
+                s = warpgroup_mma_wait(1, deps=(s, ))
+                if ABLATE // 2 == 0:
+                    p16, alpha, m_i, l_i = _softmax(s, m_i, l_i, need, keys_s, ok_s, rows, off, qk_scale, CAUSAL,
+                                                    P_L, dtype)
+                else:  # ABLATE 2, 3: no softmax (wrong results; the probe's ablation only)
+                    p16 = gl.convert_layout(s.to(dtype), P_L)
+                acc = warpgroup_mma_wait(0, deps=(acc, ))
+            last = gl.maximum(n_total - 1, 0)
+            async_copy.wait_group(0)
+            gl.thread_barrier()
+            fence_async_shared()
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_L))[:, None]
+            acc = warpgroup_mma(p16, v_smem.index(last % STAGES), acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
+
+            l_o = gl.convert_layout(l_i, gl.SliceLayout(1, O_L))
+            seen = l_o > 0.0
+            out = acc / gl.where(seen, l_o, 1.0)[:, None]  # rows that saw no key: acc is 0, so 0
+            ro = gl.arange(0, BM, layout=gl.SliceLayout(1, O_L))
+            do = gl.arange(0, D, layout=gl.SliceLayout(0, O_L))
+            o_rows = (q_start + q0 + ro).to(gl.int64)
+            gl.store(O + b64 * s_ob + h64 * s_oh + o_rows[:, None] * s_om + do[None, :], out.to(dtype),
+                     mask=(q0 + ro < sq)[:, None])
+            if RETURN_LSE:
+                m_o = gl.convert_layout(m_i, gl.SliceLayout(1, O_L))
+                lse = gl.where(seen, (m_o + gl.log2(gl.where(seen, l_o, 1.0))) * 0.6931471805599453,
+                               float("-inf"))
+                gl.store(LSE + b64 * s_lb + h64 * s_lh + o_rows * s_lm, lse, mask=q0 + ro < sq)
+
+
+def supported(q, k, v, out, layout, group: int, heads: int) -> bool:
+    """Whether these (validated) inputs can take the Gluon kernel."""
+    if not AVAILABLE or not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
+        return False
+    return (q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in HEAD_DIMS
+            and layout.block_size_q == BM and heads == 1
+            and all(t.stride(-1) == 1 for t in (q, k, v, out)))
+
+
+def _smem_layouts(dtype, d: int):
+    gdt = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+    return (gl.NVMMASharedLayout.get_default_for([BM, d], gdt), gl.NVMMASharedLayout.get_default_for([BN, d], gdt))
+
+
+def forward(q, k, v, out, lse, plan, column_indices, cu, strides, lse_strides, num_heads: int, group: int,
+            nqb: int, max_columns: int, lengths, qk_scale: float, *, causal: bool, packed: bool, batch: int,
+            num_kv_heads: int, stages=None, ablate: int = 0) -> None:
+    """Launch on a plan of `kernel._plan(bn=BN)`; strides: (q, k, v, out) 4-tuples (batch, head, row, dim)."""
+    d = q.shape[-1]
+    q_smem, kv_smem = _smem_layouts(q.dtype, d)
+    sq, sk, sv, so = (s[:3] for s in strides)
+    grid = (nqb * group, batch * num_kv_heads)
+    _vs_hopper_kernel[grid](
+        q, k, v, out, lse if lse is not None else out, *plan, column_indices, *cu,
+        *sq, *sk, *sv, *so, *lse_strides, num_heads, group, nqb, max_columns, *lengths, qk_scale,
+        BM=BM, BN=BN, D=d, CAUSAL=causal, VARLEN=packed, RETURN_LSE=lse is not None, STAGES=stages or STAGES,
+        Q_SMEM=q_smem, KV_SMEM=kv_smem, ABLATE=ablate, num_warps=4)
