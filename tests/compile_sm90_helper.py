@@ -109,6 +109,8 @@ def _run_all() -> None:
     vertical = torch.randint(0, s, (1, h, 30), generator=gen)
     slash = torch.randint(0, s, (1, h, 20), generator=gen)
     build_vertical_slash_index(vertical, slash, s, s, 64, backend="triton")
+    from sparse_attn.ops.vertical_slash import index as vs_index
+    vs_index._prepare_triton(vertical, slash, s, s, 64)  # CPU tensors: the builder itself takes torch's
     vs_layout = build_vertical_slash_index(vertical, slash, s, s, 64, backend="torch")
     vs_kernel.not_supported_reasons = lambda *a, **kw: []
     # one and two heads per program (two: a shared index), K/V through TMA (16-bit) and through pointers

@@ -1,10 +1,13 @@
 """Vertical-slash index builder: the definition (brute force), backend agreement, errors."""
+import os
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from sparse_attn.ops.vertical_slash import build_vertical_slash_index
+from sparse_attn.ops.vertical_slash import index
 
 
 def brute_force(vertical, slash, seqlen_q, seqlen_k, block_size_q):
@@ -104,6 +107,42 @@ def test_dense_mask_on_causal_entries(case):
             cols[vertical[b, h].long()] = True
             expected = (diag | cols[None, :]) & band
             assert torch.equal(layout.to_dense()[b, h] & band, expected)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the Triton kernel on the interpreter")
+@given(index_case(), st.booleans())
+def test_prepare_kernel_gives_the_torch_tables(case, ascending_runs):
+    """`_prepare_triton` (one Triton launch) gives `_prepare`'s per-head tables exactly: runs of both
+    widths including their padding, run counts, both covered tables, sorted verticals and output widths;
+    repeats in both inputs, blocks wider than the query."""
+    vertical, slash, sq, sk, bq = case
+    if ascending_runs:  # long runs that merge across chunk boundaries of the kernel's scan
+        slash = torch.arange(slash.shape[-1], dtype=slash.dtype).expand_as(slash).clamp(max=sk - 1)
+    a = index._prepare(vertical, slash, sq, sk, bq)
+    b = index._prepare_triton(vertical, slash, sq, sk, bq)
+    for name in ("run_hi", "run_lo", "run_count", "covered", "verticals"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert (a.max_ranges, a.max_columns) == (b.max_ranges, b.max_columns)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the Triton kernel on the interpreter")
+def test_prepare_kernel_long_inputs_and_range_errors(monkeypatch):
+    """Several scan chunks (small chunks forced) and covered parts; out-of-range ids raise the same errors."""
+    monkeypatch.setattr(index, "_PREP_CHUNK", 16)
+    monkeypatch.setattr(index, "_PREP_PER_PROGRAM", 2)
+    g = torch.Generator().manual_seed(4)
+    sq, sk = 300, 517
+    vertical = torch.randint(0, sk, (1, 2, 90), generator=g)
+    slash = torch.cat([torch.arange(40).expand(1, 2, 40), torch.randint(0, sk, (1, 2, 50), generator=g)], -1)
+    a = index._prepare(vertical, slash, sq, sk, 32)
+    b = index._prepare_triton(vertical, slash, sq, sk, 32)
+    for name in ("run_hi", "run_lo", "run_count", "covered", "verticals"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert (a.max_ranges, a.max_columns) == (b.max_ranges, b.max_columns)
+    with pytest.raises(ValueError, match="vertical_indices: expected key ids"):
+        index._prepare_triton(vertical + sk, slash, sq, sk, 32)
+    with pytest.raises(ValueError, match="slash_indices: expected diagonal offsets"):
+        index._prepare_triton(vertical, slash - 100, sq, sk, 32)
 
 
 def test_backends_agree_larger():

@@ -15,7 +15,8 @@ runs that end at or before key 0. A column j lies in a range exactly when some o
 [d, d + w) with d = q0 + off - j: a table over d per width (from a prefix count over offsets), so each
 (block, column) costs one byte read.
 
-`_prepare` does the per-head work (sort, runs, prefix counts) in torch, O(heads x (NS + seqlen_k));
+The per-head work (sort, runs, the covered tables) is `_prepare` in torch for the "torch" backend and
+`_prepare_triton` (the two sorts, then one Triton launch) otherwise, O(heads x (NS + seqlen_k log NS));
 the per-block work (the whole output) is done by one of three interchangeable backends: "torch" (the
 reference), "triton" and "cuda" (csrc/vertical_slash_index.cu). All three give identical layouts;
 entries past the counts are unspecified.
@@ -38,6 +39,7 @@ __all__ = ["build_vertical_slash_index", "BACKENDS"]
 BACKENDS = ("auto", "torch", "triton", "cuda")
 _IDS = (torch.int32, torch.int64)
 _PAD = -(1 << 30)  # run-table padding: below every offset, so -run_lo stays ascending past the runs
+_PAD_C = tl.constexpr(_PAD)
 
 
 @dataclass
@@ -105,6 +107,15 @@ def _covered(desc: torch.Tensor, seqlen_k: int, bq: int, last_width: int) -> tor
     return torch.stack(tables).contiguous()
 
 
+def _check_ranges(vmin, vmax, smin, smax, seqlen_k: int) -> None:
+    if vmin < 0 or vmax >= seqlen_k:
+        raise ValueError(f"vertical_indices: expected key ids in [0, {seqlen_k}) (seqlen_k), got [{vmin}, {vmax}]")
+    if smin < 0 or smax >= seqlen_k:
+        raise ValueError(
+            f"slash_indices: expected diagonal offsets in [0, {seqlen_k}) (seqlen_k), got [{smin}, {smax}]"
+        )
+
+
 def _prepare(vertical, slash, seqlen_q: int, seqlen_k: int, block_size_q: int) -> _Plan:
     verticals = vertical.to(torch.int32).sort(-1).values.contiguous()
     desc = slash.to(torch.int32).sort(-1, descending=True).values.contiguous()
@@ -117,12 +128,7 @@ def _prepare(vertical, slash, seqlen_q: int, seqlen_k: int, block_size_q: int) -
         torch.maximum(full[2].max(), last[2].max()), distinct.max().to(torch.int32),
     ]).tolist()
     vmin, vmax, smin, smax, max_ranges, max_columns = stats
-    if vmin < 0 or vmax >= seqlen_k:
-        raise ValueError(f"vertical_indices: expected key ids in [0, {seqlen_k}) (seqlen_k), got [{vmin}, {vmax}]")
-    if smin < 0 or smax >= seqlen_k:
-        raise ValueError(
-            f"slash_indices: expected diagonal offsets in [0, {seqlen_k}) (seqlen_k), got [{smin}, {smax}]"
-        )
+    _check_ranges(vmin, vmax, smin, smax, seqlen_k)
     return _Plan(
         run_hi=torch.stack([full[0], last[0]]).contiguous(),
         run_lo=torch.stack([full[1], last[1]]).contiguous(),
@@ -132,6 +138,137 @@ def _prepare(vertical, slash, seqlen_q: int, seqlen_k: int, block_size_q: int) -
         max_ranges=max_ranges,
         max_columns=max_columns,
     )
+
+
+@triton.jit
+def _count_at_least(row, n, x, STEPS: tl.constexpr):
+    """Per lane: how many of row's n entries (sorted descending) are >= x. Binary search, STEPS >=
+    ceil(log2(n + 1)) rounds."""
+    lo = tl.zeros_like(x)
+    hi = lo + n
+    for _ in tl.static_range(STEPS):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        ge = tl.load(row + mid, mask=active, other=0) >= x
+        lo = tl.where(active & ge, mid + 1, lo)
+        hi = tl.where(active & ~ge, mid, hi)
+    return lo
+
+
+@triton.jit
+def _covered_part(desc, NS, d, seqlen_k, width, STEPS: tl.constexpr):
+    """Per lane: does some offset lie in [d, d + width) (clipped to [0, seqlen_k))?"""
+    lo_x = tl.minimum(tl.maximum(d, 0), seqlen_k)
+    hi_x = tl.minimum(tl.maximum(d + width, 0), seqlen_k)
+    k = _count_at_least(desc, NS, hi_x, STEPS)  # offsets >= hi_x come first; desc[k] is the largest below
+    at = tl.load(desc + tl.minimum(k, NS - 1))
+    return (k < NS) & (at >= lo_x) & (lo_x < hi_x)
+
+
+@triton.jit
+def _runs_of(desc, NS, width, RUN_HI, RUN_LO, lane, CHUNK: tl.constexpr):
+    """Runs of the descending offsets whose neighbours are <= width apart, written as (hi, lo) from slot
+    0, padding after them; returns their count."""
+    carry = 0
+    c0 = 0
+    while c0 < NS:
+        i = c0 + lane
+        live = i < NS
+        x = tl.load(desc + i, mask=live, other=0)
+        prev = tl.load(desc + i - 1, mask=live & (i > 0), other=0)
+        nxt = tl.load(desc + i + 1, mask=i + 1 < NS, other=0)
+        first = live & ((i == 0) | (prev - x > width))
+        last = live & ((i == NS - 1) | (x - nxt > width))
+        run = carry + tl.cumsum(first.to(tl.int32), 0) - 1  # at a run's last entry: that run's id
+        tl.store(RUN_HI + run, x, mask=first)
+        tl.store(RUN_LO + run, x, mask=last)
+        carry += tl.sum(first.to(tl.int32), 0)
+        c0 += CHUNK
+    c0 = carry
+    while c0 < NS:
+        i = c0 + lane
+        tl.store(RUN_HI + i, _PAD_C, mask=i < NS)
+        tl.store(RUN_LO + i, _PAD_C, mask=i < NS)
+        c0 += CHUNK
+    return carry
+
+
+@triton.jit
+def _prepare_kernel(DESC, VERT, RUN_HI, RUN_LO, RUN_COUNT, COVERED, STATS,
+                    BH, NS, NV, seqlen_k, width_full, width_last,
+                    BQ: tl.constexpr, CHUNK: tl.constexpr, PER_PROGRAM: tl.constexpr, STEPS: tl.constexpr):
+    """`_prepare`'s per-head tables in one launch. Grid (heads, parts of the covered tables): every
+    program fills PER_PROGRAM x CHUNK entries of both covered tables; part 0 also the runs of both
+    widths and the head's stats (-min vertical, max vertical, -min offset, max offset, max runs,
+    distinct verticals: one max over heads gives every range check and output width)."""
+    bh = tl.program_id(0)
+    part = tl.program_id(1)
+    lane = tl.arange(0, CHUNK)
+    desc = DESC + bh.to(tl.int64) * NS
+    n_cov = seqlen_k + BQ
+    for step in tl.static_range(PER_PROGRAM):
+        e = (part * PER_PROGRAM + step) * CHUNK + lane
+        live = e < n_cov
+        d = e - BQ + 1
+        full = _covered_part(desc, NS, d, seqlen_k, BQ, STEPS)
+        last = _covered_part(desc, NS, d, seqlen_k, width_last, STEPS)
+        tl.store(COVERED + bh.to(tl.int64) * n_cov + e, full.to(tl.uint8), mask=live)
+        tl.store(COVERED + (BH + bh).to(tl.int64) * n_cov + e, last.to(tl.uint8), mask=live)
+    if part == 0:
+        n_full = _runs_of(desc, NS, width_full, RUN_HI + bh.to(tl.int64) * NS, RUN_LO + bh.to(tl.int64) * NS,
+                          lane, CHUNK)
+        n_last = _runs_of(desc, NS, width_last, RUN_HI + (BH + bh).to(tl.int64) * NS,
+                          RUN_LO + (BH + bh).to(tl.int64) * NS, lane, CHUNK)
+        tl.store(RUN_COUNT + bh, n_full)
+        tl.store(RUN_COUNT + BH + bh, n_last)
+        vert = VERT + bh.to(tl.int64) * NV
+        distinct = 0
+        c0 = 0
+        while c0 < NV:
+            i = c0 + lane
+            live = i < NV
+            x = tl.load(vert + i, mask=live, other=0)
+            prev = tl.load(vert + i - 1, mask=live & (i > 0), other=0)
+            distinct += tl.sum((live & ((i == 0) | (x != prev))).to(tl.int32), 0)
+            c0 += CHUNK
+        row = STATS + bh * 6
+        tl.store(row, -tl.load(vert))
+        tl.store(row + 1, tl.load(vert + NV - 1))
+        tl.store(row + 2, -tl.load(desc + NS - 1))
+        tl.store(row + 3, tl.load(desc))
+        tl.store(row + 4, tl.maximum(n_full, n_last))
+        tl.store(row + 5, distinct)
+
+
+_PREP_CHUNK = 1024
+_PREP_PER_PROGRAM = 4
+
+
+def _prepare_triton(vertical, slash, seqlen_q: int, seqlen_k: int, block_size_q: int) -> _Plan:
+    """`_prepare` as one Triton launch after the two sorts (GPU or TRITON_INTERPRET=1): the same tables,
+    about ten launches instead of some forty small torch ops (those were most of the index phase's host
+    time at 128K)."""
+    verticals = vertical.to(torch.int32).sort(-1).values.contiguous()
+    desc = slash.to(torch.int32).sort(-1, descending=True).values.contiguous()
+    b, h, ns = desc.shape
+    nv = verticals.shape[-1]
+    last_width = seqlen_q - (math.ceil(seqlen_q / block_size_q) - 1) * block_size_q
+    dev = desc.device
+    run_hi = torch.empty(2, b, h, ns, dtype=torch.int32, device=dev)
+    run_lo = torch.empty_like(run_hi)
+    run_count = torch.empty(2, b, h, dtype=torch.int32, device=dev)
+    covered = torch.empty(2, b, h, seqlen_k + block_size_q, dtype=torch.uint8, device=dev)
+    stats = torch.empty(b * h, 6, dtype=torch.int32, device=dev)
+    per_part = _PREP_CHUNK * _PREP_PER_PROGRAM
+    steps = max(1, math.ceil(math.log2(ns + 1)))
+    _prepare_kernel[(b * h, triton.cdiv(seqlen_k + block_size_q, per_part))](
+        desc, verticals, run_hi, run_lo, run_count, covered, stats, b * h, ns, nv, seqlen_k,
+        min(block_size_q, seqlen_q), last_width, BQ=block_size_q, CHUNK=_PREP_CHUNK,
+        PER_PROGRAM=_PREP_PER_PROGRAM, STEPS=steps, num_warps=4)
+    neg_vmin, vmax, neg_smin, smax, max_ranges, max_columns = stats.amax(0).tolist()  # one device sync
+    _check_ranges(-neg_vmin, vmax, -neg_smin, smax, seqlen_k)
+    return _Plan(run_hi=run_hi, run_lo=run_lo, run_count=run_count, covered=covered, verticals=verticals,
+                 max_ranges=max_ranges, max_columns=max_columns)
 
 
 def _outputs(plan: _Plan, nqb: int):
@@ -319,7 +456,11 @@ def build_vertical_slash_index(
     backend = _pick_backend(backend, vertical_indices.device)
     if backend == "cuda" and vertical_indices.device.type != "cuda":
         raise ValueError(f"backend='cuda': expected tensors on a CUDA device, got {vertical_indices.device}")
-    plan = _prepare(vertical_indices, slash_indices, seqlen_q, seqlen_k, block_size_q)
+    # the per-head tables: one Triton launch on a GPU (or the interpreter); torch for backend="torch" (the
+    # reference path end to end) and on a CPU without the interpreter
+    kernels = vertical_indices.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    prepare = _prepare_triton if backend != "torch" and kernels else _prepare
+    plan = prepare(vertical_indices, slash_indices, seqlen_q, seqlen_k, block_size_q)
     nqb = math.ceil(seqlen_q / block_size_q)
     out = _outputs(plan, nqb)
     build = {"torch": _build_torch, "triton": _build_triton, "cuda": _build_cuda}[backend]
