@@ -257,8 +257,10 @@ def _smem_layouts(dtype, d: int):
 
 def forward(q, k, v, out, lse, plan, column_indices, cu, strides, lse_strides, num_heads: int, group: int,
             nqb: int, max_columns: int, lengths, qk_scale: float, *, causal: bool, packed: bool, batch: int,
-            num_kv_heads: int, stages=None, ablate: int = 0) -> None:
-    """Launch on a plan of `kernel._plan(bn=BN)`; strides: (q, k, v, out) 4-tuples (batch, head, row, dim)."""
+            num_kv_heads: int, ablate: int = 0) -> None:
+    """Launch on a plan of `kernel._plan(bn=BN)`; strides: (q, k, v, out) 4-tuples (batch, head, row, dim),
+    the last dim contiguous. ablate (bench/probe_vs_hopper.py only, wrong outputs): 1 drops the loop's K/V
+    loads, 2 the softmax, 3 both."""
     d = q.shape[-1]
     q_smem, kv_smem = _smem_layouts(q.dtype, d)
     sq, sk, sv, so = (s[:3] for s in strides)
@@ -266,5 +268,5 @@ def forward(q, k, v, out, lse, plan, column_indices, cu, strides, lse_strides, n
     _vs_hopper_kernel[grid](
         q, k, v, out, lse if lse is not None else out, *plan, column_indices, *cu,
         *sq, *sk, *sv, *so, *lse_strides, num_heads, group, nqb, max_columns, *lengths, qk_scale,
-        BM=BM, BN=BN, D=d, CAUSAL=causal, VARLEN=packed, RETURN_LSE=lse is not None, STAGES=stages or STAGES,
+        BM=BM, BN=BN, D=d, CAUSAL=causal, VARLEN=packed, RETURN_LSE=lse is not None, STAGES=STAGES,
         Q_SMEM=q_smem, KV_SMEM=kv_smem, ABLATE=ablate, num_warps=4)
