@@ -33,6 +33,7 @@ import triton.language as tl
 
 from ..._checks import check_positive_int, check_tensor
 from ...layouts import VerticalSlashLayout
+from ..block_sparse.kernel import _count_below
 
 __all__ = ["build_vertical_slash_index", "BACKENDS"]
 
@@ -141,28 +142,14 @@ def _prepare(vertical, slash, seqlen_q: int, seqlen_k: int, block_size_q: int) -
 
 
 @triton.jit
-def _count_at_least(row, n, x, STEPS: tl.constexpr):
-    """Per lane: how many of row's n entries (sorted descending) are >= x. Binary search, STEPS >=
-    ceil(log2(n + 1)) rounds."""
-    lo = tl.zeros_like(x)
-    hi = lo + n
-    for _ in tl.static_range(STEPS):
-        active = lo < hi
-        mid = (lo + hi) // 2
-        ge = tl.load(row + mid, mask=active, other=0) >= x
-        lo = tl.where(active & ge, mid + 1, lo)
-        hi = tl.where(active & ~ge, mid, hi)
-    return lo
-
-
-@triton.jit
 def _covered_part(desc, NS, d, seqlen_k, width, STEPS: tl.constexpr):
-    """Per lane: does some offset lie in [d, d + width) (clipped to [0, seqlen_k))?"""
+    """Per lane: does some offset lie in [d, d + width) (clipped to [0, seqlen_k))? desc is read from its
+    end (stride -1: ascending) by the block-sparse plan's binary search."""
     lo_x = tl.minimum(tl.maximum(d, 0), seqlen_k)
     hi_x = tl.minimum(tl.maximum(d + width, 0), seqlen_k)
-    k = _count_at_least(desc, NS, hi_x, STEPS)  # offsets >= hi_x come first; desc[k] is the largest below
-    at = tl.load(desc + tl.minimum(k, NS - 1))
-    return (k < NS) & (at >= lo_x) & (lo_x < hi_x)
+    below = _count_below(desc + NS - 1, -1, tl.zeros_like(hi_x) + NS, hi_x, hi_x >= 0, STEPS)
+    largest = tl.load(desc + NS - tl.maximum(below, 1))  # the largest offset below hi_x, where below > 0
+    return (below > 0) & (largest >= lo_x) & (lo_x < hi_x)
 
 
 @triton.jit
