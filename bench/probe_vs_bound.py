@@ -153,7 +153,7 @@ def main(argv=None):
         ms = bench_ms(lambda: vsk.vertical_slash_attention(q, k, v, layout))
         print(f"S={s}: product kernel (plan + ranges + columns) {ms:.2f} ms", flush=True)
         cu = (layout.range_counts, layout.range_counts)
-        counts, first, ts, te = vsk._plan(layout, cu, (s, s), q.shape[1], 64, True, False)
+        counts, first, ts, te = vsk._plan(layout, cu, (s, s), q.shape[1], 64, True, False, split=False)
         n_tiles = int(counts[..., 0].sum())
         flops = 4.0 * 64 * 64 * 128 * n_tiles
         out = torch.empty_like(q)

@@ -128,6 +128,68 @@ def test_hand_made_ranges(causal, dtype):
     assert_close_to_reference(q, k, v, layout, causal=causal)
 
 
+def expected_tile_sections(layout, b, h, qb, bn, causal, split):
+    """Python model of one block's tile list: (BN-wide tiles every row sees (only with split), the other
+    tiles every row sees, tiles that may cross the causal limit), each a list of (start, end) in range order."""
+    sq, sk, bm = layout.seqlen_q, layout.seqlen_k, layout.block_size_q
+    q0 = qb * bm
+    reach, first = (min(sk, min(q0 + bm, sq) + sk - sq), max(min(sk, q0 + sk - sq + 1), 0)) if causal else (sk, sk)
+    wide, short, cross = [], [], []
+    for r in range(int(layout.range_counts[b, h, qb])):
+        start, end = int(layout.range_starts[b, h, qb, r]), min(int(layout.range_ends[b, h, qb, r]), reach)
+        for t in range(start, end, bn):
+            tile = (t, min(t + bn, end))
+            if tile[1] > first:
+                cross.append(tile)
+            else:
+                (wide if split and tile[1] - t == bn else short).append(tile)
+    return wide, short, cross
+
+
+@given(seed=st.integers(0, 2**31 - 1), causal=st.booleans(), extra_k=st.integers(-40, 120),
+       bn=st.sampled_from([16, 32, 64]), split=st.booleans())
+def test_plan_lists_each_blocks_tiles_in_three_sections(seed, causal, extra_k, bn, split):
+    """The plan's tile list, block by block: with split, the BN-wide tiles every row sees (the kernel may
+    run them without a mask), then the other tiles every row sees (without split: all of them, in range
+    order), then those that may cross the causal limit; together exactly the ranges clipped to what the
+    block's rows can see, cut every BN keys."""
+    gen = torch.Generator().manual_seed(seed)
+    b, h, sq, bq = 2, 3, 200, 32
+    sk = max(1, sq + extra_k)
+    layout = hand_made_layout(gen, b, h, sq, sk, bq, widths=[1, 5, bn - 1, bn, bn + 1, 2 * bn, 3 * bn + 7])
+    dummy = layout.range_counts
+    counts, first_tile, t_start, t_end = vs_kernel._plan(layout, (dummy, dummy), (sq, sk), h, bn, causal, False,
+                                                          split=split)
+    for bi in range(b):
+        for hi in range(h):
+            for qb in range(layout.num_query_blocks):
+                n_tiles, n_full, _, _, n_wide = counts[bi, hi, qb].tolist()
+                at = int(first_tile[bi, hi, qb])
+                got = list(zip(t_start[at:at + n_tiles].tolist(), t_end[at:at + n_tiles].tolist()))
+                wide, short, cross = expected_tile_sections(layout, bi, hi, qb, bn, causal, split)
+                assert (n_wide, n_full, n_tiles) == (len(wide), len(wide) + len(short), len(got))
+                assert got == wide + short + cross, (bi, hi, qb)
+
+
+@pytest.mark.parametrize("wide_unmasked", [False, True])
+@pytest.mark.parametrize("causal", [True, False])
+def test_wide_tiles_with_and_without_mask_match_reference_when_scores_jump(monkeypatch, wide_unmasked, causal):
+    """Keys scaled up in places make later tiles' scores exceed the running max by far (and some keys fall
+    far below it); BN-wide tiles run with or without a mask: both give the reference's answer."""
+    for cfg in vs_kernel.CONFIG.values():
+        monkeypatch.setitem(cfg, "wide_unmasked", wide_unmasked)
+    gen = torch.Generator().manual_seed(5)
+    b, h, sq, sk, bq, d = 1, 2, 256, 300, 64, 32
+    layout = hand_made_layout(gen, b, h, sq, sk, bq, widths=[17, 64, 100, 130])
+    q = torch.randn(b, h, sq, d, generator=gen)
+    k = torch.randn(b, 1, sk, d, generator=gen)
+    k[:, :, 150:220] *= 6.0  # later range tiles jump far above the first ones
+    k[:, :, torch.randperm(sk, generator=gen)[:40]] *= -4.0  # and some keys fall far below
+    v = torch.randn(b, 1, sk, d, generator=gen)
+    assert_close_to_reference(q, k, v, layout, causal=causal)
+    assert_close_to_reference(q.half(), k.half(), v.half(), layout, causal=causal)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("group, sq, sk", [(2, 300, 520), (4, 131, 131), (4, 200, 90)])
 def test_shared_heads_two_per_program(causal, group, sq, sk):

@@ -105,7 +105,7 @@ if AVAILABLE:
         num_heads, group, nqb, max_columns, seqlen_q, seqlen_k, qk_scale,
         BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
         RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, Q_SMEM: gl.constexpr, KV_SMEM: gl.constexpr,
-        ABLATE: gl.constexpr = 0,
+        NC: gl.constexpr, ABLATE: gl.constexpr = 0,
     ):
         S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BN, 16])
@@ -151,10 +151,10 @@ if AVAILABLE:
             v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], KV_SMEM)
 
             block = (b64 * num_heads + h64) * nqb + qb
-            n_tiles = gl.load(COUNTS + block * 4)
-            n_full = gl.load(COUNTS + block * 4 + 1)
-            n_cols = gl.load(COUNTS + block * 4 + 2)
-            n_seen = gl.load(COUNTS + block * 4 + 3) // BN * BN
+            n_tiles = gl.load(COUNTS + block * NC)
+            n_full = gl.load(COUNTS + block * NC + 1)
+            n_cols = gl.load(COUNTS + block * NC + 2)
+            n_seen = gl.load(COUNTS + block * NC + 3) // BN * BN
             first = gl.load(FIRST_TILE + block)
             TS = T_START + first
             TE = T_END + first
@@ -269,4 +269,4 @@ def forward(q, k, v, out, lse, plan, column_indices, cu, strides, lse_strides, n
         q, k, v, out, lse if lse is not None else out, *plan, column_indices, *cu,
         *sq, *sk, *sv, *so, *lse_strides, num_heads, group, nqb, max_columns, *lengths, qk_scale,
         BM=BM, BN=BN, D=d, CAUSAL=causal, VARLEN=packed, RETURN_LSE=lse is not None, STAGES=STAGES,
-        Q_SMEM=q_smem, KV_SMEM=kv_smem, ABLATE=ablate, num_warps=4)
+        Q_SMEM=q_smem, KV_SMEM=kv_smem, NC=plan[0].shape[-1], ABLATE=ablate, num_warps=4)

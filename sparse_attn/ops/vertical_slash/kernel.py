@@ -40,12 +40,17 @@ __all__ = ["vertical_slash_attention", "not_supported_reasons"]
 _LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
 # Launch configuration for 16-bit inputs by query block size (fp32 takes half the key tile, 2 stages).
-CONFIG = {64: {"BN": 64, "num_warps": 4, "num_stages": 3}, 128: {"BN": 64, "num_warps": 8, "num_stages": 3}}
+# wide_unmasked: the BN-wide tiles every row sees run without a mask (fewer instructions; measured faster
+# only where two heads share each K/V tile, bench/NOTES_vertical_slash.md).
+CONFIG = {64: {"BN": 64, "num_warps": 4, "num_stages": 3, "wide_unmasked": False},
+          128: {"BN": 64, "num_warps": 8, "num_stages": 3, "wide_unmasked": False}}
 # Two heads per program (a 128-row tile of two heads' 64-row blocks): overrides CONFIG[128].
-PAIR_CONFIG = {"BN": 64, "num_warps": 8, "num_stages": 2, "maxnreg": 128}
+PAIR_CONFIG = {"BN": 64, "num_warps": 8, "num_stages": 2, "maxnreg": 128, "wide_unmasked": True}
 BLOCK_SIZES_Q = (16, 32, 64, 128)
 _LANES = 64  # blocks per program of the count kernel; ranges at a time in the tiles kernel
-_COUNTS = 4  # per block: tiles, tiles every row sees whole, visible columns, columns every row sees
+# Per block: tiles, tiles every row sees whole, visible columns, columns every row sees, and of the tiles
+# every row sees whole those BN keys wide (listed first: they need no mask).
+COUNTS_PER_BLOCK = 5
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     _interpreter_index_fix()
@@ -74,11 +79,27 @@ def _reaches(q0, sq, sk, BM: tl.constexpr, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _range_split(start, end, first, BN: tl.constexpr, SPLIT: tl.constexpr):
+    """A range's tiles by section: (all, BN-wide tiles every row sees, other tiles every row sees, tiles
+    that may cross the causal limit). Keys below `first` are seen by every row. Without SPLIT the
+    tiles every row sees are not told apart by width (all in the second section, in range order)."""
+    width = tl.maximum(end - start, 0)
+    tiles = (width + BN - 1) // BN
+    below = end <= first
+    whole = tl.where(below, tiles, tl.minimum(tl.maximum(first - start, 0) // BN, tiles))
+    if SPLIT:
+        wide = tl.where(below, width // BN, whole)
+    else:
+        wide = tiles * 0
+    return tiles, wide, whole - wide, tiles - whole
+
+
+@triton.jit
 def _count_kernel(R_COUNT, R_START, R_END, C_COUNT, C_IDX, CU_Q, CU_K, COUNTS,
                   num_heads, nqb, max_ranges, max_columns, seqlen_q, seqlen_k,
                   BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-                  STEPS: tl.constexpr, LANES: tl.constexpr):
-    """COUNTS of LANES blocks at a time (one lane each): a latency-bound walk, so many blocks share it."""
+                  STEPS: tl.constexpr, LANES: tl.constexpr, NC: tl.constexpr, SPLIT: tl.constexpr):
+    """COUNTS (NC per block) of LANES blocks at a time (one lane each): a latency-bound walk, so many blocks share it."""
     bh = tl.program_id(1)
     qb = tl.program_id(0) * LANES + tl.arange(0, LANES)
     _, sq, _, sk = _seq_bounds(CU_Q, CU_K, bh // num_heads, seqlen_q, seqlen_k, VARLEN)
@@ -89,56 +110,67 @@ def _count_kernel(R_COUNT, R_START, R_END, C_COUNT, C_IDX, CU_Q, CU_K, COUNTS,
     n_ranges = tl.load(R_COUNT + block, mask=live, other=0)
     n_tiles = tl.zeros([LANES], tl.int32)
     n_full = tl.zeros([LANES], tl.int32)
+    n_wide = tl.zeros([LANES], tl.int32)
     for r in tl.range(0, tl.max(n_ranges, 0)):
         on = r < n_ranges
         start = tl.load(R_START + block * max_ranges + r, mask=on, other=0)
         end = tl.minimum(tl.load(R_END + block * max_ranges + r, mask=on, other=0), reach)
-        tiles = tl.maximum(end - start + BN - 1, 0) // BN
-        whole = tl.where(end <= first, tiles, tl.maximum(first - start, 0) // BN)
+        tiles, wide, short, cross = _range_split(start, end, first, BN, SPLIT)
         n_tiles += tiles
-        n_full += tl.where(tiles > 0, whole, 0)
+        n_full += wide + short
+        n_wide += wide
     n_cols = tl.load(C_COUNT + block, mask=live, other=0)
     row = C_IDX + block * max_columns
-    dst = COUNTS + block * 4
-    tl.store(dst, n_tiles, mask=live)
-    tl.store(dst + 1, n_full, mask=live)
-    tl.store(dst + 2, _count_below(row, 1, n_cols, reach, live, STEPS), mask=live)
-    tl.store(dst + 3, _count_below(row, 1, n_cols, first, live, STEPS), mask=live)
-    tl.store(dst, 0, mask=(qb < nqb) & ~live)
-    tl.store(dst + 1, 0, mask=(qb < nqb) & ~live)
-    tl.store(dst + 2, 0, mask=(qb < nqb) & ~live)
-    tl.store(dst + 3, 0, mask=(qb < nqb) & ~live)
+    dst = COUNTS + block * NC
+    gone = (qb < nqb) & ~live
+    tl.store(dst, tl.where(live, n_tiles, 0), mask=live | gone)
+    tl.store(dst + 1, tl.where(live, n_full, 0), mask=live | gone)
+    tl.store(dst + 2, tl.where(live, _count_below(row, 1, n_cols, reach, live, STEPS), 0), mask=live | gone)
+    tl.store(dst + 3, tl.where(live, _count_below(row, 1, n_cols, first, live, STEPS), 0), mask=live | gone)
+    tl.store(dst + 4, tl.where(live, n_wide, 0), mask=live | gone)
 
 
 @triton.jit
-def _tiles_kernel(R_COUNT, R_START, R_END, CU_Q, CU_K, FIRST_TILE, T_START, T_END,
+def _tiles_kernel(R_COUNT, R_START, R_END, CU_Q, CU_K, COUNTS, FIRST_TILE, T_START, T_END,
                   num_heads, nqb, max_ranges, seqlen_q, seqlen_k,
                   BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-                  LANES: tl.constexpr, TL: tl.constexpr):
-    """One block's tiles, written from FIRST_TILE[block] on: LANES ranges x TL tiles per store."""
+                  LANES: tl.constexpr, TL: tl.constexpr, NC: tl.constexpr, SPLIT: tl.constexpr):
+    """One block's tiles, written from FIRST_TILE[block] on, LANES ranges x TL tiles per store, in three
+    sections, each in range order: the BN-wide tiles every row sees (the kernel may run them without a
+    mask; only with SPLIT, else none), the other tiles every row sees, the tiles that may cross the causal
+    limit."""
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     block = bh.to(tl.int64) * nqb + qb
     _, sq, _, sk = _seq_bounds(CU_Q, CU_K, bh // num_heads, seqlen_q, seqlen_k, VARLEN)
     q0 = qb * BM
-    reach, _ = _reaches(q0, sq, sk, BM, CAUSAL)
+    reach, first = _reaches(q0, sq, sk, BM, CAUSAL)
     lane = tl.arange(0, LANES)
     n_ranges = tl.where(q0 < sq, tl.load(R_COUNT + block), 0)
-    slot = tl.load(FIRST_TILE + block)
+    base = tl.load(FIRST_TILE + block)
+    slot_wide = base
+    slot_short = base + tl.load(COUNTS + block * NC + 4)
+    slot_cross = base + tl.load(COUNTS + block * NC + 1)
     for r0 in tl.range(0, n_ranges, LANES):
         live = r0 + lane < n_ranges
         start = tl.load(R_START + block * max_ranges + r0 + lane, mask=live, other=0)
         end = tl.minimum(tl.load(R_END + block * max_ranges + r0 + lane, mask=live, other=0), reach)
-        tiles = tl.maximum(end - start + BN - 1, 0) // BN
-        before = slot + tl.cumsum(tiles, 0) - tiles  # each range's first slot
+        tiles, wide, short, cross = _range_split(start, end, first, BN, SPLIT)
+        wide_at = slot_wide + tl.cumsum(wide, 0) - wide  # each range's first slot in each section
+        short_at = slot_short + tl.cumsum(short, 0) - short
+        cross_at = slot_cross + tl.cumsum(cross, 0) - cross
         for i0 in tl.range(0, tl.max(tiles, 0), TL):
             i = i0 + tl.arange(0, TL)
             ok = i[None, :] < tiles[:, None]
             t_start = start[:, None] + i[None, :] * BN
-            dst = before[:, None] + i[None, :]
+            j = i[None, :] - wide[:, None]  # index past the range's wide tiles
+            dst = tl.where(j < 0, wide_at[:, None] + i[None, :],
+                           tl.where(j < short[:, None], short_at[:, None] + j, cross_at[:, None] + j - short[:, None]))
             tl.store(T_START + dst, t_start, mask=ok)
             tl.store(T_END + dst, tl.minimum(t_start + BN, end[:, None]), mask=ok)
-        slot += tl.sum(tiles, 0)
+        slot_wide += tl.sum(wide, 0)
+        slot_short += tl.sum(short, 0)
+        slot_cross += tl.sum(cross, 0)
 
 
 @triton.jit
@@ -161,29 +193,35 @@ def _fold(acc, m_i, l_i, q, k, v, ok, qk_scale, MASK: tl.constexpr, GUARD: tl.co
 
 @triton.jit
 def _range_tiles(acc, m_i, l_i, q, Kb, Vb, KD, VD, b32, hk32, T_START, T_END, lo, hi, rows, off, qk_scale,
-                 s_kn, s_kd, s_vn, s_vd, BN: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr,
-                 PREC: tl.constexpr, TMA: tl.constexpr):
-    """Tiles lo..hi of the block's tile list; CAUSAL: they may cross the diagonal. TMA: K/V tiles come
-    through tensor descriptors from the tile's start (keys past its end are real keys of the sequence, or
-    zeros past the last one, and are masked out of the scores)."""
+                 s_kn, s_kd, s_vn, s_vd, BN: tl.constexpr, D: tl.constexpr, MASK: tl.constexpr,
+                 CAUSAL: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
+    """Tiles lo..hi of the block's tile list. MASK: they may be shorter than BN (keys past a tile's end
+    are dropped); CAUSAL: they may also cross the diagonal. TMA: K/V tiles come through tensor
+    descriptors from the tile's start (keys past its end are real keys of the sequence, or zeros past the
+    last one, and are masked out of the scores)."""
     lane = tl.arange(0, BN)
     d = tl.arange(0, D)
     k_off = lane[None, :] * s_kn + d[:, None] * s_kd  # 32-bit and loop-invariant; the tile start is 64-bit
     v_off = lane[:, None] * s_vn + d[None, :] * s_vd
     for t in tl.range(lo, hi):
         start = tl.load(T_START + t)
-        width = tl.load(T_END + t) - start
-        inside = lane < width
+        if MASK:
+            inside = lane < tl.load(T_END + t) - start
+        else:
+            inside = lane < BN
         if TMA:
             k = tl.trans(KD.load([b32, hk32, start, 0]).reshape(BN, D))
             v = VD.load([b32, hk32, start, 0]).reshape(BN, D)
-        else:
+        elif MASK:
             k = tl.load(Kb + start.to(tl.int64) * s_kn + k_off, mask=inside[None, :], other=0.0)
             v = tl.load(Vb + start.to(tl.int64) * s_vn + v_off, mask=inside[:, None], other=0.0)
+        else:
+            k = tl.load(Kb + start.to(tl.int64) * s_kn + k_off)
+            v = tl.load(Vb + start.to(tl.int64) * s_vn + v_off)
         ok = inside[None, :]
         if CAUSAL:
             ok = ok & (start + lane[None, :] <= rows[:, None] + off)
-        acc, m_i, l_i = _fold(acc, m_i, l_i, q, k, v, ok, qk_scale, True, CAUSAL, PREC)
+        acc, m_i, l_i = _fold(acc, m_i, l_i, q, k, v, ok, qk_scale, MASK, CAUSAL, PREC)
     return acc, m_i, l_i
 
 
@@ -217,7 +255,8 @@ def _vs_attn_kernel(
     s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm,
     num_heads, group, nqb, max_columns, seqlen_q, seqlen_k, qk_scale,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, HP: tl.constexpr, CAUSAL: tl.constexpr,
-    VARLEN: tl.constexpr, RETURN_LSE: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+    VARLEN: tl.constexpr, RETURN_LSE: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr, NC: tl.constexpr,
+    WIDE_UNMASKED: tl.constexpr,
 ):
     # One program: query block qb of HP query heads h0 .. h0 + HP - 1 of one GQA group (HP > 1 only when
     # their indices are identical: the plan and index of h0 serve all). Its tile stacks the heads' rows,
@@ -250,17 +289,21 @@ def _vs_attn_kernel(
         l_i = tl.zeros([HP * BM], tl.float32)
         acc = tl.zeros([HP * BM, D], tl.float32)
         block = (b64 * num_heads + h0) * nqb + qb
-        n_tiles = tl.load(COUNTS + block * 4)
-        n_full = tl.load(COUNTS + block * 4 + 1)
-        n_cols = tl.load(COUNTS + block * 4 + 2)
-        n_seen = tl.load(COUNTS + block * 4 + 3) // BN * BN
+        n_tiles = tl.load(COUNTS + block * NC)
+        n_full = tl.load(COUNTS + block * NC + 1)
+        n_cols = tl.load(COUNTS + block * NC + 2)
+        n_seen = tl.load(COUNTS + block * NC + 3) // BN * BN
+        n_wide = tl.load(COUNTS + block * NC + 4)
         first_tile = tl.load(FIRST_TILE + block)
         ts = T_START + first_tile
         te = T_END + first_tile
-        acc, m_i, l_i = _range_tiles(acc, m_i, l_i, q, Kb, Vb, KD, VD, b32, hk32, ts, te, 0, n_full, rows, off,
-                                     qk_scale, s_kn, s_kd, s_vn, s_vd, BN, D, False, PREC, TMA)
+        # The tile list's sections: BN-wide tiles every row sees, short ones every row sees, the rest.
+        acc, m_i, l_i = _range_tiles(acc, m_i, l_i, q, Kb, Vb, KD, VD, b32, hk32, ts, te, 0, n_wide, rows, off,
+                                     qk_scale, s_kn, s_kd, s_vn, s_vd, BN, D, not WIDE_UNMASKED, False, PREC, TMA)
+        acc, m_i, l_i = _range_tiles(acc, m_i, l_i, q, Kb, Vb, KD, VD, b32, hk32, ts, te, n_wide, n_full, rows,
+                                     off, qk_scale, s_kn, s_kd, s_vn, s_vd, BN, D, True, False, PREC, TMA)
         acc, m_i, l_i = _range_tiles(acc, m_i, l_i, q, Kb, Vb, KD, VD, b32, hk32, ts, te, n_full, n_tiles, rows,
-                                     off, qk_scale, s_kn, s_kd, s_vn, s_vd, BN, D, CAUSAL, PREC, TMA)
+                                     off, qk_scale, s_kn, s_kd, s_vn, s_vd, BN, D, True, CAUSAL, PREC, TMA)
         cols = C_IDX + block * max_columns
         acc, m_i, l_i = _column_tiles(acc, m_i, l_i, q, Kb, Vb, cols, 0, n_seen, n_cols, rows, off, qk_scale,
                                       s_kn, s_kd, s_vn, s_vd, BN, D, False, CAUSAL, PREC)
@@ -336,25 +379,28 @@ def heads_per_program(layout: VerticalSlashLayout, group: int, fp32: bool) -> in
     return 1
 
 
-def _plan(layout: VerticalSlashLayout, cu, lengths, num_heads: int, bn: int, causal: bool, packed: bool):
-    """Per-block counts int32 [B, H, nqb, 4], each block's first slot int64 [B, H, nqb], and the tile
-    lists (start, end) int32 [total tiles], blocks one after the other (no padding to the longest)."""
+def _plan(layout: VerticalSlashLayout, cu, lengths, num_heads: int, bn: int, causal: bool, packed: bool,
+          split: bool = True):
+    """Per-block counts int32 [B, H, nqb, COUNTS_PER_BLOCK], each block's first slot int64 [B, H, nqb], and
+    the tile lists (start, end) int32 [total tiles], blocks one after the other (no padding to the
+    longest). split: list the BN-wide tiles every row sees first (else in range order with the others)."""
     b, h, nqb = layout.range_counts.shape
-    counts = torch.empty(b, h, nqb, _COUNTS, dtype=torch.int32, device=layout.device)
-    meta = dict(BM=layout.block_size_q, BN=bn, CAUSAL=causal, VARLEN=packed)
+    counts = torch.empty(b, h, nqb, COUNTS_PER_BLOCK, dtype=torch.int32, device=layout.device)
+    meta = dict(BM=layout.block_size_q, BN=bn, CAUSAL=causal, VARLEN=packed, SPLIT=split)
     steps = max(1, math.ceil(math.log2(layout.max_columns + 1)))
     _count_kernel[(triton.cdiv(nqb, _LANES), b * h)](
         layout.range_counts, layout.range_starts, layout.range_ends, layout.column_counts,
         layout.column_indices, *cu, counts, num_heads, nqb, layout.max_ranges, layout.max_columns, *lengths,
-        STEPS=steps, LANES=_LANES, num_warps=2, **meta)
+        STEPS=steps, LANES=_LANES, NC=COUNTS_PER_BLOCK, num_warps=2, **meta)
     ends = counts[..., 0].flatten().cumsum(0)
     first_tile = (ends - counts[..., 0].flatten()).view(b, h, nqb)
     total = max(1, int(ends[-1]))  # one device sync sizes the tile lists
     t_start = torch.empty(total, dtype=torch.int32, device=layout.device)
     t_end = torch.empty_like(t_start)
     _tiles_kernel[(nqb, b * h)](
-        layout.range_counts, layout.range_starts, layout.range_ends, *cu, first_tile, t_start, t_end,
-        num_heads, nqb, layout.max_ranges, *lengths, LANES=_LANES, TL=16, num_warps=4, **meta)
+        layout.range_counts, layout.range_starts, layout.range_ends, *cu, counts, first_tile, t_start, t_end,
+        num_heads, nqb, layout.max_ranges, *lengths, LANES=_LANES, TL=16, NC=COUNTS_PER_BLOCK, num_warps=4,
+        **meta)
     return counts, first_tile, t_start, t_end
 
 
@@ -428,7 +474,7 @@ def forward(q, k, v, layout, out, lse, shapes, *, causal: bool, scale: Optional[
         raise ValueError(f"backend: expected 'triton' or 'gluon' (or SPARSE_ATTN_VS_BACKEND unset), got {backend!r}")
     if backend == "gluon" and config is None and tma is None:
         if hopper.supported(q, k, v, out, layout, group, hp):
-            plan = _plan(layout, cu, lengths, shapes.num_heads, hopper.BN, causal, packed)
+            plan = _plan(layout, cu, lengths, shapes.num_heads, hopper.BN, causal, packed, split=False)
             hopper.forward(q, k, v, out, lse, plan, layout.column_indices, cu,
                            [_strides4(t, packed) for t in (q, k, v, out)], lse_strides, shapes.num_heads, group,
                            nqb, layout.max_columns, lengths, scale * _LOG2E, causal=causal, packed=packed,
@@ -441,7 +487,8 @@ def forward(q, k, v, layout, out, lse, shapes, *, causal: bool, scale: Optional[
     kd = vd = None
     if (not fp32) if tma is None else tma:
         kd, vd = _descriptors(k, v, cfg["BN"], packed)
-    plan = _plan(layout, cu, lengths, shapes.num_heads, cfg["BN"], causal, packed)
+    wide_unmasked = bool(cfg.get("wide_unmasked", False))
+    plan = _plan(layout, cu, lengths, shapes.num_heads, cfg["BN"], causal, packed, split=wide_unmasked)
     grid = (nqb * (group // hp), shapes.batch * shapes.num_kv_heads)
     extra = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
     _vs_attn_kernel[grid](
@@ -449,6 +496,7 @@ def forward(q, k, v, layout, out, lse, shapes, *, causal: bool, scale: Optional[
         *_strides4(q, packed), *_strides4(k, packed), *_strides4(v, packed), *_strides4(out, packed),
         *lse_strides, shapes.num_heads, group, nqb, layout.max_columns, *lengths,
         scale * _LOG2E, BM=layout.block_size_q, BN=cfg["BN"], D=head_dim, HP=hp, CAUSAL=causal, VARLEN=packed,
-        RETURN_LSE=lse is not None, PREC="ieee" if fp32 else None, TMA=kd is not None,
+        RETURN_LSE=lse is not None, PREC="ieee" if fp32 else None, TMA=kd is not None, NC=COUNTS_PER_BLOCK,
+        WIDE_UNMASKED=wide_unmasked,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra,
     )
