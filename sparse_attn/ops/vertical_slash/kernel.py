@@ -6,9 +6,11 @@ Two steps per call:
   what its rows can see) into BN-wide key tiles listed flat, blocks one after the other: tile t is keys
   [start_t, end_t), end_t - start_t <= BN. Ranges average a few BN wide, so looping over ranges and then
   over their tiles would restart the software pipeline at every range; one flat loop over the tile list
-  keeps it full. The counts also give the tiles that every row of the block sees whole (a prefix: ranges
-  are sorted) and the columns that every row sees (a prefix: columns are sorted), so only the tiles near
-  the causal diagonal pay the causal mask.
+  keeps it full. Each block's list comes in sections: the tiles every row of the block sees whole (ranges
+  are sorted, so a prefix of the range order), then the tiles near the causal diagonal, which alone pay the
+  causal mask; the columns every row sees are likewise a prefix. With `split` (two heads per program) the
+  BN-wide tiles every row sees come first and run with no mask at all (measured: faster there, slower for
+  one head per program and, at 1M, the order alone costs the per-head kernel its L2 reuse).
 - `_vs_attn_kernel`: per (batch, query head, query block) the online softmax over the tile list (keys past
   a tile's end masked out), then over the columns, gathered BN at a time.
 
@@ -99,7 +101,8 @@ def _count_kernel(R_COUNT, R_START, R_END, C_COUNT, C_IDX, CU_Q, CU_K, COUNTS,
                   num_heads, nqb, max_ranges, max_columns, seqlen_q, seqlen_k,
                   BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
                   STEPS: tl.constexpr, LANES: tl.constexpr, NC: tl.constexpr, SPLIT: tl.constexpr):
-    """COUNTS (NC per block) of LANES blocks at a time (one lane each): a latency-bound walk, so many blocks share it."""
+    """COUNTS (NC per block) of LANES blocks at a time (one lane each): a latency-bound walk, so many blocks
+    share it."""
     bh = tl.program_id(1)
     qb = tl.program_id(0) * LANES + tl.arange(0, LANES)
     _, sq, _, sk = _seq_bounds(CU_Q, CU_K, bh // num_heads, seqlen_q, seqlen_k, VARLEN)
