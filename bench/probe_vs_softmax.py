@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 
 from bench_methods import make_inputs, parse_args as methods_args  # noqa: E402
+from probe_vs_pairs import median_ms  # noqa: E402
 from sparse_attn import dispatch  # noqa: E402
 from sparse_attn.ops.reference import AttentionInputs, reference_attention  # noqa: E402
 from sparse_attn.ops.vertical_slash import kernel as vs  # noqa: E402
@@ -35,20 +35,6 @@ VARIANTS = {
     "quads": [("16 warps 2 stages", {"num_warps": 16}), ("16 warps 3 stages", {"num_warps": 16, "num_stages": 3}),
               ("16 warps 2 st, masked", {"num_warps": 16, "wide_unmasked": False})],
 }
-
-
-def median_ms(fn, repeats=5):
-    fn()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def layout_for(name, q, k, configs):
