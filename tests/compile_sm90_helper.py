@@ -126,8 +126,9 @@ def _run_all() -> None:
     vs2 = build_vertical_slash_index(vertical.expand(2, h, 30), slash.expand(2, h, 20), s, s, 64, backend="torch")
     vs_kernel.vertical_slash_attention(q, k, v, vs2, cu_seqlens_q=cu, cu_seqlens_k=cu)
 
-    # the experimental Gluon Hopper kernel (SPARSE_ATTN_VS_BACKEND=gluon): bf16 D=128 with lse, fp16 D=64,
-    # bf16 packed; hopper.supported refuses CPU tensors, so it is bypassed here
+    # the experimental Gluon Hopper kernels (SPARSE_ATTN_VS_BACKEND=gluon): warp-specialised with a TMA loader
+    # (bf16 D=128 with lse, fp16 D=64, bf16 packed) and every tile through cp.async (bf16 D=128);
+    # hopper.supported refuses CPU tensors, so it is bypassed here
     from sparse_attn.ops.vertical_slash import hopper
     if hopper.AVAILABLE:
         real_supported = hopper.supported
@@ -139,6 +140,13 @@ def _run_all() -> None:
                 vs_kernel.vertical_slash_attention(q, k, v, vs_layout, return_lse=d == 128)
             q, k, v = qkv(128, torch.bfloat16, packed=True)
             vs_kernel.vertical_slash_attention(q, k, v, vs2, cu_seqlens_q=cu, cu_seqlens_k=cu)
+            real_forward = hopper.forward
+            hopper.forward = lambda *a, **kw: real_forward(*a, loads="cp.async", **kw)
+            try:
+                q, k, v = qkv(128, torch.bfloat16)
+                vs_kernel.vertical_slash_attention(q, k, v, vs_layout)
+            finally:
+                hopper.forward = real_forward
         finally:
             hopper.supported = real_supported
             del os.environ["SPARSE_ATTN_VS_BACKEND"]

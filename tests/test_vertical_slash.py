@@ -373,19 +373,46 @@ def test_gpu_long_sequence():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["gluon", "triton"])
+@pytest.mark.parametrize("loads", ["tma", "cp.async"])
+def test_gpu_gluon_varlen_packed_matches_reference(monkeypatch, loads):
+    """The Gluon kernels on packed varlen inputs (the warp-specialised one reads K/V through a [T, Hkv * D]
+    view whose rows start at each sequence's first key), with a sequence of one query, causal and not."""
+    from sparse_attn.ops.vertical_slash import hopper
+
+    if not (hopper.AVAILABLE and torch.cuda.get_device_capability() == (9, 0)):
+        pytest.skip("the Gluon kernels need sm_90")
+    calls = []
+    real = hopper.forward
+    monkeypatch.setattr(hopper, "forward", lambda *a, **kw: (calls.append(1), real(*a, loads=loads, **kw))[1])
+    monkeypatch.setenv("SPARSE_ATTN_VS_BACKEND", "gluon")
+    torch.manual_seed(7)
+    dev, dt = "cuda", torch.bfloat16
+    cu_q = torch.tensor([0, 1000, 1001, 5001], dtype=torch.int32, device=dev)
+    cu_k = torch.tensor([0, 3000, 3100, 7100], dtype=torch.int32, device=dev)
+    q = torch.randn(5001, 8, 128, device=dev, dtype=dt)
+    k, v = torch.randn(2, 7100, 2, 128, device=dev, dtype=dt)
+    layout = random_layout(3, 8, 4000, 4000, 64, nv=200, ns=100, device=dev, seed=7)
+    for causal in (True, False):
+        assert_close_to_reference(q, k, v, layout, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    assert len(calls) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["gluon-tma", "gluon-cp.async", "triton"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("d, group, sq, sk, kv", [(128, 4, 4096, 4096, "contiguous"), (64, 1, 3001, 5003, "hf"),
                                                   (128, 2, 2500, 1900, "padded")])
 def test_gpu_backends_match_reference(monkeypatch, backend, causal, d, group, sq, sk, kv):
-    """Both attention backends (the experimental Gluon Hopper kernel and the Triton kernel) against the
-    reference, with K/V contiguous, as HF's transposed views and with a padded last dim. The Gluon kernel
-    must really have run where the device is sm_90."""
+    """Both attention backends (the experimental Gluon Hopper kernels: warp-specialised with a TMA loader,
+    and every tile through cp.async; and the Triton kernel) against the reference, with K/V contiguous, as
+    HF's transposed views and with a padded last dim (which TMA does not take: cp.async there). The Gluon
+    kernel must really have run where the device is sm_90."""
     from sparse_attn.ops.vertical_slash import hopper
 
     calls = []
     real = hopper.forward
-    monkeypatch.setattr(hopper, "forward", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    backend, _, loads = backend.partition("-")
+    monkeypatch.setattr(hopper, "forward", lambda *a, **kw: (calls.append(1), real(*a, loads=loads, **kw))[1])
     monkeypatch.setenv("SPARSE_ATTN_VS_BACKEND", backend)
     torch.manual_seed(sq + d + group)
     dt = torch.bfloat16

@@ -1,25 +1,36 @@
 """Vertical-slash attention for Hopper (sm_90), written in Gluon: the Triton kernel's tile loop with
-explicit wgmma groups, so a tile's PV GEMM runs while the next tile's softmax does. Experimental and
-opt-in (`SPARSE_ATTN_VS_BACKEND=gluon`): on the H100 it is slower than the Triton kernel (58.5 vs 43.5 ms
-at 128K, bench/NOTES_vertical_slash.md); it is kept, with its GPU tests, as the base for a
-warp-specialised version.
+explicit wgmma groups and, for the common K/V layouts, a warp-specialised TMA loader. Experimental and
+opt-in (`SPARSE_ATTN_VS_BACKEND=gluon`): on the H100 the warp-specialised kernel runs 1-2 % faster than the
+Triton kernel (attention call 43.5 against 44.1 ms at 128K; 629 against 640 ms at 1M in the methods
+benchmark; bench/NOTES_vertical_slash.md), within run-to-run spread, so Triton stays the default.
 
-One warpgroup (4 warps, 64 query rows) per program, two programs per SM. Per tile t (FlashAttention-3's
-intra-warpgroup order):
+Two kernels, same plan, tile list and program order as the Triton kernel (ranges cut into BN-wide tiles,
+then the columns BN at a time, one flat list per block), one compute warpgroup (64 query rows) per program,
+two programs per SM. Per tile t the compute warpgroup runs FlashAttention-3's intra-warpgroup order:
 
     issue S[t] = Q K[t]^T;  rescale O;  issue O += P[t-1] V[t-1]
     wait for S[t] only;  softmax(S[t]) -> P[t]  (on the CUDA cores, while PV[t-1] runs)
     wait for PV[t-1]
 
 O is never in flight across the loop's back edge (ptxas serialises every wgmma when registers of one in
-flight are read, which carrying it across would cause). K/V tiles come through a 3-stage ring filled by
-cp.async, one commit group per K or V tile: range tiles are `start + lane` keys, column tiles gathered
-keys, both from one flat list per block (the Triton kernel's plan: ranges cut into BN-wide tiles, then the
-columns BN at a time). A K stage frees one iteration before its V stage, so both get two iterations of
-lead; a tile's keys are loaded an iteration before its copies. Keys past a tile's end are zero-filled and
+flight are read, which carrying it across would cause). What runs in SASS is less: ptxas moves the wait
+for PV[t-1] up to just after the row max, so the exponentials do not overlap PV (two tiles per loop trip,
+tried to give P[t] its own registers, made ptxas serialise every wgmma). Keys past a tile's end are
 masked out of the scores; only tiles that need it (a partial tile, a tile near the causal diagonal, the
 columns not every row sees) pay the mask. Q sits in shared memory as the A operand of the score GEMM, P
 stays in registers as the A operand of PV.
+
+- `_vs_hopper_ws_kernel` (K/V as contiguous rows, [B, Hkv, S, D], HF's transposed [B, S, Hkv, D] view or
+  packed [T, Hkv, D]): warp-specialised. A loader partition (one warpgroup at 40 registers; the compute
+  warpgroup gets 216) fills a 3-stage K/V ring: range tiles through TMA (two 64-column messages per tensor),
+  column tiles gathered with cp.async. Each stage has a ready and an empty mbarrier; the compute warpgroup
+  issues no loads at all and releases a stage once PV of its tile has been waited for. A range tile is
+  BN rows from its start: rows past its end (the next keys, or another head's or sequence's rows of the
+  2D view) are read and masked out, so a V holding inf/NaN there could leak, as in the Triton kernel's TMA
+  path.
+- `_vs_hopper_kernel` (everything else, e.g. a padded last dim): the compute warpgroup fills the ring itself
+  with cp.async, one commit group per K or V tile, two iterations of lead. Slower (58.9 ms at 128K): every
+  thread generates its 16 row addresses per tile.
 
 Scope: 16-bit inputs, head dim 64 or 128, 64-row layout blocks, one head per program, the last dim
 contiguous; `kernel.forward` takes the Triton kernel for everything else.
@@ -32,8 +43,9 @@ try:  # Gluon ships with Triton >= 3.5; anything missing means this path is off
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_init, warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     AVAILABLE = True
 except Exception:  # noqa: BLE001
     AVAILABLE = False
@@ -44,6 +56,11 @@ BM = 64
 BN = 64
 STAGES = 3
 HEAD_DIMS = (64, 128)
+# Warp-specialised kernel: a compute and a loader warpgroup, 128 registers a thread at launch (2 programs
+# per SM); the loader gives up all but 40 (a one- or two-warp loader spills in the column gathers), so the
+# compute warpgroup gets 216 (no spills, cuobjdump on sm_90).
+WS_MAXNREG = 128
+WS_LOADER = (4, 40)  # loader partition: warps, registers
 
 if AVAILABLE:
 
@@ -241,6 +258,182 @@ if AVAILABLE:
                 gl.store(LSE + b64 * s_lb + h64 * s_lh + o_rows * s_lm, lse, mask=q0 + ro < sq)
 
 
+    @gluon.jit
+    def _ws_loader(KD, VD, k_smem, v_smem, ready, empty, TS, COLS, n_tiles, n_cols, n_total, row0, col0, Kb, Vb,
+                   s_kn, s_vn, D: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
+                   LOADER_WARPS: gl.constexpr):
+        """Worker partition (LOADER_WARPS warps): fills the K/V ring. Tile t waits until its stage is empty (the
+        consumer released tile t - STAGES), then loads: a range tile (rows start .. start + BN of the 2D
+        views KD / VD, whose head starts at row0, col0) through TMA, a column tile gathered with cp.async by
+        the partition's threads (listed columns, zeros past them; each thread's copies arrive on the stage's
+        ready barrier, then one plain arrival once all have issued theirs)."""
+        LDW: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (D // 8), D // 8],
+                                             warps_per_cta=[LOADER_WARPS, 1], order=[1, 0])
+        lane = gl.arange(0, BN, layout=gl.SliceLayout(1, LDW))
+        d = gl.arange(0, D, layout=gl.SliceLayout(0, LDW))
+        for t in range(n_total):
+            stage = t % STAGES
+            mbarrier.wait(empty.index(stage), ((t // STAGES) & 1) ^ 1)
+            bar = ready.index(stage)
+            if t < n_tiles:
+                start = gl.load(TS + t)
+                mbarrier.expect(bar, 2 * KD.block_type.nbytes)
+                tma.async_copy_global_to_shared(KD, [row0 + start, col0], bar, k_smem.index(stage))
+                tma.async_copy_global_to_shared(VD, [row0 + start, col0], bar, v_smem.index(stage))
+            else:
+                c = (t - n_tiles) * BN + lane
+                ok = c < n_cols
+                keys = gl.load(COLS + c, mask=ok, other=0).to(gl.int64)
+                async_copy.async_copy_global_to_shared(k_smem.index(stage), Kb + keys[:, None] * s_kn + d[None, :],
+                                                       mask=ok[:, None])
+                async_copy.async_copy_global_to_shared(v_smem.index(stage), Vb + keys[:, None] * s_vn + d[None, :],
+                                                       mask=ok[:, None])
+                async_copy.mbarrier_arrive(bar)
+                gl.thread_barrier()
+                mbarrier.arrive(bar, count=1)
+
+    @gluon.jit
+    def _ws_consumer(q_smem, k_smem, v_smem, ready, empty, TS, TE, COLS, n_tiles, n_full, n_seen, n_cols, n_total,
+                     q0, off, qk_scale, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, CAUSAL: gl.constexpr,
+                     STAGES: gl.constexpr):
+        """Default partition (one warpgroup): the tile loop (module docstring) without any loads of its own.
+        Tile t is in stage t % STAGES, ready at phase (t // STAGES) & 1; the stage is released (arrive on
+        empty) once PV of its tile has been waited for. Returns (O unnormalised, running max, running sum)."""
+        S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, BN, 16])
+        O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, D, 16])
+        P_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_L, k_width=2)
+        dtype: gl.constexpr = q_smem.dtype
+        rows = q0 + gl.arange(0, BM, layout=gl.SliceLayout(1, S_L))
+        lane_s = gl.arange(0, BN, layout=gl.SliceLayout(0, S_L))
+        m_i = gl.full([BM], float("-inf"), gl.float32, gl.SliceLayout(1, S_L))
+        l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, S_L))
+        acc = gl.zeros([BM, D], gl.float32, O_L)
+        if n_total > 0:
+            mbarrier.wait(ready.index(0), 0)
+            if n_tiles == 0:
+                fence_async_shared()  # a column tile: written by cp.async, read by wgmma
+            need = _needs_mask(0, n_tiles, n_full, n_seen, TS, TE, BN)
+            keys_s, ok_s = _tile_keys(0, n_tiles, n_total, TS, TE, COLS, n_cols, lane_s, BN)
+            s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([BM, BN], gl.float32, S_L),
+                              use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(0, deps=(s, ))
+            p16, alpha, m_i, l_i = _softmax(s, m_i, l_i, need, keys_s, ok_s, rows, off, qk_scale, CAUSAL, P_L,
+                                            dtype)
+            for t in range(1, n_total):
+                stage = t % STAGES
+                mbarrier.wait(ready.index(stage), (t // STAGES) & 1)
+                if t >= n_tiles:
+                    fence_async_shared()
+                s = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)),
+                                  gl.zeros([BM, BN], gl.float32, S_L), use_acc=False, is_async=True)
+                need = _needs_mask(t, n_tiles, n_full, n_seen, TS, TE, BN)
+                keys_s, ok_s = _tile_keys(t, n_tiles, n_total, TS, TE, COLS, n_cols, lane_s, BN)
+                acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_L))[:, None]
+                acc = warpgroup_mma(p16, v_smem.index((t - 1) % STAGES), acc, is_async=True)
+                s = warpgroup_mma_wait(1, deps=(s, ))
+                p16, alpha, m_i, l_i = _softmax(s, m_i, l_i, need, keys_s, ok_s, rows, off, qk_scale, CAUSAL, P_L,
+                                                dtype)
+                acc = warpgroup_mma_wait(0, deps=(acc, ))
+                mbarrier.arrive(empty.index((t - 1) % STAGES), count=1)
+            last = n_total - 1
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_L))[:, None]
+            acc = warpgroup_mma(p16, v_smem.index(last % STAGES), acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
+        return acc, m_i, l_i
+
+    @gluon.jit
+    def _vs_hopper_ws_kernel(
+        Q, K, V, KD, VD, O, LSE, COUNTS, FIRST_TILE, T_START, T_END, C_IDX, CU_Q, CU_K,
+        s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh, s_lm,
+        row_b, row_h, col_h,
+        num_heads, group, nqb, max_columns, seqlen_q, seqlen_k, qk_scale,
+        BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
+        RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, Q_SMEM: gl.constexpr, NC: gl.constexpr,
+        LOADER_WARPS: gl.constexpr, LOADER_REGS: gl.constexpr,
+    ):
+        """Warp-specialised (module docstring): _ws_loader fills the K/V ring while the warpgroup computes
+        (_ws_consumer); ready / empty mbarriers per stage. Blocks past a short sequence's end have no tiles
+        (the plan counts none) and store nothing."""
+        O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, D, 16])
+        LD: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (D // 8), D // 8],
+                                            warps_per_cta=[4, 1], order=[1, 0])
+        dtype: gl.constexpr = Q.dtype.element_ty
+
+        qb = nqb - 1 - gl.program_id(0) // group
+        n_kv = num_heads // group
+        hk = gl.program_id(1) % n_kv
+        b = gl.program_id(1) // n_kv
+        h = hk * group + gl.program_id(0) % group
+        if VARLEN:
+            q_start = gl.load(CU_Q + b)
+            sq = gl.load(CU_Q + b + 1) - q_start
+            k_start = gl.load(CU_K + b)
+            sk = gl.load(CU_K + b + 1) - k_start
+        else:
+            zero = b * 0
+            q_start = zero
+            sq = seqlen_q + zero
+            k_start = zero
+            sk = seqlen_k + zero
+        q0 = qb * BM
+        off = sk - sq
+        b64 = b.to(gl.int64)
+        h64 = h.to(gl.int64)
+        hk64 = hk.to(gl.int64)
+        rq = gl.arange(0, BM, layout=gl.SliceLayout(1, LD))
+        dq = gl.arange(0, D, layout=gl.SliceLayout(0, LD))
+        q_rows = (q_start + q0 + rq).to(gl.int64)
+        q = gl.load(Q + b64 * s_qb + h64 * s_qh + q_rows[:, None] * s_qm + dq[None, :],
+                    mask=(q0 + rq < sq)[:, None], other=0.0)
+        q_smem = gl.allocate_shared_memory(dtype, [BM, D], Q_SMEM, q)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], KD.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], VD.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        fence_async_shared()
+
+        block = (b64 * num_heads + h64) * nqb + qb
+        n_tiles = gl.load(COUNTS + block * NC)
+        n_full = gl.load(COUNTS + block * NC + 1)
+        n_cols = gl.load(COUNTS + block * NC + 2)
+        n_seen = gl.load(COUNTS + block * NC + 3) // BN * BN
+        first = gl.load(FIRST_TILE + block)
+        TS = T_START + first
+        TE = T_END + first
+        COLS = C_IDX + block * max_columns
+        n_total = n_tiles + (n_cols + BN - 1) // BN
+        Kb = K + b64 * s_kb + hk64 * s_kh + k_start.to(gl.int64) * s_kn
+        Vb = V + b64 * s_vb + hk64 * s_vh + k_start.to(gl.int64) * s_vn
+        row0 = (b * row_b + hk * row_h + k_start).to(gl.int32)
+        col0 = (hk * col_h).to(gl.int32)
+
+        acc, m_i, l_i = gl.warp_specialize([
+            (_ws_consumer, (q_smem, k_smem, v_smem, ready, empty, TS, TE, COLS, n_tiles, n_full, n_seen, n_cols,
+                            n_total, q0, off, qk_scale, BM, BN, D, CAUSAL, STAGES)),
+            (_ws_loader, (KD, VD, k_smem, v_smem, ready, empty, TS, COLS, n_tiles, n_cols, n_total, row0, col0,
+                          Kb, Vb, s_kn, s_vn, D, BN, STAGES, LOADER_WARPS)),
+        ], [LOADER_WARPS], [LOADER_REGS])
+
+        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, O_L))
+        seen = l_o > 0.0
+        out = acc / gl.where(seen, l_o, 1.0)[:, None]  # rows that saw no key: acc is 0, so 0
+        ro = gl.arange(0, BM, layout=gl.SliceLayout(1, O_L))
+        do = gl.arange(0, D, layout=gl.SliceLayout(0, O_L))
+        o_rows = (q_start + q0 + ro).to(gl.int64)
+        gl.store(O + b64 * s_ob + h64 * s_oh + o_rows[:, None] * s_om + do[None, :], out.to(dtype),
+                 mask=(q0 + ro < sq)[:, None])
+        if RETURN_LSE:
+            m_o = gl.convert_layout(m_i, gl.SliceLayout(1, O_L))
+            lse = gl.where(seen, (m_o + gl.log2(gl.where(seen, l_o, 1.0))) * 0.6931471805599453, float("-inf"))
+            gl.store(LSE + b64 * s_lb + h64 * s_lh + o_rows * s_lm, lse, mask=q0 + ro < sq)
+
+
 def supported(q, k, v, out, layout, group: int, heads: int) -> bool:
     """Whether these (validated) inputs can take the Gluon kernel."""
     if not AVAILABLE or not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
@@ -255,16 +448,58 @@ def _smem_layouts(dtype, d: int):
     return (gl.NVMMASharedLayout.get_default_for([BM, d], gdt), gl.NVMMASharedLayout.get_default_for([BN, d], gdt))
 
 
+def _tma_views(k, v, packed: bool):
+    """(k2d, v2d, row_b, row_h, col_h): 2D views of k and v where key `key` of (batch b, kv head hk) is row
+    b * row_b + hk * row_h + key (plus the sequence's first key when packed), columns hk * col_h + [0, D);
+    None where the strides fit neither [B, Hkv, S, D] contiguous nor rows of all heads side by side
+    ([B, S, Hkv, D] seen transposed, or packed [T, Hkv, D])."""
+    d = k.shape[-1]
+    if k.stride() != v.stride() or k.shape != v.shape:
+        return None
+    if packed:
+        t, hkv = k.shape[0], k.shape[1]
+        if k.stride() != (hkv * d, d, 1):
+            return None
+        shape, strides, row_b, row_h, col_h = (t, hkv * d), (hkv * d, 1), 0, 0, d
+    else:
+        bsz, hkv, sk = k.shape[:3]
+        if k.stride() == (hkv * sk * d, sk * d, d, 1):
+            shape, strides, row_b, row_h, col_h = (bsz * hkv * sk, d), (d, 1), hkv * sk, sk, 0
+        elif k.stride() == (sk * hkv * d, d, hkv * d, 1):
+            shape, strides, row_b, row_h, col_h = (bsz * sk, hkv * d), (hkv * d, 1), sk, 0, d
+        else:
+            return None
+    if shape[0] >= 2 ** 31 or shape[0] == 0:
+        return None
+    views = [torch.as_strided(x, shape, strides) for x in (k, v)]
+    return views[0], views[1], row_b, row_h, col_h
+
+
 def forward(q, k, v, out, lse, plan, column_indices, cu, strides, lse_strides, num_heads: int, group: int,
             nqb: int, max_columns: int, lengths, qk_scale: float, *, causal: bool, packed: bool, batch: int,
-            num_kv_heads: int, ablate: int = 0) -> None:
+            num_kv_heads: int, ablate: int = 0, loads: str = "tma") -> None:
     """Launch on a plan of `kernel._plan(bn=BN)`; strides: (q, k, v, out) 4-tuples (batch, head, row, dim),
-    the last dim contiguous. ablate (bench/probe_vs_hopper.py only, wrong outputs): 1 drops the loop's K/V
-    loads, 2 the softmax, 3 both."""
+    the last dim contiguous. loads: "tma" (the warp-specialised kernel where k / v have one of the layouts
+    _tma_views takes, else cp.async) or "cp.async" (the compute warpgroup gathers every tile). ablate
+    (bench/probe_vs_hopper.py only, wrong outputs, cp.async kernel): 1 drops the loop's K/V loads, 2 the
+    softmax, 3 both."""
+    if loads not in ("tma", "cp.async"):
+        raise ValueError(f"loads: expected 'tma' or 'cp.async', got {loads!r}")
     d = q.shape[-1]
     q_smem, kv_smem = _smem_layouts(q.dtype, d)
     sq, sk, sv, so = (s[:3] for s in strides)
     grid = (nqb * group, batch * num_kv_heads)
+    views = _tma_views(k, v, packed) if loads == "tma" and not ablate else None
+    if views is not None:
+        k2, v2, row_b, row_h, col_h = views
+        kd, vd = (TensorDescriptor(x, list(x.shape), list(x.stride()), [BN, d], kv_smem) for x in (k2, v2))
+        _vs_hopper_ws_kernel[grid](
+            q, k, v, kd, vd, out, lse if lse is not None else out, *plan, column_indices, *cu,
+            *sq, *sk, *sv, *so, *lse_strides, row_b, row_h, col_h, num_heads, group, nqb, max_columns, *lengths,
+            qk_scale, BM=BM, BN=BN, D=d, CAUSAL=causal, VARLEN=packed, RETURN_LSE=lse is not None, STAGES=STAGES,
+            Q_SMEM=q_smem, NC=plan[0].shape[-1], LOADER_WARPS=WS_LOADER[0], LOADER_REGS=WS_LOADER[1],
+            num_warps=4, maxnreg=WS_MAXNREG)
+        return
     _vs_hopper_kernel[grid](
         q, k, v, out, lse if lse is not None else out, *plan, column_indices, *cu,
         *sq, *sk, *sv, *so, *lse_strides, num_heads, group, nqb, max_columns, *lengths, qk_scale,
