@@ -116,6 +116,66 @@ if AVAILABLE:
         return gl.convert_layout(p.to(DT), P_L), alpha, m_new, l_i
 
     @gluon.jit
+    def _program(CU_Q, CU_K, num_heads, group, nqb, seqlen_q, seqlen_k, VARLEN: gl.constexpr):
+        """(query block, kv head, batch, query head, first row, rows, first key, keys) of this program, in the
+        Triton kernel's order: the heads of a kv head side by side, last blocks first."""
+        qb = nqb - 1 - gl.program_id(0) // group
+        n_kv = num_heads // group
+        hk = gl.program_id(1) % n_kv
+        b = gl.program_id(1) // n_kv
+        h = hk * group + gl.program_id(0) % group
+        if VARLEN:
+            q_start = gl.load(CU_Q + b)
+            sq = gl.load(CU_Q + b + 1) - q_start
+            k_start = gl.load(CU_K + b)
+            sk = gl.load(CU_K + b + 1) - k_start
+        else:
+            zero = b * 0  # tensors, like the loads above
+            q_start = zero
+            sq = seqlen_q + zero
+            k_start = zero
+            sk = seqlen_k + zero
+        return qb, hk, b, h, q_start, sq, k_start, sk
+
+    @gluon.jit
+    def _block_lists(COUNTS, FIRST_TILE, T_START, T_END, C_IDX, block, max_columns, BN: gl.constexpr,
+                     NC: gl.constexpr):
+        """The plan's counts for one block (range tiles, tiles every row sees, columns, columns every row sees
+        rounded down to BN, all tiles) and its tile starts / ends / columns."""
+        n_tiles = gl.load(COUNTS + block * NC)
+        n_full = gl.load(COUNTS + block * NC + 1)
+        n_cols = gl.load(COUNTS + block * NC + 2)
+        n_seen = gl.load(COUNTS + block * NC + 3) // BN * BN
+        first = gl.load(FIRST_TILE + block)
+        n_total = n_tiles + (n_cols + BN - 1) // BN
+        return n_tiles, n_full, n_cols, n_seen, n_total, T_START + first, T_END + first, C_IDX + block * max_columns
+
+    @gluon.jit
+    def _load_q(Qh, s_qm, q_start, q0, sq, BM: gl.constexpr, D: gl.constexpr, LD: gl.constexpr):
+        """The block's query rows of one head (Qh: its base), zeros past the sequence."""
+        rq = gl.arange(0, BM, layout=gl.SliceLayout(1, LD))
+        dq = gl.arange(0, D, layout=gl.SliceLayout(0, LD))
+        q_rows = (q_start + q0 + rq).to(gl.int64)
+        return gl.load(Qh + q_rows[:, None] * s_qm + dq[None, :], mask=(q0 + rq < sq)[:, None], other=0.0)
+
+    @gluon.jit
+    def _store_rows(acc, m_i, l_i, Oh, s_om, LSEh, s_lm, q_start, q0, sq, BM: gl.constexpr, D: gl.constexpr,
+                    RETURN_LSE: gl.constexpr, O_L: gl.constexpr):
+        """O = acc / l for the block's rows of one head (Oh, LSEh: its bases), and lse; rows that saw no key
+        get 0 (acc is 0 there) and lse -inf."""
+        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, O_L))
+        seen = l_o > 0.0
+        out = acc / gl.where(seen, l_o, 1.0)[:, None]
+        ro = gl.arange(0, BM, layout=gl.SliceLayout(1, O_L))
+        do = gl.arange(0, D, layout=gl.SliceLayout(0, O_L))
+        o_rows = (q_start + q0 + ro).to(gl.int64)
+        gl.store(Oh + o_rows[:, None] * s_om + do[None, :], out.to(Oh.dtype.element_ty), mask=(q0 + ro < sq)[:, None])
+        if RETURN_LSE:
+            m_o = gl.convert_layout(m_i, gl.SliceLayout(1, O_L))
+            lse = gl.where(seen, (m_o + gl.log2(gl.where(seen, l_o, 1.0))) * 0.6931471805599453, float("-inf"))
+            gl.store(LSEh + o_rows * s_lm, lse, mask=q0 + ro < sq)
+
+    @gluon.jit
     def _vs_hopper_kernel(
         Q, K, V, O, LSE, COUNTS, FIRST_TILE, T_START, T_END, C_IDX, CU_Q, CU_K,
         s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh, s_lm,
@@ -134,23 +194,8 @@ if AVAILABLE:
         dtype: gl.constexpr = Q.dtype.element_ty
         gl.static_assert(STAGES == 3, "the K/V ring's wait counts are written for 3 stages")
 
-        # Same program order as the Triton kernel: the heads of a kv head side by side, last blocks first.
-        qb = nqb - 1 - gl.program_id(0) // group
-        n_kv = num_heads // group
-        hk = gl.program_id(1) % n_kv
-        b = gl.program_id(1) // n_kv
-        h = hk * group + gl.program_id(0) % group
-        if VARLEN:
-            q_start = gl.load(CU_Q + b)
-            sq = gl.load(CU_Q + b + 1) - q_start
-            k_start = gl.load(CU_K + b)
-            sk = gl.load(CU_K + b + 1) - k_start
-        else:
-            zero = b * 0  # tensors, like the loads above
-            q_start = zero
-            sq = seqlen_q + zero
-            k_start = zero
-            sk = seqlen_k + zero
+        qb, hk, b, h, q_start, sq, k_start, sk = _program(CU_Q, CU_K, num_heads, group, nqb, seqlen_q, seqlen_k,
+                                                           VARLEN)
         q0 = qb * BM
         if q0 < sq:
             off = sk - sq
@@ -158,25 +203,13 @@ if AVAILABLE:
             h64 = h.to(gl.int64)
             hk64 = hk.to(gl.int64)
 
-            rq = gl.arange(0, BM, layout=gl.SliceLayout(1, LD))
-            dq = gl.arange(0, D, layout=gl.SliceLayout(0, LD))
-            q_rows = (q_start + q0 + rq).to(gl.int64)
-            q = gl.load(Q + b64 * s_qb + h64 * s_qh + q_rows[:, None] * s_qm + dq[None, :],
-                        mask=(q0 + rq < sq)[:, None], other=0.0)
-            q_smem = gl.allocate_shared_memory(dtype, [BM, D], Q_SMEM, q)
+            q_smem = gl.allocate_shared_memory(dtype, [BM, D], Q_SMEM,
+                                               _load_q(Q + b64 * s_qb + h64 * s_qh, s_qm, q_start, q0, sq, BM, D, LD))
             k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], KV_SMEM)
             v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], KV_SMEM)
 
-            block = (b64 * num_heads + h64) * nqb + qb
-            n_tiles = gl.load(COUNTS + block * NC)
-            n_full = gl.load(COUNTS + block * NC + 1)
-            n_cols = gl.load(COUNTS + block * NC + 2)
-            n_seen = gl.load(COUNTS + block * NC + 3) // BN * BN
-            first = gl.load(FIRST_TILE + block)
-            TS = T_START + first
-            TE = T_END + first
-            COLS = C_IDX + block * max_columns
-            n_total = n_tiles + (n_cols + BN - 1) // BN
+            n_tiles, n_full, n_cols, n_seen, n_total, TS, TE, COLS = _block_lists(
+                COUNTS, FIRST_TILE, T_START, T_END, C_IDX, (b64 * num_heads + h64) * nqb + qb, max_columns, BN, NC)
             Kb = K + b64 * s_kb + hk64 * s_kh + k_start.to(gl.int64) * s_kn
             Vb = V + b64 * s_vb + hk64 * s_vh + k_start.to(gl.int64) * s_vn
 
@@ -243,19 +276,8 @@ if AVAILABLE:
             acc = warpgroup_mma(p16, v_smem.index(last % STAGES), acc, is_async=True)
             acc = warpgroup_mma_wait(0, deps=(acc, ))
 
-            l_o = gl.convert_layout(l_i, gl.SliceLayout(1, O_L))
-            seen = l_o > 0.0
-            out = acc / gl.where(seen, l_o, 1.0)[:, None]  # rows that saw no key: acc is 0, so 0
-            ro = gl.arange(0, BM, layout=gl.SliceLayout(1, O_L))
-            do = gl.arange(0, D, layout=gl.SliceLayout(0, O_L))
-            o_rows = (q_start + q0 + ro).to(gl.int64)
-            gl.store(O + b64 * s_ob + h64 * s_oh + o_rows[:, None] * s_om + do[None, :], out.to(dtype),
-                     mask=(q0 + ro < sq)[:, None])
-            if RETURN_LSE:
-                m_o = gl.convert_layout(m_i, gl.SliceLayout(1, O_L))
-                lse = gl.where(seen, (m_o + gl.log2(gl.where(seen, l_o, 1.0))) * 0.6931471805599453,
-                               float("-inf"))
-                gl.store(LSE + b64 * s_lb + h64 * s_lh + o_rows * s_lm, lse, mask=q0 + ro < sq)
+            _store_rows(acc, m_i, l_i, O + b64 * s_ob + h64 * s_oh, s_om, LSE + b64 * s_lb + h64 * s_lh, s_lm,
+                        q_start, q0, sq, BM, D, RETURN_LSE, O_L)
 
 
     @gluon.jit
@@ -362,33 +384,15 @@ if AVAILABLE:
                                             warps_per_cta=[4, 1], order=[1, 0])
         dtype: gl.constexpr = Q.dtype.element_ty
 
-        qb = nqb - 1 - gl.program_id(0) // group
-        n_kv = num_heads // group
-        hk = gl.program_id(1) % n_kv
-        b = gl.program_id(1) // n_kv
-        h = hk * group + gl.program_id(0) % group
-        if VARLEN:
-            q_start = gl.load(CU_Q + b)
-            sq = gl.load(CU_Q + b + 1) - q_start
-            k_start = gl.load(CU_K + b)
-            sk = gl.load(CU_K + b + 1) - k_start
-        else:
-            zero = b * 0
-            q_start = zero
-            sq = seqlen_q + zero
-            k_start = zero
-            sk = seqlen_k + zero
+        qb, hk, b, h, q_start, sq, k_start, sk = _program(CU_Q, CU_K, num_heads, group, nqb, seqlen_q, seqlen_k,
+                                                           VARLEN)
         q0 = qb * BM
         off = sk - sq
         b64 = b.to(gl.int64)
         h64 = h.to(gl.int64)
         hk64 = hk.to(gl.int64)
-        rq = gl.arange(0, BM, layout=gl.SliceLayout(1, LD))
-        dq = gl.arange(0, D, layout=gl.SliceLayout(0, LD))
-        q_rows = (q_start + q0 + rq).to(gl.int64)
-        q = gl.load(Q + b64 * s_qb + h64 * s_qh + q_rows[:, None] * s_qm + dq[None, :],
-                    mask=(q0 + rq < sq)[:, None], other=0.0)
-        q_smem = gl.allocate_shared_memory(dtype, [BM, D], Q_SMEM, q)
+        q_smem = gl.allocate_shared_memory(dtype, [BM, D], Q_SMEM,
+                                           _load_q(Q + b64 * s_qb + h64 * s_qh, s_qm, q_start, q0, sq, BM, D, LD))
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], KD.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], VD.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -398,16 +402,8 @@ if AVAILABLE:
             mbarrier.init(empty.index(i), count=1)
         fence_async_shared()
 
-        block = (b64 * num_heads + h64) * nqb + qb
-        n_tiles = gl.load(COUNTS + block * NC)
-        n_full = gl.load(COUNTS + block * NC + 1)
-        n_cols = gl.load(COUNTS + block * NC + 2)
-        n_seen = gl.load(COUNTS + block * NC + 3) // BN * BN
-        first = gl.load(FIRST_TILE + block)
-        TS = T_START + first
-        TE = T_END + first
-        COLS = C_IDX + block * max_columns
-        n_total = n_tiles + (n_cols + BN - 1) // BN
+        n_tiles, n_full, n_cols, n_seen, n_total, TS, TE, COLS = _block_lists(
+            COUNTS, FIRST_TILE, T_START, T_END, C_IDX, (b64 * num_heads + h64) * nqb + qb, max_columns, BN, NC)
         Kb = K + b64 * s_kb + hk64 * s_kh + k_start.to(gl.int64) * s_kn
         Vb = V + b64 * s_vb + hk64 * s_vh + k_start.to(gl.int64) * s_vn
         row0 = (b * row_b + hk * row_h + k_start).to(gl.int32)
@@ -420,18 +416,8 @@ if AVAILABLE:
                           Kb, Vb, s_kn, s_vn, D, BN, STAGES, LOADER_WARPS)),
         ], [LOADER_WARPS], [LOADER_REGS])
 
-        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, O_L))
-        seen = l_o > 0.0
-        out = acc / gl.where(seen, l_o, 1.0)[:, None]  # rows that saw no key: acc is 0, so 0
-        ro = gl.arange(0, BM, layout=gl.SliceLayout(1, O_L))
-        do = gl.arange(0, D, layout=gl.SliceLayout(0, O_L))
-        o_rows = (q_start + q0 + ro).to(gl.int64)
-        gl.store(O + b64 * s_ob + h64 * s_oh + o_rows[:, None] * s_om + do[None, :], out.to(dtype),
-                 mask=(q0 + ro < sq)[:, None])
-        if RETURN_LSE:
-            m_o = gl.convert_layout(m_i, gl.SliceLayout(1, O_L))
-            lse = gl.where(seen, (m_o + gl.log2(gl.where(seen, l_o, 1.0))) * 0.6931471805599453, float("-inf"))
-            gl.store(LSE + b64 * s_lb + h64 * s_lh + o_rows * s_lm, lse, mask=q0 + ro < sq)
+        _store_rows(acc, m_i, l_i, O + b64 * s_ob + h64 * s_oh, s_om, LSE + b64 * s_lb + h64 * s_lh, s_lm, q_start,
+                    q0, sq, BM, D, RETURN_LSE, O_L)
 
 
 def supported(q, k, v, out, layout, group: int, heads: int) -> bool:
