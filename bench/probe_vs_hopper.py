@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 
 from bench_methods import make_inputs, parse_args as methods_args  # noqa: E402
-from probe_vs_pairs import median_ms  # noqa: E402
+from probe_vs_pairs import diff_from_first, median_ms  # noqa: E402
 from sparse_attn import dispatch  # noqa: E402
 from sparse_attn.ops.reference import AttentionInputs  # noqa: E402
 from sparse_attn.ops.vertical_slash import hopper, kernel as vs  # noqa: E402
@@ -73,13 +73,7 @@ def main():
                     hopper.forward = real_forward
                     continue
                 ms = median_ms(call)
-                diff = float("nan")
-                if s <= 262144:  # a second output would not fit next to the 1M layout
-                    call()
-                    torch.cuda.synchronize()
-                    if ref is None:
-                        ref = out.clone()
-                    diff = max((out[:, h].float() - ref[:, h].float()).abs().max().item() for h in range(out.shape[1]))
+                ref, diff = diff_from_first(call, out, ref, s)
             except Exception as e:  # noqa: BLE001
                 print(f"{label:>18} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue

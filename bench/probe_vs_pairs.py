@@ -42,6 +42,19 @@ def median_ms(fn, repeats=5):
     return statistics.median(times)
 
 
+def diff_from_first(call, out, first, seqlen):
+    """Run call once more and compare out with first, the first variant's output (kept from this call when
+    None): (first, largest |out - first|, head by head). Above 256K it returns nan: a second output would
+    not fit next to the 1M layout."""
+    if seqlen > 262144:
+        return first, float("nan")
+    call()
+    torch.cuda.synchronize()
+    if first is None:
+        first = out.clone()
+    return first, max((out[:, h].float() - first[:, h].float()).abs().max().item() for h in range(out.shape[1]))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--seqlen", type=int, default=131072)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 
 from bench_methods import make_inputs, parse_args as methods_args  # noqa: E402
-from probe_vs_pairs import median_ms  # noqa: E402
+from probe_vs_pairs import diff_from_first, median_ms  # noqa: E402
 from sparse_attn import dispatch  # noqa: E402
 from sparse_attn.ops.reference import AttentionInputs, reference_attention  # noqa: E402
 from sparse_attn.ops.vertical_slash import kernel as vs  # noqa: E402
@@ -89,13 +89,7 @@ def main():
                 vs.forward(q, k, v, layout, out, None, shapes, causal=True, scale=None, config=cfg, heads=hp)
 
             ms = median_ms(call)
-            diff = float("nan")
-            if s <= 262144:  # a second output would not fit next to the 1M layout
-                call()
-                torch.cuda.synchronize()
-                if first is None:
-                    first = out.clone()
-                diff = max((out[:, h].float() - first[:, h].float()).abs().max().item() for h in range(out.shape[1]))
+            first, diff = diff_from_first(call, out, first, s)
             rows.append({"seqlen": s, "layout": name, "variant": label, "config": cfg, "ms": ms, "diff": diff})
             print(f"S={s}  {name:>9} {label:>22} {ms:8.2f} {diff:11.2e}", flush=True)
         del layout, first
