@@ -330,15 +330,34 @@ def test_gpu_matches_reference(dtype, d, sq, sk):
     assert_close_to_reference(q, k, v, layout)
 
 
-@pytest.mark.gpu
-def test_gpu_varlen_and_views():
-    torch.manual_seed(5)
+def packed_gpu_case(seed):
+    """Three packed bf16 sequences on the GPU (one of a single query), 8 query / 2 kv heads, D=128: (q, k,
+    v, layout, cu_seqlens_q, cu_seqlens_k)."""
+    torch.manual_seed(seed)
     dev, dt = "cuda", torch.bfloat16
     cu_q = torch.tensor([0, 1000, 1001, 5001], dtype=torch.int32, device=dev)
     cu_k = torch.tensor([0, 3000, 3100, 7100], dtype=torch.int32, device=dev)
     q = torch.randn(5001, 8, 128, device=dev, dtype=dt)
     k, v = torch.randn(2, 7100, 2, 128, device=dev, dtype=dt)
-    layout = random_layout(3, 8, 4000, 4000, 64, nv=200, ns=100, device=dev, seed=5)
+    layout = random_layout(3, 8, 4000, 4000, 64, nv=200, ns=100, device=dev, seed=seed)
+    return q, k, v, layout, cu_q, cu_k
+
+
+def count_gluon_calls(monkeypatch, backend, loads):
+    """Select the attention backend and count the Gluon kernel's launches (made with `loads`)."""
+    from sparse_attn.ops.vertical_slash import hopper
+
+    calls = []
+    real = hopper.forward
+    monkeypatch.setattr(hopper, "forward", lambda *a, **kw: (calls.append(1), real(*a, loads=loads, **kw))[1])
+    monkeypatch.setenv("SPARSE_ATTN_VS_BACKEND", backend)
+    return calls
+
+
+@pytest.mark.gpu
+def test_gpu_varlen_and_views():
+    q, k, v, layout, cu_q, cu_k = packed_gpu_case(5)
+    dev, dt = "cuda", torch.bfloat16
     assert_close_to_reference(q, k, v, layout, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
     qh = torch.randn(1, 4096, 8, 128, device=dev, dtype=dt).transpose(1, 2)
     kh, vh = torch.randn(2, 1, 4096, 2, 128, device=dev, dtype=dt).transpose(2, 3)
@@ -381,17 +400,8 @@ def test_gpu_gluon_varlen_packed_matches_reference(monkeypatch, loads):
 
     if not (hopper.AVAILABLE and torch.cuda.get_device_capability() == (9, 0)):
         pytest.skip("the Gluon kernels need sm_90")
-    calls = []
-    real = hopper.forward
-    monkeypatch.setattr(hopper, "forward", lambda *a, **kw: (calls.append(1), real(*a, loads=loads, **kw))[1])
-    monkeypatch.setenv("SPARSE_ATTN_VS_BACKEND", "gluon")
-    torch.manual_seed(7)
-    dev, dt = "cuda", torch.bfloat16
-    cu_q = torch.tensor([0, 1000, 1001, 5001], dtype=torch.int32, device=dev)
-    cu_k = torch.tensor([0, 3000, 3100, 7100], dtype=torch.int32, device=dev)
-    q = torch.randn(5001, 8, 128, device=dev, dtype=dt)
-    k, v = torch.randn(2, 7100, 2, 128, device=dev, dtype=dt)
-    layout = random_layout(3, 8, 4000, 4000, 64, nv=200, ns=100, device=dev, seed=7)
+    calls = count_gluon_calls(monkeypatch, "gluon", loads)
+    q, k, v, layout, cu_q, cu_k = packed_gpu_case(7)
     for causal in (True, False):
         assert_close_to_reference(q, k, v, layout, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
     assert len(calls) == 2
@@ -409,11 +419,8 @@ def test_gpu_backends_match_reference(monkeypatch, backend, causal, d, group, sq
     kernel must really have run where the device is sm_90."""
     from sparse_attn.ops.vertical_slash import hopper
 
-    calls = []
-    real = hopper.forward
     backend, _, loads = backend.partition("-")
-    monkeypatch.setattr(hopper, "forward", lambda *a, **kw: (calls.append(1), real(*a, loads=loads, **kw))[1])
-    monkeypatch.setenv("SPARSE_ATTN_VS_BACKEND", backend)
+    calls = count_gluon_calls(monkeypatch, backend, loads or "tma")
     torch.manual_seed(sq + d + group)
     dt = torch.bfloat16
     q = torch.randn(1, 2 * group, sq, d, device="cuda", dtype=dt)
