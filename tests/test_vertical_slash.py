@@ -296,6 +296,16 @@ def test_backend_choice_is_checked_and_gluon_falls_back_with_one_warning(monkeyp
         assert_close_to_reference(q, k, v, layout)
         assert_close_to_reference(q, k, v, layout)
     assert sum("Gluon backend" in r.getMessage() for r in caplog.records) == 1
+    for unset in (True, False):  # "auto", the default, takes Triton here without a word
+        if unset:
+            monkeypatch.delenv("SPARSE_ATTN_VS_BACKEND")
+        else:
+            monkeypatch.setenv("SPARSE_ATTN_VS_BACKEND", "auto")
+        monkeypatch.setattr(_checks, "_warned", set())
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert_close_to_reference(q, k, v, layout)
+        assert not any("Gluon" in r.getMessage() for r in caplog.records)
 
 
 def test_bad_inputs():
@@ -408,13 +418,13 @@ def test_gpu_gluon_varlen_packed_matches_reference(monkeypatch, loads):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["gluon-tma", "gluon-cp.async", "triton"])
+@pytest.mark.parametrize("backend", ["gluon-tma", "gluon-cp.async", "triton", "auto"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("d, group, sq, sk, kv", [(128, 4, 4096, 4096, "contiguous"), (64, 1, 3001, 5003, "hf"),
                                                   (128, 2, 2500, 1900, "padded")])
 def test_gpu_backends_match_reference(monkeypatch, backend, causal, d, group, sq, sk, kv):
-    """Both attention backends (the experimental Gluon Hopper kernels: warp-specialised with a TMA loader,
-    and every tile through cp.async; and the Triton kernel) against the reference, with K/V contiguous, as
+    """The attention backends (the Gluon Hopper kernels: warp-specialised with a TMA loader, and every tile
+    through cp.async; the Triton kernel; "auto", the default) against the reference, with K/V contiguous, as
     HF's transposed views and with a padded last dim (which TMA does not take: cp.async there). The Gluon
     kernel must really have run where the device is sm_90."""
     from sparse_attn.ops.vertical_slash import hopper
@@ -433,4 +443,5 @@ def test_gpu_backends_match_reference(monkeypatch, backend, causal, d, group, sq
     layout = random_layout(1, 2 * group, sq, sk, 64, nv=200, ns=300, device="cuda", seed=sq + d)
     assert_close_to_reference(q, k, v, layout, causal=causal)
     gluon_here = hopper.AVAILABLE and torch.cuda.get_device_capability() == (9, 0)
-    assert len(calls) == (1 if backend == "gluon" and gluon_here else 0)
+    expected = backend == "gluon" or (backend == "auto" and kv != "padded")  # auto: the TMA loader's layouts only
+    assert len(calls) == (1 if expected and gluon_here else 0)

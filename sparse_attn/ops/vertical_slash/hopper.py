@@ -1,8 +1,9 @@
 """Vertical-slash attention for Hopper (sm_90), written in Gluon: the Triton kernel's tile loop with
-explicit wgmma groups and, for the common K/V layouts, a warp-specialised TMA loader. Experimental and
-opt-in (`SPARSE_ATTN_VS_BACKEND=gluon`): on the H100 the warp-specialised kernel runs 1-2 % faster than the
-Triton kernel (attention call 43.5 against 44.1 ms at 128K; 629 against 640 ms at 1M in the methods
-benchmark; bench/NOTES_vertical_slash.md), within run-to-run spread, so Triton stays the default.
+explicit wgmma groups and, for the common K/V layouts, a warp-specialised TMA loader. The default where it
+applies (`SPARSE_ATTN_VS_BACKEND=auto`, kernel.forward): on the H100 the warp-specialised kernel's attention
+call is 3-4 % faster than the Triton kernel's (41.8-42.1 against 43.4-43.5 ms at 128K in the same run; 634
+against 636 ms at 1M), since the compute warpgroup reads each tile's bounds an iteration ahead instead of
+waiting on them before its softmax (bench/NOTES_vertical_slash.md, session 17).
 
 Two kernels, same plan, tile list and program order as the Triton kernel (ranges cut into BN-wide tiles,
 then the columns BN at a time, one flat list per block), one compute warpgroup (64 query rows) per program,
@@ -293,12 +294,15 @@ if AVAILABLE:
                                              warps_per_cta=[LOADER_WARPS, 1], order=[1, 0])
         lane = gl.arange(0, BN, layout=gl.SliceLayout(1, LDW))
         d = gl.arange(0, D, layout=gl.SliceLayout(0, LDW))
+        start_next = gl.load(TS, mask=n_tiles > 0, other=0)
         for t in range(n_total):
+            # a tile's start is loaded a tile ahead: its latency overlaps the wait for the stage, not the TMA issue
+            start = start_next
+            start_next = gl.load(TS + t + 1, mask=t + 1 < n_tiles, other=0)
             stage = t % STAGES
             mbarrier.wait(empty.index(stage), ((t // STAGES) & 1) ^ 1)
             bar = ready.index(stage)
             if t < n_tiles:
-                start = gl.load(TS + t)
                 mbarrier.expect(bar, 2 * KD.block_type.nbytes)
                 tma.async_copy_global_to_shared(KD, [row0 + start, col0], bar, k_smem.index(stage))
                 tma.async_copy_global_to_shared(VD, [row0 + start, col0], bar, v_smem.index(stage))
@@ -313,6 +317,27 @@ if AVAILABLE:
                 async_copy.mbarrier_arrive(bar)
                 gl.thread_barrier()
                 mbarrier.arrive(bar, count=1)
+
+    @gluon.jit
+    def _tile_ends(t, n_tiles, TS, TE):
+        """(start, end) of range tile t; (0, 0) for a column tile."""
+        on = t < n_tiles
+        return gl.load(TS + t, mask=on, other=0), gl.load(TE + t, mask=on, other=0)
+
+    @gluon.jit
+    def _tile_mask(t, start, end, n_tiles, n_full, n_seen, n_total, COLS, n_cols, lane, BN: gl.constexpr):
+        """(need, keys, ok) of tile t, as _needs_mask and _tile_keys, from its (start, end) loaded ahead: no
+        global load on the way to the softmax except a column tile's keys, and those only where it is masked."""
+        if t < n_tiles:
+            need = (end - start < BN) | (t >= n_full)
+            keys = start + lane
+            ok = lane < end - start
+        else:
+            need = (t - n_tiles + 1) * BN > n_seen
+            c = (t - n_tiles) * BN + lane
+            ok = c < n_cols
+            keys = gl.load(COLS + c, mask=ok & need, other=0)
+        return need, keys, ok & (t < n_total)
 
     @gluon.jit
     def _ws_consumer(q_smem, k_smem, v_smem, ready, empty, TS, TE, COLS, n_tiles, n_full, n_seen, n_cols, n_total,
@@ -333,25 +358,30 @@ if AVAILABLE:
         l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, S_L))
         acc = gl.zeros([BM, D], gl.float32, O_L)
         if n_total > 0:
+            st, en = _tile_ends(0, n_tiles, TS, TE)
+            st_next, en_next = _tile_ends(1, n_tiles, TS, TE)
             mbarrier.wait(ready.index(0), 0)
             if n_tiles == 0:
                 fence_async_shared()  # a column tile: written by cp.async, read by wgmma
-            need = _needs_mask(0, n_tiles, n_full, n_seen, TS, TE, BN)
-            keys_s, ok_s = _tile_keys(0, n_tiles, n_total, TS, TE, COLS, n_cols, lane_s, BN)
+            need, keys_s, ok_s = _tile_mask(0, st, en, n_tiles, n_full, n_seen, n_total, COLS, n_cols, lane_s, BN)
             s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([BM, BN], gl.float32, S_L),
                               use_acc=False, is_async=True)
             s = warpgroup_mma_wait(0, deps=(s, ))
             p16, alpha, m_i, l_i = _softmax(s, m_i, l_i, need, keys_s, ok_s, rows, off, qk_scale, CAUSAL, P_L,
                                             dtype)
             for t in range(1, n_total):
+                # tile t's ends were loaded an iteration ago; load tile t + 1's now
+                st = st_next
+                en = en_next
+                st_next, en_next = _tile_ends(t + 1, n_tiles, TS, TE)
                 stage = t % STAGES
                 mbarrier.wait(ready.index(stage), (t // STAGES) & 1)
                 if t >= n_tiles:
                     fence_async_shared()
                 s = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)),
                                   gl.zeros([BM, BN], gl.float32, S_L), use_acc=False, is_async=True)
-                need = _needs_mask(t, n_tiles, n_full, n_seen, TS, TE, BN)
-                keys_s, ok_s = _tile_keys(t, n_tiles, n_total, TS, TE, COLS, n_cols, lane_s, BN)
+                need, keys_s, ok_s = _tile_mask(t, st, en, n_tiles, n_full, n_seen, n_total, COLS, n_cols, lane_s,
+                                                BN)
                 acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_L))[:, None]
                 acc = warpgroup_mma(p16, v_smem.index((t - 1) % STAGES), acc, is_async=True)
                 s = warpgroup_mma_wait(1, deps=(s, ))
@@ -427,6 +457,11 @@ def supported(q, k, v, out, layout, group: int, heads: int) -> bool:
     return (q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in HEAD_DIMS
             and layout.block_size_q == BM and heads == 1
             and all(t.stride(-1) == 1 for t in (q, k, v, out)))
+
+
+def tma_layout(k, v, packed: bool) -> bool:
+    """Whether k and v have a layout the warp-specialised kernel's TMA loader reads (see _tma_views)."""
+    return AVAILABLE and _tma_views(k, v, packed) is not None
 
 
 def _smem_layouts(dtype, d: int):

@@ -452,9 +452,10 @@ def forward(q, k, v, layout, out, lse, shapes, *, causal: bool, scale: Optional[
             tma: Optional[bool] = None, backend: Optional[str] = None) -> None:
     """Plan + attention into out (and lse). Inputs are assumed validated (see vertical_slash_attention).
     config / heads / tma override the launch configuration, heads per program and TMA use (benchmarks).
-    backend: "triton" (default) or "gluon" (the experimental Hopper kernel of hopper.py: sm_90, 16-bit,
-    head dim 64/128, 64-row blocks, one head per program; slower today); None reads
-    SPARSE_ATTN_VS_BACKEND (default "triton"). Inputs the Gluon kernel cannot take run on Triton."""
+    backend: "auto" (default: the warp-specialised Gluon kernel of hopper.py where it applies, i.e. sm_90,
+    16-bit, head dim 64/128, 64-row blocks, one head per program, K/V rows TMA can read; else the Triton
+    kernel, silently), "triton", or "gluon" (the Gluon kernels wherever they can run; inputs they cannot
+    take run on Triton, with one warning); None reads SPARSE_ATTN_VS_BACKEND (default "auto")."""
     packed = shapes.packed
     head_dim = shapes.head_dim
     scale = head_dim ** -0.5 if scale is None else scale
@@ -472,20 +473,25 @@ def forward(q, k, v, layout, out, lse, shapes, *, causal: bool, scale: Optional[
     lengths = (shapes.max_seqlen_q, shapes.max_seqlen_k)
     nqb = layout.num_query_blocks
     if backend is None:
-        backend = os.environ.get("SPARSE_ATTN_VS_BACKEND", "triton")
-    if backend not in ("triton", "gluon"):
-        raise ValueError(f"backend: expected 'triton' or 'gluon' (or SPARSE_ATTN_VS_BACKEND unset), got {backend!r}")
-    if backend == "gluon" and config is None and tma is None:
-        if hopper.supported(q, k, v, out, layout, group, hp):
+        backend = os.environ.get("SPARSE_ATTN_VS_BACKEND", "auto")
+    if backend not in ("auto", "triton", "gluon"):
+        raise ValueError(f"backend: expected 'auto', 'triton' or 'gluon' (or SPARSE_ATTN_VS_BACKEND unset), "
+                         f"got {backend!r}")
+    if backend != "triton" and config is None and tma is None:
+        gluon_here = hopper.supported(q, k, v, out, layout, group, hp)
+        if backend == "auto":  # only the warp-specialised kernel beats Triton (bench/NOTES_vertical_slash.md)
+            gluon_here = gluon_here and hopper.tma_layout(k, v, packed)
+        if gluon_here:
             plan = _plan(layout, cu, lengths, shapes.num_heads, hopper.BN, causal, packed, split=False)
             hopper.forward(q, k, v, out, lse, plan, layout.column_indices, cu,
                            [_strides4(t, packed) for t in (q, k, v, out)], lse_strides, shapes.num_heads, group,
                            nqb, layout.max_columns, lengths, scale * _LOG2E, causal=causal, packed=packed,
                            batch=shapes.batch, num_kv_heads=shapes.num_kv_heads)
             return
-        warn_once("vertical_slash:gluon-unsupported", "vertical_slash_attention: the Gluon backend takes sm_90, "
-                  "16-bit, head dim 64/128, 64-row blocks, one head per program, last dim contiguous; these inputs "
-                  "run on the Triton kernel")
+        if backend == "gluon":
+            warn_once("vertical_slash:gluon-unsupported", "vertical_slash_attention: the Gluon backend takes sm_90, "
+                      "16-bit, head dim 64/128, 64-row blocks, one head per program, last dim contiguous; these "
+                      "inputs run on the Triton kernel")
     cfg = config or launch_config(layout.block_size_q, fp32, hp)
     kd = vd = None
     if (not fp32) if tma is None else tma:
