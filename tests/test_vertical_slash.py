@@ -216,6 +216,31 @@ def test_shared_heads_two_per_program(causal, group, sq, sk):
         assert_close_to_reference(qp, kp, vp, layout, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
 
 
+def test_plan_of_shared_heads_holds_one_head_per_run():
+    """Two heads per program plan only the first head of each pair: its counts and tile lists are the ones a
+    plan of every head gives that head, and there are half as many tiles."""
+    gen = torch.Generator().manual_seed(11)
+    b, hq, sq, sk = 2, 8, 300, 520
+    layout = hand_made_layout(gen, b, hq // 2, sq, sk, 64, widths=[1, 5, 64, 65, 130]).repeat_heads(2)
+    dummy = layout.range_counts
+    every = vs_kernel._plan(layout, (dummy, dummy), (sq, sk), hq, 64, True, False)
+    pairs = vs_kernel._plan(layout, (dummy, dummy), (sq, sk), hq, 64, True, False, hp=2)
+    assert pairs[0].shape == (b, hq // 2, *every[0].shape[2:])
+    assert torch.equal(pairs[0], every[0][:, ::2])
+
+    def tiles(plan, block):
+        counts, first, t_start, t_end = plan
+        i, n = int(first.flatten()[block]), int(counts.flatten(0, 2)[block, 0])
+        return t_start[i:i + n].tolist(), t_end[i:i + n].tolist()
+
+    nqb = layout.num_query_blocks
+    for bb in range(b):
+        for run in range(hq // 2):
+            for qb in range(nqb):
+                assert tiles(pairs, (bb * hq // 2 + run) * nqb + qb) == tiles(every, (bb * hq + 2 * run) * nqb + qb)
+    assert 2 * pairs[2].numel() in (every[2].numel(), every[2].numel() + 1)  # sized max(1, total)
+
+
 def test_shared_heads_promise_is_checked():
     gen = torch.Generator().manual_seed(5)
     layout = hand_made_layout(gen, 1, 4, 100, 100, 32, widths=[3, 40])

@@ -97,19 +97,30 @@ def _range_split(start, end, first, BN: tl.constexpr, SPLIT: tl.constexpr):
 
 
 @triton.jit
+def _planned_block(num_heads, nqb, qb, HP: tl.constexpr):
+    """For plan program row program_id(1) = (batch, run of HP heads sharing one index): (batch, the layout's
+    block of query block(s) qb of the run's first head, the plan's block). Plans hold one head per run."""
+    runs = num_heads // HP
+    bh = tl.program_id(1)
+    b = bh // runs
+    head = (bh % runs) * HP
+    return b, (b.to(tl.int64) * num_heads + head) * nqb + qb, bh.to(tl.int64) * nqb + qb
+
+
+@triton.jit
 def _count_kernel(R_COUNT, R_START, R_END, C_COUNT, C_IDX, CU_Q, CU_K, COUNTS,
                   num_heads, nqb, max_ranges, max_columns, seqlen_q, seqlen_k,
                   BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-                  STEPS: tl.constexpr, LANES: tl.constexpr, NC: tl.constexpr, SPLIT: tl.constexpr):
+                  STEPS: tl.constexpr, LANES: tl.constexpr, NC: tl.constexpr, SPLIT: tl.constexpr,
+                  HP: tl.constexpr):
     """COUNTS (NC per block) of LANES blocks at a time (one lane each): a latency-bound walk, so many blocks
-    share it."""
-    bh = tl.program_id(1)
+    share it. Planned heads: every HP-th (see _planned_block)."""
     qb = tl.program_id(0) * LANES + tl.arange(0, LANES)
-    _, sq, _, sk = _seq_bounds(CU_Q, CU_K, bh // num_heads, seqlen_q, seqlen_k, VARLEN)
+    b, block, dst_block = _planned_block(num_heads, nqb, qb, HP)
+    _, sq, _, sk = _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
     q0 = qb * BM
     live = (qb < nqb) & (q0 < sq)
     reach, first = _reaches(q0, sq, sk, BM, CAUSAL)
-    block = bh.to(tl.int64) * nqb + qb
     n_ranges = tl.load(R_COUNT + block, mask=live, other=0)
     n_tiles = tl.zeros([LANES], tl.int32)
     n_full = tl.zeros([LANES], tl.int32)
@@ -124,7 +135,7 @@ def _count_kernel(R_COUNT, R_START, R_END, C_COUNT, C_IDX, CU_Q, CU_K, COUNTS,
         n_wide += wide
     n_cols = tl.load(C_COUNT + block, mask=live, other=0)
     row = C_IDX + block * max_columns
-    dst = COUNTS + block * NC
+    dst = COUNTS + dst_block * NC
     gone = (qb < nqb) & ~live
     tl.store(dst, tl.where(live, n_tiles, 0), mask=live | gone)
     tl.store(dst + 1, tl.where(live, n_full, 0), mask=live | gone)
@@ -137,23 +148,23 @@ def _count_kernel(R_COUNT, R_START, R_END, C_COUNT, C_IDX, CU_Q, CU_K, COUNTS,
 def _tiles_kernel(R_COUNT, R_START, R_END, CU_Q, CU_K, COUNTS, FIRST_TILE, T_START, T_END,
                   num_heads, nqb, max_ranges, seqlen_q, seqlen_k,
                   BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-                  LANES: tl.constexpr, TL: tl.constexpr, NC: tl.constexpr, SPLIT: tl.constexpr):
+                  LANES: tl.constexpr, TL: tl.constexpr, NC: tl.constexpr, SPLIT: tl.constexpr,
+                  HP: tl.constexpr):
     """One block's tiles, written from FIRST_TILE[block] on, LANES ranges x TL tiles per store, in three
     sections, each in range order: the BN-wide tiles every row sees (the kernel may run them without a
     mask; only with SPLIT, else none), the other tiles every row sees, the tiles that may cross the causal
     limit."""
     qb = tl.program_id(0)
-    bh = tl.program_id(1)
-    block = bh.to(tl.int64) * nqb + qb
-    _, sq, _, sk = _seq_bounds(CU_Q, CU_K, bh // num_heads, seqlen_q, seqlen_k, VARLEN)
+    b, block, dst_block = _planned_block(num_heads, nqb, qb, HP)
+    _, sq, _, sk = _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
     q0 = qb * BM
     reach, first = _reaches(q0, sq, sk, BM, CAUSAL)
     lane = tl.arange(0, LANES)
     n_ranges = tl.where(q0 < sq, tl.load(R_COUNT + block), 0)
-    base = tl.load(FIRST_TILE + block)
+    base = tl.load(FIRST_TILE + dst_block)
     slot_wide = base
-    slot_short = base + tl.load(COUNTS + block * NC + 4)
-    slot_cross = base + tl.load(COUNTS + block * NC + 1)
+    slot_short = base + tl.load(COUNTS + dst_block * NC + 4)
+    slot_cross = base + tl.load(COUNTS + dst_block * NC + 1)
     for r0 in tl.range(0, n_ranges, LANES):
         live = r0 + lane < n_ranges
         start = tl.load(R_START + block * max_ranges + r0 + lane, mask=live, other=0)
@@ -291,7 +302,7 @@ def _vs_attn_kernel(
         m_i = tl.full([HP * BM], float("-inf"), tl.float32)
         l_i = tl.zeros([HP * BM], tl.float32)
         acc = tl.zeros([HP * BM, D], tl.float32)
-        block = (b64 * num_heads + h0) * nqb + qb
+        block = (b64 * (num_heads // HP) + h0 // HP) * nqb + qb  # the plan's (one head per run of HP)
         n_tiles = tl.load(COUNTS + block * NC)
         n_full = tl.load(COUNTS + block * NC + 1)
         n_cols = tl.load(COUNTS + block * NC + 2)
@@ -307,7 +318,7 @@ def _vs_attn_kernel(
                                      off, qk_scale, s_kn, s_kd, s_vn, s_vd, BN, D, True, False, PREC, TMA)
         acc, m_i, l_i = _range_tiles(acc, m_i, l_i, q, Kb, Vb, KD, VD, b32, hk32, ts, te, n_full, n_tiles, rows,
                                      off, qk_scale, s_kn, s_kd, s_vn, s_vd, BN, D, True, CAUSAL, PREC, TMA)
-        cols = C_IDX + block * max_columns
+        cols = C_IDX + ((b64 * num_heads + h0) * nqb + qb) * max_columns  # the layout's
         acc, m_i, l_i = _column_tiles(acc, m_i, l_i, q, Kb, Vb, cols, 0, n_seen, n_cols, rows, off, qk_scale,
                                       s_kn, s_kd, s_vn, s_vd, BN, D, False, CAUSAL, PREC)
         acc, m_i, l_i = _column_tiles(acc, m_i, l_i, q, Kb, Vb, cols, n_seen, n_cols, n_cols, rows, off,
@@ -383,13 +394,16 @@ def heads_per_program(layout: VerticalSlashLayout, group: int, fp32: bool) -> in
 
 
 def _plan(layout: VerticalSlashLayout, cu, lengths, num_heads: int, bn: int, causal: bool, packed: bool,
-          split: bool = True):
-    """Per-block counts int32 [B, H, nqb, COUNTS_PER_BLOCK], each block's first slot int64 [B, H, nqb], and
-    the tile lists (start, end) int32 [total tiles], blocks one after the other (no padding to the
-    longest). split: list the BN-wide tiles every row sees first (else in range order with the others)."""
+          split: bool = True, hp: int = 1):
+    """Per-block counts int32 [B, H / hp, nqb, COUNTS_PER_BLOCK], each block's first slot int64
+    [B, H / hp, nqb], and the tile lists (start, end) int32 [total tiles], blocks one after the other (no
+    padding to the longest). split: list the BN-wide tiles every row sees first (else in range order with the
+    others). hp: heads per program; the hp heads of a program share one index (layout.shared_heads), so
+    only the first of each run of hp is planned."""
     b, h, nqb = layout.range_counts.shape
+    h //= hp
     counts = torch.empty(b, h, nqb, COUNTS_PER_BLOCK, dtype=torch.int32, device=layout.device)
-    meta = dict(BM=layout.block_size_q, BN=bn, CAUSAL=causal, VARLEN=packed, SPLIT=split)
+    meta = dict(BM=layout.block_size_q, BN=bn, CAUSAL=causal, VARLEN=packed, SPLIT=split, HP=hp)
     steps = max(1, math.ceil(math.log2(layout.max_columns + 1)))
     _count_kernel[(triton.cdiv(nqb, _LANES), b * h)](
         layout.range_counts, layout.range_starts, layout.range_ends, layout.column_counts,
@@ -497,7 +511,7 @@ def forward(q, k, v, layout, out, lse, shapes, *, causal: bool, scale: Optional[
     if (not fp32) if tma is None else tma:
         kd, vd = _descriptors(k, v, cfg["BN"], packed)
     wide_unmasked = bool(cfg.get("wide_unmasked", False))
-    plan = _plan(layout, cu, lengths, shapes.num_heads, cfg["BN"], causal, packed, split=wide_unmasked)
+    plan = _plan(layout, cu, lengths, shapes.num_heads, cfg["BN"], causal, packed, split=wide_unmasked, hp=hp)
     grid = (nqb * (group // hp), shapes.batch * shapes.num_kv_heads)
     extra = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
     _vs_attn_kernel[grid](
