@@ -89,11 +89,18 @@ if AVAILABLE:
         async_copy.commit_group()
 
     @gluon.jit
-    def _needs_mask(t, n_tiles, n_full, n_seen, TS, TE, BN: gl.constexpr):
-        """Whether tile t has keys some row must not see: a partial range tile, a range tile past the
-        ones every row sees whole, a column tile past the columns every row sees."""
+    def _tile_ends(t, n_tiles, TS, TE):
+        """(start, end) of range tile t; (0, 0) for a column tile."""
+        on = t < n_tiles
+        return gl.load(TS + t, mask=on, other=0), gl.load(TE + t, mask=on, other=0)
+
+    @gluon.jit
+    def _needs_mask(t, start, end, n_tiles, n_full, n_seen, BN: gl.constexpr):
+        """Whether tile t (range tiles: from start to end, see _tile_ends) has keys some row must not see: a
+        partial range tile, a range tile past the ones every row sees whole, a column tile past the columns
+        every row sees."""
         if t < n_tiles:
-            need = (gl.load(TE + t) - gl.load(TS + t) < BN) | (t >= n_full)
+            need = (end - start < BN) | (t >= n_full)
         else:
             need = (t - n_tiles + 1) * BN > n_seen
         return need
@@ -233,7 +240,8 @@ if AVAILABLE:
             rows = q0 + gl.arange(0, BM, layout=gl.SliceLayout(1, S_L))
             lane_s = gl.arange(0, BN, layout=gl.SliceLayout(0, S_L))
             # Tile 0 (with no tile at all, tile 0 is all masked: rows end with l = 0, out 0, lse -inf).
-            need = _needs_mask(0, n_tiles, n_full, n_seen, TS, TE, BN) | (n_total == 0)
+            st, en = _tile_ends(0, n_tiles, TS, TE)
+            need = _needs_mask(0, st, en, n_tiles, n_full, n_seen, BN) | (n_total == 0)
             keys_s, ok_s = _tile_keys(0, n_tiles, n_total, TS, TE, COLS, n_cols, lane_s, BN)
             async_copy.wait_group(4)
             gl.thread_barrier()
@@ -257,7 +265,8 @@ if AVAILABLE:
                 keys2 = keys3
                 ok2 = ok3
                 keys3, ok3 = _tile_keys(t + 3, n_tiles, n_total, TS, TE, COLS, n_cols, lane, BN)
-                need = _needs_mask(t, n_tiles, n_full, n_seen, TS, TE, BN)
+                st, en = _tile_ends(t, n_tiles, TS, TE)
+                need = _needs_mask(t, st, en, n_tiles, n_full, n_seen, BN)
                 keys_s, ok_s = _tile_keys(t, n_tiles, n_total, TS, TE, COLS, n_cols, lane_s, BN)
                 # O is not in flight here: rescale it, then PV[t - 1] runs while the softmax of S[t] does.
                 acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_L))[:, None]
@@ -319,21 +328,14 @@ if AVAILABLE:
                 mbarrier.arrive(bar, count=1)
 
     @gluon.jit
-    def _tile_ends(t, n_tiles, TS, TE):
-        """(start, end) of range tile t; (0, 0) for a column tile."""
-        on = t < n_tiles
-        return gl.load(TS + t, mask=on, other=0), gl.load(TE + t, mask=on, other=0)
-
-    @gluon.jit
     def _tile_mask(t, start, end, n_tiles, n_full, n_seen, n_total, COLS, n_cols, lane, BN: gl.constexpr):
         """(need, keys, ok) of tile t, as _needs_mask and _tile_keys, from its (start, end) loaded ahead: no
         global load on the way to the softmax except a column tile's keys, and those only where it is masked."""
+        need = _needs_mask(t, start, end, n_tiles, n_full, n_seen, BN)
         if t < n_tiles:
-            need = (end - start < BN) | (t >= n_full)
             keys = start + lane
             ok = lane < end - start
         else:
-            need = (t - n_tiles + 1) * BN > n_seen
             c = (t - n_tiles) * BN + lane
             ok = c < n_cols
             keys = gl.load(COLS + c, mask=ok & need, other=0)
