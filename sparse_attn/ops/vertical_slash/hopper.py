@@ -463,7 +463,7 @@ def supported(q, k, v, out, layout, group: int, heads: int) -> bool:
 
 def tma_layout(k, v, packed: bool) -> bool:
     """Whether k and v have a layout the warp-specialised kernel's TMA loader reads (see _tma_views)."""
-    return AVAILABLE and _tma_views(k, v, packed) is not None
+    return AVAILABLE and _tma_geometry(k, v, packed) is not None
 
 
 def _smem_layouts(dtype, d: int):
@@ -476,6 +476,17 @@ def _tma_views(k, v, packed: bool):
     b * row_b + hk * row_h + key (plus the sequence's first key when packed), columns hk * col_h + [0, D);
     None where the strides fit neither [B, Hkv, S, D] contiguous nor rows of all heads side by side
     ([B, S, Hkv, D] seen transposed, or packed [T, Hkv, D])."""
+    geometry = _tma_geometry(k, v, packed)
+    if geometry is None:
+        return None
+    shape, strides, row_b, row_h, col_h = geometry
+    views = [torch.as_strided(x, shape, strides) for x in (k, v)]
+    return views[0], views[1], row_b, row_h, col_h
+
+
+def _tma_geometry(k, v, packed: bool):
+    """(shape, strides, row_b, row_h, col_h) of _tma_views' 2D views, without building them; None where it
+    returns None."""
     d = k.shape[-1]
     if k.stride() != v.stride() or k.shape != v.shape:
         return None
@@ -494,8 +505,7 @@ def _tma_views(k, v, packed: bool):
             return None
     if shape[0] >= 2 ** 31 or shape[0] == 0:
         return None
-    views = [torch.as_strided(x, shape, strides) for x in (k, v)]
-    return views[0], views[1], row_b, row_h, col_h
+    return shape, strides, row_b, row_h, col_h
 
 
 def forward(q, k, v, out, lse, plan, column_indices, cu, strides, lse_strides, num_heads: int, group: int,
