@@ -2,8 +2,10 @@
 summed per key column (vertical) and per diagonal (slash), without writing the last_q x seqlen_k matrix.
 
 Two passes over the keys, both reading each key tile once for all query heads of a kv head:
-1. `_lse_kernel`: per query row, the log-sum-exp over all keys (split over key ranges, combined in torch);
-2. `_scores_kernel`: recompute each tile's probabilities, store its column sums, and sum its diagonals.
+1. `_lse_kernel`: per query row, the running max and sum over a range of keys (the keys split in ranges so
+   that the grid fills the GPU);
+2. `_scores_kernel`: combine the ranges' max / sum into each row's log-sum-exp (`_combined_lse`), recompute
+   each tile's probabilities, store its column sums, and sum its diagonals.
    Diagonals run across the tile: `tl.gather` skews it in registers (through shared memory), row t of
    local diagonal c sitting at column t + BN - 1 - c. Each program walks a run of consecutive key tiles
    downwards, so half of a tile's diagonal sums carry over to the next tile in registers and the other
@@ -72,9 +74,24 @@ def _lse_kernel(Q, K, M_OUT, L_OUT,
 
 
 @triton.jit
-def _scores_kernel(Q, K, LSE, V_OUT, S_OUT,
+def _combined_lse(M, L_SUM, group, n_split, r, HG: tl.constexpr, BM: tl.constexpr):
+    """Log-sum-exp (log2 domain) of rows r of one program group from _lse_kernel's per-range max / sum; +inf
+    for rows that saw no key (padded rows), so that their probabilities are 0."""
+    base = group * n_split * HG * BM + r
+    m_max = tl.full([HG * BM], float("-inf"), tl.float32)
+    for i in range(0, n_split):
+        m_max = tl.maximum(m_max, tl.load(M + base + i * HG * BM))
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    total = tl.zeros([HG * BM], tl.float32)
+    for i in range(0, n_split):
+        total += tl.load(L_SUM + base + i * HG * BM) * tl.exp2(tl.load(M + base + i * HG * BM) - m_safe)
+    return tl.where(total > 0.0, m_safe + tl.log2(total), float("inf"))
+
+
+@triton.jit
+def _scores_kernel(Q, K, M, L_SUM, V_OUT, S_OUT,
                    s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
-                   Hkv, Sk, L, G_SUB, n_key_tiles, tiles_per_prog, scale_log2,
+                   Hkv, Sk, L, G_SUB, n_key_tiles, tiles_per_prog, n_split, scale_log2,
                    HG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr):
     group = tl.program_id(0)  # (b, hk, sub)
     chunk = tl.program_id(1)  # a run of consecutive key tiles, walked from the last one down
@@ -86,7 +103,7 @@ def _scores_kernel(Q, K, LSE, V_OUT, S_OUT,
     cols = tl.arange(0, BN)
     d = tl.arange(0, D)
     q = _load_q(Q, b, hk, s_qb, s_qh, s_qm, s_qd, L, HG, BM, D, G_SUB, sub)
-    lse = tl.load(LSE + group.to(tl.int64) * HG * BM + r)
+    lse = _combined_lse(M, L_SUM, group, n_split, r, HG, BM)
     head = hk * G_SUB * HG + sub * HG + tl.arange(0, HG)  # query heads of this program, [HG]
     row_base = (b * Hkv * G_SUB * HG + head) * Sk  # [HG]
     # Skew in registers (tl.gather goes through shared memory): local diagonal c of a tile holds
@@ -155,7 +172,8 @@ def vertical_slash_scores_triton(q: torch.Tensor, k: torch.Tensor, last_q: int, 
     scale_log2 = scale * _LOG2E
     bn = max(bm, 64 if d <= 128 else 32)  # BN >= BM: a tile's diagonals fit in two halves of BN
     n_groups = b * hkv * g_sub
-    # Pass 1: log-sum-exp per query row, split over key ranges so that the grid fills the GPU.
+    # Pass 1: per query row the running max and sum over each range of keys (ranges: so that the grid fills
+    # the GPU); pass 2 combines them.
     n_split = max(1, min(triton.cdiv(sk, 4 * bn), triton.cdiv(1024, n_groups)))
     keys_per_split = triton.cdiv(triton.cdiv(sk, n_split), bn) * bn
     n_split = triton.cdiv(sk, keys_per_split)
@@ -165,10 +183,6 @@ def vertical_slash_scores_triton(q: torch.Tensor, k: torch.Tensor, last_q: int, 
         ql, k, m, s, *strides, hkv, sk, last_q, g_sub, keys_per_split, n_split, scale_log2,
         HG=hg, BM=bm, BN=bn, D=d, CAUSAL=causal, num_warps=4,
     )
-    m_max = m.amax(1, keepdim=True)
-    m_safe = torch.where(torch.isinf(m_max), torch.zeros_like(m_max), m_max)
-    lse = (m_safe.squeeze(1) + torch.log2((s * torch.exp2(m - m_safe)).sum(1))).contiguous()
-    lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))  # padded rows: p = 0
     # Pass 2: column and diagonal sums; a program per (group, run of consecutive key tiles).
     vertical = torch.empty(b, hq, sk, device=q.device, dtype=torch.float32)
     slash = torch.zeros(b, hq, sk, device=q.device, dtype=torch.float32)
@@ -178,7 +192,8 @@ def vertical_slash_scores_triton(q: torch.Tensor, k: torch.Tensor, last_q: int, 
     tiles_per_prog = triton.cdiv(n_key_tiles, chunks)
     chunks = triton.cdiv(n_key_tiles, tiles_per_prog)
     _scores_kernel[(n_groups, chunks)](
-        ql, k, lse, vertical, slash, *strides, hkv, sk, last_q, g_sub, n_key_tiles, tiles_per_prog, scale_log2,
+        ql, k, m, s, vertical, slash, *strides, hkv, sk, last_q, g_sub, n_key_tiles, tiles_per_prog, n_split,
+        scale_log2,
         HG=hg, BM=bm, BN=bn, D=d, CAUSAL=causal, num_warps=_SCORES_WARPS,
     )
     return vertical, slash
