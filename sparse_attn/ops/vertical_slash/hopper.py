@@ -59,7 +59,8 @@ STAGES = 3
 HEAD_DIMS = (64, 128)
 # Warp-specialised kernel: a compute and a loader warpgroup, 128 registers a thread at launch (2 programs
 # per SM); the loader gives up all but 40 (a one- or two-warp loader spills in the column gathers), so the
-# compute warpgroup gets 216 (no spills, cuobjdump on sm_90).
+# compute warpgroup gets 216 (no spills in the compute warpgroup; the loader spills 16 bytes in its column-gather
+# branch, ptxas -v on sm_90).
 WS_MAXNREG = 128
 WS_LOADER = (4, 40)  # loader partition: warps, registers
 
@@ -106,15 +107,17 @@ if AVAILABLE:
         return need
 
     @gluon.jit
-    def _softmax(s, m_i, l_i, need, keys, ok, rows, off, qk_scale, CAUSAL: gl.constexpr, P_L: gl.constexpr,
-                 DT: gl.constexpr):
-        """Scores of one tile folded into the running max / sum: (P in PV's register layout, the factor
-        for O, new max, new sum). Where need, keys outside ok (or above a row's causal limit) drop out."""
-        if need:
-            okm = ok[None, :]
-            if CAUSAL:
-                okm = okm & (keys[None, :] <= rows[:, None] + off)
-            s = gl.where(okm, s, float("-inf"))
+    def _mask_scores(s, keys, ok, rows, off, CAUSAL: gl.constexpr):
+        """Scores of keys outside ok (or above a row's causal limit) set to -inf."""
+        okm = ok[None, :]
+        if CAUSAL:
+            okm = okm & (keys[None, :] <= rows[:, None] + off)
+        return gl.where(okm, s, float("-inf"))
+
+    @gluon.jit
+    def _fold(s, m_i, l_i, qk_scale, P_L: gl.constexpr, DT: gl.constexpr):
+        """Scores of one tile folded into the running max / sum: (P in PV's register layout, the factor for O,
+        new max, new sum)."""
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         # a row with no key yet keeps m = -inf: shift by 0 there, so exp2 gives 0, not NaN
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -122,6 +125,14 @@ if AVAILABLE:
         alpha = gl.exp2(m_i - m_use)
         l_i = l_i * alpha + gl.sum(p, 1)
         return gl.convert_layout(p.to(DT), P_L), alpha, m_new, l_i
+
+    @gluon.jit
+    def _softmax(s, m_i, l_i, need, keys, ok, rows, off, qk_scale, CAUSAL: gl.constexpr, P_L: gl.constexpr,
+                 DT: gl.constexpr):
+        """_fold of the tile's scores, masked first where need (_mask_scores)."""
+        if need:
+            s = _mask_scores(s, keys, ok, rows, off, CAUSAL)
+        return _fold(s, m_i, l_i, qk_scale, P_L, DT)
 
     @gluon.jit
     def _program(CU_Q, CU_K, num_heads, group, nqb, seqlen_q, seqlen_k, VARLEN: gl.constexpr):
@@ -328,18 +339,29 @@ if AVAILABLE:
                 mbarrier.arrive(bar, count=1)
 
     @gluon.jit
-    def _tile_mask(t, start, end, n_tiles, n_full, n_seen, n_total, COLS, n_cols, lane, BN: gl.constexpr):
-        """(need, keys, ok) of tile t, as _needs_mask and _tile_keys, from its (start, end) loaded ahead: no
-        global load on the way to the softmax except a column tile's keys, and those only where it is masked."""
+    def _tile_mask(t, start, end, n_tiles, n_full, n_seen, COLS, n_cols, lane, BN: gl.constexpr):
+        """(need, column keys) of tile t, from its (start, end) loaded ahead (_needs_mask). A column tile's keys
+        are loaded here (early, off the way to the softmax), only where it is masked; everything else about the
+        keys is left to _tile_keys_of, called only where the tile is masked. (Built here for every tile, a range
+        tile's keys and bounds predicates cost ~50 instructions a warp per tile, whether masked or not.)"""
         need = _needs_mask(t, start, end, n_tiles, n_full, n_seen, BN)
+        if t < n_tiles:
+            ckeys = gl.zeros_like(lane)
+        else:
+            c = (t - n_tiles) * BN + lane
+            ckeys = gl.load(COLS + c, mask=(c < n_cols) & need, other=0)
+        return need, ckeys
+
+    @gluon.jit
+    def _tile_keys_of(t, start, end, ckeys, n_tiles, n_total, n_cols, lane, BN: gl.constexpr):
+        """(keys, which are real) of tile t: a range tile's from its (start, end), a column tile's ckeys."""
         if t < n_tiles:
             keys = start + lane
             ok = lane < end - start
         else:
-            c = (t - n_tiles) * BN + lane
-            ok = c < n_cols
-            keys = gl.load(COLS + c, mask=ok & need, other=0)
-        return need, keys, ok & (t < n_total)
+            keys = ckeys
+            ok = (t - n_tiles) * BN + lane < n_cols
+        return keys, ok & (t < n_total)
 
     @gluon.jit
     def _ws_consumer(q_smem, k_smem, v_smem, ready, empty, TS, TE, COLS, n_tiles, n_full, n_seen, n_cols, n_total,
@@ -365,12 +387,14 @@ if AVAILABLE:
             mbarrier.wait(ready.index(0), 0)
             if n_tiles == 0:
                 fence_async_shared()  # a column tile: written by cp.async, read by wgmma
-            need, keys_s, ok_s = _tile_mask(0, st, en, n_tiles, n_full, n_seen, n_total, COLS, n_cols, lane_s, BN)
+            need, ckeys = _tile_mask(0, st, en, n_tiles, n_full, n_seen, COLS, n_cols, lane_s, BN)
             s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([BM, BN], gl.float32, S_L),
                               use_acc=False, is_async=True)
             s = warpgroup_mma_wait(0, deps=(s, ))
-            p16, alpha, m_i, l_i = _softmax(s, m_i, l_i, need, keys_s, ok_s, rows, off, qk_scale, CAUSAL, P_L,
-                                            dtype)
+            if need:
+                keys_s, ok_s = _tile_keys_of(0, st, en, ckeys, n_tiles, n_total, n_cols, lane_s, BN)
+                s = _mask_scores(s, keys_s, ok_s, rows, off, CAUSAL)
+            p16, alpha, m_i, l_i = _fold(s, m_i, l_i, qk_scale, P_L, dtype)
             for t in range(1, n_total):
                 # tile t's ends were loaded an iteration ago; load tile t + 1's now
                 st = st_next
@@ -382,13 +406,14 @@ if AVAILABLE:
                     fence_async_shared()
                 s = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)),
                                   gl.zeros([BM, BN], gl.float32, S_L), use_acc=False, is_async=True)
-                need, keys_s, ok_s = _tile_mask(t, st, en, n_tiles, n_full, n_seen, n_total, COLS, n_cols, lane_s,
-                                                BN)
+                need, ckeys = _tile_mask(t, st, en, n_tiles, n_full, n_seen, COLS, n_cols, lane_s, BN)
                 acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_L))[:, None]
                 acc = warpgroup_mma(p16, v_smem.index((t - 1) % STAGES), acc, is_async=True)
                 s = warpgroup_mma_wait(1, deps=(s, ))
-                p16, alpha, m_i, l_i = _softmax(s, m_i, l_i, need, keys_s, ok_s, rows, off, qk_scale, CAUSAL, P_L,
-                                                dtype)
+                if need:
+                    keys_s, ok_s = _tile_keys_of(t, st, en, ckeys, n_tiles, n_total, n_cols, lane_s, BN)
+                    s = _mask_scores(s, keys_s, ok_s, rows, off, CAUSAL)
+                p16, alpha, m_i, l_i = _fold(s, m_i, l_i, qk_scale, P_L, dtype)
                 acc = warpgroup_mma_wait(0, deps=(acc, ))
                 mbarrier.arrive(empty.index((t - 1) % STAGES), count=1)
             last = n_total - 1
