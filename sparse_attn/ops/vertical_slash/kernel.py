@@ -49,7 +49,10 @@ CONFIG = {64: {"BN": 64, "num_warps": 4, "num_stages": 3, "wide_unmasked": False
 # Two heads per program (a 128-row tile of two heads' 64-row blocks): overrides CONFIG[128].
 PAIR_CONFIG = {"BN": 64, "num_warps": 8, "num_stages": 2, "maxnreg": 128, "wide_unmasked": True}
 BLOCK_SIZES_Q = (16, 32, 64, 128)
-_LANES = 64  # blocks per program of the count kernel; ranges at a time in the tiles kernel
+_LANES = 64  # blocks per program of the count kernel
+# tiles kernel: ranges x tiles per step, warps. One warp on 16 x 8 is 3x faster than 4 warps on 64 x 16 (H100,
+# methods benchmark layout: 0.16 against 0.49 ms at 128K, 1.39 against 4.18 ms at 1M; bench/probe_plan.py)
+_TILES_LAUNCH = dict(LANES=16, TL=8, num_warps=1)
 # Per block: tiles, tiles every row sees whole, visible columns, columns every row sees, and of the tiles
 # every row sees whole those BN keys wide (listed first: they need no mask).
 COUNTS_PER_BLOCK = 5
@@ -416,8 +419,7 @@ def _plan(layout: VerticalSlashLayout, cu, lengths, num_heads: int, bn: int, cau
     t_end = torch.empty_like(t_start)
     _tiles_kernel[(nqb, b * h)](
         layout.range_counts, layout.range_starts, layout.range_ends, *cu, counts, first_tile, t_start, t_end,
-        num_heads, nqb, layout.max_ranges, *lengths, LANES=_LANES, TL=16, NC=COUNTS_PER_BLOCK, num_warps=4,
-        **meta)
+        num_heads, nqb, layout.max_ranges, *lengths, NC=COUNTS_PER_BLOCK, **_TILES_LAUNCH, **meta)
     return counts, first_tile, t_start, t_end
 
 
