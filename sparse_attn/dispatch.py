@@ -16,7 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from ._checks import warn_once
-from .estimators import a_shape_layout, block_topk_layout, estimate_block_topk, estimate_vertical_slash
+from .estimators import (VerticalSlashChoice, a_shape_layout, block_topk_layout, estimate_block_topk,
+                         estimate_vertical_slash)
 from .layouts import VerticalSlashLayout
 from .ops.reference import reference_attention, sdpa, sdpa_layout_attention
 
@@ -83,14 +84,16 @@ def estimate_pattern(pattern: str, q, k, configs, *, causal: bool, scale: Option
     raise ValueError(f"pattern: expected one of a_shape, vertical_slash, block_sparse, got {pattern!r}")
 
 
-def _build_vertical_slash_index(vertical, slash, seqlen_q: int, seqlen_k: int, block_size: int):
+def _build_vertical_slash_index(vertical, slash, seqlen_q: int, seqlen_k: int, block_size: int,
+                                assume_sorted: bool = False):
     try:
         from .ops.vertical_slash import build_vertical_slash_index
     except ImportError as e:
         raise RuntimeError(
             "vertical_slash: the index builder (sparse_attn.ops.vertical_slash) is not available: " + str(e)
         ) from e
-    return build_vertical_slash_index(vertical, slash, seqlen_q, seqlen_k, block_size_q=block_size)
+    return build_vertical_slash_index(vertical, slash, seqlen_q, seqlen_k, block_size_q=block_size,
+                                      assume_sorted=assume_sorted)
 
 
 def build_pattern(pattern: str, estimate, q, k, configs, *, block_size: int):
@@ -103,13 +106,15 @@ def build_pattern(pattern: str, estimate, q, k, configs, *, block_size: int):
                               block_size=block_size, device=q.device)
     if pattern == "vertical_slash":
         vertical, slash = estimate
+        # the estimator's own output is sorted per row (repeat_interleave keeps that): no second sort
+        presorted = isinstance(estimate, VerticalSlashChoice)
         n = h // vertical.shape[1]
         if n == 1:
-            return _build_vertical_slash_index(vertical, slash, sq, sk, block_size)
+            return _build_vertical_slash_index(vertical, slash, sq, sk, block_size, presorted)
         # Built per query head from the repeated choices (cheaper than building per run and copying the
         # index arrays): the builder is a function of a head's choices, so each run's entries are identical.
         layout = _build_vertical_slash_index(vertical.repeat_interleave(n, 1), slash.repeat_interleave(n, 1),
-                                             sq, sk, block_size)
+                                             sq, sk, block_size, presorted)
         return VerticalSlashLayout(*layout._parts(), layout.block_size_q, layout.seqlen_q, layout.seqlen_k,
                                    validate=False, shared_heads=n)
     if pattern == "block_sparse":

@@ -126,6 +126,44 @@ def test_prepare_kernel_gives_the_torch_tables(case, ascending_runs):
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the Triton kernel on the interpreter")
+@given(index_case())
+def test_assume_sorted_skips_the_sorts_with_the_same_tables(case):
+    """Rows sorted ascending (repeats kept), as the estimator returns them: assume_sorted gives the sorting
+    path's tables and layout exactly."""
+    vertical, slash, sq, sk, bq = case
+    vertical, slash = vertical.sort(-1).values, slash.sort(-1).values
+    a = index._prepare_triton(vertical, slash, sq, sk, bq)
+    b = index._prepare_triton(vertical, slash, sq, sk, bq, assume_sorted=True)
+    for name in ("run_hi", "run_lo", "run_count", "covered", "verticals"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert (a.max_ranges, a.max_columns) == (b.max_ranges, b.max_columns)
+    assert_same_layout(build_vertical_slash_index(vertical, slash, sq, sk, bq, backend="triton"),
+                       build_vertical_slash_index(vertical, slash, sq, sk, bq, backend="triton", assume_sorted=True))
+
+
+def test_dispatch_assumes_sorted_only_for_the_estimators_output(monkeypatch):
+    """build_pattern skips the sorts for a VerticalSlashChoice (sorted by construction) and sorts a plain
+    tuple, which may come in any order."""
+    from sparse_attn import dispatch
+    from sparse_attn.estimators import VerticalSlashChoice, estimate_vertical_slash
+
+    seen = []
+    real = dispatch._build_vertical_slash_index
+    monkeypatch.setattr(dispatch, "_build_vertical_slash_index", lambda *a: seen.append(a[-1]) or real(*a))
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 4, 96, 16, generator=g), torch.randn(1, 2, 96, 16, generator=g)
+    configs = [{"pattern": "vertical_slash", "vertical_size": 9, "slash_size": 7}] * 4
+    est = estimate_vertical_slash(q, k, vertical_size=9, slash_size=7, last_q=16, backend="torch")
+    assert isinstance(est, VerticalSlashChoice)
+    assert all(bool((x[..., 1:] >= x[..., :-1]).all()) for x in est)
+    typed = dispatch.build_pattern("vertical_slash", est, q, k, configs, block_size=16)
+    shuffled = tuple(x.flip(-1) for x in est)  # a plain tuple, descending: must be sorted by the builder
+    plain = dispatch.build_pattern("vertical_slash", shuffled, q, k, configs, block_size=16)
+    assert seen == [True, False]
+    assert_same_layout(typed, plain)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the Triton kernel on the interpreter")
 def test_prepare_kernel_long_inputs_and_range_errors(monkeypatch):
     """Several scan chunks (small chunks forced) and covered parts; out-of-range ids raise the same errors."""
     monkeypatch.setattr(index, "_PREP_CHUNK", 16)

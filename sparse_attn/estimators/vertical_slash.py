@@ -11,14 +11,14 @@ j = i + (seqlen_k - seqlen_q) - o.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from .a_shape import PerHead, per_head
 
 __all__ = ["estimate_vertical_slash", "vertical_slash_scores", "diagonal_sums", "check_share_heads", "FORCED_COLUMNS",
-           "FORCED_SLASHES"]
+           "FORCED_SLASHES", "VerticalSlashChoice"]
 
 FORCED_COLUMNS = 64
 FORCED_SLASHES = 64
@@ -49,6 +49,15 @@ def check_share_heads(share_heads, num_heads: int, num_kv_heads: int) -> int:
         raise ValueError(f"share_heads: expected a positive int dividing the query heads per kv head ({group}), "
                          f"got {share_heads!r}")
     return share_heads
+
+
+class VerticalSlashChoice(NamedTuple):
+    """What estimate_vertical_slash returns (a tuple: `vertical, slash = choice` works): int32 key ids and
+    diagonal offsets per head, each row sorted ascending. The index builder takes them without sorting
+    again (dispatch.build_pattern passes assume_sorted for this type only)."""
+
+    vertical: torch.Tensor
+    slash: torch.Tensor
 
 
 def _forced(scores: torch.Tensor, n_forced: int, ceiling: float) -> None:
@@ -130,8 +139,8 @@ def estimate_vertical_slash(
 
     q [B, Hq, Sq, D], k [B, Hkv, Sk, D] (GQA: Hq a multiple of Hkv; k is never repeated).
     vertical_size / slash_size: an int or one per query head; clipped to seqlen_k.
-    Returns (vertical_indices, slash_indices): int32 [B, Hq, max vertical_size] key ids and
-    int32 [B, Hq, max slash_size] diagonal offsets, each sorted ascending. A head whose budget is below
+    Returns a VerticalSlashChoice (vertical_indices, slash_indices): int32 [B, Hq, max vertical_size] key
+    ids and int32 [B, Hq, max slash_size] diagonal offsets, each sorted ascending. A head whose budget is below
     the maximum repeats its best-scoring id (the first forced column / the main diagonal) to fill the row,
     so duplicates may appear and mean nothing more. backend: see vertical_slash_scores.
 
@@ -163,4 +172,4 @@ def estimate_vertical_slash(
     ceiling = float(last_q * n)  # no score exceeds it: each of n heads' last_q rows sums to 1
     _forced(v_scores, FORCED_COLUMNS, ceiling)
     _forced(s_scores, FORCED_SLASHES, ceiling)
-    return _topk_padded(v_scores, nv), _topk_padded(s_scores, ns)
+    return VerticalSlashChoice(_topk_padded(v_scores, nv), _topk_padded(s_scores, ns))
