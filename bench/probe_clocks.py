@@ -1,0 +1,100 @@
+"""Probe: the SM clock and power while the vertical-slash attention kernel (plan cached) and cuDNN dense causal
+run back to back for a few seconds, sampled by nvidia-smi every 50 ms; and the kernel's event time with and
+without torch.profiler active. Scratch measurement for bench/NOTES_vertical_slash.md.
+
+    python bench/probe_clocks.py --seqlen 131072 --seconds 3
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
+
+from bench_methods import dense_baseline, make_inputs, parse_args as methods_args  # noqa: E402
+from probe_attention_call import timed  # noqa: E402
+from sparse_attn import dispatch  # noqa: E402
+from sparse_attn.ops.reference import AttentionInputs  # noqa: E402
+from sparse_attn.ops.vertical_slash import kernel as vs  # noqa: E402
+
+FIELDS = "clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.sw_power_cap,clocks_event_reasons.hw_slowdown"
+
+
+def sampled(fn, seconds: float):
+    """Run fn back to back for `seconds` while nvidia-smi samples; returns (calls, per-call ms, samples)."""
+    smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={FIELDS}", "--format=csv,noheader,nounits", "-lms", "50"],
+                           stdout=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fn()
+        n += 1
+        if n % 4 == 0:
+            torch.cuda.synchronize()
+    b.record()
+    torch.cuda.synchronize()
+    smi.terminate()
+    out = smi.communicate()[0]
+    rows = [line.split(", ") for line in out.strip().splitlines() if line.count(",") == 4]
+    return n, a.elapsed_time(b) / n, rows
+
+
+def summary(rows):
+    clk = [float(r[0]) for r in rows]
+    pwr = [float(r[1]) for r in rows if r[1].replace(".", "").isdigit()]
+    cap = sum(r[3].strip() == "Active" for r in rows)
+    return (f"SM clock median {statistics.median(clk):.0f} MHz (min {min(clk):.0f}, max {max(clk):.0f}), power median "
+            f"{statistics.median(pwr):.0f} W (max {max(pwr):.0f}), sw power cap active in {cap}/{len(rows)} samples, "
+            f"temp {rows[-1][2]} C")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--seqlen", type=int, default=131072)
+    p.add_argument("--seconds", type=float, default=3.0)
+    a = p.parse_args()
+    args = methods_args([])
+    s = a.seqlen
+    q, k, v = make_inputs(args, s, torch.bfloat16)
+    configs = [{"pattern": "vertical_slash", "vertical_size": 1000, "slash_size": 6096}] * q.shape[1]
+    est = dispatch.estimate_pattern("vertical_slash", q, k, configs, share_heads=1, causal=True, scale=None,
+                                    block_size=64, last_q=64)
+    layout = dispatch.build_pattern("vertical_slash", est, q, k, configs, block_size=64)
+    shapes = AttentionInputs(q, k, v)
+    out = torch.empty_like(q)
+    plan = vs._plan(layout, (layout.range_counts,) * 2, (s, s), q.shape[1], 64, True, False, split=False)
+    real_plan = vs._plan
+    vs._plan = lambda *x, **y: plan
+
+    def kernel():
+        vs.forward(q, k, v, layout, out, None, shapes, causal=True, scale=None)
+
+    dense, label = dense_baseline(q, k, v)
+    print(f"S={s}")
+    for name, fn in (("vertical-slash kernel", kernel), (f"dense {label}", dense), ("vertical-slash kernel", kernel)):
+        n, ms, rows = sampled(fn, a.seconds)
+        print(f"{name}: {n} calls, {ms:.2f} ms per call; {summary(rows)}", flush=True)
+    from torch.profiler import ProfilerActivity, profile
+
+    plain = timed(kernel, 5)[0]
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        under = timed(kernel, 5)[0]
+    cupti = [e.device_time / 1e3 for e in prof.events() if e.name.startswith("_vs_hopper")]
+    print(f"kernel event ms: plain {plain:.2f}, under torch.profiler {under:.2f} (CUPTI's own: "
+          f"{statistics.median(cupti):.2f})")
+    vs._plan = real_plan
+
+
+if __name__ == "__main__":
+    main()
