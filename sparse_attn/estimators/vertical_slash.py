@@ -140,16 +140,17 @@ def estimate_vertical_slash(
     q [B, Hq, Sq, D], k [B, Hkv, Sk, D] (GQA: Hq a multiple of Hkv; k is never repeated).
     vertical_size / slash_size: an int or one per query head; clipped to seqlen_k.
     Returns a VerticalSlashChoice (vertical_indices, slash_indices): int32 [B, Hq, max vertical_size] key
-    ids and int32 [B, Hq, max slash_size] diagonal offsets, each sorted ascending. A head whose budget is below
-    the maximum repeats its best-scoring id (the first forced column / the main diagonal) to fill the row,
-    so duplicates may appear and mean nothing more. backend: see vertical_slash_scores.
+    ids and int32 [B, Hq, max slash_size] diagonal offsets, each sorted ascending. A head whose budget is
+    below the maximum repeats its best-scoring id (the first forced column / the main diagonal) to fill the
+    row, so duplicates may appear and mean nothing more. backend: see vertical_slash_scores.
 
     share_heads = n > 1: one choice per run of n consecutive query heads of a GQA group (n must divide
     Hq / Hkv), from the sum of the run's scores; the budgets must be equal within a run. Returns
     [B, Hq / n, ...]; dispatch.build_pattern turns them into a layout with shared_heads=n (built per query
     head from the repeated choices; `VerticalSlashLayout.repeat_heads` gives the same from a per-run
-    index): the attention kernel then serves two heads from one stream of K/V tiles. Each head keeps the same number of entries, but
-    chosen for the run, so a head's recall can only fall where the run's heads disagree.
+    index): the attention kernel then serves two heads from one stream of K/V tiles. Each head keeps the
+    same number of entries, but chosen for the run, so a head's recall can only fall where the run's heads
+    disagree.
     """
     b, hq, sq, d = q.shape
     sk = k.shape[2]
