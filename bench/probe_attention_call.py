@@ -19,8 +19,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
-from bench_methods import make_inputs, parse_args as methods_args  # noqa: E402
-from sparse_attn import dispatch  # noqa: E402
+from bench_methods import parse_args as methods_args  # noqa: E402
+from probe_vs_hopper import gluon_plan, per_head_layout  # noqa: E402
 from sparse_attn.ops.reference import AttentionInputs  # noqa: E402
 from sparse_attn.ops.vertical_slash import kernel as vs  # noqa: E402
 
@@ -51,11 +51,7 @@ def main():
     a = p.parse_args()
     args = methods_args([])
     for s in a.seqlens:
-        q, k, v = make_inputs(args, s, torch.bfloat16)
-        configs = [{"pattern": "vertical_slash", "vertical_size": 1000, "slash_size": 6096}] * q.shape[1]
-        est = dispatch.estimate_pattern("vertical_slash", q, k, configs, share_heads=1, causal=True, scale=None,
-                                        block_size=64, last_q=64)
-        layout = dispatch.build_pattern("vertical_slash", est, q, k, configs, block_size=64)
+        q, k, v, layout = per_head_layout(args, s)
         shapes = AttentionInputs(q, k, v)
         out = torch.empty_like(q)
 
@@ -64,22 +60,21 @@ def main():
 
         real_plan = vs._plan
         rows = [("whole call (plan + kernel)", *timed(call, a.repeats))]
-        plan = real_plan(layout, (layout.range_counts,) * 2, (s, s), q.shape[1], 64, True, False, split=False)
-        vs._plan = lambda *x, **y: plan  # the Gluon path's plan (BN 64, range order)
+        plan = gluon_plan(layout)
+        vs._plan = lambda *x, **y: plan
         try:
             rows.append(("call, plan cached", *timed(call, a.repeats)))
             rows.append(("call, plan cached, 5 back to back", *timed(call, a.repeats, batch=5)))
         finally:
             vs._plan = real_plan
-        rows.append(("plan alone", *timed(lambda: real_plan(layout, (layout.range_counts,) * 2, (s, s), q.shape[1],
-                                                             64, True, False, split=False), a.repeats)))
+        rows.append(("plan alone", *timed(lambda: gluon_plan(layout), a.repeats)))
         rows.append(("whole call again", *timed(call, a.repeats)))
         print(f"\nS={s}: attention call on the per-head layout (ms; host = until the last call returned)")
         print("| what | GPU ms per call | host ms |")
         print("|---|---|---|")
         for label, g, h in rows:
             print(f"| {label} | {g:.3f} | {h:.3f} |")
-        del q, k, v, layout, out, est, plan
+        del q, k, v, layout, out, plan
         torch.cuda.empty_cache()
 
 

@@ -19,9 +19,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
-from bench_methods import dense_baseline, make_inputs, parse_args as methods_args  # noqa: E402
+from bench_methods import dense_baseline, parse_args as methods_args  # noqa: E402
 from probe_attention_call import timed  # noqa: E402
-from sparse_attn import dispatch  # noqa: E402
+from probe_vs_hopper import gluon_plan, per_head_layout  # noqa: E402
 from sparse_attn.ops.reference import AttentionInputs  # noqa: E402
 from sparse_attn.ops.vertical_slash import kernel as vs  # noqa: E402
 
@@ -66,14 +66,10 @@ def main():
     a = p.parse_args()
     args = methods_args([])
     s = a.seqlen
-    q, k, v = make_inputs(args, s, torch.bfloat16)
-    configs = [{"pattern": "vertical_slash", "vertical_size": 1000, "slash_size": 6096}] * q.shape[1]
-    est = dispatch.estimate_pattern("vertical_slash", q, k, configs, share_heads=1, causal=True, scale=None,
-                                    block_size=64, last_q=64)
-    layout = dispatch.build_pattern("vertical_slash", est, q, k, configs, block_size=64)
+    q, k, v, layout = per_head_layout(args, s)
     shapes = AttentionInputs(q, k, v)
     out = torch.empty_like(q)
-    plan = vs._plan(layout, (layout.range_counts,) * 2, (s, s), q.shape[1], 64, True, False, split=False)
+    plan = gluon_plan(layout)
     real_plan = vs._plan
     vs._plan = lambda *x, **y: plan
 

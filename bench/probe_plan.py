@@ -16,9 +16,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
-from bench_methods import make_inputs, parse_args as methods_args  # noqa: E402
+from bench_methods import parse_args as methods_args  # noqa: E402
 from probe_attention_call import timed  # noqa: E402
-from sparse_attn import dispatch  # noqa: E402
+from probe_vs_hopper import gluon_plan, per_head_layout  # noqa: E402
 from sparse_attn.ops.vertical_slash import kernel as vs  # noqa: E402
 
 
@@ -28,17 +28,12 @@ def main():
     a = p.parse_args()
     args = methods_args([])
     for s in a.seqlens:
-        q, k, v = make_inputs(args, s, torch.bfloat16)
-        configs = [{"pattern": "vertical_slash", "vertical_size": 1000, "slash_size": 6096}] * q.shape[1]
-        est = dispatch.estimate_pattern("vertical_slash", q, k, configs, share_heads=1, causal=True, scale=None,
-                                        block_size=64, last_q=64)
-        layout = dispatch.build_pattern("vertical_slash", est, q, k, configs, block_size=64)
-        del q, k, v, est
+        layout = per_head_layout(args, s)[3]
         h = layout.num_heads
         cu = (layout.range_counts,) * 2
-        counts, first_tile, t_start, t_end = vs._plan(layout, cu, (s, s), h, 64, True, False, split=False)
+        counts, first_tile, t_start, t_end = gluon_plan(layout)
         nqb = layout.num_query_blocks
-        whole = timed(lambda: vs._plan(layout, cu, (s, s), h, 64, True, False, split=False), 5)[0]
+        whole = timed(lambda: gluon_plan(layout), 5)[0]
         print(f"\nS={s}: {t_start.numel()} tiles; whole plan {whole:.3f} ms")
         print("| LANES | TL | warps | tiles kernel ms | equal |")
         print("|---|---|---|---|---|")

@@ -28,6 +28,22 @@ from sparse_attn.ops.reference import AttentionInputs  # noqa: E402
 from sparse_attn.ops.vertical_slash import hopper, kernel as vs  # noqa: E402
 
 
+def per_head_layout(args, s: int):
+    """(q, k, v, layout): the methods benchmark's inputs at length s and their per-head vertical-slash layout
+    (1000 / 6096, 64-row blocks), as bench_methods.py builds it."""
+    q, k, v = make_inputs(args, s, torch.bfloat16)
+    configs = [{"pattern": "vertical_slash", "vertical_size": 1000, "slash_size": 6096}] * q.shape[1]
+    est = dispatch.estimate_pattern("vertical_slash", q, k, configs, share_heads=1, causal=True, scale=None,
+                                    block_size=64, last_q=64)
+    return q, k, v, dispatch.build_pattern("vertical_slash", est, q, k, configs, block_size=64)
+
+
+def gluon_plan(layout):
+    """The plan the Gluon path makes for a layout of unpacked inputs (BN 64, range order, causal)."""
+    return vs._plan(layout, (layout.range_counts,) * 2, (layout.seqlen_q, layout.seqlen_k), layout.num_heads,
+                    hopper.BN, True, False, split=False)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--seqlens", type=int, nargs="+", default=[131072])
@@ -39,12 +55,7 @@ def main():
     args = methods_args([])
     rows = []
     for s in a.seqlens:
-        q, k, v = make_inputs(args, s, torch.bfloat16)
-        configs = [{"pattern": "vertical_slash", "vertical_size": 1000, "slash_size": 6096}] * q.shape[1]
-        est = dispatch.estimate_pattern("vertical_slash", q, k, configs, share_heads=1, causal=True, scale=None,
-                                        block_size=64, last_q=64)
-        layout = dispatch.build_pattern("vertical_slash", est, q, k, configs, block_size=64)
-        del est
+        q, k, v, layout = per_head_layout(args, s)
         density = float(layout.head_density(True).mean())
         flop = 4 * q.shape[-1] * density * q.shape[1] * s * (s + 1) / 2
         shapes = AttentionInputs(q, k, v)
