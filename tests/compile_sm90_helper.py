@@ -105,7 +105,10 @@ def _run_all() -> None:
 
     # vertical-slash: estimator (Triton scores), index builder (Triton), attention (bf16, fp32, packed)
     q, k, v = qkv(128, torch.bfloat16)
-    vertical_slash_scores(q, k, last_q=64, scale=0.1, causal=True, backend="triton")
+    v_scores, s_scores = vertical_slash_scores(q, k, last_q=64, scale=0.1, causal=True, backend="triton")
+    from sparse_attn.estimators.topk_triton import topk_ids_sorted
+    for budgets in ((30, 20), (torch.tensor([30, 5, 30, 9]), torch.tensor([20, 20, 3, 20]))):  # uniform, per head
+        topk_ids_sorted((v_scores, s_scores), [torch.as_tensor(x).expand(h) for x in budgets], (8, 8), 64.0)
     vertical = torch.randint(0, s, (1, h, 30), generator=gen)
     slash = torch.randint(0, s, (1, h, 20), generator=gen)
     build_vertical_slash_index(vertical, slash, s, s, 64, backend="triton")

@@ -139,6 +139,23 @@ def test_vertical_slash_share_heads():
         estimate_vertical_slash(q, k, vertical_size=70, slash_size=80, share_heads=3)
 
 
+def test_vertical_slash_fused_topk_equals_torch_topk(monkeypatch):
+    """backend="triton" picks its ids with the fused top-k kernel, "torch" with torch.topk and sort: given the
+    same scores (ties improbable on random inputs) they choose the same ids, budgets uniform or per head."""
+    q, k = _qk(b=2, hq=4, hkv=2, sq=200, sk=333)
+    torch_scores = vertical_slash_mod.vertical_slash_scores
+    monkeypatch.setattr(vertical_slash_mod, "vertical_slash_scores",
+                        lambda *a, **kw: torch_scores(*a, **dict(kw, backend="torch")))
+    for nv, ns in ((90, 130), ([10, 80, 333, 3], [5, 100, 64, 300])):
+        for share in (1, 2):
+            if share == 2 and isinstance(nv, list):
+                nv, ns = [10, 10, 333, 333], [100, 100, 64, 64]
+            kw = dict(vertical_size=nv, slash_size=ns, last_q=16, share_heads=share)
+            fused = estimate_vertical_slash(q, k, backend="triton", **kw)
+            plain = estimate_vertical_slash(q, k, backend="torch", **kw)
+            assert torch.equal(fused.vertical, plain.vertical) and torch.equal(fused.slash, plain.slash)
+
+
 def _visible_blocks(sq, sk, bs):
     nq = -(-sq // bs)
     last = (torch.arange(nq) * bs + bs).clamp(max=sq) - 1 + sk - sq

@@ -171,6 +171,11 @@ def estimate_vertical_slash(
         v_scores = v_scores.unflatten(1, (hq // n, n)).sum(2)
         s_scores = s_scores.unflatten(1, (hq // n, n)).sum(2)
     ceiling = float(last_q * n)  # no score exceeds it: each of n heads' last_q rows sums to 1
+    if v_scores.is_cuda or backend == "triton":  # one launch instead of the forcing, top-k and sort below
+        from .topk_triton import topk_ids_sorted
+
+        ids = topk_ids_sorted((v_scores, s_scores), (nv, ns), (FORCED_COLUMNS, FORCED_SLASHES), ceiling)
+        return VerticalSlashChoice(*ids)
     _forced(v_scores, FORCED_COLUMNS, ceiling)
     _forced(s_scores, FORCED_SLASHES, ceiling)
     return VerticalSlashChoice(_topk_padded(v_scores, nv), _topk_padded(s_scores, ns))
