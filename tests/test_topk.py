@@ -47,7 +47,8 @@ def test_topk_ids_sorted_equals_reference(b, h, n, seed, kind, uniform, forced, 
     ceiling = float(max(s0.max(), s1.max()))
     outs = [torch.full((b, h, int(sz.max())), -7, dtype=torch.int32, device=DEV) for sz in sizes]  # poisoned
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(topk_triton, "_BLOCK", 64)  # several chunks per row on small rows
+        mp.setattr(topk_triton, "_BLOCK", 32)  # several chunks per row, several blocks per chunk
+        mp.setattr(topk_triton, "_CHUNK", 64)
         got = topk_ids_sorted((s0.to(DEV), s1.to(DEV)), sizes, (forced, forced + 3), ceiling, out=outs)
     assert got[0] is outs[0] and got[1] is outs[1]
     assert torch.equal(got[0].cpu(), _reference(s0, sizes[0], forced, ceiling))

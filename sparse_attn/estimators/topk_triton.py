@@ -1,16 +1,17 @@
-"""Top-k ids of score rows, returned in position order, in one Triton launch.
+"""Top-k ids of score rows, returned in position order, for the vertical-slash estimator.
 
-The vertical-slash estimator needs, per head, the ids of the `k` best key columns and the `k` best
-diagonals, sorted by id (the index builder walks them in order). With torch that is a top-k and a sort per
-kind, plus the writes that force the sink columns and the main diagonals in: a dozen launches and, at 128K,
-~0.6 ms of host time for ~0.2 ms of GPU work. Here one program per row:
+The estimator needs, per head, the ids of the `k` best key columns and of the `k` best diagonals, sorted by
+id (the index builder walks them in order). With torch that is a top-k and a sort per kind, plus the writes
+that force the sink columns and the main diagonals in: a dozen launches and, at 128K, ~0.55 ms of host time.
+Here both kinds go through six launches of a grid (chunk of a row, row, kind), each program one chunk:
 
-1. finds the k-th largest score exactly by radix selection: four passes over the row, each a 256-bin
-   histogram of one byte of the scores' order-preserving integer keys, among the keys that share the bytes
-   already chosen;
-2. writes every id whose score is above that threshold, and the first ids (lowest positions) of those equal
-   to it, in one ordered pass: a running prefix sum gives each kept id its output slot, so the ids come out
-   ascending without a sort.
+1. four radix passes find each row's k-th largest score exactly: pass p adds its chunk's 256-bin histogram
+   of byte 3 - p of the scores' order-preserving integer keys, among the keys that match the bytes the
+   earlier passes chose, into the row's histogram (atomics); every program re-derives those choices from
+   the earlier passes' histograms;
+2. a count launch stores, per chunk, how many keys are above that threshold and how many equal it;
+3. a write launch compacts each chunk in order: a kept id's slot is the kept count of the earlier chunks
+   plus its prefix-sum rank in its own, so the ids come out ascending without a sort.
 
 The first `n_forced` ids of a row are scored above every real score before selection (the sinks and the
 main diagonals), earlier ids higher, as the torch path does. Ties at the threshold go to the lower ids.
@@ -23,8 +24,9 @@ import triton.language as tl
 
 __all__ = ["topk_ids_sorted"]
 
-_BLOCK = 4096
-_WARPS = 8
+_BLOCK = 2048  # keys a program holds at once
+_CHUNK = 8192  # keys per program: a row is split over ceil(N / _CHUNK) programs in each launch
+_WARPS = 4
 
 
 @triton.jit
@@ -37,26 +39,29 @@ def _row_keys(row, offs, n, n_forced, ceiling):
 
 
 @triton.jit
-def _select_row(row, out, n, k, width, n_forced, ceiling, BLOCK: tl.constexpr):
-    # 1. Radix selection of the k-th largest key, the top byte first. `hi` holds the bytes chosen so far
-    # (as the arithmetic right shift of a matching key gives them), `k_rem` how many of the keys that match
-    # them still have to be taken.
+def _row_of(S0, S1, K0, K1, r, kind, n, width0, width1, n_forced0, n_forced1, H, UNIFORM: tl.constexpr):
+    """Row r of scores tensor `kind` (0 or 1): its pointer, budget k, output width and forced count."""
+    if kind == 0:
+        row, width, n_forced, k = S0 + r * n, width0, n_forced0, width0
+        if not UNIFORM:
+            k = tl.load(K0 + r % H)
+    else:
+        row, width, n_forced, k = S1 + r * n, width1, n_forced1, width1
+        if not UNIFORM:
+            k = tl.load(K1 + r % H)
+    return row, k, width, n_forced
+
+
+@triton.jit
+def _decided(HIST, k, PASSES: tl.constexpr):
+    """The selection after the first PASSES radix passes, from their whole-row histograms HIST[pass, 256]:
+    `hi`, the key bytes chosen so far (as an arithmetic right shift of a matching key gives them), and
+    `k_rem`, how many of the keys that match them are still to be taken (the rest are above them)."""
     k_rem = k
     hi = 0
     bins = tl.arange(0, 256)
-    for p in tl.static_range(4):
-        shift = 24 - 8 * p
-        hist = tl.zeros([256], tl.int32)
-        for start in range(0, n, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            key = _row_keys(row, offs, n, n_forced, ceiling)
-            if p == 0:
-                digit = (key >> 24) + 128
-                match = offs < n
-            else:
-                digit = (key >> shift) & 0xFF
-                match = (offs < n) & ((key >> (shift + 8)) == hi)
-            hist += tl.histogram(digit, 256, mask=match)
+    for p in tl.static_range(PASSES):
+        hist = tl.load(HIST + p * 256 + bins)
         at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # matching keys with this byte or a higher one
         chosen = tl.sum((at_least >= k_rem).to(tl.int32), 0) - 1
         k_rem -= tl.sum(tl.where(bins > chosen, hist, 0), 0)
@@ -64,42 +69,90 @@ def _select_row(row, out, n, k, width, n_forced, ceiling, BLOCK: tl.constexpr):
             hi = chosen - 128
         else:
             hi = (hi << 8) | chosen
-    # 2. Ordered compaction: keys above the threshold, and the first k_rem keys equal to it. A row whose
-    # budget is below the output width starts with copies of its best id (id 0, the first forced one).
+    return hi, k_rem
+
+
+@triton.jit
+def _hist_kernel(S0, S1, K0, K1, HIST, n, width0, width1, n_forced0, n_forced1, ceiling, H, R,
+                 PASS: tl.constexpr, UNIFORM: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """Radix pass PASS over one chunk of a row: the 256-bin histogram of key byte 3 - PASS among the keys
+    that match the bytes the earlier passes chose, added into the row's HIST[PASS]."""
+    c, r, kind = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    row, k, width, n_forced = _row_of(S0, S1, K0, K1, r, kind, n, width0, width1, n_forced0, n_forced1, H,
+                                      UNIFORM)
+    hist_row = HIST + (kind * R + r) * 1024
+    hi, k_rem = _decided(hist_row, k, PASS)
+    shift = 24 - 8 * PASS
+    hist = tl.zeros([256], tl.int32)
+    for i in tl.static_range(CHUNK // BLOCK):
+        offs = c * CHUNK + i * BLOCK + tl.arange(0, BLOCK)
+        key = _row_keys(row, offs, n, n_forced, ceiling)
+        if PASS == 0:
+            digit = (key >> 24) + 128
+            match = offs < n
+        else:
+            digit = (key >> shift) & 0xFF
+            match = (offs < n) & ((key >> (shift + 8)) == hi)
+        hist += tl.histogram(digit, 256, mask=match)
+    tl.atomic_add(hist_row + PASS * 256 + tl.arange(0, 256), hist, mask=hist > 0, sem="relaxed")
+
+
+@triton.jit
+def _tally_kernel(S0, S1, K0, K1, HIST, COUNTS, n, width0, width1, n_forced0, n_forced1, ceiling, H, R,
+                  UNIFORM: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, NCHUNK: tl.constexpr):
+    """Per chunk, how many keys are above the k-th largest and how many equal it: COUNTS[row, chunk, 2]."""
+    c, r, kind = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    row, k, width, n_forced = _row_of(S0, S1, K0, K1, r, kind, n, width0, width1, n_forced0, n_forced1, H,
+                                      UNIFORM)
+    threshold, k_rem = _decided(HIST + (kind * R + r) * 1024, k, 4)
+    above = 0
+    ties = 0
+    for i in tl.static_range(CHUNK // BLOCK):
+        offs = c * CHUNK + i * BLOCK + tl.arange(0, BLOCK)
+        key = _row_keys(row, offs, n, n_forced, ceiling)
+        above += tl.sum(((offs < n) & (key > threshold)).to(tl.int32), 0)
+        ties += tl.sum(((offs < n) & (key == threshold)).to(tl.int32), 0)
+    out = COUNTS + ((kind * R + r) * NCHUNK + c) * 2
+    tl.store(out, above)
+    tl.store(out + 1, ties)
+
+
+@triton.jit
+def _write_kernel(S0, S1, O0, O1, K0, K1, HIST, COUNTS, n, width0, width1, n_forced0, n_forced1, ceiling, H, R,
+                  UNIFORM: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, NCHUNK: tl.constexpr):
+    """Ordered compaction of one chunk: the keys above the threshold and, of the keys equal to it, the first
+    k_rem of the row; each kept id's slot is the kept count of the earlier chunks plus its rank here. A row
+    whose budget is below the output width starts with copies of its best id (id 0, the first forced one),
+    written by the row's first chunk."""
+    c, r, kind = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    row, k, width, n_forced = _row_of(S0, S1, K0, K1, r, kind, n, width0, width1, n_forced0, n_forced1, H,
+                                      UNIFORM)
+    if kind == 0:
+        out = O0 + r * width0
+    else:
+        out = O1 + r * width1
+    threshold, k_rem = _decided(HIST + (kind * R + r) * 1024, k, 4)
+    earlier = tl.arange(0, NCHUNK)
+    counts = COUNTS + (kind * R + r) * NCHUNK * 2 + earlier * 2
+    above_before = tl.sum(tl.load(counts, mask=earlier < c, other=0), 0)
+    ties_seen = tl.sum(tl.load(counts + 1, mask=earlier < c, other=0), 0)
     pad = width - k
-    for start in range(0, pad, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        tl.store(out + offs, tl.zeros([BLOCK], tl.int32), mask=offs < pad)
-    taken = pad
-    ties_seen = 0
-    for start in range(0, n, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
+    if c == 0:
+        for start in range(0, pad, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            tl.store(out + offs, tl.zeros([BLOCK], tl.int32), mask=offs < pad)
+    taken = pad + above_before + tl.minimum(ties_seen, k_rem)
+    for i in tl.static_range(CHUNK // BLOCK):
+        offs = c * CHUNK + i * BLOCK + tl.arange(0, BLOCK)
         key = _row_keys(row, offs, n, n_forced, ceiling)
         valid = offs < n
-        tie = (valid & (key == hi)).to(tl.int32)
-        keep = (valid & (key > hi)) | ((tie != 0) & (tl.cumsum(tie, 0) + ties_seen <= k_rem))
+        tie = (valid & (key == threshold)).to(tl.int32)
+        keep = (valid & (key > threshold)) | ((tie != 0) & (tl.cumsum(tie, 0) + ties_seen <= k_rem))
         keep = keep.to(tl.int32)
         slot = taken + tl.cumsum(keep, 0) - 1
         tl.store(out + slot, offs, mask=(keep != 0) & (slot < width))
         taken += tl.sum(keep, 0)
         ties_seen += tl.sum(tie, 0)
-
-
-@triton.jit
-def _topk_kernel(S0, S1, O0, O1, K0, K1, n, width0, width1, n_forced0, n_forced1, ceiling, H,
-                 UNIFORM: tl.constexpr, BLOCK: tl.constexpr):
-    """Grid (rows, 2): axis 1 picks the scores tensor. Uniform budgets are the widths themselves."""
-    r = tl.program_id(0).to(tl.int64)
-    if tl.program_id(1) == 0:
-        k = width0
-        if not UNIFORM:
-            k = tl.load(K0 + r % H)
-        _select_row(S0 + r * n, O0 + r * width0, n, k, width0, n_forced0, ceiling, BLOCK)
-    else:
-        k = width1
-        if not UNIFORM:
-            k = tl.load(K1 + r % H)
-        _select_row(S1 + r * n, O1 + r * width1, n, k, width1, n_forced1, ceiling, BLOCK)
 
 
 def topk_ids_sorted(scores, sizes, n_forced, ceiling: float, out=None):
@@ -134,9 +187,19 @@ def topk_ids_sorted(scores, sizes, n_forced, ceiling: float, out=None):
                                  f"{[(o.dtype, tuple(o.shape), o.device) for o in outs]}")
     # Budgets per head only where they differ (one small copy each); else the kernel takes the widths.
     ks = outs if uniform else [sz.to(device=s0.device, dtype=torch.int32) for sz in sizes]
-    _topk_kernel[(b * h, 2)](
-        s0.contiguous(), s1.contiguous(), outs[0], outs[1], ks[0], ks[1], n, widths[0], widths[1],
-        min(n_forced[0], n), min(n_forced[1], n), float(ceiling), h,
-        UNIFORM=uniform, BLOCK=min(_BLOCK, triton.next_power_of_2(n)), num_warps=_WARPS,
-    )
+    block = min(_BLOCK, triton.next_power_of_2(n))
+    chunk = max(block, min(_CHUNK, triton.next_power_of_2(n)))
+    n_chunks = triton.cdiv(n, chunk)
+    rows = b * h
+    hist = torch.zeros(2, rows, 4, 256, device=s0.device, dtype=torch.int32)
+    counts = torch.empty(2, rows, triton.next_power_of_2(n_chunks), 2, device=s0.device, dtype=torch.int32)
+    s0, s1 = s0.contiguous(), s1.contiguous()
+    row_args = (n, widths[0], widths[1], min(n_forced[0], n), min(n_forced[1], n), float(ceiling), h, rows)
+    meta = dict(UNIFORM=uniform, BLOCK=block, CHUNK=chunk, num_warps=_WARPS)
+    grid = (n_chunks, rows, 2)
+    for radix_pass in range(4):
+        _hist_kernel[grid](s0, s1, ks[0], ks[1], hist, *row_args, PASS=radix_pass, **meta)
+    _tally_kernel[grid](s0, s1, ks[0], ks[1], hist, counts, *row_args, NCHUNK=counts.shape[2], **meta)
+    _write_kernel[grid](s0, s1, outs[0], outs[1], ks[0], ks[1], hist, counts, *row_args, NCHUNK=counts.shape[2],
+                        **meta)
     return outs[0], outs[1]
