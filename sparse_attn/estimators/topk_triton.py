@@ -3,7 +3,7 @@
 The estimator needs, per head, the ids of the `k` best key columns and of the `k` best diagonals, sorted by
 id (the index builder walks them in order). With torch that is a top-k and a sort per kind, plus the writes
 that force the sink columns and the main diagonals in: a dozen launches and, at 128K, ~0.55 ms of host time.
-Here both kinds go through six launches of a grid (chunk of a row, row, kind), each program one chunk:
+Here both kinds go through five launches of a grid (chunk of a row, row, kind), each program one chunk:
 
 1. four radix passes find each row's k-th largest score exactly: pass p adds its chunk's 256-bin histogram
    of byte 3 - p of the scores' order-preserving integer keys, among the keys that match the bytes the
@@ -73,10 +73,14 @@ def _decided(HIST, k, PASSES: tl.constexpr):
 
 
 @triton.jit
-def _hist_kernel(S0, S1, K0, K1, HIST, n, width0, width1, n_forced0, n_forced1, ceiling, H, R,
-                 PASS: tl.constexpr, UNIFORM: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+def _hist_kernel(S0, S1, K0, K1, HIST, CHUNK_ABOVE, CHUNK_HIST, n, width0, width1, n_forced0, n_forced1,
+                 ceiling, H, R, PASS: tl.constexpr, UNIFORM: tl.constexpr, BLOCK: tl.constexpr,
+                 CHUNK: tl.constexpr, NCHUNK: tl.constexpr):
     """Radix pass PASS over one chunk of a row: the 256-bin histogram of key byte 3 - PASS among the keys
-    that match the bytes the earlier passes chose, added into the row's HIST[PASS]."""
+    that match the bytes the earlier passes chose, added into the row's HIST[PASS]. The last pass also keeps
+    its chunk's own histogram and, per byte value b, how many of the chunk's keys lie above (hi << 8) | b
+    (CHUNK_HIST, CHUNK_ABOVE [row, chunk, 256]): whatever the threshold turns out to be, the write launch
+    reads its chunk's counts of keys above it and equal to it there."""
     c, r, kind = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     row, k, width, n_forced = _row_of(S0, S1, K0, K1, r, kind, n, width0, width1, n_forced0, n_forced1, H,
                                       UNIFORM)
@@ -84,42 +88,30 @@ def _hist_kernel(S0, S1, K0, K1, HIST, n, width0, width1, n_forced0, n_forced1, 
     hi, k_rem = _decided(hist_row, k, PASS)
     shift = 24 - 8 * PASS
     hist = tl.zeros([256], tl.int32)
+    above = 0
     for i in tl.static_range(CHUNK // BLOCK):
         offs = c * CHUNK + i * BLOCK + tl.arange(0, BLOCK)
         key = _row_keys(row, offs, n, n_forced, ceiling)
         if PASS == 0:
-            digit = (key >> 24) + 128
-            match = offs < n
+            hist += tl.histogram((key >> 24) + 128, 256, mask=offs < n)
         else:
-            digit = (key >> shift) & 0xFF
             match = (offs < n) & ((key >> (shift + 8)) == hi)
-        hist += tl.histogram(digit, 256, mask=match)
-    tl.atomic_add(hist_row + PASS * 256 + tl.arange(0, 256), hist, mask=hist > 0, sem="relaxed")
+            if tl.sum(match.to(tl.int32), 0) > 0:  # later passes: most blocks hold no matching key
+                hist += tl.histogram((key >> shift) & 0xFF, 256, mask=match)
+            if PASS == 3:
+                above += tl.sum(((offs < n) & ((key >> 8) > hi)).to(tl.int32), 0)
+    bins = tl.arange(0, 256)
+    tl.atomic_add(hist_row + PASS * 256 + bins, hist, mask=hist > 0, sem="relaxed")
+    if PASS == 3:
+        out = ((kind * R + r) * NCHUNK + c) * 256 + bins
+        tl.store(CHUNK_HIST + out, hist)
+        tl.store(CHUNK_ABOVE + out, above + tl.sum(hist, 0) - tl.cumsum(hist, 0))
 
 
 @triton.jit
-def _tally_kernel(S0, S1, K0, K1, HIST, COUNTS, n, width0, width1, n_forced0, n_forced1, ceiling, H, R,
-                  UNIFORM: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, NCHUNK: tl.constexpr):
-    """Per chunk, how many keys are above the k-th largest and how many equal it: COUNTS[row, chunk, 2]."""
-    c, r, kind = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
-    row, k, width, n_forced = _row_of(S0, S1, K0, K1, r, kind, n, width0, width1, n_forced0, n_forced1, H,
-                                      UNIFORM)
-    threshold, k_rem = _decided(HIST + (kind * R + r) * 1024, k, 4)
-    above = 0
-    ties = 0
-    for i in tl.static_range(CHUNK // BLOCK):
-        offs = c * CHUNK + i * BLOCK + tl.arange(0, BLOCK)
-        key = _row_keys(row, offs, n, n_forced, ceiling)
-        above += tl.sum(((offs < n) & (key > threshold)).to(tl.int32), 0)
-        ties += tl.sum(((offs < n) & (key == threshold)).to(tl.int32), 0)
-    out = COUNTS + ((kind * R + r) * NCHUNK + c) * 2
-    tl.store(out, above)
-    tl.store(out + 1, ties)
-
-
-@triton.jit
-def _write_kernel(S0, S1, O0, O1, K0, K1, HIST, COUNTS, n, width0, width1, n_forced0, n_forced1, ceiling, H, R,
-                  UNIFORM: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, NCHUNK: tl.constexpr):
+def _write_kernel(S0, S1, O0, O1, K0, K1, HIST, CHUNK_ABOVE, CHUNK_HIST, n, width0, width1, n_forced0, n_forced1,
+                  ceiling, H, R, UNIFORM: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                  NCHUNK: tl.constexpr):
     """Ordered compaction of one chunk: the keys above the threshold and, of the keys equal to it, the first
     k_rem of the row; each kept id's slot is the kept count of the earlier chunks plus its rank here. A row
     whose budget is below the output width starts with copies of its best id (id 0, the first forced one),
@@ -131,11 +123,14 @@ def _write_kernel(S0, S1, O0, O1, K0, K1, HIST, COUNTS, n, width0, width1, n_for
         out = O0 + r * width0
     else:
         out = O1 + r * width1
-    threshold, k_rem = _decided(HIST + (kind * R + r) * 1024, k, 4)
+    hist_row = HIST + (kind * R + r) * 1024
+    hi, _ = _decided(hist_row, k, 3)
+    threshold, k_rem = _decided(hist_row, k, 4)
+    last_byte = threshold - (hi << 8)
     earlier = tl.arange(0, NCHUNK)
-    counts = COUNTS + (kind * R + r) * NCHUNK * 2 + earlier * 2
-    above_before = tl.sum(tl.load(counts, mask=earlier < c, other=0), 0)
-    ties_seen = tl.sum(tl.load(counts + 1, mask=earlier < c, other=0), 0)
+    at = ((kind * R + r) * NCHUNK + earlier) * 256 + last_byte
+    above_before = tl.sum(tl.load(CHUNK_ABOVE + at, mask=earlier < c, other=0), 0)
+    ties_seen = tl.sum(tl.load(CHUNK_HIST + at, mask=earlier < c, other=0), 0)
     pad = width - k
     if c == 0:
         for start in range(0, pad, BLOCK):
@@ -192,14 +187,13 @@ def topk_ids_sorted(scores, sizes, n_forced, ceiling: float, out=None):
     n_chunks = triton.cdiv(n, chunk)
     rows = b * h
     hist = torch.zeros(2, rows, 4, 256, device=s0.device, dtype=torch.int32)
-    counts = torch.empty(2, rows, triton.next_power_of_2(n_chunks), 2, device=s0.device, dtype=torch.int32)
+    n_chunks_p2 = triton.next_power_of_2(n_chunks)
+    chunk_above, chunk_hist = torch.empty(2, 2, rows, n_chunks_p2, 256, device=s0.device, dtype=torch.int32)
     s0, s1 = s0.contiguous(), s1.contiguous()
     row_args = (n, widths[0], widths[1], min(n_forced[0], n), min(n_forced[1], n), float(ceiling), h, rows)
-    meta = dict(UNIFORM=uniform, BLOCK=block, CHUNK=chunk, num_warps=_WARPS)
+    meta = dict(UNIFORM=uniform, BLOCK=block, CHUNK=chunk, NCHUNK=n_chunks_p2, num_warps=_WARPS)
     grid = (n_chunks, rows, 2)
     for radix_pass in range(4):
-        _hist_kernel[grid](s0, s1, ks[0], ks[1], hist, *row_args, PASS=radix_pass, **meta)
-    _tally_kernel[grid](s0, s1, ks[0], ks[1], hist, counts, *row_args, NCHUNK=counts.shape[2], **meta)
-    _write_kernel[grid](s0, s1, outs[0], outs[1], ks[0], ks[1], hist, counts, *row_args, NCHUNK=counts.shape[2],
-                        **meta)
+        _hist_kernel[grid](s0, s1, ks[0], ks[1], hist, chunk_above, chunk_hist, *row_args, PASS=radix_pass, **meta)
+    _write_kernel[grid](s0, s1, outs[0], outs[1], ks[0], ks[1], hist, chunk_above, chunk_hist, *row_args, **meta)
     return outs[0], outs[1]
