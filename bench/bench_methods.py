@@ -6,7 +6,8 @@ time split into estimation, index building and attention, against cuDNN dense ca
 Phases are timed with CUDA events and a synchronize between phases; each number is the median over
 --repeats runs after --warmup runs. "call" is the same method timed as one public call,
 `sparse_attn.sparse_attention(q, k, v, method, ...)`, with no synchronize between its phases: what a user
-waits for (the phase split is for attribution; its synchronizes leave the GPU idle between phases). Dense attention above --dense-max tokens is not run: it is
+waits for (the phase split is for attribution; its synchronizes leave the GPU idle between phases). The call
+is timed before each pass of the phases, alternating, so both see the same power state of the GPU. Dense attention above --dense-max tokens is not run: it is
 extrapolated from the largest measured length by the quadratic law and marked "(extrap.)" in the table.
 Prints a table and writes bench_methods.json under --out. Needs CUDA.
 
@@ -63,18 +64,25 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def timed_phases(phases, warmup: int, repeats: int):
+def timed_phases(phases, warmup: int, repeats: int, call=None):
     """phases: list of (name, fn(prev) -> result), run in order, each fed the previous result.
-    Returns ({name: median ms}, last result)."""
-    times = {name: [] for name, _ in phases}
+    call: optionally the same work as one function, timed just before each pass of the phases (so that both
+    see the same power state of the GPU; timed after all the phases' passes it read 0-9 % slower), with no
+    result of the phases alive (at 1M both together might not fit in 80 GB).
+    Returns ({name: median ms}, last result); with call, the dict also holds "call"."""
+    steps = [("call", call), *phases] if call is not None else phases
+    times = {name: [] for name, _ in steps}
     result = None
     for it in range(warmup + repeats):
         result = None
-        for name, fn in phases:
+        for name, fn in steps:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize()
             start.record()
-            result = fn(result)
+            if name == "call":
+                fn(None)
+            else:
+                result = fn(result)
             end.record()
             torch.cuda.synchronize()
             if it >= warmup:
@@ -207,16 +215,15 @@ def bench_length(s, args, dtype, dense_ref):
         row = {"seqlen": s, "method": name}
         try:
             phases, config = method_phases(name, args, q, k, v)
-            t, result = timed_phases(phases, args.warmup, args.repeats)
+            t, result = timed_phases(phases, args.warmup, args.repeats, call=public_call(name, args, q, k, v))
             density = result[1].density() if name == "minference" else result[1].head_density(True)
+            del result
+            if "call" in t:
+                row["call_ms"] = t.pop("call")
+                row["call_speedup"] = dense["ms"] / row["call_ms"]
             row.update({f"{p}_ms": ms for p, ms in t.items()}, config=config, density=float(density.mean()))
             row["total_ms"] = sum(t.values())
             row["speedup"] = dense["ms"] / row["total_ms"]
-            del result
-            call = public_call(name, args, q, k, v)
-            if call is not None:
-                row["call_ms"] = timed_phases([("call", call)], args.warmup, args.repeats)[0]["call"]
-                row["call_speedup"] = dense["ms"] / row["call_ms"]
             if "estimate_ms" in row:
                 row["est_index_frac"] = (row["estimate_ms"] + row["index_ms"]) / row["total_ms"]
             row["effective_tflops"] = flops * row["density"] / row["total_ms"] / 1e9

@@ -1,0 +1,108 @@
+"""Probe: a method timed as one `sparse_attention` call against the sum of its phases (a synchronize between
+them), alternated so that the GPU's power state treats both alike; the caching allocator's device
+allocations during each; and one profiled call's GPU idle gaps (with the kernels around them) and CUDA API
+time. Scratch measurement for bench/NOTES_vertical_slash.md (session 19: at 512K the call read 6-9 % slower
+than the phases in the methods benchmark).
+
+    python bench/probe_call.py --seqlens 131072 524288
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+import bench_methods as bm  # noqa: E402
+
+
+def _device_allocs() -> int:
+    st = torch.cuda.memory_stats()
+    return st.get("num_device_alloc", 0) + st.get("num_alloc_retries", 0)
+
+
+def _timed(fn) -> float:
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--seqlens", type=int, nargs="+", default=[131072, 524288])
+    p.add_argument("--method", default="vertical_slash", choices=("vertical_slash", "vs_pairs"))
+    p.add_argument("--repeats", type=int, default=6)
+    p.add_argument("--gap-us", type=float, default=30.0, help="list GPU idle gaps longer than this")
+    a = p.parse_args()
+    args = bm.parse_args([])
+    for s in a.seqlens:
+        q, k, v = bm.make_inputs(args, s, torch.bfloat16)
+        phases, _ = bm.method_phases(a.method, args, q, k, v)
+        call = bm.public_call(a.method, args, q, k, v)
+
+        def phase_sum():
+            result, total = None, 0.0
+            for _, fn in phases:
+                box = {}
+                total += _timed(lambda fn=fn, prev=result: box.setdefault("r", fn(prev)))
+                result = box["r"]
+            return total
+
+        phase_sum(), call(None)  # warm-up
+        rows, allocs = [], {"phases": 0, "call": 0}
+        for _ in range(a.repeats):
+            n0 = _device_allocs()
+            ps = phase_sum()
+            n1 = _device_allocs()
+            c = _timed(lambda: call(None))
+            allocs["phases"] += n1 - n0
+            allocs["call"] += _device_allocs() - n1
+            rows.append((ps, c))
+        print(f"\n## {a.method}, S={s}: phases' sum vs one call, alternated ({a.repeats} pairs)")
+        print("| pair | phases ms | call ms |\n|---|---|---|")
+        for i, (ps, c) in enumerate(rows):
+            print(f"| {i} | {ps:.2f} | {c:.2f} |")
+        print(f"| median | {statistics.median(r[0] for r in rows):.2f} | {statistics.median(r[1] for r in rows):.2f} |")
+        print(f"device allocations (cudaMalloc) during the timed passes: phases {allocs['phases']}, "
+              f"call {allocs['call']}")
+
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            call(None)
+            torch.cuda.synchronize()
+        evs = prof.events()
+        gpu = sorted((e for e in evs if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+        busy = sum(e.time_range.elapsed_us() for e in gpu) / 1e3
+        span = (gpu[-1].time_range.end - gpu[0].time_range.start) / 1e3
+        print(f"\nprofiled call: {len(gpu)} GPU ops, busy {busy:.2f} ms over a span of {span:.2f} ms")
+        print(f"| gap us | after | before |\n|---|---|---|")
+        for x, y in zip(gpu, gpu[1:]):
+            gap = y.time_range.start - x.time_range.end
+            if gap > a.gap_us:
+                print(f"| {gap:.0f} | {x.name[:40]} | {y.name[:40]} |")
+        api = defaultdict(lambda: [0.0, 0])
+        for e in evs:
+            if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("cuda"):
+                api[e.name][0] += e.time_range.elapsed_us() / 1e3
+                api[e.name][1] += 1
+        print("CUDA API calls (host ms, count): " + ", ".join(
+            f"{n} {ms:.2f} x{c}" for n, (ms, c) in sorted(api.items(), key=lambda kv: -kv[1][0])[:8]))
+        del q, k, v, phases, call
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
