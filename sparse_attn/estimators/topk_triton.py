@@ -8,10 +8,14 @@ Here both kinds go through five launches of a grid (chunk of a row, row, kind), 
 1. four radix passes find each row's k-th largest score exactly: pass p adds its chunk's 256-bin histogram
    of byte 3 - p of the scores' order-preserving integer keys, among the keys that match the bytes the
    earlier passes chose, into the row's histogram (atomics); every program re-derives those choices from
-   the earlier passes' histograms;
-2. a count launch stores, per chunk, how many keys are above that threshold and how many equal it;
-3. a write launch compacts each chunk in order: a kept id's slot is the kept count of the earlier chunks
-   plus its prefix-sum rank in its own, so the ids come out ascending without a sort.
+   the earlier passes' histograms. The last pass also stores, per chunk and per candidate last byte, how
+   many of the chunk's keys lie above that threshold and how many equal it;
+2. a write launch compacts each chunk in order: a kept id's slot is the kept count of the earlier chunks
+   (read from those counts) plus its prefix-sum rank in its own, so the ids come out ascending without a
+   sort.
+
+Measured on the lent H100 (bench/probe_topk.py, 32 heads): 0.35 ms GPU / 0.32 ms host at 128K against torch's
+0.79 / 0.80; at 1M 1.61 / 0.39 against 1.37 / 0.69 (the histogram passes are compute-bound there).
 
 The first `n_forced` ids of a row are scored above every real score before selection (the sinks and the
 main diagonals), earlier ids higher, as the torch path does. Ties at the threshold go to the lower ids.
