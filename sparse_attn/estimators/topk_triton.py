@@ -128,9 +128,8 @@ def _write_kernel(S0, S1, O0, O1, K0, K1, HIST, CHUNK_ABOVE, CHUNK_HIST, n, widt
     else:
         out = O1 + r * width1
     hist_row = HIST + (kind * R + r) * 1024
-    hi, _ = _decided(hist_row, k, 3)
     threshold, k_rem = _decided(hist_row, k, 4)
-    last_byte = threshold - (hi << 8)
+    last_byte = threshold & 0xFF  # the byte the last pass chose
     earlier = tl.arange(0, NCHUNK)
     at = ((kind * R + r) * NCHUNK + earlier) * 256 + last_byte
     above_before = tl.sum(tl.load(CHUNK_ABOVE + at, mask=earlier < c, other=0), 0)
