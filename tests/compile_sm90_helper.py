@@ -125,6 +125,7 @@ def _run_all() -> None:
         vs_kernel._descriptors = tma_descriptors if tma else real_vs_descriptors
         vs_kernel.vertical_slash_attention(q, k, v, lay, return_lse=lay is vs_layout)
     vs_kernel._descriptors = real_vs_descriptors
+    vs_kernel._group_order(vs_layout, 2)  # the shared-first range order of long inputs (h / hkv = 2 here)
     q, k, v = qkv(128, torch.bfloat16, packed=True)
     vs2 = build_vertical_slash_index(vertical.expand(2, h, 30), slash.expand(2, h, 20), s, s, 64, backend="torch")
     vs_kernel.vertical_slash_attention(q, k, v, vs2, cu_seqlens_q=cu, cu_seqlens_k=cu)

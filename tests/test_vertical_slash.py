@@ -171,6 +171,115 @@ def test_plan_lists_each_blocks_tiles_in_three_sections(seed, causal, extra_k, b
                 assert got == wide + short + cross, (bi, hi, qb)
 
 
+def grouped_layout(gen, b, hkv, group, sq, sk, bq, device="cpu"):
+    """A layout whose query heads of one kv head share most diagonals (as real heads do), plus a few of
+    their own, and have random columns: blocks hold ranges that 0..group-1 other heads also cover."""
+    common = torch.randint(0, sk, (b, hkv, 1, 12), generator=gen).expand(b, hkv, group, 12)
+    own = torch.randint(0, sk, (b, hkv, group, 5), generator=gen)
+    near = torch.randint(0, min(sk, 2 * bq), (b, hkv, group, 3), generator=gen)
+    slash = torch.cat([common, own, near], -1).reshape(b, hkv * group, -1)
+    vertical = torch.randint(0, sk, (b, hkv * group, 6), generator=gen)
+    return build_vertical_slash_index(vertical.to(device), slash.to(device), sq, sk, bq)
+
+
+def shared_first_reference(layout, group):
+    """Python model of kernel._group_order: per block, the ranges stably sorted by how few of the group's other
+    heads have a range holding the range's middle key, as a list [b][h][qb] of (start, end) lists."""
+    def ranges(bi, hi, qb):
+        n = int(layout.range_counts[bi, hi, qb])
+        return list(zip(layout.range_starts[bi, hi, qb, :n].tolist(), layout.range_ends[bi, hi, qb, :n].tolist()))
+
+    b, h, nqb = layout.range_counts.shape
+    out = []
+    for bi in range(b):
+        out.append([])
+        for hi in range(h):
+            out[bi].append([])
+            others = [o for o in range(hi - hi % group, hi - hi % group + group) if o != hi]
+            for qb in range(nqb):
+                own = ranges(bi, hi, qb)
+                other_ranges = [ranges(bi, o, qb) for o in others]
+
+                def missing(r):
+                    mid = r[0] + (r[1] - r[0]) // 2
+                    return sum(not any(s <= mid < e for s, e in rs) for rs in other_ranges)
+
+                out[bi][hi].append(sorted(own, key=missing))
+    return out
+
+
+@given(seed=st.integers(0, 2**31 - 1), group=st.sampled_from([2, 3, 4, 6]), hkv=st.integers(1, 2),
+       b=st.integers(1, 2), bq=st.sampled_from([32, 64]), sq=st.integers(1, 200), extra_k=st.integers(-40, 200))
+def test_group_order_sorts_each_blocks_ranges_shared_first(seed, group, hkv, b, bq, sq, extra_k):
+    gen = torch.Generator().manual_seed(seed)
+    sk = max(1, sq + extra_k)
+    layout = grouped_layout(gen, b, hkv, group, sq, sk, bq)
+    starts, ends = vs_kernel._group_order(layout, group)
+    expected = shared_first_reference(layout, group)
+    for bi in range(b):
+        for hi in range(hkv * group):
+            for qb in range(layout.num_query_blocks):
+                n = int(layout.range_counts[bi, hi, qb])
+                got = list(zip(starts[bi, hi, qb, :n].tolist(), ends[bi, hi, qb, :n].tolist()))
+                assert got == expected[bi][hi][qb], (bi, hi, qb)
+
+
+def test_group_order_moves_ranges():
+    """The case the order exists for: some blocks' key order and shared-first order differ (else the test
+    above could not tell a kernel that copies its input)."""
+    layout = grouped_layout(torch.Generator().manual_seed(3), 1, 2, 4, 128, 1024, 16)
+    starts, _ = vs_kernel._group_order(layout, 4)
+    n = layout.range_counts
+    live = torch.arange(layout.max_ranges) < n[..., None]
+    assert ((starts != layout.range_starts) & live).any()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_plan_in_group_order_lists_the_same_tiles_shared_first(monkeypatch, causal):
+    monkeypatch.setattr(vs_kernel, "GROUP_ORDER_MIN_KEYS", 0)
+    gen = torch.Generator().manual_seed(5)
+    group, sq, sk, bn = 3, 250, 300, 32
+    layout = grouped_layout(gen, 2, 1, group, sq, sk, 32)
+    expected = shared_first_reference(layout, group)
+    b, h, nqb = layout.range_counts.shape
+    m = layout.max_ranges
+    pad = lambda i: torch.tensor([[[(r + [(0, 0)] * m)[:m] for r in row] for row in bb] for bb in expected])[..., i]
+    reordered = VerticalSlashLayout(layout.range_counts, pad(0).int(), pad(1).int(), layout.column_counts,
+                                    layout.column_indices, layout.block_size_q, sq, sk, validate=False)
+    dummy = layout.range_counts
+    counts, first_tile, t_start, t_end = vs_kernel._plan(layout, (dummy, dummy), (sq, sk), h, bn, causal, False,
+                                                          split=False, group=group)
+    moved = 0
+    for bi in range(b):
+        for hi in range(h):
+            for qb in range(nqb):
+                n_tiles = int(counts[bi, hi, qb, 0])
+                at = int(first_tile[bi, hi, qb])
+                got = list(zip(t_start[at:at + n_tiles].tolist(), t_end[at:at + n_tiles].tolist()))
+                _, short, cross = expected_tile_sections(reordered, bi, hi, qb, bn, causal, False)
+                assert got == short + cross, (bi, hi, qb)
+                _, short0, cross0 = expected_tile_sections(layout, bi, hi, qb, bn, causal, False)
+                moved += got != short0 + cross0
+    assert moved > 0
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("group", [3, 4])
+def test_group_order_attention_matches_reference(monkeypatch, causal, group):
+    """Shared-first order forced on at a short length: the same attention (the fp32 reference's)."""
+    monkeypatch.setattr(vs_kernel, "GROUP_ORDER_MIN_KEYS", 0)
+    calls = []
+    real = vs_kernel._group_order
+    monkeypatch.setattr(vs_kernel, "_group_order", lambda *a: (calls.append(1), real(*a))[1])
+    gen = torch.Generator().manual_seed(group)
+    sq, sk = 200, 260
+    layout = grouped_layout(gen, 1, 2, group, sq, sk, 64)
+    q = torch.randn(1, 2 * group, sq, 32, generator=gen).to(torch.float16)
+    k, v = (torch.randn(1, 2, sk, 32, generator=gen).to(torch.float16) for _ in range(2))
+    assert_close_to_reference(q, k, v, layout, causal=causal)
+    assert calls
+
+
 @pytest.mark.parametrize("wide_unmasked", [False, True])
 @pytest.mark.parametrize("causal", [True, False])
 def test_wide_tiles_with_and_without_mask_match_reference_when_scores_jump(monkeypatch, wide_unmasked, causal):
@@ -363,6 +472,24 @@ def test_gpu_matches_reference(dtype, d, sq, sk):
     k, v = torch.randn(2, 1, 2, sk, d, device="cuda", dtype=dtype)
     layout = random_layout(1, 8, sq, sk, 64, nv=300, ns=200, device="cuda", seed=sq)
     assert_close_to_reference(q, k, v, layout)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["gluon", "triton"])
+def test_gpu_group_order_matches_reference(monkeypatch, backend):
+    """The shared-first range order (on by default only from GROUP_ORDER_MIN_KEYS keys) forced on at 6K."""
+    monkeypatch.setattr(vs_kernel, "GROUP_ORDER_MIN_KEYS", 0)
+    monkeypatch.setenv("SPARSE_ATTN_VS_BACKEND", backend)
+    calls = []
+    real = vs_kernel._group_order
+    monkeypatch.setattr(vs_kernel, "_group_order", lambda *a: (calls.append(1), real(*a))[1])
+    gen = torch.Generator().manual_seed(11)
+    sq = sk = 6144
+    layout = grouped_layout(gen, 1, 2, 4, sq, sk, 64, device="cuda")
+    q = torch.randn(1, 8, sq, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = torch.randn(2, 1, 2, sk, 128, device="cuda", dtype=torch.bfloat16)
+    assert_close_to_reference(q, k, v, layout)
+    assert calls
 
 
 def packed_gpu_case(seed):

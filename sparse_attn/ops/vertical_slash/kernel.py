@@ -6,9 +6,12 @@ Two steps per call:
   what its rows can see) into BN-wide key tiles listed flat, blocks one after the other: tile t is keys
   [start_t, end_t), end_t - start_t <= BN. Ranges average a few BN wide, so looping over ranges and then
   over their tiles would restart the software pipeline at every range; one flat loop over the tile list
-  keeps it full. Each block's list comes in sections: the tiles every row of the block sees whole (ranges
-  are sorted, so a prefix of the range order), then the tiles near the causal diagonal, which alone pay the
-  causal mask; the columns every row sees are likewise a prefix. With `split` (two heads per program) the
+  keeps it full. Each block's list comes in sections: the tiles every row of the block sees whole, then
+  the tiles near the causal diagonal, which alone pay the causal mask, each section in range order; the
+  columns every row sees are a prefix of the (sorted) columns. Range order is key order, except on long
+  inputs with GQA (GROUP_ORDER_MIN_KEYS), where `_group_order_kernel` first lists the ranges a block
+  shares with the other query heads of its kv head, so that the heads read those K/V tiles at the same
+  time and the L2 serves all but the first. With `split` (two heads per program) the
   BN-wide tiles every row sees come first and run with no mask at all (measured: faster there, slower for
   one head per program and, at 1M, the order alone costs the per-head kernel its L2 reuse).
 - `_vs_attn_kernel`: per (batch, query head, query block) the online softmax over the tile list (keys past
@@ -56,6 +59,13 @@ _TILES_LAUNCH = dict(LANES=16, TL=8, num_warps=1)
 # Per block: tiles, tiles every row sees whole, visible columns, columns every row sees, and of the tiles
 # every row sees whole those BN keys wide (listed first: they need no mask).
 COUNTS_PER_BLOCK = 5
+# From this many keys on (one kv head's K and V are 4x the H100's L2 at 512K), one head per program and a GQA
+# group of 2..8 query heads, each block walks its ranges shared-first (`_group_order_kernel`): a group's
+# heads then reach the ranges they share together and read each from DRAM about once. Measured on the
+# methods benchmark's 1M layout: 4 % faster, DRAM reads 1.03 -> 0.93 TB (bench/NOTES_vertical_slash.md).
+GROUP_ORDER_MIN_KEYS = 524288
+GROUP_ORDER_MAX_GROUP = 8
+_ORDER_LANES = 64
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     _interpreter_index_fix()
@@ -188,6 +198,69 @@ def _tiles_kernel(R_COUNT, R_START, R_END, CU_Q, CU_K, COUNTS, FIRST_TILE, T_STA
         slot_wide += tl.sum(wide, 0)
         slot_short += tl.sum(short, 0)
         slot_cross += tl.sum(cross, 0)
+
+
+@triton.jit
+def _group_order_kernel(R_COUNT, R_START, R_END, O_START, O_END, CLS, num_heads, nqb, max_ranges, group,
+                        GP: tl.constexpr, LANES: tl.constexpr, STEPS: tl.constexpr):
+    """One block of one head: its ranges written to O_START / O_END shared-first, i.e. stably sorted by how
+    few of the group's other heads have a range holding the range's middle key in the same query block
+    (all of them first, none last; key order within a class). CLS: scratch for each range's class."""
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    first = bh - (bh % num_heads) % group  # (batch, head) row of the group's first head
+    block = bh.to(tl.int64) * nqb + qb
+    row = block * max_ranges
+    n = tl.load(R_COUNT + block)
+    lane = tl.arange(0, LANES)
+    class_id = tl.arange(0, GP)
+    counts = tl.zeros([GP], tl.int32)
+    for r0 in tl.range(0, n, LANES):
+        live = r0 + lane < n
+        start = tl.load(R_START + row + r0 + lane, mask=live, other=0)
+        end = tl.load(R_END + row + r0 + lane, mask=live, other=0)
+        mid = start + (end - start) // 2
+        cover = tl.zeros([LANES], tl.int32)
+        for j in tl.static_range(GP):
+            other = first + j
+            oblock = other.to(tl.int64) * nqb + qb
+            n_other = tl.load(R_COUNT + oblock, mask=(j < group) & (other != bh), other=0)
+            below = tl.zeros([LANES], tl.int32)  # how many of the other head's starts are <= mid
+            for i in tl.static_range(STEPS):
+                probe = below + (1 << (STEPS - 1 - i))
+                ok = live & (probe <= n_other)
+                at = tl.load(R_START + oblock * max_ranges + probe - 1, mask=ok, other=0)
+                below = tl.where(ok & (at <= mid), probe, below)
+            holds = below > 0
+            end_other = tl.load(R_END + oblock * max_ranges + below - 1, mask=live & holds, other=0)
+            cover += (holds & (end_other > mid)).to(tl.int32)
+        cls = group - 1 - cover
+        tl.store(CLS + row + r0 + lane, cls.to(tl.int8), mask=live)
+        counts += tl.sum(((cls[:, None] == class_id[None, :]) & live[:, None]).to(tl.int32), 0)
+    base = tl.cumsum(counts, 0) - counts  # each class's first slot
+    for r0 in tl.range(0, n, LANES):
+        live = r0 + lane < n
+        cls = tl.load(CLS + row + r0 + lane, mask=live, other=0).to(tl.int32)
+        hit = ((cls[:, None] == class_id[None, :]) & live[:, None]).to(tl.int32)
+        slot = tl.sum(hit * (base[None, :] + tl.cumsum(hit, 0) - hit), 1)
+        tl.store(O_START + row + slot, tl.load(R_START + row + r0 + lane, mask=live), mask=live)
+        tl.store(O_END + row + slot, tl.load(R_END + row + r0 + lane, mask=live), mask=live)
+        base += tl.sum(hit, 0)
+
+
+def _group_order(layout: VerticalSlashLayout, group: int):
+    """(range starts, range ends) of the layout with each block's ranges in shared-first order (see
+    _group_order_kernel); entries past a block's count are left unset."""
+    b, h, nqb = layout.range_counts.shape
+    m = layout.max_ranges
+    starts = torch.empty((b, h, nqb, m), dtype=layout.range_starts.dtype, device=layout.device)
+    ends = torch.empty((b, h, nqb, m), dtype=layout.range_ends.dtype, device=layout.device)
+    scratch = torch.empty((b, h, nqb, m), dtype=torch.int8, device=layout.device)
+    _group_order_kernel[(nqb, b * h)](
+        layout.range_counts, layout.range_starts, layout.range_ends, starts, ends, scratch, h, nqb, m, group,
+        GP=triton.next_power_of_2(group), LANES=_ORDER_LANES, STEPS=max(1, math.ceil(math.log2(m + 1))),
+        num_warps=2)
+    return starts, ends
 
 
 @triton.jit
@@ -397,19 +470,25 @@ def heads_per_program(layout: VerticalSlashLayout, group: int, fp32: bool) -> in
 
 
 def _plan(layout: VerticalSlashLayout, cu, lengths, num_heads: int, bn: int, causal: bool, packed: bool,
-          split: bool = True, hp: int = 1):
+          split: bool = True, hp: int = 1, group: int = 1):
     """Per-block counts int32 [B, H / hp, nqb, COUNTS_PER_BLOCK], each block's first slot int64
     [B, H / hp, nqb], and the tile lists (start, end) int32 [total tiles], blocks one after the other (no
     padding to the longest). split: list the BN-wide tiles every row sees first (else in range order with the
     others). hp: heads per program; the hp heads of a program share one index (layout.shared_heads), so
-    only the first of each run of hp is planned."""
+    only the first of each run of hp is planned. group: query heads per kv head; with one head per program,
+    a group of 2..GROUP_ORDER_MAX_GROUP and at least GROUP_ORDER_MIN_KEYS keys, "range order" is the
+    shared-first order of `_group_order` instead of key order (the same tiles, listed in another order)."""
+    r_start, r_end = layout.range_starts, layout.range_ends
+    if (hp == 1 and 2 <= group <= GROUP_ORDER_MAX_GROUP and lengths[1] >= GROUP_ORDER_MIN_KEYS
+            and layout.max_ranges > 1):
+        r_start, r_end = _group_order(layout, group)
     b, h, nqb = layout.range_counts.shape
     h //= hp
     counts = torch.empty(b, h, nqb, COUNTS_PER_BLOCK, dtype=torch.int32, device=layout.device)
     meta = dict(BM=layout.block_size_q, BN=bn, CAUSAL=causal, VARLEN=packed, SPLIT=split, HP=hp)
     steps = max(1, math.ceil(math.log2(layout.max_columns + 1)))
     _count_kernel[(triton.cdiv(nqb, _LANES), b * h)](
-        layout.range_counts, layout.range_starts, layout.range_ends, layout.column_counts,
+        layout.range_counts, r_start, r_end, layout.column_counts,
         layout.column_indices, *cu, counts, num_heads, nqb, layout.max_ranges, layout.max_columns, *lengths,
         STEPS=steps, LANES=_LANES, NC=COUNTS_PER_BLOCK, num_warps=2, **meta)
     ends = counts[..., 0].flatten().cumsum(0)
@@ -418,7 +497,7 @@ def _plan(layout: VerticalSlashLayout, cu, lengths, num_heads: int, bn: int, cau
     t_start = torch.empty(total, dtype=torch.int32, device=layout.device)
     t_end = torch.empty_like(t_start)
     _tiles_kernel[(nqb, b * h)](
-        layout.range_counts, layout.range_starts, layout.range_ends, *cu, counts, first_tile, t_start, t_end,
+        layout.range_counts, r_start, r_end, *cu, counts, first_tile, t_start, t_end,
         num_heads, nqb, layout.max_ranges, *lengths, NC=COUNTS_PER_BLOCK, **_TILES_LAUNCH, **meta)
     return counts, first_tile, t_start, t_end
 
@@ -498,7 +577,8 @@ def forward(q, k, v, layout, out, lse, shapes, *, causal: bool, scale: Optional[
         if backend == "auto":  # only the warp-specialised kernel beats Triton (bench/NOTES_vertical_slash.md)
             gluon_here = gluon_here and hopper.tma_layout(k, v, packed)
         if gluon_here:
-            plan = _plan(layout, cu, lengths, shapes.num_heads, hopper.BN, causal, packed, split=False)
+            plan = _plan(layout, cu, lengths, shapes.num_heads, hopper.BN, causal, packed, split=False,
+                         group=group)
             hopper.forward(q, k, v, out, lse, plan, layout.column_indices, cu,
                            [_strides4(t, packed) for t in (q, k, v, out)], lse_strides, shapes.num_heads, group,
                            nqb, layout.max_columns, lengths, scale * _LOG2E, causal=causal, packed=packed,
@@ -513,7 +593,8 @@ def forward(q, k, v, layout, out, lse, shapes, *, causal: bool, scale: Optional[
     if (not fp32) if tma is None else tma:
         kd, vd = _descriptors(k, v, cfg["BN"], packed)
     wide_unmasked = bool(cfg.get("wide_unmasked", False))
-    plan = _plan(layout, cu, lengths, shapes.num_heads, cfg["BN"], causal, packed, split=wide_unmasked, hp=hp)
+    plan = _plan(layout, cu, lengths, shapes.num_heads, cfg["BN"], causal, packed, split=wide_unmasked, hp=hp,
+                 group=group)
     grid = (nqb * (group // hp), shapes.batch * shapes.num_kv_heads)
     extra = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
     _vs_attn_kernel[grid](
