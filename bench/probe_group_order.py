@@ -18,7 +18,9 @@ process, attention call (plan + Gluon kernel) only:
 - core-first: each shared range cut into the part every head of the group covers there (identical tiles
   in all four heads) and its remainders; cores first, then the rest, each in key order; same keys per head;
 - group copy: every head of a group given its group's first head's ranges and columns (another attention:
-  timing only), the ceiling of sharing.
+  timing only), the ceiling of sharing;
+- shared only: each head's ranges that every other head of the group covers at their middle key, alone
+  (another attention: timing and DRAM only): what the shared part costs when nothing else is read.
 --once: one call per variant, to run under ncu.
 """
 from __future__ import annotations
@@ -72,8 +74,11 @@ def shared_first(layout, group: int):
     key = torch.where(live, key, torch.iinfo(torch.int64).max)
     order = key.argsort(dim=-1, stable=True)
     shares = {c: float(((cover == c) & live).sum()) / float(live.sum()) for c in range(group)}
-    return _with(layout, range_starts=starts.gather(-1, order).contiguous(),
-                 range_ends=ends.gather(-1, order).contiguous()), shares
+    reordered = _with(layout, range_starts=starts.gather(-1, order).contiguous(),
+                      range_ends=ends.gather(-1, order).contiguous())
+    # the ranges every other head covers, alone (listed first by the order above)
+    only = _with(reordered, range_counts=((cover == group - 1) & live).sum(-1).to(counts.dtype))
+    return reordered, shares, only
 
 
 def core_first(layout, group: int):
@@ -132,7 +137,7 @@ def main(argv=None):
     p.add_argument("--seqlens", type=int, nargs="+", default=[1048576])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--variants", nargs="+", default=["per-head", "product", "shared-first", "group copy"],
-                   choices=["per-head", "product", "shared-first", "core-first", "group copy"])
+                   choices=["per-head", "product", "shared-first", "core-first", "group copy", "shared only"])
     p.add_argument("--once", action="store_true")
     a = p.parse_args(argv)
     args = methods_args([])
@@ -141,9 +146,10 @@ def main(argv=None):
     for s in a.seqlens:
         q, k, v, layout = per_head_layout(args, s)
         shapes = AttentionInputs(q, k, v)
-        reordered, shares = shared_first(layout, group)
+        reordered, shares, only = shared_first(layout, group)
         make = {"per-head": lambda: layout, "product": lambda: layout, "shared-first": lambda: reordered,
-                "core-first": lambda: core_first(layout, group), "group copy": lambda: group_copy(layout, group)}
+                "core-first": lambda: core_first(layout, group), "group copy": lambda: group_copy(layout, group),
+                "shared only": lambda: only}
         variants = {name: make[name]() for name in a.variants}
         print(f"S={s}: ranges whose middle key 3/2/1/0 other heads of the group also cover: "
               + " / ".join(f"{100 * shares[c]:.1f} %" for c in (3, 2, 1, 0)), flush=True)
@@ -191,7 +197,7 @@ def main(argv=None):
             tiles = tiles_per_block(variants[name])[0]
             print(f"  {name:>13} {ms:9.2f} ms  x{base / ms:5.3f} of per-head  {tiles:6.1f} tiles/blk  max|diff| "
                   f"vs per-head {diff:.2e}  ({' '.join(f'{t:.1f}' for t in times[name])})", flush=True)
-        del q, k, v, layout, variants, outs, reordered
+        del q, k, v, layout, variants, outs, reordered, only
         torch.cuda.empty_cache()
     return 0
 
