@@ -59,10 +59,11 @@ _TILES_LAUNCH = dict(LANES=16, TL=8, num_warps=1)
 # Per block: tiles, tiles every row sees whole, visible columns, columns every row sees, and of the tiles
 # every row sees whole those BN keys wide (listed first: they need no mask).
 COUNTS_PER_BLOCK = 5
-# From this many keys on (one kv head's K and V are 4x the H100's L2 at 512K), one head per program and a GQA
-# group of 2..8 query heads, each block walks its ranges shared-first (`_group_order_kernel`): a group's
+# From this many keys on (one kv head's K and V are 5x the H100's 50 MB L2 at 512K), one head per program and
+# a GQA group of 2..8 query heads, each block walks its ranges shared-first (`_group_order_kernel`): a group's
 # heads then reach the ranges they share together and read each from DRAM about once. Measured on the
-# methods benchmark's 1M layout: 4 % faster, DRAM reads 1.03 -> 0.93 TB (bench/NOTES_vertical_slash.md).
+# methods benchmark's 1M layout: attention 3-4 % faster, DRAM reads 1.03 -> 0.93 TB; level at 128K and 512K
+# (bench/NOTES_vertical_slash.md, session 20).
 GROUP_ORDER_MIN_KEYS = 524288
 GROUP_ORDER_MAX_GROUP = 8
 _ORDER_LANES = 64
