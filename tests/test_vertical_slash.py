@@ -243,9 +243,11 @@ def test_plan_in_group_order_lists_the_same_tiles_shared_first(monkeypatch, caus
     expected = shared_first_reference(layout, group)
     b, h, nqb = layout.range_counts.shape
     m = layout.max_ranges
-    pad = lambda i: torch.tensor([[[(r + [(0, 0)] * m)[:m] for r in row] for row in bb] for bb in expected])[..., i]
-    reordered = VerticalSlashLayout(layout.range_counts, pad(0).int(), pad(1).int(), layout.column_counts,
-                                    layout.column_indices, layout.block_size_q, sq, sk, validate=False)
+    padded = torch.tensor([[[(r + [(0, 0)] * m)[:m] for r in row] for row in bb] for bb in expected],
+                          dtype=torch.int32)  # [b, h, nqb, m, (start, end)]
+    reordered = VerticalSlashLayout(layout.range_counts, padded[..., 0].contiguous(), padded[..., 1].contiguous(),
+                                    layout.column_counts, layout.column_indices, layout.block_size_q, sq, sk,
+                                    validate=False)
     dummy = layout.range_counts
     counts, first_tile, t_start, t_end = vs_kernel._plan(layout, (dummy, dummy), (sq, sk), h, bn, causal, False,
                                                           split=False, group=group)
