@@ -52,24 +52,38 @@ def _with(layout, **tensors):
                                seqlen_k=layout.seqlen_k, validate=False)
 
 
-def shared_first(layout, group: int):
+def _live(layout):
+    """Which entries of range_starts / range_ends are ranges (not padding)."""
+    return torch.arange(layout.max_ranges, device=layout.device) < layout.range_counts[..., None]
+
+
+def _covering(layout, group: int):
+    """For each pair (a, o) of different query heads of one group: whether head o has a range holding the
+    middle key of each of head a's ranges (same query block), and that range's start and end. Yields
+    (a, hit, start_o, end_o)."""
     starts, ends, counts = layout.range_starts, layout.range_ends, layout.range_counts
-    m = starts.shape[-1]
-    live = torch.arange(m, device=starts.device) < counts[..., None]
+    live = _live(layout)
     big = torch.iinfo(torch.int32).max
     search = torch.where(live, starts, big).contiguous()
     mid = torch.where(live, (starts + ends) // 2, big)
-    h = starts.shape[1]
-    cover = torch.zeros_like(starts)
-    for g0 in range(0, h, group):
+    for g0 in range(0, starts.shape[1], group):
         for a in range(g0, g0 + group):
             for o in range(g0, g0 + group):
                 if o == a:
                     continue
                 idx = torch.searchsorted(search[:, o].contiguous(), mid[:, a].contiguous(), right=True) - 1
                 safe = idx.clamp(min=0)
-                hit = (idx >= 0) & (safe < counts[:, o, :, None]) & (ends[:, o].gather(-1, safe) > mid[:, a])
-                cover[:, a] += hit.to(cover.dtype)
+                e_o = ends[:, o].gather(-1, safe)
+                hit = (idx >= 0) & (safe < counts[:, o, :, None]) & (e_o > mid[:, a])
+                yield a, hit, starts[:, o].gather(-1, safe), e_o
+
+
+def shared_first(layout, group: int):
+    starts, ends, counts = layout.range_starts, layout.range_ends, layout.range_counts
+    live = _live(layout)
+    cover = torch.zeros_like(starts)
+    for a, hit, _, _ in _covering(layout, group):
+        cover[:, a] += hit.to(cover.dtype)
     key = ((group - 1 - cover).to(torch.int64) << 32) | starts.to(torch.int64)
     key = torch.where(live, key, torch.iinfo(torch.int64).max)
     order = key.argsort(dim=-1, stable=True)
@@ -86,26 +100,13 @@ def core_first(layout, group: int):
     group's heads cover there (the core: the same tiles in every head) and what is left either side; each
     block lists the cores first, then everything else, each in key order. Same keys per head."""
     starts, ends, counts = layout.range_starts, layout.range_ends, layout.range_counts
-    m = starts.shape[-1]
-    live = torch.arange(m, device=starts.device) < counts[..., None]
-    big = torch.iinfo(torch.int32).max
-    search = torch.where(live, starts, big).contiguous()
-    mid = torch.where(live, (starts + ends) // 2, big)
-    h = starts.shape[1]
+    live = _live(layout)
     lo, hi = starts.clone(), ends.clone()
     shared = live.clone()
-    for g0 in range(0, h, group):
-        for a in range(g0, g0 + group):
-            for o in range(g0, g0 + group):
-                if o == a:
-                    continue
-                idx = torch.searchsorted(search[:, o].contiguous(), mid[:, a].contiguous(), right=True) - 1
-                safe = idx.clamp(min=0)
-                e_o = ends[:, o].gather(-1, safe)
-                hit = (idx >= 0) & (safe < counts[:, o, :, None]) & (e_o > mid[:, a])
-                shared[:, a] &= hit
-                lo[:, a] = torch.maximum(lo[:, a], torch.where(hit, starts[:, o].gather(-1, safe), lo[:, a]))
-                hi[:, a] = torch.minimum(hi[:, a], torch.where(hit, e_o, hi[:, a]))
+    for a, hit, s_o, e_o in _covering(layout, group):
+        shared[:, a] &= hit
+        lo[:, a] = torch.maximum(lo[:, a], torch.where(hit, s_o, lo[:, a]))
+        hi[:, a] = torch.minimum(hi[:, a], torch.where(hit, e_o, hi[:, a]))
     lo, hi = torch.where(shared, lo, starts), torch.where(shared, hi, ends)
     # three pieces per range: left [start, lo), core [lo, hi), right [hi, end); a range not shared is all "left"
     p_start = torch.stack([starts, lo, hi], -1).flatten(-2)
