@@ -60,7 +60,7 @@ def merge(intervals, gap: int):
 def dram_bytes(intervals, s: int, reuse: int, bytes_per_key: int) -> float:
     clusters = merge(intervals, reuse)
     keys = sum(max(0, s - max(lo, 0)) * max(1.0, (hi - lo) / reuse) for lo, hi in clusters)
-    return keys * bytes_per_key, len(clusters)
+    return keys * bytes_per_key
 
 
 def tiles_per_block(layout) -> float:
@@ -95,7 +95,7 @@ def main(argv=None):
             iv = [x for h in range(g * group, (g + 1) * group) for x in offset_intervals(layout, h)]
             groups.append(len(merge(iv, 0)))
             for w in args.reuse:
-                totals[w] += dram_bytes(iv, s, w, bytes_per_key)[0]
+                totals[w] += dram_bytes(iv, s, w, bytes_per_key)
         print(f"{s:>8} {tiles:>9.1f} {cols:>9.1f} {sum(per_head) / len(per_head):>11.1f} "
               f"{sum(far) / len(far):>8.1f} {sum(groups) / len(groups):>11.1f} "
               + " ".join(f"{totals[w] / 1e9:>13.1f}" for w in args.reuse), flush=True)
