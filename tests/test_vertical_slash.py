@@ -265,14 +265,20 @@ def test_plan_in_group_order_lists_the_same_tiles_shared_first(monkeypatch, caus
     assert moved > 0
 
 
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("group", [3, 4])
-def test_group_order_attention_matches_reference(monkeypatch, causal, group):
-    """Shared-first order forced on at a short length: the same attention (the fp32 reference's)."""
+def force_group_order(monkeypatch):
+    """The shared-first range order switched on at any length; returns a list that grows by one per use."""
     monkeypatch.setattr(vs_kernel, "GROUP_ORDER_MIN_KEYS", 0)
     calls = []
     real = vs_kernel._group_order
     monkeypatch.setattr(vs_kernel, "_group_order", lambda *a: (calls.append(1), real(*a))[1])
+    return calls
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("group", [3, 4])
+def test_group_order_attention_matches_reference(monkeypatch, causal, group):
+    """Shared-first order forced on at a short length: the same attention (the fp32 reference's)."""
+    calls = force_group_order(monkeypatch)
     gen = torch.Generator().manual_seed(group)
     sq, sk = 200, 260
     layout = grouped_layout(gen, 1, 2, group, sq, sk, 64)
@@ -480,11 +486,8 @@ def test_gpu_matches_reference(dtype, d, sq, sk):
 @pytest.mark.parametrize("backend", ["gluon", "triton"])
 def test_gpu_group_order_matches_reference(monkeypatch, backend):
     """The shared-first range order (on by default only from GROUP_ORDER_MIN_KEYS keys) forced on at 6K."""
-    monkeypatch.setattr(vs_kernel, "GROUP_ORDER_MIN_KEYS", 0)
     monkeypatch.setenv("SPARSE_ATTN_VS_BACKEND", backend)
-    calls = []
-    real = vs_kernel._group_order
-    monkeypatch.setattr(vs_kernel, "_group_order", lambda *a: (calls.append(1), real(*a))[1])
+    calls = force_group_order(monkeypatch)
     gen = torch.Generator().manual_seed(11)
     sq = sk = 6144
     layout = grouped_layout(gen, 1, 2, 4, sq, sk, 64, device="cuda")
