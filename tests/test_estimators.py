@@ -241,8 +241,15 @@ def interpreter_index_shim(monkeypatch):
 
 @pytest.mark.parametrize("b,hq,hkv,sq,sk,d,last_q", [(1, 4, 2, 200, 200, 32, 64), (2, 6, 2, 100, 300, 16, 40),
                                                       (1, 2, 2, 70, 50, 64, 64), (1, 8, 1, 130, 130, 32, 16)])
-def test_triton_scores_equal_torch_scores(interpreter_index_shim, b, hq, hkv, sq, sk, d, last_q):
+@pytest.mark.parametrize("lse_rows", [64, 256])
+def test_triton_scores_equal_torch_scores(interpreter_index_shim, monkeypatch, b, hq, hkv, sq, sk, d, last_q,
+                                          lse_rows):
+    """lse_rows: the max / sum pass stacks up to this many query rows (heads x padded last_q) per program, so
+    its passes and the scores pass may group the heads differently; both must read the same rows."""
+    from sparse_attn.estimators import vertical_slash_triton
     from sparse_attn.estimators.vertical_slash import vertical_slash_scores
+
+    monkeypatch.setattr(vertical_slash_triton, "_LSE_ROWS", lse_rows)
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     q, k = (t.to(dev) for t in _qk(b=b, hq=hq, hkv=hkv, sq=sq, sk=sk, d=d, seed=sq))

@@ -24,6 +24,13 @@ __all__ = ["vertical_slash_scores_triton"]
 _LOG2E = 1.4426950408889634
 _PROGRAMS_PER_SM = 8  # scores pass: programs per SM (each walks a run of key tiles)
 _SCORES_WARPS = 4
+_SCORES_ROWS = 64  # scores pass: at most this many stacked query rows (heads x BM) per program
+_LSE_WARPS = 8
+_LSE_ROWS = 256  # max / sum pass: at most this many stacked query rows per program (H200, 1M keys: all four
+# heads of a kv head in one program read each key tile once: 1.39 against 1.89 ms, bench/probe_estimator.py)
+_SCORES_BN = 64  # key tile widths (D <= 128; half of it for larger head dims), at least the padded last_q
+_LSE_BN = 64
+_GATHER_BF16 = False  # probe only: skew the probabilities as bf16 (half the bytes through shared memory)
 
 
 @triton.jit
@@ -68,23 +75,25 @@ def _lse_kernel(Q, K, M_OUT, L_OUT,
         safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - safe) + tl.sum(tl.exp2(s - safe[:, None]), 1)
         m_i = m_new
-    out = (pid.to(tl.int64) * n_split + split) * HG * BM + r
+    head = hk * G_SUB * HG + sub * HG + r // BM
+    out = ((b * Hkv * G_SUB * HG + head) * n_split + split) * BM + t  # [B, Hq, n_split, BM]
     tl.store(M_OUT + out, m_i)
     tl.store(L_OUT + out, l_i)
 
 
 @triton.jit
-def _combined_lse(M, L_SUM, group, n_split, r, HG: tl.constexpr, BM: tl.constexpr):
-    """Log-sum-exp (log2 domain) of rows r of one program group from _lse_kernel's per-range max / sum; +inf
-    for rows that saw no key (padded rows), so that their probabilities are 0."""
-    base = group * n_split * HG * BM + r
+def _combined_lse(M, L_SUM, row_head, t, n_split, HG: tl.constexpr, BM: tl.constexpr):
+    """Log-sum-exp (log2 domain) of the rows (row_head: b * Hq + query head, t: last-query row) from
+    _lse_kernel's per-range max / sum [B, Hq, n_split, BM]; +inf for rows that saw no key (padded rows), so
+    that their probabilities are 0."""
+    base = row_head * n_split * BM + t
     m_max = tl.full([HG * BM], float("-inf"), tl.float32)
     for i in range(0, n_split):
-        m_max = tl.maximum(m_max, tl.load(M + base + i * HG * BM))
+        m_max = tl.maximum(m_max, tl.load(M + base + i * BM))
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
     total = tl.zeros([HG * BM], tl.float32)
     for i in range(0, n_split):
-        total += tl.load(L_SUM + base + i * HG * BM) * tl.exp2(tl.load(M + base + i * HG * BM) - m_safe)
+        total += tl.load(L_SUM + base + i * BM) * tl.exp2(tl.load(M + base + i * BM) - m_safe)
     return tl.where(total > 0.0, m_safe + tl.log2(total), float("inf"))
 
 
@@ -92,7 +101,8 @@ def _combined_lse(M, L_SUM, group, n_split, r, HG: tl.constexpr, BM: tl.constexp
 def _scores_kernel(Q, K, M, L_SUM, V_OUT, S_OUT,
                    s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
                    Hkv, Sk, L, G_SUB, n_key_tiles, tiles_per_prog, n_split, scale_log2,
-                   HG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr):
+                   HG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr,
+                   G16: tl.constexpr):
     group = tl.program_id(0)  # (b, hk, sub)
     chunk = tl.program_id(1)  # a run of consecutive key tiles, walked from the last one down
     sub = group % G_SUB
@@ -103,7 +113,7 @@ def _scores_kernel(Q, K, M, L_SUM, V_OUT, S_OUT,
     cols = tl.arange(0, BN)
     d = tl.arange(0, D)
     q = _load_q(Q, b, hk, s_qb, s_qh, s_qm, s_qd, L, HG, BM, D, G_SUB, sub)
-    lse = _combined_lse(M, L_SUM, group, n_split, r, HG, BM)
+    lse = _combined_lse(M, L_SUM, b * Hkv * G_SUB * HG + hk * G_SUB * HG + sub * HG + r // BM, t, n_split, HG, BM)
     head = hk * G_SUB * HG + sub * HG + tl.arange(0, HG)  # query heads of this program, [HG]
     row_base = (b * Hkv * G_SUB * HG + head) * Sk  # [HG]
     # Skew in registers (tl.gather goes through shared memory): local diagonal c of a tile holds
@@ -130,8 +140,12 @@ def _scores_kernel(Q, K, M, L_SUM, V_OUT, S_OUT,
         p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
         vert = tl.sum(tl.reshape(p, (HG, BM, BN)), 1)
         tl.store(V_OUT + row_base[:, None] + keys[None, :], vert, mask=kmask[None, :])
-        d_lo = tl.sum(tl.reshape(tl.where(in_lo, tl.gather(p, x_lo, 1), 0.0), (HG, BM, BN)), 1)
-        d_hi = tl.sum(tl.reshape(tl.where(in_hi, tl.gather(p, x_hi, 1), 0.0), (HG, BM, BN)), 1)
+        if G16:
+            pg = p.to(tl.bfloat16)
+        else:
+            pg = p
+        d_lo = tl.sum(tl.reshape(tl.where(in_lo, tl.gather(pg, x_lo, 1).to(tl.float32), 0.0), (HG, BM, BN)), 1)
+        d_hi = tl.sum(tl.reshape(tl.where(in_hi, tl.gather(pg, x_hi, 1).to(tl.float32), 0.0), (HG, BM, BN)), 1)
         # Walking down the keys the offsets rise by BN per tile: the low half plus the previous tile's
         # high half is final. Only the first flush shares its offsets with another program.
         o = Sk - L - j0 - (BN - 1) + cols
@@ -147,11 +161,11 @@ def _scores_kernel(Q, K, M, L_SUM, V_OUT, S_OUT,
     tl.atomic_add(S_OUT + row_base[:, None] + o[None, :], carry, mask=ok[None, :])
 
 
-def _heads_per_program(group: int, bm: int) -> int:
-    """The largest power of two dividing the GQA group with at most 64 stacked rows: more spill registers
-    in the scores kernel on sm_90 (checked with ptxas -v)."""
+def _heads_per_program(group: int, bm: int, max_rows: int = 64) -> int:
+    """The largest power of two dividing the GQA group with at most max_rows stacked rows (the scores kernel
+    spills registers on sm_90 past 64 rows on 4 warps, checked with ptxas -v)."""
     hg = 1
-    while group % (hg * 2) == 0 and hg * 2 * bm <= 64:
+    while group % (hg * 2) == 0 and hg * 2 * bm <= max_rows:
         hg *= 2
     return hg
 
@@ -165,23 +179,28 @@ def vertical_slash_scores_triton(q: torch.Tensor, k: torch.Tensor, last_q: int, 
         raise ValueError(f"q: head_dim {d} is not supported by the Triton estimator (16..256, a power of two)")
     group = hq // hkv
     bm = max(16, triton.next_power_of_2(last_q))
-    hg = _heads_per_program(group, bm)
+    hg = _heads_per_program(group, bm, _SCORES_ROWS)
     g_sub = group // hg
+    hg_l = _heads_per_program(group, bm, _LSE_ROWS)  # the max / sum pass has no skew: more rows fit
+    g_sub_l = group // hg_l
     ql = q[:, :, sq - last_q :]
     strides = (*ql.stride(), *k.stride())
     scale_log2 = scale * _LOG2E
-    bn = max(bm, 64 if d <= 128 else 32)  # BN >= BM: a tile's diagonals fit in two halves of BN
+    # BN >= BM: a tile's diagonals fit in two halves of BN
+    bn = max(bm, _SCORES_BN if d <= 128 else _SCORES_BN // 2)
+    bn_l = max(bm, _LSE_BN if d <= 128 else _LSE_BN // 2)
     n_groups = b * hkv * g_sub
+    n_groups_l = b * hkv * g_sub_l
     # Pass 1: per query row the running max and sum over each range of keys (ranges: so that the grid fills
     # the GPU); pass 2 combines them.
-    n_split = max(1, min(triton.cdiv(sk, 4 * bn), triton.cdiv(1024, n_groups)))
-    keys_per_split = triton.cdiv(triton.cdiv(sk, n_split), bn) * bn
+    n_split = max(1, min(triton.cdiv(sk, 4 * bn_l), triton.cdiv(1024, n_groups_l)))
+    keys_per_split = triton.cdiv(triton.cdiv(sk, n_split), bn_l) * bn_l
     n_split = triton.cdiv(sk, keys_per_split)
-    m = torch.empty(n_groups, n_split, hg * bm, device=q.device, dtype=torch.float32)
+    m = torch.empty(b, hq, n_split, bm, device=q.device, dtype=torch.float32)
     s = torch.empty_like(m)
-    _lse_kernel[(n_groups, n_split)](
-        ql, k, m, s, *strides, hkv, sk, last_q, g_sub, keys_per_split, n_split, scale_log2,
-        HG=hg, BM=bm, BN=bn, D=d, CAUSAL=causal, num_warps=4,
+    _lse_kernel[(n_groups_l, n_split)](
+        ql, k, m, s, *strides, hkv, sk, last_q, g_sub_l, keys_per_split, n_split, scale_log2,
+        HG=hg_l, BM=bm, BN=bn_l, D=d, CAUSAL=causal, num_warps=_LSE_WARPS,
     )
     # Pass 2: column and diagonal sums; a program per (group, run of consecutive key tiles).
     vertical = torch.empty(b, hq, sk, device=q.device, dtype=torch.float32)
@@ -194,6 +213,6 @@ def vertical_slash_scores_triton(q: torch.Tensor, k: torch.Tensor, last_q: int, 
     _scores_kernel[(n_groups, chunks)](
         ql, k, m, s, vertical, slash, *strides, hkv, sk, last_q, g_sub, n_key_tiles, tiles_per_prog, n_split,
         scale_log2,
-        HG=hg, BM=bm, BN=bn, D=d, CAUSAL=causal, num_warps=_SCORES_WARPS,
+        HG=hg, BM=bm, BN=bn, D=d, CAUSAL=causal, G16=_GATHER_BF16, num_warps=_SCORES_WARPS,
     )
     return vertical, slash

@@ -1,0 +1,122 @@
+"""Probe: the vertical-slash estimator kernel by kernel (max / sum pass, scores pass, fused top-k), under
+launch variants of the scoring kernels, on the methods benchmark's inputs. Scratch measurement for
+bench/NOTES_vertical_slash.md, not a benchmark of record.
+
+    python bench/probe_estimator.py --seqlens 131072 1048576
+
+Per length and variant: the median GPU time of each kernel (torch.profiler, --repeats profiled calls), the
+estimate's wall time (CUDA events around the whole `estimate_vertical_slash`, median of --repeats), and the
+largest difference of the variant's scores from the first variant's (launch choices must not change them
+beyond float summation order).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+import bench_methods as bm  # noqa: E402
+from sparse_attn.estimators import vertical_slash_triton as vst  # noqa: E402
+from sparse_attn.estimators.vertical_slash import estimate_vertical_slash, vertical_slash_scores  # noqa: E402
+
+# name -> module constants of vertical_slash_triton to set (the rest keep their defaults)
+VARIANTS = {
+    "default": {},
+    "lse64w4": {"_LSE_ROWS": 64, "_LSE_WARPS": 4},  # the default before session 21
+    "lse128": {"_LSE_ROWS": 128, "_LSE_WARPS": 4},
+    "lse256w4": {"_LSE_ROWS": 256, "_LSE_WARPS": 4},
+    "lse256w8_bn128": {"_LSE_ROWS": 256, "_LSE_WARPS": 8, "_LSE_BN": 128},
+    "scores128w8": {"_SCORES_ROWS": 128, "_SCORES_WARPS": 8},
+    "scores_w8": {"_SCORES_WARPS": 8},
+    "scores_pps4": {"_PROGRAMS_PER_SM": 4},
+    "scores_pps16": {"_PROGRAMS_PER_SM": 16},
+    "scores_bn128w8": {"_SCORES_BN": 128, "_SCORES_WARPS": 8},
+    "gather_bf16": {"_GATHER_BF16": True},
+}
+
+
+def kernel_times(fn, repeats):
+    """{kernel name: median ms over repeats profiled calls}."""
+    per = defaultdict(list)
+    for _ in range(repeats):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        seen = defaultdict(float)
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                seen[e.name[:40]] += e.device_time / 1e3
+        for name, ms in seen.items():
+            per[name].append(ms)
+    return {name: statistics.median(v) for name, v in per.items()}
+
+
+def wall(fn, repeats):
+    out = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        out.append(a.elapsed_time(b))
+    return statistics.median(out)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seqlens", type=int, nargs="+", default=[131072])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--repeats", type=int, default=5)
+    a = p.parse_args()
+    args = bm.parse_args([])
+    defaults = {name: getattr(vst, name) for v in VARIANTS.values() for name in v}
+    print(f"GPU: {torch.cuda.get_device_name()}")
+    print("| S | variant | lse ms | scores ms | top-k ms | other kernels ms | estimate wall ms | max |diff| |")
+    print("|---|---|---|---|---|---|---|---|")
+    for s in a.seqlens:
+        q, k, _ = bm.make_inputs(args, s, torch.bfloat16)
+        scale = q.shape[-1] ** -0.5
+        ref = None
+        for variant in a.variants:
+            for name, value in defaults.items():
+                setattr(vst, name, value)
+            for name, value in VARIANTS[variant].items():
+                setattr(vst, name, value)
+            scores = vertical_slash_scores(q, k, last_q=64, scale=scale, causal=True)
+            if ref is None:
+                ref, diff = scores, 0.0
+            else:
+                diff = max((x - y).abs().max().item() for x, y in zip(scores, ref))
+            del scores
+
+            def est():
+                return estimate_vertical_slash(q, k, vertical_size=args.vertical_size, slash_size=args.slash_size,
+                                               last_q=64)
+
+            est()
+            times = kernel_times(est, a.repeats)
+            w = wall(est, a.repeats)
+            lse = sum(ms for n, ms in times.items() if "_lse_kernel" in n)
+            sc = sum(ms for n, ms in times.items() if "_scores_kernel" in n)
+            tk = sum(ms for n, ms in times.items() if "_hist_kernel" in n or "_write_kernel" in n)
+            other = sum(times.values()) - lse - sc - tk
+            print(f"| {s} | {variant} | {lse:.3f} | {sc:.3f} | {tk:.3f} | {other:.3f} | {w:.3f} | {diff:.2e} |",
+                  flush=True)
+        for name, value in defaults.items():
+            setattr(vst, name, value)
+        del q, k, ref
+
+
+if __name__ == "__main__":
+    main()
