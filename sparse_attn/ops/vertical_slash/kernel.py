@@ -215,26 +215,27 @@ def _group_order_kernel(R_COUNT, R_START, R_END, O_START, O_END, CLS, num_heads,
     n = tl.load(R_COUNT + block)
     lane = tl.arange(0, LANES)
     class_id = tl.arange(0, GP)
+    # The group's other heads side by side ([LANES, GP]): their binary searches run together, so one range
+    # waits on STEPS dependent loads, not GP x STEPS. This head and the padding heads (j >= group) have no ranges.
+    other = first + class_id
+    oblock = other.to(tl.int64) * nqb + qb
+    n_other = tl.load(R_COUNT + oblock, mask=(class_id < group) & (other != bh), other=0)
+    o_row = oblock * max_ranges
     counts = tl.zeros([GP], tl.int32)
     for r0 in tl.range(0, n, LANES):
         live = r0 + lane < n
         start = tl.load(R_START + row + r0 + lane, mask=live, other=0)
         end = tl.load(R_END + row + r0 + lane, mask=live, other=0)
         mid = start + (end - start) // 2
-        cover = tl.zeros([LANES], tl.int32)
-        for j in tl.static_range(GP):
-            other = first + j
-            oblock = other.to(tl.int64) * nqb + qb
-            n_other = tl.load(R_COUNT + oblock, mask=(j < group) & (other != bh), other=0)
-            below = tl.zeros([LANES], tl.int32)  # how many of the other head's starts are <= mid
-            for i in tl.static_range(STEPS):
-                probe = below + (1 << (STEPS - 1 - i))
-                ok = live & (probe <= n_other)
-                at = tl.load(R_START + oblock * max_ranges + probe - 1, mask=ok, other=0)
-                below = tl.where(ok & (at <= mid), probe, below)
-            holds = below > 0
-            end_other = tl.load(R_END + oblock * max_ranges + below - 1, mask=live & holds, other=0)
-            cover += (holds & (end_other > mid)).to(tl.int32)
+        below = tl.zeros([LANES, GP], tl.int32)  # how many of each other head's starts are <= mid
+        for i in tl.static_range(STEPS):
+            probe = below + (1 << (STEPS - 1 - i))
+            ok = live[:, None] & (probe <= n_other[None, :])
+            at = tl.load(R_START + o_row[None, :] + probe - 1, mask=ok, other=0)
+            below = tl.where(ok & (at <= mid[:, None]), probe, below)
+        holds = below > 0
+        end_other = tl.load(R_END + o_row[None, :] + below - 1, mask=live[:, None] & holds, other=0)
+        cover = tl.sum((holds & (end_other > mid[:, None])).to(tl.int32), 1)
         cls = group - 1 - cover
         tl.store(CLS + row + r0 + lane, cls.to(tl.int8), mask=live)
         counts += tl.sum(((cls[:, None] == class_id[None, :]) & live[:, None]).to(tl.int32), 0)
