@@ -128,47 +128,84 @@ def test_hand_made_ranges(causal, dtype):
     assert_close_to_reference(q, k, v, layout, causal=causal)
 
 
-def expected_tile_sections(layout, b, h, qb, bn, causal, split):
+def expected_tile_sections(layout, b, h, qb, bn, causal, split, spill=0):
     """Python model of one block's tile list: (BN-wide tiles every row sees (only with split), the other
-    tiles every row sees, tiles that may cross the causal limit), each a list of (start, end) in range order."""
-    sq, sk, bm = layout.seqlen_q, layout.seqlen_k, layout.block_size_q
-    q0 = qb * bm
-    reach, first = (min(sk, min(q0 + bm, sq) + sk - sq), max(min(sk, q0 + sk - sq + 1), 0)) if causal else (sk, sk)
-    wide, short, cross = [], [], []
+    tiles every row sees, tiles that may cross the causal limit), each a list of (start, end) in range order,
+    and the keys spilled: a range every row sees, wider than BN, whose last tile would hold 1..spill keys
+    loses that tile, its keys gathered instead."""
+    reach, first = block_reach(layout, qb, causal)
+    wide, short, cross, spilled = [], [], [], []
     for r in range(int(layout.range_counts[b, h, qb])):
         start, end = int(layout.range_starts[b, h, qb, r]), min(int(layout.range_ends[b, h, qb, r]), reach)
+        rest = max(end - start, 0) % bn
+        if end <= first and end - start > bn and 0 < rest <= spill:
+            spilled += range(end - rest, end)
+            end -= rest
         for t in range(start, end, bn):
             tile = (t, min(t + bn, end))
             if tile[1] > first:
                 cross.append(tile)
             else:
                 (wide if split and tile[1] - t == bn else short).append(tile)
-    return wide, short, cross
+    return wide, short, cross, spilled
+
+
+def block_reach(layout, qb, causal):
+    """(keys below this are seen by some row of query block qb, keys below this by every row)."""
+    sq, sk, bm = layout.seqlen_q, layout.seqlen_k, layout.block_size_q
+    q0 = qb * bm
+    if not causal:
+        return sk, sk
+    return min(sk, min(q0 + bm, sq) + sk - sq), max(min(sk, q0 + sk - sq + 1), 0)
 
 
 @given(seed=st.integers(0, 2**31 - 1), causal=st.booleans(), extra_k=st.integers(-40, 120),
-       bn=st.sampled_from([16, 32, 64]), split=st.booleans())
-def test_plan_lists_each_blocks_tiles_in_three_sections(seed, causal, extra_k, bn, split):
-    """The plan's tile list, block by block: with split, the BN-wide tiles every row sees (the kernel may
+       bn=st.sampled_from([16, 32, 64]), split=st.booleans(), spill=st.sampled_from([0, 1, 7, "half", "max"]))
+def test_plan_lists_each_blocks_tiles_in_three_sections(seed, causal, extra_k, bn, split, spill):
+    """The plan's list, block by block: with split, the BN-wide tiles every row sees (the kernel may
     run them without a mask), then the other tiles every row sees (without split: all of them, in range
     order), then those that may cross the causal limit; together exactly the ranges clipped to what the
-    block's rows can see, cut every BN keys."""
+    block's rows can see, cut every BN keys, less the spilled tiles. After them the keys the block gathers:
+    its visible columns every row sees, the spilled keys, its other visible columns."""
     gen = torch.Generator().manual_seed(seed)
     b, h, sq, bq = 2, 3, 200, 32
     sk = max(1, sq + extra_k)
-    layout = hand_made_layout(gen, b, h, sq, sk, bq, widths=[1, 5, bn - 1, bn, bn + 1, 2 * bn, 3 * bn + 7])
+    spill = {"half": bn // 2, "max": bn - 1}.get(spill, spill)
+    layout = hand_made_layout(gen, b, h, sq, sk, bq,
+                              widths=[1, 5, bn - 1, bn, bn + 1, bn + bn // 2, 2 * bn, 3 * bn + 7, 2 * bn - 1])
     dummy = layout.range_counts
     counts, first_tile, t_start, t_end = vs_kernel._plan(layout, (dummy, dummy), (sq, sk), h, bn, causal, False,
-                                                          split=split)
+                                                          split=split, spill=spill)
+    sizes = (counts[..., 0] + counts[..., 2]).flatten()
+    assert torch.equal(first_tile.flatten(), sizes.cumsum(0) - sizes)  # blocks one after the other
     for bi in range(b):
         for hi in range(h):
             for qb in range(layout.num_query_blocks):
-                n_tiles, n_full, _, _, n_wide = counts[bi, hi, qb].tolist()
+                n_tiles, n_full, n_gathered, n_seen, n_wide, n_spill = counts[bi, hi, qb].tolist()
                 at = int(first_tile[bi, hi, qb])
                 got = list(zip(t_start[at:at + n_tiles].tolist(), t_end[at:at + n_tiles].tolist()))
-                wide, short, cross = expected_tile_sections(layout, bi, hi, qb, bn, causal, split)
+                wide, short, cross, spilled = expected_tile_sections(layout, bi, hi, qb, bn, causal, split, spill)
                 assert (n_wide, n_full, n_tiles) == (len(wide), len(wide) + len(short), len(got))
                 assert got == wide + short + cross, (bi, hi, qb)
+                reach, first = block_reach(layout, qb, causal)
+                cols = layout.column_indices[bi, hi, qb, :int(layout.column_counts[bi, hi, qb])].tolist()
+                want = [c for c in cols if c < first] + spilled + [c for c in cols if first <= c < reach]
+                gathered = t_start[at + n_tiles:at + n_tiles + n_gathered].tolist()
+                assert gathered == want, (bi, hi, qb)
+                assert (n_spill, n_seen) == (len(spilled), len(want) - sum(first <= c < reach for c in cols))
+
+
+def test_plan_spills_short_tails_of_wide_ranges():
+    """The case spilling exists for: ranges one key wider than a tile lose their one-key tile (else the test
+    above could pass with a plan that never spills)."""
+    gen = torch.Generator().manual_seed(4)
+    layout = hand_made_layout(gen, 1, 2, 256, 2048, 64, widths=[65])
+    dummy = layout.range_counts
+    kept = vs_kernel._plan(layout, (dummy, dummy), (256, 2048), 2, 64, True, False, spill=0)[0]
+    spilled = vs_kernel._plan(layout, (dummy, dummy), (256, 2048), 2, 64, True, False, spill=1)[0]
+    assert spilled[..., 5].sum() > 0
+    assert torch.equal(kept[..., 0] - spilled[..., 0], spilled[..., 5])  # one tile less per spilled key
+    assert torch.equal(spilled[..., 2] - kept[..., 2], spilled[..., 5])
 
 
 def grouped_layout(gen, b, hkv, group, sq, sk, bq, device="cpu"):
@@ -251,6 +288,7 @@ def test_plan_in_group_order_lists_the_same_tiles_shared_first(monkeypatch, caus
     dummy = layout.range_counts
     counts, first_tile, t_start, t_end = vs_kernel._plan(layout, (dummy, dummy), (sq, sk), h, bn, causal, False,
                                                           split=False, group=group)
+    spill = min(vs_kernel.SPILL_KEYS, bn - 1)  # the plan's default
     moved = 0
     for bi in range(b):
         for hi in range(h):
@@ -258,9 +296,9 @@ def test_plan_in_group_order_lists_the_same_tiles_shared_first(monkeypatch, caus
                 n_tiles = int(counts[bi, hi, qb, 0])
                 at = int(first_tile[bi, hi, qb])
                 got = list(zip(t_start[at:at + n_tiles].tolist(), t_end[at:at + n_tiles].tolist()))
-                _, short, cross = expected_tile_sections(reordered, bi, hi, qb, bn, causal, False)
+                _, short, cross, _ = expected_tile_sections(reordered, bi, hi, qb, bn, causal, False, spill)
                 assert got == short + cross, (bi, hi, qb)
-                _, short0, cross0 = expected_tile_sections(layout, bi, hi, qb, bn, causal, False)
+                _, short0, cross0, _ = expected_tile_sections(layout, bi, hi, qb, bn, causal, False, spill)
                 moved += got != short0 + cross0
     assert moved > 0
 

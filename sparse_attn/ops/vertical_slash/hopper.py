@@ -157,17 +157,17 @@ if AVAILABLE:
         return qb, hk, b, h, q_start, sq, k_start, sk
 
     @gluon.jit
-    def _block_lists(COUNTS, FIRST_TILE, T_START, T_END, C_IDX, block, max_columns, BN: gl.constexpr,
-                     NC: gl.constexpr):
-        """The plan's counts for one block (range tiles, tiles every row sees, columns, columns every row sees
-        rounded down to BN, all tiles) and its tile starts / ends / columns."""
+    def _block_lists(COUNTS, FIRST_TILE, T_START, T_END, block, BN: gl.constexpr, NC: gl.constexpr):
+        """The plan's counts for one block (range tiles, tiles every row sees, gathered keys, gathered keys every
+        row sees rounded down to BN, all tiles) and its tile starts / ends / gathered keys ("columns": the
+        layout's columns and the keys of spilled range tiles, listed after its range tiles)."""
         n_tiles = gl.load(COUNTS + block * NC)
         n_full = gl.load(COUNTS + block * NC + 1)
         n_cols = gl.load(COUNTS + block * NC + 2)
         n_seen = gl.load(COUNTS + block * NC + 3) // BN * BN
         first = gl.load(FIRST_TILE + block)
         n_total = n_tiles + (n_cols + BN - 1) // BN
-        return n_tiles, n_full, n_cols, n_seen, n_total, T_START + first, T_END + first, C_IDX + block * max_columns
+        return n_tiles, n_full, n_cols, n_seen, n_total, T_START + first, T_END + first, T_START + first + n_tiles
 
     @gluon.jit
     def _load_q(Qh, s_qm, q_start, q0, sq, BM: gl.constexpr, D: gl.constexpr, LD: gl.constexpr):
@@ -196,9 +196,9 @@ if AVAILABLE:
 
     @gluon.jit
     def _vs_hopper_kernel(
-        Q, K, V, O, LSE, COUNTS, FIRST_TILE, T_START, T_END, C_IDX, CU_Q, CU_K,
+        Q, K, V, O, LSE, COUNTS, FIRST_TILE, T_START, T_END, CU_Q, CU_K,
         s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh, s_lm,
-        num_heads, group, nqb, max_columns, seqlen_q, seqlen_k, qk_scale,
+        num_heads, group, nqb, seqlen_q, seqlen_k, qk_scale,
         BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
         RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, Q_SMEM: gl.constexpr, KV_SMEM: gl.constexpr,
         NC: gl.constexpr, ABLATE: gl.constexpr = 0,
@@ -228,7 +228,7 @@ if AVAILABLE:
             v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], KV_SMEM)
 
             n_tiles, n_full, n_cols, n_seen, n_total, TS, TE, COLS = _block_lists(
-                COUNTS, FIRST_TILE, T_START, T_END, C_IDX, (b64 * num_heads + h64) * nqb + qb, max_columns, BN, NC)
+                COUNTS, FIRST_TILE, T_START, T_END, (b64 * num_heads + h64) * nqb + qb, BN, NC)
             Kb = K + b64 * s_kb + hk64 * s_kh + k_start.to(gl.int64) * s_kn
             Vb = V + b64 * s_vb + hk64 * s_vh + k_start.to(gl.int64) * s_vn
 
@@ -424,10 +424,10 @@ if AVAILABLE:
 
     @gluon.jit
     def _vs_hopper_ws_kernel(
-        Q, K, V, KD, VD, O, LSE, COUNTS, FIRST_TILE, T_START, T_END, C_IDX, CU_Q, CU_K,
+        Q, K, V, KD, VD, O, LSE, COUNTS, FIRST_TILE, T_START, T_END, CU_Q, CU_K,
         s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh, s_lm,
         row_b, row_h, col_h,
-        num_heads, group, nqb, max_columns, seqlen_q, seqlen_k, qk_scale,
+        num_heads, group, nqb, seqlen_q, seqlen_k, qk_scale,
         BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
         RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, Q_SMEM: gl.constexpr, NC: gl.constexpr,
         LOADER_WARPS: gl.constexpr, LOADER_REGS: gl.constexpr,
@@ -460,7 +460,7 @@ if AVAILABLE:
         fence_async_shared()
 
         n_tiles, n_full, n_cols, n_seen, n_total, TS, TE, COLS = _block_lists(
-            COUNTS, FIRST_TILE, T_START, T_END, C_IDX, (b64 * num_heads + h64) * nqb + qb, max_columns, BN, NC)
+            COUNTS, FIRST_TILE, T_START, T_END, (b64 * num_heads + h64) * nqb + qb, BN, NC)
         Kb = K + b64 * s_kb + hk64 * s_kh + k_start.to(gl.int64) * s_kn
         Vb = V + b64 * s_vb + hk64 * s_vh + k_start.to(gl.int64) * s_vn
         row0 = (b * row_b + hk * row_h + k_start).to(gl.int32)
@@ -533,8 +533,8 @@ def _tma_geometry(k, v, packed: bool):
     return shape, strides, row_b, row_h, col_h
 
 
-def forward(q, k, v, out, lse, plan, column_indices, cu, strides, lse_strides, num_heads: int, group: int,
-            nqb: int, max_columns: int, lengths, qk_scale: float, *, causal: bool, packed: bool, batch: int,
+def forward(q, k, v, out, lse, plan, cu, strides, lse_strides, num_heads: int, group: int,
+            nqb: int, lengths, qk_scale: float, *, causal: bool, packed: bool, batch: int,
             num_kv_heads: int, ablate: int = 0, loads: str = "tma") -> None:
     """Launch on a plan of `kernel._plan(bn=BN)`; strides: (q, k, v, out) 4-tuples (batch, head, row, dim),
     the last dim contiguous. loads: "tma" (the warp-specialised kernel where k / v have one of the layouts
@@ -552,14 +552,14 @@ def forward(q, k, v, out, lse, plan, column_indices, cu, strides, lse_strides, n
         k2, v2, row_b, row_h, col_h = views
         kd, vd = (TensorDescriptor(x, list(x.shape), list(x.stride()), [BN, d], kv_smem) for x in (k2, v2))
         _vs_hopper_ws_kernel[grid](
-            q, k, v, kd, vd, out, lse if lse is not None else out, *plan, column_indices, *cu,
-            *sq, *sk, *sv, *so, *lse_strides, row_b, row_h, col_h, num_heads, group, nqb, max_columns, *lengths,
+            q, k, v, kd, vd, out, lse if lse is not None else out, *plan, *cu,
+            *sq, *sk, *sv, *so, *lse_strides, row_b, row_h, col_h, num_heads, group, nqb, *lengths,
             qk_scale, BM=BM, BN=BN, D=d, CAUSAL=causal, VARLEN=packed, RETURN_LSE=lse is not None, STAGES=STAGES,
             Q_SMEM=q_smem, NC=plan[0].shape[-1], LOADER_WARPS=WS_LOADER[0], LOADER_REGS=WS_LOADER[1],
             num_warps=4, maxnreg=WS_MAXNREG)
         return
     _vs_hopper_kernel[grid](
-        q, k, v, out, lse if lse is not None else out, *plan, column_indices, *cu,
-        *sq, *sk, *sv, *so, *lse_strides, num_heads, group, nqb, max_columns, *lengths, qk_scale,
+        q, k, v, out, lse if lse is not None else out, *plan, *cu,
+        *sq, *sk, *sv, *so, *lse_strides, num_heads, group, nqb, *lengths, qk_scale,
         BM=BM, BN=BN, D=d, CAUSAL=causal, VARLEN=packed, RETURN_LSE=lse is not None, STAGES=STAGES,
         Q_SMEM=q_smem, KV_SMEM=kv_smem, NC=plan[0].shape[-1], ABLATE=ablate, num_warps=4)

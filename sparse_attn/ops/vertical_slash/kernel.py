@@ -56,9 +56,14 @@ _LANES = 64  # blocks per program of the count kernel
 # tiles kernel: ranges x tiles per step, warps. One warp on 16 x 8 is 3x faster than 4 warps on 64 x 16 (H100,
 # methods benchmark layout: 0.16 against 0.49 ms at 128K, 1.39 against 4.18 ms at 1M; bench/probe_plan.py)
 _TILES_LAUNCH = dict(LANES=16, TL=8, num_warps=1)
-# Per block: tiles, tiles every row sees whole, visible columns, columns every row sees, and of the tiles
-# every row sees whole those BN keys wide (listed first: they need no mask).
-COUNTS_PER_BLOCK = 5
+# Per block: range tiles, range tiles every row sees whole, keys gathered (visible columns and spilled keys),
+# gathered keys every row sees, of the range tiles every row sees whole those BN keys wide (listed first: they
+# need no mask), spilled keys (see _range_split).
+COUNTS_PER_BLOCK = 6
+# A range's last tile holding at most this many keys (and fewer than BN) is spilled: its keys are gathered with
+# the block's columns, BN to a tile, instead of filling a tile of its own (0: never).
+SPILL_KEYS = 32
+_COPY_CHUNK = 128  # tiles kernel: columns copied per step
 # From this many keys on (one kv head's K and V are 5x the H100's 50 MB L2 at 512K), one head per program and
 # a GQA group of 2..8 query heads, each block walks its ranges shared-first (`_group_order_kernel`): a group's
 # heads then reach the ranges they share together and read each from DRAM about once. Measured on the
@@ -95,19 +100,26 @@ def _reaches(q0, sq, sk, BM: tl.constexpr, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _range_split(start, end, first, BN: tl.constexpr, SPLIT: tl.constexpr):
+def _range_split(start, end, first, BN: tl.constexpr, SPLIT: tl.constexpr, SPILL: tl.constexpr):
     """A range's tiles by section: (all, BN-wide tiles every row sees, other tiles every row sees, tiles
-    that may cross the causal limit). Keys below `first` are seen by every row. Without SPLIT the
-    tiles every row sees are not told apart by width (all in the second section, in range order)."""
+    that may cross the causal limit, keys spilled). Keys below `first` are seen by every row. Without SPLIT
+    the tiles every row sees are not told apart by width (all in the second section, in range order).
+    SPILL > 0: a range every row sees, wider than BN, whose last tile would hold 1..SPILL keys, loses that
+    tile; its keys (the spilled ones) go to the block's gathered keys instead, where they fill whole tiles."""
     width = tl.maximum(end - start, 0)
     tiles = (width + BN - 1) // BN
     below = end <= first
     whole = tl.where(below, tiles, tl.minimum(tl.maximum(first - start, 0) // BN, tiles))
+    rest = width % BN
+    spill = tl.where(below & (width > BN) & (rest <= SPILL), rest, 0)
+    cut = (spill > 0).to(tl.int32)
+    tiles -= cut
+    whole -= cut
     if SPLIT:
         wide = tl.where(below, width // BN, whole)
     else:
         wide = tiles * 0
-    return tiles, wide, whole - wide, tiles - whole
+    return tiles, wide, whole - wide, tiles - whole, spill
 
 
 @triton.jit
@@ -126,9 +138,9 @@ def _count_kernel(R_COUNT, R_START, R_END, C_COUNT, C_IDX, CU_Q, CU_K, COUNTS,
                   num_heads, nqb, max_ranges, max_columns, seqlen_q, seqlen_k,
                   BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
                   STEPS: tl.constexpr, LANES: tl.constexpr, NC: tl.constexpr, SPLIT: tl.constexpr,
-                  HP: tl.constexpr):
-    """COUNTS (NC per block) of LANES blocks at a time (one lane each): a latency-bound walk, so many blocks
-    share it. Planned heads: every HP-th (see _planned_block)."""
+                  HP: tl.constexpr, SPILL: tl.constexpr):
+    """COUNTS (NC per block, see COUNTS_PER_BLOCK) of LANES blocks at a time (one lane each): a latency-bound
+    walk, so many blocks share it. Planned heads: every HP-th (see _planned_block)."""
     qb = tl.program_id(0) * LANES + tl.arange(0, LANES)
     b, block, dst_block = _planned_block(num_heads, nqb, qb, HP)
     _, sq, _, sk = _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
@@ -139,35 +151,41 @@ def _count_kernel(R_COUNT, R_START, R_END, C_COUNT, C_IDX, CU_Q, CU_K, COUNTS,
     n_tiles = tl.zeros([LANES], tl.int32)
     n_full = tl.zeros([LANES], tl.int32)
     n_wide = tl.zeros([LANES], tl.int32)
+    n_spill = tl.zeros([LANES], tl.int32)
     for r in tl.range(0, tl.max(n_ranges, 0)):
         on = r < n_ranges
         start = tl.load(R_START + block * max_ranges + r, mask=on, other=0)
         end = tl.minimum(tl.load(R_END + block * max_ranges + r, mask=on, other=0), reach)
-        tiles, wide, short, cross = _range_split(start, end, first, BN, SPLIT)
+        tiles, wide, short, cross, spill = _range_split(start, end, first, BN, SPLIT, SPILL)
         n_tiles += tiles
         n_full += wide + short
         n_wide += wide
+        n_spill += spill
     n_cols = tl.load(C_COUNT + block, mask=live, other=0)
     row = C_IDX + block * max_columns
     dst = COUNTS + dst_block * NC
     gone = (qb < nqb) & ~live
     tl.store(dst, tl.where(live, n_tiles, 0), mask=live | gone)
     tl.store(dst + 1, tl.where(live, n_full, 0), mask=live | gone)
-    tl.store(dst + 2, tl.where(live, _count_below(row, 1, n_cols, reach, live, STEPS), 0), mask=live | gone)
-    tl.store(dst + 3, tl.where(live, _count_below(row, 1, n_cols, first, live, STEPS), 0), mask=live | gone)
+    visible = _count_below(row, 1, n_cols, reach, live, STEPS) + n_spill
+    tl.store(dst + 2, tl.where(live, visible, 0), mask=live | gone)
+    seen = _count_below(row, 1, n_cols, first, live, STEPS) + n_spill
+    tl.store(dst + 3, tl.where(live, seen, 0), mask=live | gone)
     tl.store(dst + 4, tl.where(live, n_wide, 0), mask=live | gone)
+    tl.store(dst + 5, tl.where(live, n_spill, 0), mask=live | gone)
 
 
 @triton.jit
-def _tiles_kernel(R_COUNT, R_START, R_END, CU_Q, CU_K, COUNTS, FIRST_TILE, T_START, T_END,
-                  num_heads, nqb, max_ranges, seqlen_q, seqlen_k,
+def _tiles_kernel(R_COUNT, R_START, R_END, C_IDX, CU_Q, CU_K, COUNTS, FIRST_TILE, T_START, T_END,
+                  num_heads, nqb, max_ranges, max_columns, seqlen_q, seqlen_k,
                   BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
                   LANES: tl.constexpr, TL: tl.constexpr, NC: tl.constexpr, SPLIT: tl.constexpr,
-                  HP: tl.constexpr):
-    """One block's tiles, written from FIRST_TILE[block] on, LANES ranges x TL tiles per store, in three
-    sections, each in range order: the BN-wide tiles every row sees (the kernel may run them without a
-    mask; only with SPLIT, else none), the other tiles every row sees, the tiles that may cross the causal
-    limit."""
+                  HP: tl.constexpr, SPILL: tl.constexpr, CHUNK: tl.constexpr):
+    """One block's list, written from FIRST_TILE[block] on. First its range tiles, LANES ranges x TL tiles per
+    store, in three sections, each in range order: the BN-wide tiles every row sees (the kernel may run them
+    without a mask; only with SPLIT, else none), the other tiles every row sees, the tiles that may cross the
+    causal limit. Then (T_START only) the keys it gathers: the visible columns every row sees, the spilled
+    keys (_range_split), the other visible columns."""
     qb = tl.program_id(0)
     b, block, dst_block = _planned_block(num_heads, nqb, qb, HP)
     _, sq, _, sk = _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
@@ -175,15 +193,22 @@ def _tiles_kernel(R_COUNT, R_START, R_END, CU_Q, CU_K, COUNTS, FIRST_TILE, T_STA
     reach, first = _reaches(q0, sq, sk, BM, CAUSAL)
     lane = tl.arange(0, LANES)
     n_ranges = tl.where(q0 < sq, tl.load(R_COUNT + block), 0)
+    counts = COUNTS + dst_block * NC
     base = tl.load(FIRST_TILE + dst_block)
+    n_tiles = tl.load(counts)
+    n_spill = tl.load(counts + 5)
+    n_visible = tl.load(counts + 2) - n_spill  # the layout's columns some row sees
+    n_seen = tl.load(counts + 3) - n_spill  # and those every row sees
     slot_wide = base
-    slot_short = base + tl.load(COUNTS + dst_block * NC + 4)
-    slot_cross = base + tl.load(COUNTS + dst_block * NC + 1)
+    slot_short = base + tl.load(counts + 4)
+    slot_cross = base + tl.load(counts + 1)
+    slot_spill = base + n_tiles + n_seen
+    spill_lane = tl.arange(0, BN)
     for r0 in tl.range(0, n_ranges, LANES):
         live = r0 + lane < n_ranges
         start = tl.load(R_START + block * max_ranges + r0 + lane, mask=live, other=0)
         end = tl.minimum(tl.load(R_END + block * max_ranges + r0 + lane, mask=live, other=0), reach)
-        tiles, wide, short, cross = _range_split(start, end, first, BN, SPLIT)
+        tiles, wide, short, cross, spill = _range_split(start, end, first, BN, SPLIT, SPILL)
         wide_at = slot_wide + tl.cumsum(wide, 0) - wide  # each range's first slot in each section
         short_at = slot_short + tl.cumsum(short, 0) - short
         cross_at = slot_cross + tl.cumsum(cross, 0) - cross
@@ -196,9 +221,21 @@ def _tiles_kernel(R_COUNT, R_START, R_END, CU_Q, CU_K, COUNTS, FIRST_TILE, T_STA
                            tl.where(j < short[:, None], short_at[:, None] + j, cross_at[:, None] + j - short[:, None]))
             tl.store(T_START + dst, t_start, mask=ok)
             tl.store(T_END + dst, tl.minimum(t_start + BN, end[:, None]), mask=ok)
+        if SPILL > 0:
+            spill_at = slot_spill + tl.cumsum(spill, 0) - spill
+            tl.store(T_START + spill_at[:, None] + spill_lane[None, :], end[:, None] - spill[:, None] + spill_lane[None, :],
+                     mask=spill_lane[None, :] < spill[:, None])
+            slot_spill += tl.sum(spill, 0)
         slot_wide += tl.sum(wide, 0)
         slot_short += tl.sum(short, 0)
         slot_cross += tl.sum(cross, 0)
+    cols = C_IDX + block * max_columns
+    gathered = base + n_tiles
+    for c0 in tl.range(0, n_visible, CHUNK):
+        c = c0 + tl.arange(0, CHUNK)
+        on = c < n_visible
+        key = tl.load(cols + c, mask=on, other=0)
+        tl.store(T_START + gathered + tl.where(c < n_seen, c, c + n_spill), key, mask=on)
 
 
 @triton.jit
@@ -342,10 +379,10 @@ def _column_tiles(acc, m_i, l_i, q, Kb, Vb, cols, lo, hi, n_cols, rows, off, qk_
 
 @triton.jit
 def _vs_attn_kernel(
-    Q, K, V, KD, VD, O, LSE, COUNTS, FIRST_TILE, T_START, T_END, C_IDX, CU_Q, CU_K,
+    Q, K, V, KD, VD, O, LSE, COUNTS, FIRST_TILE, T_START, T_END, CU_Q, CU_K,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
     s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm,
-    num_heads, group, nqb, max_columns, seqlen_q, seqlen_k, qk_scale,
+    num_heads, group, nqb, seqlen_q, seqlen_k, qk_scale,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, HP: tl.constexpr, CAUSAL: tl.constexpr,
     VARLEN: tl.constexpr, RETURN_LSE: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr, NC: tl.constexpr,
     WIDE_UNMASKED: tl.constexpr,
@@ -396,7 +433,7 @@ def _vs_attn_kernel(
                                      off, qk_scale, s_kn, s_kd, s_vn, s_vd, BN, D, True, False, PREC, TMA)
         acc, m_i, l_i = _range_tiles(acc, m_i, l_i, q, Kb, Vb, KD, VD, b32, hk32, ts, te, n_full, n_tiles, rows,
                                      off, qk_scale, s_kn, s_kd, s_vn, s_vd, BN, D, True, CAUSAL, PREC, TMA)
-        cols = C_IDX + ((b64 * num_heads + h0) * nqb + qb) * max_columns  # the layout's
+        cols = ts + n_tiles  # the keys the block gathers follow its range tiles
         acc, m_i, l_i = _column_tiles(acc, m_i, l_i, q, Kb, Vb, cols, 0, n_seen, n_cols, rows, off, qk_scale,
                                       s_kn, s_kd, s_vn, s_vd, BN, D, False, CAUSAL, PREC)
         acc, m_i, l_i = _column_tiles(acc, m_i, l_i, q, Kb, Vb, cols, n_seen, n_cols, n_cols, rows, off,
@@ -472,14 +509,19 @@ def heads_per_program(layout: VerticalSlashLayout, group: int, fp32: bool) -> in
 
 
 def _plan(layout: VerticalSlashLayout, cu, lengths, num_heads: int, bn: int, causal: bool, packed: bool,
-          split: bool = True, hp: int = 1, group: int = 1):
+          split: bool = True, hp: int = 1, group: int = 1, spill: Optional[int] = None):
     """Per-block counts int32 [B, H / hp, nqb, COUNTS_PER_BLOCK], each block's first slot int64
-    [B, H / hp, nqb], and the tile lists (start, end) int32 [total tiles], blocks one after the other (no
-    padding to the longest). split: list the BN-wide tiles every row sees first (else in range order with the
-    others). hp: heads per program; the hp heads of a program share one index (layout.shared_heads), so
-    only the first of each run of hp is planned. group: query heads per kv head; with one head per program,
-    a group of 2..GROUP_ORDER_MAX_GROUP and at least GROUP_ORDER_MIN_KEYS keys, "range order" is the
-    shared-first order of `_group_order` instead of key order (the same tiles, listed in another order)."""
+    [B, H / hp, nqb], and the block lists int32 [total] (start, end), blocks one after the other (no padding to
+    the longest): a block's range tiles (start, end), then the keys it gathers (start only; see _tiles_kernel).
+    split: list the BN-wide tiles every row sees first (else in range order with the others). hp: heads per
+    program; the hp heads of a program share one index (layout.shared_heads), so only the first of each run of
+    hp is planned. group: query heads per kv head; with one head per program, a group of
+    2..GROUP_ORDER_MAX_GROUP and at least GROUP_ORDER_MIN_KEYS keys, "range order" is the shared-first order of
+    `_group_order` instead of key order (the same tiles, listed in another order). spill: see _range_split
+    (None: SPILL_KEYS, at most BN - 1)."""
+    spill = min(SPILL_KEYS, bn - 1) if spill is None else int(spill)
+    if not 0 <= spill < bn:
+        raise ValueError(f"spill: expected 0 <= spill < BN ({bn}), got {spill}")
     r_start, r_end = layout.range_starts, layout.range_ends
     if (hp == 1 and 2 <= group <= GROUP_ORDER_MAX_GROUP and lengths[1] >= GROUP_ORDER_MIN_KEYS
             and layout.max_ranges > 1):
@@ -487,20 +529,22 @@ def _plan(layout: VerticalSlashLayout, cu, lengths, num_heads: int, bn: int, cau
     b, h, nqb = layout.range_counts.shape
     h //= hp
     counts = torch.empty(b, h, nqb, COUNTS_PER_BLOCK, dtype=torch.int32, device=layout.device)
-    meta = dict(BM=layout.block_size_q, BN=bn, CAUSAL=causal, VARLEN=packed, SPLIT=split, HP=hp)
+    meta = dict(BM=layout.block_size_q, BN=bn, CAUSAL=causal, VARLEN=packed, SPLIT=split, HP=hp, SPILL=spill)
     steps = max(1, math.ceil(math.log2(layout.max_columns + 1)))
     _count_kernel[(triton.cdiv(nqb, _LANES), b * h)](
         layout.range_counts, r_start, r_end, layout.column_counts,
         layout.column_indices, *cu, counts, num_heads, nqb, layout.max_ranges, layout.max_columns, *lengths,
         STEPS=steps, LANES=_LANES, NC=COUNTS_PER_BLOCK, num_warps=2, **meta)
-    ends = counts[..., 0].flatten().cumsum(0)
-    first_tile = (ends - counts[..., 0].flatten()).view(b, h, nqb)
-    total = max(1, int(ends[-1]))  # one device sync sizes the tile lists
+    sizes = (counts[..., 0] + counts[..., 2]).flatten()  # range tiles + gathered keys
+    ends = sizes.cumsum(0)
+    first_tile = (ends - sizes).view(b, h, nqb)
+    total = max(1, int(ends[-1]))  # one device sync sizes the lists
     t_start = torch.empty(total, dtype=torch.int32, device=layout.device)
     t_end = torch.empty_like(t_start)
     _tiles_kernel[(nqb, b * h)](
-        layout.range_counts, r_start, r_end, *cu, counts, first_tile, t_start, t_end,
-        num_heads, nqb, layout.max_ranges, *lengths, NC=COUNTS_PER_BLOCK, **_TILES_LAUNCH, **meta)
+        layout.range_counts, r_start, r_end, layout.column_indices, *cu, counts, first_tile, t_start, t_end,
+        num_heads, nqb, layout.max_ranges, layout.max_columns, *lengths, NC=COUNTS_PER_BLOCK, CHUNK=_COPY_CHUNK,
+        **_TILES_LAUNCH, **meta)
     return counts, first_tile, t_start, t_end
 
 
@@ -581,9 +625,9 @@ def forward(q, k, v, layout, out, lse, shapes, *, causal: bool, scale: Optional[
         if gluon_here:
             plan = _plan(layout, cu, lengths, shapes.num_heads, hopper.BN, causal, packed, split=False,
                          group=group)
-            hopper.forward(q, k, v, out, lse, plan, layout.column_indices, cu,
+            hopper.forward(q, k, v, out, lse, plan, cu,
                            [_strides4(t, packed) for t in (q, k, v, out)], lse_strides, shapes.num_heads, group,
-                           nqb, layout.max_columns, lengths, scale * _LOG2E, causal=causal, packed=packed,
+                           nqb, lengths, scale * _LOG2E, causal=causal, packed=packed,
                            batch=shapes.batch, num_kv_heads=shapes.num_kv_heads)
             return
         if backend == "gluon":
@@ -600,9 +644,9 @@ def forward(q, k, v, layout, out, lse, shapes, *, causal: bool, scale: Optional[
     grid = (nqb * (group // hp), shapes.batch * shapes.num_kv_heads)
     extra = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
     _vs_attn_kernel[grid](
-        q, k, v, kd or k, vd or v, out, lse if lse is not None else out, *plan, layout.column_indices, *cu,
+        q, k, v, kd or k, vd or v, out, lse if lse is not None else out, *plan, *cu,
         *_strides4(q, packed), *_strides4(k, packed), *_strides4(v, packed), *_strides4(out, packed),
-        *lse_strides, shapes.num_heads, group, nqb, layout.max_columns, *lengths,
+        *lse_strides, shapes.num_heads, group, nqb, *lengths,
         scale * _LOG2E, BM=layout.block_size_q, BN=cfg["BN"], D=head_dim, HP=hp, CAUSAL=causal, VARLEN=packed,
         RETURN_LSE=lse is not None, PREC="ieee" if fp32 else None, TMA=kd is not None, NC=COUNTS_PER_BLOCK,
         WIDE_UNMASKED=wide_unmasked,

@@ -1,0 +1,78 @@
+"""Probe: spilled range tails (kernel.SPILL_KEYS) on the methods benchmark's per-head vertical-slash layout:
+per setting, the plan's range tiles and gathered tiles, and the attention call's time (plan + kernel, CUDA
+events, median of --repeats; the settings alternate within each repeat so that all see the same power state
+of the GPU), and the output's largest difference from the first setting's. Scratch measurement for
+bench/NOTES_vertical_slash.md, not a benchmark of record.
+
+    python bench/probe_spill.py --seqlens 131072 1048576 --spill 0 16 32 63
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
+
+from bench_methods import parse_args as methods_args  # noqa: E402
+from probe_vs_hopper import per_head_layout  # noqa: E402
+from sparse_attn.ops.reference import AttentionInputs  # noqa: E402
+from sparse_attn.ops.vertical_slash import hopper  # noqa: E402
+from sparse_attn.ops.vertical_slash import kernel as vs  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seqlens", type=int, nargs="+", default=[131072])
+    p.add_argument("--spill", type=int, nargs="+", default=[0, 16, 32, 63])
+    p.add_argument("--repeats", type=int, default=5)
+    a = p.parse_args()
+    args = methods_args([])
+    default = vs.SPILL_KEYS
+    print(f"GPU: {torch.cuda.get_device_name()}")
+    print("| S | spill | range tiles | gathered tiles | all tiles | attention ms | max |diff| |")
+    print("|---|---|---|---|---|---|---|")
+    for s in a.seqlens:
+        q, k, v, layout = per_head_layout(args, s)
+        shapes = AttentionInputs(q, k, v)
+        group = q.shape[1] // k.shape[1]
+        rows, diffs, times = {}, {}, {x: [] for x in a.spill}
+        first_out = None
+        for spill in a.spill:
+            counts = vs._plan(layout, (layout.range_counts,) * 2, (s, s), q.shape[1], hopper.BN, True, False,
+                              split=False, group=group, spill=spill)[0].long()
+            rows[spill] = (int(counts[..., 0].sum()), int(((counts[..., 2] + hopper.BN - 1) // hopper.BN).sum()))
+            del counts
+        for it in range(a.repeats + 1):
+            for spill in a.spill:
+                vs.SPILL_KEYS = spill
+                out = torch.empty_like(q)
+                torch.cuda.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                vs.forward(q, k, v, layout, out, None, shapes, causal=True, scale=None)
+                end.record()
+                torch.cuda.synchronize()
+                if it > 0:
+                    times[spill].append(start.elapsed_time(end))
+                elif first_out is None:
+                    first_out, diffs[spill] = out, 0.0
+                else:
+                    diffs[spill] = (out.float() - first_out.float()).abs().max().item()
+                del out
+        vs.SPILL_KEYS = default
+        for spill in a.spill:
+            diff = diffs[spill]
+            tiles, gathered = rows[spill]
+            print(f"| {s} | {spill} | {tiles} | {gathered} | {tiles + gathered} | "
+                  f"{statistics.median(times[spill]):.2f} | {diff:.2e} |", flush=True)
+        del q, k, v, layout, first_out
+
+
+if __name__ == "__main__":
+    main()
