@@ -14,8 +14,11 @@ Two steps per call:
   time and the L2 serves all but the first. With `split` (two heads per program) the
   BN-wide tiles every row sees come first and run with no mask at all (measured: faster there, slower for
   one head per program and, at 1M, the order alone costs the per-head kernel its L2 reuse).
+  After its range tiles each block's list holds the keys it gathers: its columns and the keys of spilled
+  range tails (a merged range of 65 keys would otherwise cost two tiles, the second holding one key; with
+  SPILL_KEYS such tails are gathered with the columns, BN keys to a tile).
 - `_vs_attn_kernel`: per (batch, query head, query block) the online softmax over the tile list (keys past
-  a tile's end masked out), then over the columns, gathered BN at a time.
+  a tile's end masked out), then over the gathered keys, BN at a time.
 
 Program order: programs of the query heads sharing a kv head run side by side, last query blocks first
 (they see the most keys; the short ones fill the tail), so neighbouring programs read the same keys and
