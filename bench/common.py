@@ -27,6 +27,18 @@ def bench_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def event_ms(fn: Callable[[], object]) -> float:
+    """One call of fn, in ms between CUDA events (the GPU idle before it, its work finished after; no L2
+    flush, no warm-up: the probes that alternate variants call this in their own loops)."""
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
 def capture_graph(fn: Callable[[], object], warmup: int = 2) -> "torch.cuda.CUDAGraph":
     """fn captured into a CUDA graph, after `warmup` calls on a side stream (allocator and compile warm-up
     outside the capture). Raises what capture raises, e.g. for a fn that syncs."""

@@ -22,21 +22,12 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import bench_methods as bm  # noqa: E402
+from common import event_ms  # noqa: E402
 
 
 def _device_allocs() -> int:
     st = torch.cuda.memory_stats()
     return st.get("num_device_alloc", 0) + st.get("num_alloc_retries", 0)
-
-
-def _timed(fn) -> float:
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b)
 
 
 def main():
@@ -56,7 +47,7 @@ def main():
             result, total = None, 0.0
             for _, fn in phases:
                 box = {}
-                total += _timed(lambda fn=fn, prev=result: box.setdefault("r", fn(prev)))
+                total += event_ms(lambda fn=fn, prev=result: box.setdefault("r", fn(prev)))
                 result = box["r"]
             return total
 
@@ -66,7 +57,7 @@ def main():
             n0 = _device_allocs()
             ps = phase_sum()
             n1 = _device_allocs()
-            c = _timed(lambda: call(None))
+            c = event_ms(lambda: call(None))
             allocs["phases"] += n1 - n0
             allocs["call"] += _device_allocs() - n1
             rows.append((ps, c))

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import bench_methods as bm  # noqa: E402
+from common import event_ms  # noqa: E402
 from sparse_attn.estimators import vertical_slash_triton as vst  # noqa: E402
 from sparse_attn.estimators.vertical_slash import estimate_vertical_slash, vertical_slash_scores  # noqa: E402
 
@@ -61,16 +62,7 @@ def kernel_times(fn, repeats):
 
 
 def wall(fn, repeats):
-    out = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out)
+    return statistics.median(event_ms(fn) for _ in range(repeats))
 
 
 def main():

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 
 from bench_methods import parse_args as methods_args  # noqa: E402
+from common import event_ms  # noqa: E402
 from probe_dram_floor import tiles_per_block  # noqa: E402
 from probe_vs_hopper import per_head_layout  # noqa: E402
 from sparse_attn.layouts import VerticalSlashLayout  # noqa: E402
@@ -154,16 +155,8 @@ def main(argv=None):
         variants = {name: make[name]() for name in a.variants}
         print(f"S={s}: ranges whose middle key 3/2/1/0 other heads of the group also cover: "
               + " / ".join(f"{100 * shares[c]:.1f} %" for c in (3, 2, 1, 0)), flush=True)
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        order_ms = []
-        for _ in range(5):
-            torch.cuda.synchronize()
-            e0.record()
-            vs._group_order(layout, group)
-            e1.record()
-            torch.cuda.synchronize()
-            order_ms.append(e0.elapsed_time(e1))
-        print(f"  kernel._group_order alone: {statistics.median(order_ms):.2f} ms", flush=True)
+        order_ms = statistics.median(event_ms(lambda: vs._group_order(layout, group)) for _ in range(5))
+        print(f"  kernel._group_order alone: {order_ms:.2f} ms", flush=True)
         # two output buffers (at 1M each is 8.6 GB): the per-head layout's, and one the others share
         outs = {"per-head": torch.full_like(q, float("nan")), "other": torch.full_like(q, float("nan"))}
 

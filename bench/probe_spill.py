@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 
 from bench_methods import parse_args as methods_args  # noqa: E402
+from common import event_ms  # noqa: E402
 from probe_vs_hopper import per_head_layout  # noqa: E402
 from sparse_attn.ops.reference import AttentionInputs  # noqa: E402
 from sparse_attn.ops.vertical_slash import hopper  # noqa: E402
@@ -52,14 +53,9 @@ def main():
             for spill in a.spill:
                 vs.SPILL_KEYS = spill
                 out = torch.empty_like(q)
-                torch.cuda.synchronize()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                vs.forward(q, k, v, layout, out, None, shapes, causal=True, scale=None)
-                end.record()
-                torch.cuda.synchronize()
+                ms = event_ms(lambda: vs.forward(q, k, v, layout, out, None, shapes, causal=True, scale=None))
                 if it > 0:
-                    times[spill].append(start.elapsed_time(end))
+                    times[spill].append(ms)
                 elif first_out is None:
                     first_out, diffs[spill] = out, 0.0
                 else:

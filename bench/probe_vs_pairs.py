@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 
 from bench_methods import make_inputs, parse_args as methods_args  # noqa: E402
+from common import event_ms  # noqa: E402
 from sparse_attn import dispatch  # noqa: E402
 from sparse_attn.ops.reference import AttentionInputs  # noqa: E402
 from sparse_attn.ops.vertical_slash import kernel as vs  # noqa: E402
@@ -30,16 +31,7 @@ from sparse_attn.ops.vertical_slash import kernel as vs  # noqa: E402
 
 def median_ms(fn, repeats=5):
     fn()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return statistics.median(event_ms(fn) for _ in range(repeats))
 
 
 def diff_from_first(call, out, first, seqlen):
