@@ -13,7 +13,6 @@ Prints a table; writes JSON and a PNG under --out.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -23,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    bench_graph_ms, bench_ms, device_info, flex_attention_fn, flex_block_mask, out_dir, plot_panels, print_table, repeat_kv,
-    sdpa_dense_causal, write_json,
+    device_info, eager_and_graph_ms, flex_attention_fn, flex_block_mask, out_dir, plot_panels, print_table,
+    random_causal_block_mask, repeat_kv, sdpa_dense_causal, write_json,
 )
 from sparse_attn.layouts import BlockLayout, causal_tile_entries  # noqa: E402
 from sparse_attn.ops.block_sparse import block_sparse_attention  # noqa: E402
@@ -55,12 +54,9 @@ def parse_args():
 
 
 def random_causal_layout(heads: int, seqlen: int, block: int, density: float, gen) -> tuple:
-    """Each visible key block kept with probability `density`, the diagonal block always."""
-    n = math.ceil(seqlen / block)
-    qb = torch.arange(n, device="cuda")[:, None]
-    kb = torch.arange(n, device="cuda")[None, :]
-    mask = torch.rand(1, heads, n, n, device="cuda", generator=gen) < density
-    mask = (mask & (kb <= qb)) | (kb == qb)
+    """(block mask, BlockLayout): each visible key block kept with probability `density`, the diagonal block
+    always."""
+    mask = random_causal_block_mask(heads, seqlen, block, density, gen)
     return mask, BlockLayout.from_block_mask(mask, block, block, seqlen, seqlen)
 
 
@@ -70,13 +66,11 @@ def computed_entries(layout: BlockLayout, seqlen: int) -> float:
 
 
 def time_one(fn, flops: float, rep_ms: int, graph: bool = True) -> dict:
-    """ms: the eager call (do_bench: host time beyond the L2 flush shows); gpu_ms: the same call replayed
-    from a CUDA graph after the same flush (GPU time only)."""
-    ms = bench_ms(fn, rep_ms=rep_ms)
-    out = {"ms": ms, "tflops": flops / ms * 1e-9}
+    """common.eager_and_graph_ms (ms: the eager call; gpu_ms: replayed from a CUDA graph), with TFLOP/s."""
+    out = eager_and_graph_ms(fn, rep_ms, graph)
+    out["tflops"] = flops / out["ms"] * 1e-9
     if graph:
-        gpu_ms = bench_graph_ms(fn)
-        out.update(gpu_ms=gpu_ms, gpu_tflops=flops / gpu_ms * 1e-9)
+        out["gpu_tflops"] = flops / out["gpu_ms"] * 1e-9
     return out
 
 

