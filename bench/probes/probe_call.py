@@ -1,10 +1,10 @@
 """Probe: a method timed as one `sparse_attention` call against the sum of its phases (a synchronize between
 them), alternated so that the GPU's power state treats both alike; the caching allocator's device
 allocations during each; and one profiled call's GPU idle gaps (with the kernels around them) and CUDA API
-time. Scratch measurement for bench/NOTES_vertical_slash.md (session 19: at 512K the call read 6-9 % slower
-than the phases in the methods benchmark).
+time. (Written when the methods benchmark, timing the call after all the phases' passes, read it 6-9 % slower
+than the phases at 512K: that was the GPU's power state.)
 
-    python bench/probe_call.py --seqlens 131072 524288
+    python bench/probes/probe_call.py --seqlens 131072 524288
 """
 from __future__ import annotations
 
@@ -14,15 +14,13 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+BENCH = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(BENCH.parent), str(BENCH)]  # sparse_attn from the repository, common from bench/
 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-import bench_methods as bm  # noqa: E402
-from common import event_ms  # noqa: E402
+from common import event_ms, method_call, method_phases, methods_inputs  # noqa: E402
 
 
 def _device_allocs() -> int:
@@ -31,17 +29,16 @@ def _device_allocs() -> int:
 
 
 def main():
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seqlens", type=int, nargs="+", default=[131072, 524288])
     p.add_argument("--method", default="vertical_slash", choices=("vertical_slash", "vs_pairs"))
     p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--gap-us", type=float, default=30.0, help="list GPU idle gaps longer than this")
     a = p.parse_args()
-    args = bm.parse_args([])
     for s in a.seqlens:
-        q, k, v = bm.make_inputs(args, s, torch.bfloat16)
-        phases, _ = bm.method_phases(a.method, args, q, k, v)
-        call = bm.public_call(a.method, args, q, k, v)
+        q, k, v = methods_inputs(s)
+        phases, _ = method_phases(a.method, q, k, v)
+        call = method_call(a.method, q, k, v)
 
         def phase_sum():
             result, total = None, 0.0

@@ -1,8 +1,8 @@
 """Probe: the SM clock and power while the vertical-slash attention kernel (plan cached) and cuDNN dense causal
 run back to back for a few seconds, sampled by nvidia-smi every 50 ms; and the kernel's event time with and
-without torch.profiler active. Scratch measurement for bench/NOTES_vertical_slash.md.
+without torch.profiler active.
 
-    python bench/probe_clocks.py --seqlen 131072 --seconds 3
+    python bench/probes/probe_clocks.py --seqlen 131072 --seconds 3
 """
 from __future__ import annotations
 
@@ -13,16 +13,14 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+BENCH = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(BENCH.parent), str(BENCH)]  # sparse_attn from the repository, common from bench/
 
 import torch  # noqa: E402
 
-from bench_methods import dense_baseline, parse_args as methods_args  # noqa: E402
-from probe_attention_call import timed  # noqa: E402
-from probe_vs_hopper import gluon_plan, per_head_layout  # noqa: E402
+from common import gpu_host_ms, methods_inputs, repeat_kv, sdpa_dense_causal, vs_layout  # noqa: E402
 from sparse_attn.ops.reference import AttentionInputs  # noqa: E402
+from sparse_attn.ops.vertical_slash import hopper  # noqa: E402
 from sparse_attn.ops.vertical_slash import kernel as vs  # noqa: E402
 
 FIELDS = "clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.sw_power_cap,clocks_event_reasons.hw_slowdown"
@@ -60,32 +58,34 @@ def summary(rows):
 
 
 def main():
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seqlen", type=int, default=131072)
     p.add_argument("--seconds", type=float, default=3.0)
     a = p.parse_args()
-    args = methods_args([])
     s = a.seqlen
-    q, k, v, layout = per_head_layout(args, s)
+    q, k, v = methods_inputs(s)
+    layout = vs_layout(q, k)
     shapes = AttentionInputs(q, k, v)
+    group = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
-    plan = gluon_plan(layout)
+    plan = vs._plan(layout, (layout.range_counts,) * 2, (s, s), q.shape[1], hopper.BN, True, False, split=False,
+                    group=group)
     real_plan = vs._plan
     vs._plan = lambda *x, **y: plan
 
     def kernel():
         vs.forward(q, k, v, layout, out, None, shapes, causal=True, scale=None)
 
-    dense, label = dense_baseline(q, k, v)
+    dense, label = sdpa_dense_causal(q, repeat_kv(k, group), repeat_kv(v, group), "cudnn"), "cuDNN causal"
     print(f"S={s}")
     for name, fn in (("vertical-slash kernel", kernel), (f"dense {label}", dense), ("vertical-slash kernel", kernel)):
         n, ms, rows = sampled(fn, a.seconds)
         print(f"{name}: {n} calls, {ms:.2f} ms per call; {summary(rows)}", flush=True)
     from torch.profiler import ProfilerActivity, profile
 
-    plain = timed(kernel, 5)[0]
+    plain = gpu_host_ms(kernel, 5)[0]
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        under = timed(kernel, 5)[0]
+        under = gpu_host_ms(kernel, 5)[0]
     cupti = [e.device_time / 1e3 for e in prof.events() if e.name.startswith("_vs_hopper")]
     print(f"kernel event ms: plain {plain:.2f}, under torch.profiler {under:.2f} (CUPTI's own: "
           f"{statistics.median(cupti):.2f})")

@@ -1,8 +1,7 @@
 """Probe: the vertical-slash estimator kernel by kernel (max / sum pass, scores pass, fused top-k), under
-launch variants of the scoring kernels, on the methods benchmark's inputs. Scratch measurement for
-bench/NOTES_vertical_slash.md, not a benchmark of record.
+launch variants of the scoring kernels, on the methods benchmark's inputs.
 
-    python bench/probe_estimator.py --seqlens 131072 1048576
+    python bench/probes/probe_estimator.py --seqlens 131072 1048576
 
 Per length and variant: the median GPU time of each kernel (torch.profiler, --repeats profiled calls), the
 estimate's wall time (CUDA events around the whole `estimate_vertical_slash`, median of --repeats), and the
@@ -12,27 +11,22 @@ beyond float summation order).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+BENCH = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(BENCH.parent), str(BENCH)]  # sparse_attn from the repository, common from bench/
 
 import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-import bench_methods as bm  # noqa: E402
-from common import event_ms  # noqa: E402
+from common import SLASH_SIZE, VERTICAL_SIZE, kernel_ms, median_event_ms, methods_inputs  # noqa: E402
 from sparse_attn.estimators import vertical_slash_triton as vst  # noqa: E402
 from sparse_attn.estimators.vertical_slash import estimate_vertical_slash, vertical_slash_scores  # noqa: E402
 
 # name -> module constants of vertical_slash_triton to set (the rest keep their defaults)
 VARIANTS = {
     "default": {},
-    "lse64w4": {"_LSE_ROWS": 64, "_LSE_WARPS": 4},  # the default before session 21
+    "lse64w4": {"_LSE_ROWS": 64, "_LSE_WARPS": 4},  # the default before the max / sum pass stacked 4 heads
     "lse128": {"_LSE_ROWS": 128, "_LSE_WARPS": 4},
     "lse256w4": {"_LSE_ROWS": 256, "_LSE_WARPS": 4},
     "lse256w8_bn128": {"_LSE_ROWS": 256, "_LSE_WARPS": 8, "_LSE_BN": 128},
@@ -41,28 +35,7 @@ VARIANTS = {
     "scores_pps4": {"_PROGRAMS_PER_SM": 4},
     "scores_pps16": {"_PROGRAMS_PER_SM": 16},
     "scores_bn128w8": {"_SCORES_BN": 128, "_SCORES_WARPS": 8},
-    "gather_bf16": {"_GATHER_BF16": True},
 }
-
-
-def kernel_times(fn, repeats):
-    """{kernel name: median ms over repeats profiled calls}."""
-    per = defaultdict(list)
-    for _ in range(repeats):
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        seen = defaultdict(float)
-        for e in prof.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                seen[e.name[:40]] += e.device_time / 1e3
-        for name, ms in seen.items():
-            per[name].append(ms)
-    return {name: statistics.median(v) for name, v in per.items()}
-
-
-def wall(fn, repeats):
-    return statistics.median(event_ms(fn) for _ in range(repeats))
 
 
 def main():
@@ -71,13 +44,12 @@ def main():
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args()
-    args = bm.parse_args([])
     defaults = {name: getattr(vst, name) for v in VARIANTS.values() for name in v}
     print(f"GPU: {torch.cuda.get_device_name()}")
     print("| S | variant | lse ms | scores ms | top-k ms | other kernels ms | estimate wall ms | max |diff| |")
     print("|---|---|---|---|---|---|---|---|")
     for s in a.seqlens:
-        q, k, _ = bm.make_inputs(args, s, torch.bfloat16)
+        q, k, _ = methods_inputs(s)
         scale = q.shape[-1] ** -0.5
         ref = None
         for variant in a.variants:
@@ -93,12 +65,11 @@ def main():
             del scores
 
             def est():
-                return estimate_vertical_slash(q, k, vertical_size=args.vertical_size, slash_size=args.slash_size,
-                                               last_q=64)
+                return estimate_vertical_slash(q, k, vertical_size=VERTICAL_SIZE, slash_size=SLASH_SIZE, last_q=64)
 
             est()
-            times = kernel_times(est, a.repeats)
-            w = wall(est, a.repeats)
+            times = {name: ms for name, (ms, _) in kernel_ms(est, a.repeats).items()}
+            w = median_event_ms(est, a.repeats, warmup=0)
             lse = sum(ms for n, ms in times.items() if "_lse_kernel" in n)
             sc = sum(ms for n, ms in times.items() if "_scores_kernel" in n)
             tk = sum(ms for n, ms in times.items() if "_hist_kernel" in n or "_write_kernel" in n)

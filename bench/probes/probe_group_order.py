@@ -1,7 +1,7 @@
 """Probe: does the order of a block's ranges change how often the four query heads of a kv head share a
-K/V tile in L2? Scratch measurement for bench/NOTES_vertical_slash.md.
+K/V tile in L2?
 
-    python bench/probe_group_order.py --seqlens 1048576 [--once]
+    python bench/probes/probe_group_order.py --seqlens 1048576 [--once]
 
 At 1M the per-head kernel reads ~1 TB from DRAM per call (L2 hit rate ~61 %) although the four heads of a
 group choose mostly the same diagonals: each head walks its ranges in key order, so a range the heads share
@@ -30,19 +30,27 @@ import statistics
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+BENCH = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(BENCH.parent), str(BENCH)]  # sparse_attn from the repository, common from bench/
 
 import torch  # noqa: E402
 
-from bench_methods import parse_args as methods_args  # noqa: E402
-from common import event_ms  # noqa: E402
-from probe_dram_floor import tiles_per_block  # noqa: E402
-from probe_vs_hopper import per_head_layout  # noqa: E402
+from common import event_ms, methods_inputs, vs_layout  # noqa: E402
 from sparse_attn.layouts import VerticalSlashLayout  # noqa: E402
 from sparse_attn.ops.reference import AttentionInputs  # noqa: E402
 from sparse_attn.ops.vertical_slash import kernel as vs  # noqa: E402
+
+
+BLOCK = 64
+
+
+def tiles_per_block(layout) -> float:
+    """Mean 64-key tiles per (head, query block), range tiles and column tiles together."""
+    live = torch.arange(layout.range_starts.shape[-1], device=layout.device) < layout.range_counts[..., None]
+    lens = torch.where(live, layout.range_ends - layout.range_starts, 0).clamp(min=0).to(torch.int64)
+    ranges = ((lens + BLOCK - 1) // BLOCK).sum(-1)
+    cols = (layout.column_counts.to(torch.int64) + BLOCK - 1) // BLOCK
+    return float((ranges + cols).double().mean())
 
 
 def _with(layout, **tensors):
@@ -142,11 +150,11 @@ def main(argv=None):
                    choices=["per-head", "product", "shared-first", "core-first", "group copy", "shared only"])
     p.add_argument("--once", action="store_true")
     a = p.parse_args(argv)
-    args = methods_args([])
-    group = args.heads // args.kv_heads
     default_min = vs.GROUP_ORDER_MIN_KEYS
     for s in a.seqlens:
-        q, k, v, layout = per_head_layout(args, s)
+        q, k, v = methods_inputs(s)
+        group = q.shape[1] // k.shape[1]
+        layout = vs_layout(q, k)
         shapes = AttentionInputs(q, k, v)
         reordered, shares, only = shared_first(layout, group)
         make = {"per-head": lambda: layout, "product": lambda: layout, "shared-first": lambda: reordered,
@@ -173,13 +181,9 @@ def main(argv=None):
         times = {name: [] for name in variants}
         for r in range(1 if a.once else a.rounds + 1):
             for name in variants:
-                torch.cuda.synchronize()
-                e0.record()
-                call(name)
-                e1.record()
-                torch.cuda.synchronize()
+                ms = event_ms(lambda: call(name))
                 if r > 0 or a.once:
-                    times[name].append(e0.elapsed_time(e1))
+                    times[name].append(ms)
         base = statistics.median(times["per-head"])
         for name in variants:
             ms = statistics.median(times[name])
@@ -188,7 +192,7 @@ def main(argv=None):
                 call(name)
             diff = max((outs["other"][:, h].float() - outs["per-head"][:, h].float()).abs().max().item()
                        for h in range(q.shape[1])) if name != "per-head" else 0.0
-            tiles = tiles_per_block(variants[name])[0]
+            tiles = tiles_per_block(variants[name])
             print(f"  {name:>13} {ms:9.2f} ms  x{base / ms:5.3f} of per-head  {tiles:6.1f} tiles/blk  max|diff| "
                   f"vs per-head {diff:.2e}  ({' '.join(f'{t:.1f}' for t in times[name])})", flush=True)
         del q, k, v, layout, variants, outs, reordered, only

@@ -1,8 +1,9 @@
-"""Probe: the vertical-slash plan's tile-list kernel (`kernel._tiles_kernel`) under other launch parameters
-(ranges per step, tiles per step, warps), on the methods benchmark's per-head layout; each variant's lists
-are checked against the default's. Scratch measurement for bench/NOTES_vertical_slash.md.
+"""Probe: the vertical-slash attention plan (count kernel, one sync, tile-list kernel; at >= 512K keys the
+shared-first group order too) on the methods benchmark's per-head layout, kernel by kernel, under other
+launch parameters of the tile-list kernel (ranges x tiles per step, warps); each variant's lists are checked
+against the default's.
 
-    python bench/probe_plan.py --seqlens 131072 1048576
+    python bench/probes/probe_plan.py --seqlens 131072 1048576
 """
 from __future__ import annotations
 
@@ -10,50 +11,60 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+BENCH = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(BENCH.parent), str(BENCH)]  # sparse_attn from the repository, common from bench/
 
 import torch  # noqa: E402
 
-from bench_methods import parse_args as methods_args  # noqa: E402
-from probe_attention_call import timed  # noqa: E402
-from probe_vs_hopper import gluon_plan, per_head_layout  # noqa: E402
+from common import gpu_host_ms, kernel_ms, methods_inputs, vs_layout  # noqa: E402
+from sparse_attn.ops.vertical_slash import hopper  # noqa: E402
 from sparse_attn.ops.vertical_slash import kernel as vs  # noqa: E402
+
+# tile-list kernel launches: (ranges per step, tiles per step, warps); the first row is the library's default
+LAUNCHES = [None, (64, 16, 4), (32, 16, 4), (32, 8, 2), (32, 16, 1), (16, 16, 1), (64, 8, 2), (32, 32, 4), (16, 8, 1)]
+
+
+def plan(layout, group: int):
+    """The plan the default (Gluon, one head per program) path makes for unpacked causal inputs."""
+    return vs._plan(layout, (layout.range_counts,) * 2, (layout.seqlen_q, layout.seqlen_k), layout.num_heads,
+                    hopper.BN, True, False, split=False, group=group)
 
 
 def main():
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seqlens", type=int, nargs="+", default=[131072])
+    p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args()
-    args = methods_args([])
+    default = dict(vs._TILES_LAUNCH)
+    print(f"GPU: {torch.cuda.get_device_name()}")
     for s in a.seqlens:
-        layout = per_head_layout(args, s)[3]
-        h = layout.num_heads
-        cu = (layout.range_counts,) * 2
-        counts, first_tile, t_start, t_end = gluon_plan(layout)
-        nqb = layout.num_query_blocks
-        whole = timed(lambda: gluon_plan(layout), 5)[0]
-        print(f"\nS={s}: {t_start.numel()} tiles; whole plan {whole:.3f} ms")
-        print("| LANES | TL | warps | tiles kernel ms | equal |")
-        print("|---|---|---|---|---|")
-        for lanes, tl_, warps in ((64, 16, 4), (32, 16, 4), (32, 8, 2), (32, 16, 1), (16, 16, 1), (64, 8, 2),
-                                  (32, 32, 4), (16, 8, 1)):
-            ts, te = torch.full_like(t_start, -1), torch.full_like(t_end, -1)
-
-            def launch():
-                vs._tiles_kernel[(nqb, h)](
-                    layout.range_counts, layout.range_starts, layout.range_ends, *cu, counts, first_tile, ts, te,
-                    h, nqb, layout.max_ranges, s, s, LANES=lanes, TL=tl_, NC=vs.COUNTS_PER_BLOCK,
-                    num_warps=warps, BM=64, BN=64, CAUSAL=True, VARLEN=False, SPLIT=False, HP=1)
-
+        q, k, _ = methods_inputs(s)
+        group = q.shape[1] // k.shape[1]
+        layout = vs_layout(q, k)
+        del q, k
+        ref = plan(layout, group)
+        print(f"\nS={s}: {ref[2].numel()} list entries; tile-list launch default {default}")
+        print("| LANES | TL | warps | whole plan ms (GPU / host) | tiles kernel ms | count kernel ms | "
+              "group order ms | equal |")
+        print("|---|---|---|---|---|---|---|---|")
+        for launch in LAUNCHES:
+            vs._TILES_LAUNCH = default if launch is None else dict(LANES=launch[0], TL=launch[1], num_warps=launch[2])
             try:
-                ms = timed(launch, 5)[0]
-                same = bool(torch.equal(ts, t_start) and torch.equal(te, t_end))
-                print(f"| {lanes} | {tl_} | {warps} | {ms:.3f} | {same} |", flush=True)
-            except Exception as e:  # noqa: BLE001
-                print(f"| {lanes} | {tl_} | {warps} | failed: {type(e).__name__}: {str(e)[:120]} | |", flush=True)
-        del layout, counts, first_tile, t_start, t_end
+                out = plan(layout, group)
+                same = all(torch.equal(x, y) for x, y in zip(out, ref))
+                del out
+                gpu, host = gpu_host_ms(lambda: plan(layout, group), a.repeats)
+                ks = kernel_ms(lambda: plan(layout, group), a.repeats)
+                by = lambda part: sum(ms for n, (ms, _) in ks.items() if part in n)  # noqa: E731
+                cfg = vs._TILES_LAUNCH
+                print(f"| {cfg['LANES']} | {cfg['TL']} | {cfg['num_warps']} | {gpu:.3f} / {host:.3f} | "
+                      f"{by('_tiles_kernel'):.3f} | {by('_count_kernel'):.3f} | {by('_group_order'):.3f} | {same} |",
+                      flush=True)
+            except Exception as e:  # noqa: BLE001 - a launch that does not compile must not end the sweep
+                print(f"| {launch} | failed: {type(e).__name__}: {str(e)[:120]} |", flush=True)
+            finally:
+                vs._TILES_LAUNCH = default
+        del layout, ref
         torch.cuda.empty_cache()
 
 

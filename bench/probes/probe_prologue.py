@@ -1,7 +1,7 @@
 """Probe: how much of one `sparse_attention` call is host time before its first GPU kernel (the prologue),
-which nothing hides. Scratch measurement for bench/NOTES_vertical_slash.md.
+which nothing hides.
 
-    python bench/probe_prologue.py --seqlen 131072
+    python bench/probes/probe_prologue.py --seqlen 131072
 
 Times the per-head vertical-slash call (the methods benchmark's inputs and budgets) two ways, alternated:
 plain (CUDA events around the call, after a synchronize), and behind a GPU spin of ~20 ms queued first, so
@@ -19,14 +19,12 @@ import statistics
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+BENCH = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(BENCH.parent), str(BENCH)]  # sparse_attn from the repository, common from bench/
 
 import torch  # noqa: E402
 
-from bench_methods import make_inputs, parse_args as methods_args  # noqa: E402
-from sparse_attn import sparse_attention  # noqa: E402
+from common import event_ms, method_call, methods_inputs  # noqa: E402
 
 
 def main(argv=None):
@@ -34,32 +32,18 @@ def main(argv=None):
     p.add_argument("--seqlen", type=int, default=131072)
     p.add_argument("--pairs", type=int, default=7)
     a = p.parse_args(argv)
-    args = methods_args([])
-    q, k, v = make_inputs(args, a.seqlen, torch.bfloat16)
+    q, k, v = methods_inputs(a.seqlen)
+    one_call = method_call("vertical_slash", q, k, v)
 
     def call():
-        return sparse_attention(q, k, v, method="vertical_slash", vertical_size=1000, slash_size=6096, last_q=64,
-                                block_size=64, min_seqlen=0)
+        return one_call(None)
 
     for _ in range(3):
         call()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     plain, hidden = [], []
     for _ in range(a.pairs):
-        torch.cuda.synchronize()
-        e0.record()
-        call()
-        e1.record()
-        torch.cuda.synchronize()
-        plain.append(e0.elapsed_time(e1))
-        torch.cuda.synchronize()
-        torch.cuda._sleep(40_000_000)  # ~20 ms of GPU spin, queued ahead of the call
-        e0.record()
-        call()
-        e1.record()
-        torch.cuda.synchronize()
-        hidden.append(e0.elapsed_time(e1))
+        plain.append(event_ms(call))
+        hidden.append(event_ms(call, spin_cycles=40_000_000))  # ~20 ms of GPU spin queued ahead of the call
     mp, mh = statistics.median(plain), statistics.median(hidden)
     print(f"S={a.seqlen}: call {mp:.2f} ms plain, {mh:.2f} ms with the prologue hidden behind a GPU spin: "
           f"prologue ~{mp - mh:.2f} ms")

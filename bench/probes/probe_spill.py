@@ -1,10 +1,9 @@
 """Probe: spilled range tails (kernel.SPILL_KEYS) on the methods benchmark's per-head vertical-slash layout:
 per setting, the plan's range tiles and gathered tiles, and the attention call's time (plan + kernel, CUDA
 events, median of --repeats; the settings alternate within each repeat so that all see the same power state
-of the GPU), and the output's largest difference from the first setting's. Scratch measurement for
-bench/NOTES_vertical_slash.md, not a benchmark of record.
+of the GPU), and the output's largest difference from the first setting's.
 
-    python bench/probe_spill.py --seqlens 131072 1048576 --spill 0 16 32 63
+    python bench/probes/probe_spill.py --seqlens 131072 1048576 --spill 0 16 32 63
 """
 from __future__ import annotations
 
@@ -13,15 +12,12 @@ import statistics
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+BENCH = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(BENCH.parent), str(BENCH)]  # sparse_attn from the repository, common from bench/
 
 import torch  # noqa: E402
 
-from bench_methods import parse_args as methods_args  # noqa: E402
-from common import event_ms  # noqa: E402
-from probe_vs_hopper import per_head_layout  # noqa: E402
+from common import event_ms, methods_inputs, vs_layout  # noqa: E402
 from sparse_attn.ops.reference import AttentionInputs  # noqa: E402
 from sparse_attn.ops.vertical_slash import hopper  # noqa: E402
 from sparse_attn.ops.vertical_slash import kernel as vs  # noqa: E402
@@ -33,13 +29,13 @@ def main():
     p.add_argument("--spill", type=int, nargs="+", default=[0, 16, 32, 63])
     p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args()
-    args = methods_args([])
     default = vs.SPILL_KEYS
     print(f"GPU: {torch.cuda.get_device_name()}")
     print("| S | spill | range tiles | gathered tiles | all tiles | attention ms | max |diff| |")
     print("|---|---|---|---|---|---|---|")
     for s in a.seqlens:
-        q, k, v, layout = per_head_layout(args, s)
+        q, k, v = methods_inputs(s)
+        layout = vs_layout(q, k)
         shapes = AttentionInputs(q, k, v)
         group = q.shape[1] // k.shape[1]
         rows, diffs, times = {}, {}, {x: [] for x in a.spill}

@@ -1,90 +1,72 @@
-"""Probe: where each phase of a method's call spends its time, kernel by kernel (torch.profiler), next to
-the phase's wall time. Scratch measurement for bench/NOTES_vertical_slash.md, not a benchmark of record.
+"""Probe: where each phase of a method's call spends its time, kernel by kernel (torch.profiler), next to the
+phase's wall time and its host time.
 
-    python bench/profile_phases.py --seqlens 131072 --methods vertical_slash
+    python bench/probes/profile_phases.py --seqlens 131072 --methods vertical_slash [--timeline] [--cprofile]
 
-Same inputs and phases as bench_methods.py. Per phase: wall ms (CUDA events, synchronize around the phase,
-median of --repeats), the summed GPU time of its kernels, the gap between the two (host-bound time: the GPU
-waits on launches or a sync), and the kernels that take the most GPU time.
+Same inputs and phases as the methods benchmark (common.method_phases). Per phase: wall ms (CUDA events, a
+synchronize around the phase, median of --repeats passes of all phases in order); GPU ms and host ms of the
+phase repeated on the same input (common.gpu_host_ms: where the host time reaches the GPU time the phase is
+host-bound); the summed GPU time of its kernels in one profiled pass and the gap to the wall time; and the
+kernels that take the most GPU time.
 
-Caveat (session 18): the kernel times come from one profiled pass, and on a power-capped GPU a long kernel
-can read several percent lower there than in the timed passes (the vertical-slash attention kernel: 38.3-38.9
-against ~41-42 ms), which inflates the gap of a phase that one long kernel dominates. For host time,
-bench/probe_phase_host.py measures it directly.
+Caveat: on a power-capped GPU a long kernel can read several per cent lower in the profiled pass than in the
+timed passes (the vertical-slash attention kernel at 128K on the H100: 38.3-38.9 against ~41-42 ms), which
+inflates the gap of a phase that one long kernel dominates; the host ms column measures host time directly.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+BENCH = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(BENCH.parent), str(BENCH)]  # sparse_attn from the repository, common from bench/
 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-import bench_methods as bm  # noqa: E402
+from common import gpu_host_ms, kernel_ms, method_phases, methods_inputs, time_phases  # noqa: E402
+
+METHODS = ("a_shape", "vertical_slash", "vs_pairs", "block_sparse", "minference")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seqlens", type=int, nargs="+", default=[131072])
-    p.add_argument("--methods", nargs="+", default=["vertical_slash"], choices=bm.METHODS)
+    p.add_argument("--methods", nargs="+", default=["vertical_slash"], choices=METHODS)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--cprofile", action="store_true", help="also each phase's Python time under cProfile")
     p.add_argument("--timeline", action="store_true", help="also each phase's kernels in order, with GPU gaps")
     a = p.parse_args(argv)
-    args = bm.parse_args(["--methods", *a.methods])
     for s in a.seqlens:
-        q, k, v = bm.make_inputs(args, s, torch.bfloat16)
+        q, k, v = methods_inputs(s)
         for name in a.methods:
-            phases, _ = bm.method_phases(name, args, q, k, v)
-            walls = {ph: [] for ph, _ in phases}
-            kernels = {ph: defaultdict(lambda: [0.0, 0]) for ph, _ in phases}
-            for it in range(1 + a.repeats):
-                result = None
-                for ph, fn in phases:
-                    torch.cuda.synchronize()
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    if it == a.repeats:  # the last pass is profiled, the others timed
-                        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                            result = fn(result)
-                            torch.cuda.synchronize()
-                        for e in prof.events():
-                            if e.device_type == torch.autograd.DeviceType.CUDA:
-                                row = kernels[ph][e.name[:70]]
-                                row[0] += e.device_time / 1e3
-                                row[1] += 1
-                    else:
-                        start.record()
-                        result = fn(result)
-                        end.record()
-                        torch.cuda.synchronize()
-                        if it > 0:
-                            walls[ph].append(start.elapsed_time(end))
+            phases, _ = method_phases(name, q, k, v)
+            walls = time_phases(phases, warmup=1, repeats=a.repeats)[0]  # its last result is not kept alive
+            rows, kernels, result = [], {}, None
+            for ph, fn in phases:
+                prev = result
+                gpu, host = gpu_host_ms(lambda: fn(prev), a.repeats)
+                kernels[ph] = kernel_ms(lambda: fn(prev))
+                result = fn(prev)
+                rows.append((ph, gpu, host))
             print(f"\n## {name}, S={s}")
-            print("| phase | wall ms (median) | GPU kernels ms | launches | gap ms |")
-            print("|---|---|---|---|---|")
-            for ph, _ in phases:
-                gpu = sum(r[0] for r in kernels[ph].values())
-                n = sum(r[1] for r in kernels[ph].values())
-                wall = statistics.median(walls[ph])
-                print(f"| {ph} | {wall:.3f} | {gpu:.3f} | {n} | {wall - gpu:.3f} |")
-            for ph, _ in phases:
+            print("| phase | wall ms (median) | GPU ms (repeated) | host ms | GPU kernels ms | launches | gap ms |")
+            print("|---|---|---|---|---|---|---|")
+            for ph, gpu, host in rows:
+                kms = sum(ms for ms, _ in kernels[ph].values())
+                n = sum(c for _, c in kernels[ph].values())
+                print(f"| {ph} | {walls[ph]:.3f} | {gpu:.3f} | {host:.3f} | {kms:.3f} | {n} | {walls[ph] - kms:.3f} |")
+            for ph, _, _ in rows:
                 print(f"\n{ph}: top kernels")
-                top = sorted(kernels[ph].items(), key=lambda kv: -kv[1][0])[: a.top]
-                for kname, (ms, n) in top:
-                    print(f"  {ms:9.3f} ms  x{n:<4d} {kname}")
+                for kname, (ms, n) in sorted(kernels[ph].items(), key=lambda kv: -kv[1][0])[: a.top]:
+                    print(f"  {ms:9.3f} ms  x{n:<4d} {kname[:70]}")
+            del result
             if a.timeline:
                 timeline(phases)
             if a.cprofile:
                 python_profile(phases, a.top)
-            del result
 
 
 def timeline(phases):

@@ -3,7 +3,7 @@ the dense attention mass inside the index, sparse_attn.recall) of vertical_slash
 (share_heads=1, MInference) against one index per run of n query heads of a GQA group (share_heads=n,
 chosen from the run's summed scores, same budgets). Runs on CPU.
 
-    python bench/share_heads_recall.py [--length 4096] [--seeds 0 1] [--out FILE.json]
+    python bench/probes/share_heads_recall.py [--length 4096] [--seeds 0 1] [--out FILE.json]
 
 SmolLM2-135M-Instruct has 9 query heads per 3 kv heads, so its runs are the whole group (n = 3): a
 harsher test than the pairs (n = 2) the kernel serves two at a time.
@@ -15,8 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+BENCH = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(BENCH.parent), str(BENCH)]  # sparse_attn from the repository, common from bench/
 
 import torch  # noqa: E402
 
@@ -27,7 +27,7 @@ from sparse_attn.recall import attention_recall  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--length", type=int, default=4096)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--budgets", nargs="+", default=["128,256", "256,512"],
