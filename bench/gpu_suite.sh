@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # Everything the GPU machine runs, in one call: install, GPU tests, kernel and method benchmarks.
-# Prints a short summary table last; full logs, JSON and plots go to $OUT (or bench/results).
+# Prints a short summary table last; full logs, JSON and plots go to $OUT (or bench/results, git-ignored).
 #   bash bench/gpu_suite.sh            # tests + benchmarks at the issue sizes
 #   SUITE=quick bash bench/gpu_suite.sh  # smaller sizes, for a smoke run
 #   STEPS="build gpu_tests" bash bench/gpu_suite.sh   # only these steps (a lent machine allows 10 min a call)
+#   STEPS="gpu_tests block_sparse_sweep" TESTS=tests/test_block_sparse.py bash bench/gpu_suite.sh
+#       # the block-sparse kernel's own tests, then its tile configs timed against the default at 8K and 32K
+#       # (VARIANTS: block_m,block_n,warps,stages[,warp_specialize,tma,maxnreg]) and on 64-token layouts
+#       # (VARIANTS64); written to $OUT/sweep and $OUT/sweep64
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 SUITE=${SUITE:-full}
+TESTS=${TESTS:-tests}
 status=0
 
 STEPS=${STEPS:-build gpu_tests bench_block_sparse bench_methods}
@@ -27,11 +32,18 @@ step() {  # step NAME CMD...: run, log to $OUT/NAME.log, remember failures
     echo "$name $rc $((SECONDS - t0))" >> "$OUT/steps.txt"
 }
 
+block_sparse_sweep() {  # the default config against others, 128-token layouts, then 64-token layouts at 32K
+    python3 bench/bench_block_sparse.py --seqlens 8192 32768 --out "$OUT/sweep" \
+        --variants ${VARIANTS:-128,128,8,3,0,1 128,64,8,2,0,1,128 128,64,8,2,0,1 64,64,4,3,0,1 128,128,8,3,1,1} \
+        && python3 bench/bench_block_sparse.py --seqlens 32768 --block 64 --no-flex --densities 0.1 1.0 \
+            --out "$OUT/sweep64" --variants ${VARIANTS64:-64,64,4,3,0,1 64,64,8,2,0,1}
+}
+
 : > "$OUT/steps.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 step build python3 setup.py build_ext --inplace
-step gpu_tests python3 -m pytest -q -m gpu -x tests
+step gpu_tests python3 -m pytest -q -m gpu -x $TESTS
 if [ "$SUITE" = quick ]; then
     step bench_block_sparse python3 bench/bench_block_sparse.py --seqlens 8192 32768 --out "$OUT"
     step bench_methods python3 bench/bench_methods.py --seqlens 32768 131072 --out "$OUT"
@@ -39,6 +51,7 @@ else
     step bench_block_sparse python3 bench/bench_block_sparse.py --seqlens 8192 32768 131072 --out "$OUT"
     step bench_methods python3 bench/bench_methods.py --seqlens 32768 131072 524288 1048576 --out "$OUT"
 fi
+step block_sparse_sweep block_sparse_sweep
 echo
 echo "==================== summary ($(date -u +%F), $(head -1 "$OUT/gpu.txt")) ===================="
 python3 bench/summarize.py "$OUT"
