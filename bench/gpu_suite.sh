@@ -4,7 +4,7 @@
 #   bash bench/gpu_suite.sh            # tests + benchmarks at the issue sizes
 #   SUITE=quick bash bench/gpu_suite.sh  # smaller sizes, for a smoke run
 #   STEPS="build gpu_tests" bash bench/gpu_suite.sh   # only these steps (a lent machine allows 10 min a call)
-#   STEPS="gpu_tests block_sparse_sweep" TESTS=tests/test_block_sparse.py bash bench/gpu_suite.sh
+#   STEPS="gpu_tests block_sparse_sweep" TESTS="tests -k block_sparse" bash bench/gpu_suite.sh
 #       # the block-sparse kernel's own tests, then its tile configs timed against the default at 8K and 32K
 #       # (VARIANTS: block_m,block_n,warps,stages[,warp_specialize,tma,maxnreg]) and on 64-token layouts
 #       # (VARIANTS64); written to $OUT/sweep and $OUT/sweep64
@@ -14,7 +14,7 @@ OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 SUITE=${SUITE:-full}
-TESTS=${TESTS:-tests}
+TESTS=${TESTS:-tests}  # pytest arguments: paths, -k expressions
 status=0
 
 STEPS=${STEPS:-build gpu_tests bench_block_sparse bench_methods}
