@@ -7,7 +7,7 @@
 profile: one forward pass over calibration text (a pass-key prompt in pydoc text by default), every
 head's pattern and budget chosen (sparse_attn.profiler), written to patches/<model name>.json, where
 sparse_attn.patch(model, method="minference") finds it. compare: mean recall and density of a profile
-against uniform vertical-slash configs on (by default held-out) text, and the uniform recall at the
+against uniform configs of the default pattern on (by default held-out) text, and the uniform recall at the
 profile's density. import-minference: an MInference per-head config into this package's format.
 """
 from __future__ import annotations
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="profile JSON (default: patches/<model name>.json)")
     p.add_argument("--plot", default=None, help="PNG: pattern per (layer, head) and recall vs cost")
 
-    c = sub.add_parser("compare", help="a profile's mean recall vs uniform vertical-slash at the same density")
+    c = sub.add_parser("compare", help="a profile's mean recall vs uniform configs at the same density")
     _model_args(c)
     c.set_defaults(seed=1, calibration="text")  # held-out plain text: the profile's default is a prompt, seed 7
     c.add_argument("--profile", required=True, help="profile JSON")
@@ -156,23 +156,24 @@ def cmd_profile(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .integrations.hf import _model_shape
+    from .integrations.hf import model_shape
+    from .patterns import get_pattern
     from .profiler import compare_uniform
     from .profiles import load_profile
 
     profile = load_profile(args.profile)
     _setup_torch(args)
     model, tokenizer = _load(args)
-    profile.check_model(**_model_shape(model))
+    profile.check_model(**model_shape(model))
     result = compare_uniform(model, _input_ids(tokenizer, args), profile, progress=not args.no_progress)
     print(f"{'config':<44} {'density':>8} {'recall':>8}")
     print(f"{'profile ' + Path(args.profile).name:<44} {result['profile']['density']:8.4f} "
           f"{result['profile']['recall']:8.4f}")
     for u in result["uniform"]:
-        label = f"uniform vertical_slash {u['vertical_size']}/{u['slash_size']}"
+        label = f"uniform {u['pattern']} " + "/".join(str(u[k]) for k in get_pattern(u["pattern"]).budget_names)
         print(f"{label:<44} {u['density']:8.4f} {u['recall']:8.4f}")
     at = result["uniform_recall_at_profile_density"]
-    print(f"uniform vertical_slash at the profile's density: recall "
+    print(f"uniform {result['uniform'][0]['pattern']} at the profile's density: recall "
           f"{'outside the grid' if at is None else f'{at:.4f}'}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
@@ -183,11 +184,11 @@ def _minference_model_info(args):
     if args.model is not None:
         from transformers import AutoConfig
 
-        from .integrations.hf import _model_shape
+        from .integrations.hf import model_shape
 
         config = AutoConfig.from_pretrained(args.model)
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        shape = _model_shape(SimpleNamespace(config=text))
+        shape = model_shape(SimpleNamespace(config=text))
         arch = (getattr(config, "architectures", None) or [config.model_type])[0]
         return {"name": args.name or str(args.model), "architecture": arch, **shape}
     missing = [flag for flag, value in (("--name", args.name), ("--num-kv-heads", args.num_kv_heads),

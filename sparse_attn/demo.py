@@ -98,8 +98,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         density = s.density() if s is not None else 1.0
         print(f"{label:<16} {answer[:14]!s:<14} {'yes' if answer_has_key(answer, prompt.key) else 'no':<5} "
               f"{r['prefill_s']:>9.2f} {r['decode_s']:>9.2f} {density:>8.3f}")
+    decode = stats.density("decode")
+    decode_note = f"sparse (density {decode:.3f})" if decode is not None and decode < 1 else "dense"
     print(f"\ndensity = attention entries computed / causal entries, mean over {len(stats.prefill)} layers and "
-          "their heads, in the sparse prefill; decode ran " + ("sparse" if args.method == "a_shape" else "dense"))
+          f"their heads, in the sparse prefill; decode ran {decode_note}")
     if device.type != "cuda":
         print("note: on CPU the sparse path is the fp32 reference over the sparse index (what it computes, "
               "not how fast); prefill speed-ups need the GPU kernels")

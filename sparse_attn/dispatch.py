@@ -15,11 +15,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from ._checks import warn_once
-from .estimators import (VerticalSlashChoice, a_shape_layout, block_topk_layout, estimate_block_topk,
-                         estimate_vertical_slash)
-from .layouts import VerticalSlashLayout
-from .ops.reference import reference_attention, sdpa, sdpa_layout_attention
+from .ops import attention as kernel_attention
+from .ops.reference import sdpa, sdpa_layout_attention
+from .patterns import DENSE, get_pattern
 
 __all__ = [
     "HeadGroup",
@@ -30,7 +28,7 @@ __all__ = [
     "attend",
     "dense_attention",
     "run_head_config",
-    "LayerPlan",
+    "LayerLayouts",
 ]
 
 # Elements of one explicit causal mask chunk in dense_attention (rows x seqlen_k bools).
@@ -64,86 +62,35 @@ def head_groups(head_config: Sequence[Dict[str, Any]], num_kv_heads: int) -> Lis
     return out
 
 
-def _budget(configs: Sequence[Dict[str, Any]], key: str) -> torch.Tensor:
-    return torch.tensor([int(c[key]) for c in configs], dtype=torch.int64)
-
-
 def estimate_pattern(pattern: str, q, k, configs, *, causal: bool, scale: Optional[float], block_size: int,
-                     last_q: int, density: Optional[float] = None, share_heads: int = 1):
-    """Phase 1, online estimation (nothing for a_shape). `configs`: one head dict per query head of q.
-    share_heads (vertical_slash): one estimate per run of that many query heads of a GQA group."""
-    if pattern == "vertical_slash":
-        return estimate_vertical_slash(q, k, vertical_size=_budget(configs, "vertical_size"),
-                                       slash_size=_budget(configs, "slash_size"), last_q=last_q,
-                                       causal=causal, scale=scale, share_heads=share_heads)
-    if pattern == "block_sparse":
-        top_k = None if density is not None else _budget(configs, "top_k")
-        return estimate_block_topk(q, k, top_k=top_k, density=density, block_size=block_size, causal=causal)
-    if pattern == "a_shape":
+                     **options):
+    """Phase 1, online estimation (None for a pattern without an estimator). `configs`: one head dict per
+    query head of q (its budgets); options: the pattern's per-call options (defaults where absent)."""
+    p = get_pattern(pattern)
+    if p.estimate is None:
         return None
-    raise ValueError(f"pattern: expected one of a_shape, vertical_slash, block_sparse, got {pattern!r}")
+    return p.estimate(q, k, p.budget_tensors(configs), causal=causal, scale=scale, block_size=block_size,
+                      **p.run_options(options))
 
 
-def _build_vertical_slash_index(vertical, slash, seqlen_q: int, seqlen_k: int, block_size: int,
-                                assume_sorted: bool = False):
-    try:
-        from .ops.vertical_slash import build_vertical_slash_index
-    except ImportError as e:
-        raise RuntimeError(
-            "vertical_slash: the index builder (sparse_attn.ops.vertical_slash) is not available: " + str(e)
-        ) from e
-    return build_vertical_slash_index(vertical, slash, seqlen_q, seqlen_k, block_size_q=block_size,
-                                      assume_sorted=assume_sorted)
+def build_pattern(pattern: str, estimate, q, k, configs, *, causal: bool = True, block_size: int, **options):
+    """Phase 2, the sparse index over q's heads (a Layout of the pattern's type)."""
+    p = get_pattern(pattern)
+    return p.build(estimate, q, k, p.budget_tensors(configs), causal=causal, block_size=block_size,
+                   **p.run_options(options))
 
 
-def build_pattern(pattern: str, estimate, q, k, configs, *, block_size: int):
-    """Phase 2, the sparse index (a BlockLayout or a VerticalSlashLayout) over q's heads. A vertical-slash
-    estimate made for runs of query heads (share_heads) gives a layout with identical runs (shared_heads)."""
-    b, h, sq = q.shape[:3]
-    sk = k.shape[2]
-    if pattern == "a_shape":
-        return a_shape_layout(b, h, sq, sk, sink=_budget(configs, "sink"), window=_budget(configs, "window"),
-                              block_size=block_size, device=q.device)
-    if pattern == "vertical_slash":
-        vertical, slash = estimate
-        # the estimator's own output is sorted per row (repeat_interleave keeps that): no second sort
-        presorted = isinstance(estimate, VerticalSlashChoice)
-        n = h // vertical.shape[1]
-        if n == 1:
-            return _build_vertical_slash_index(vertical, slash, sq, sk, block_size, presorted)
-        # Built per query head from the repeated choices (cheaper than building per run and copying the
-        # index arrays): the builder is a function of a head's choices, so each run's entries are identical.
-        layout = _build_vertical_slash_index(vertical.repeat_interleave(n, 1), slash.repeat_interleave(n, 1),
-                                             sq, sk, block_size, presorted)
-        return VerticalSlashLayout(*layout._parts(), layout.block_size_q, layout.seqlen_q, layout.seqlen_k,
-                                   validate=False, shared_heads=n)
-    if pattern == "block_sparse":
-        return block_topk_layout(estimate, sq, sk, block_size)
-    raise ValueError(f"pattern: expected one of a_shape, vertical_slash, block_sparse, got {pattern!r}")
-
-
-def plan_pattern(pattern: str, q, k, configs, *, causal: bool, scale, block_size: int, last_q: int,
-                 density: Optional[float] = None):
-    est = estimate_pattern(pattern, q, k, configs, causal=causal, scale=scale, block_size=block_size,
-                           last_q=last_q, density=density)
-    return build_pattern(pattern, est, q, k, configs, block_size=block_size)
+def plan_pattern(pattern: str, q, k, configs, *, causal: bool, scale, block_size: int, **options):
+    """Phases 1 and 2: the pattern's layout for q's heads."""
+    est = estimate_pattern(pattern, q, k, configs, causal=causal, scale=scale, block_size=block_size, **options)
+    return build_pattern(pattern, est, q, k, configs, causal=causal, block_size=block_size, **options)
 
 
 def attend(q, k, v, layout, *, causal: bool, scale: Optional[float]):
-    """Phase 3: attention over the layout; Triton kernels on CUDA, elsewhere the same entries in fp32
+    """Phase 3: attention over the layout; its kernel family on CUDA, elsewhere the same entries in fp32
     through SDPA with the layout's mask, by row chunks (several times faster than the explicit reference)."""
     if q.is_cuda:
-        try:
-            if isinstance(layout, VerticalSlashLayout):
-                from .ops.vertical_slash import vertical_slash_attention as kernel
-            else:
-                from .ops.block_sparse import block_sparse_attention as kernel
-        except ImportError as e:
-            warn_once(f"attend-import-{type(layout).__name__}",
-                      f"sparse_attn: no kernel for {type(layout).__name__} ({e}); using the reference (slow)")
-        else:
-            return kernel(q, k, v, layout, causal=causal, scale=scale)
-        return reference_attention(q, k, v, layout, causal=causal, scale=scale)
+        return kernel_attention(q, k, v, layout, causal=causal, scale=scale)
     return sdpa_layout_attention(q, k, v, layout, causal=causal, scale=scale)
 
 
@@ -174,7 +121,7 @@ def _select(t: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
 
 
 @dataclass
-class LayerPlan:
+class LayerLayouts:
     """What one layer call computed: the sparse layouts per head group (dense heads have none).
     Density and recall are derived on demand, since both cost a device sync (recall a dense pass)."""
 
@@ -202,22 +149,23 @@ class LayerPlan:
 
 
 def run_head_config(q, k, v, head_config, *, causal: bool, scale: Optional[float], block_size: int = 64,
-                    last_q: int = 64):
-    """One layer with per-head configs (validated). Returns (out [B, Hq, Sq, D], LayerPlan)."""
+                    **options):
+    """One layer with per-head configs (validated). options: per-call options of the patterns (each pattern
+    takes its own, defaults for the rest). Returns (out [B, Hq, Sq, D], LayerLayouts)."""
     b, hq = q.shape[:2]
     out = torch.empty_like(q)
-    plan = LayerPlan(b, hq, causal)
+    record = LayerLayouts(b, hq, causal)
     for g in head_groups(head_config, k.shape[1]):
         qg, kg, vg = _select(q, g.heads), _select(k, g.kv_heads), _select(v, g.kv_heads)
-        if g.pattern == "dense":
+        if g.pattern == DENSE:
             og = dense_attention(qg, kg, vg, causal=causal, scale=scale)
         else:
             layout = plan_pattern(g.pattern, qg, kg, g.configs, causal=causal, scale=scale,
-                                  block_size=block_size, last_q=last_q)
+                                  block_size=block_size, **options)
             og = attend(qg, kg, vg, layout, causal=causal, scale=scale)
-            plan.parts.append((g.heads, g.kv_heads, layout))
+            record.parts.append((g.heads, g.kv_heads, layout))
         if list(g.heads) == list(range(hq)):
             out = og
         else:
             out.index_copy_(1, torch.tensor(g.heads, device=q.device), og)
-    return out, plan
+    return out, record

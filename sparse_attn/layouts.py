@@ -8,8 +8,11 @@ Coordinates follow the bottom-right causal convention of FlashAttention: with `s
 - VerticalSlashLayout: contiguous key ranges (from diagonals) plus single key columns (verticals)
   that lie outside those ranges, int32.
 
-Both validate themselves, report density without building a seq x seq tensor, and expand into a
-dense boolean mask (whole, for tests and plots, or a band of rows, for the chunked reference).
+Every layout derives from `Layout`, the interface the reference, the recall and the profiler use:
+geometry, `mask_rows` (a band of rows as a boolean mask), `head_density`, the attention mass it keeps
+(`row_mass` for a chunk of softmax rows, `kept` for per-block sums prepared once as `KeySums`) and
+`to(device)`. Layouts are immutable contracts: nothing is ever written onto one after it is built.
+They validate themselves and report density without building a seq x seq tensor.
 """
 from __future__ import annotations
 
@@ -18,10 +21,11 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ._checks import INDEX_DTYPES, check_positive_int, check_tensor
 
-__all__ = ["BlockLayout", "VerticalSlashLayout", "causal_tile_entries"]
+__all__ = ["Layout", "BlockLayout", "VerticalSlashLayout", "KeySums", "PageSelection", "causal_tile_entries"]
 
 
 def _tri(n: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -55,8 +59,36 @@ def _check_seqlens(name: str, seqlens: Optional[Sequence[int]], batch: int, uppe
     return seqlens
 
 
-class _Layout:
-    """What both layouts share: geometry, per-batch lengths, row-band masks and density."""
+@dataclass
+class KeySums:
+    """Per (head, query block, key) values, summed the three ways layouts read them: as they are (single
+    keys), as prefix sums over keys (ranges) and per key block (block layouts). Prepared once for many
+    layouts of the same geometry (the profiler's candidates); see Layout.kept."""
+
+    values: torch.Tensor  # [H, nq, S]
+    prefix: torch.Tensor  # float64 [H, nq, S + 1]
+    blocks: torch.Tensor  # float64 [H, nq, ceil(S / block_size)]
+    block_size: int
+
+    @classmethod
+    def of(cls, values: torch.Tensor, block_size: int) -> "KeySums":
+        s = values.shape[-1]
+        prefix = F.pad(values.double().cumsum(-1), (1, 0))
+        ends = prefix[..., block_size::block_size]
+        if s % block_size:
+            ends = torch.cat([ends, prefix[..., -1:]], dim=-1)
+        blocks = torch.diff(ends, dim=-1, prepend=prefix[..., :1])
+        return cls(values, prefix, blocks, block_size)
+
+
+class Layout:
+    """The sparse-index contract: per (batch, query head, query block of `block_size_q` rows), the keys the
+    block attends to (before the causal mask). Subclasses store that set their own way and provide
+    `_counts` (an int tensor [batch, heads, num_query_blocks]), `_block_rows_mask`, `_computed_entries`
+    and `to`; they may override `row_mass` and `kept` with cheaper forms than the mask. `kernels` names the
+    module of the kernel family that runs the layout (see sparse_attn.ops)."""
+
+    kernels: str = ""
 
     block_size_q: int
     seqlen_q: int
@@ -134,6 +166,28 @@ class _Layout:
         per_head = self.head_density(causal, sq, sk)
         return float((per_head.mean(1) * weights).sum() / weights.sum())
 
+    def row_mass(self, p: torch.Tensor, batch: int, row_start: int) -> torch.Tensor:
+        """Per (head, row) the part of p [heads, rows, keys] (rows from row_start, keys from 0) that the
+        layout keeps, for sequence `batch`."""
+        heads, rows, keys = p.shape
+        return (p * self.mask_rows(batch, row_start, row_start + rows, keys).to(p.device)).sum(-1)
+
+    def kept(self, sums: KeySums, batch: int = 0) -> torch.Tensor:
+        """float64 [heads, num_query_blocks]: the sum of sums.values over the keys each query block keeps."""
+        self._check_sums(sums)
+        keys = sums.values.shape[-1]
+        mask = self._block_rows_mask(batch, 0, self.num_query_blocks, keys).to(sums.values.device)
+        return (sums.values.double() * mask).sum(-1)
+
+    def _check_sums(self, sums: KeySums) -> None:
+        h, nq, s = sums.values.shape
+        if self.num_query_blocks != nq or self.block_size_q * nq < s or self.num_heads != h:
+            raise ValueError(f"layout: expected {h} heads and {nq} query blocks of {sums.block_size} rows, got "
+                             f"{self.num_heads} heads and {self.num_query_blocks} of {self.block_size_q}")
+
+    def to(self, device) -> "Layout":
+        raise NotImplementedError
+
     def _query_block_bounds(self, seqlen_q: int, device) -> tuple:
         q0 = torch.arange(self.num_query_blocks, device=device, dtype=torch.int64) * self.block_size_q
         q1 = (q0 + self.block_size_q).clamp(max=seqlen_q)
@@ -141,12 +195,14 @@ class _Layout:
 
 
 @dataclass(eq=False)
-class BlockLayout(_Layout):
+class BlockLayout(Layout):
     """Per (batch, query head, query block): `counts` key blocks, listed sorted in `indices`.
 
     counts:  int32 [batch, heads, num_query_blocks]
     indices: int32 [batch, heads, num_query_blocks, max_blocks]; entries past `counts` are padding.
     """
+
+    kernels = "sparse_attn.ops.block_sparse"
 
     counts: torch.Tensor
     indices: torch.Tensor
@@ -223,12 +279,7 @@ class BlockLayout(_Layout):
         return mask[..., : self.num_key_blocks]
 
     def _block_rows_mask(self, batch: int, qb0: int, qb1: int, seqlen_k: int) -> torch.Tensor:
-        c = self.counts[batch, :, qb0:qb1]
-        idx = self.indices[batch, :, qb0:qb1].long()
-        live = torch.arange(self.max_blocks, device=idx.device) < c.unsqueeze(-1)
-        blocks = torch.zeros(*c.shape, self.num_key_blocks + 1, dtype=torch.bool, device=idx.device)
-        blocks.scatter_(-1, torch.where(live, idx, torch.full_like(idx, self.num_key_blocks)), True)
-        keys = blocks[..., : self.num_key_blocks].repeat_interleave(self.block_size_k, dim=-1)
+        keys = self._key_block_mask(batch, qb0, qb1).repeat_interleave(self.block_size_k, dim=-1)
         return keys[..., :seqlen_k]
 
     def _computed_entries(self, batch: int, seqlen_q: int, seqlen_k: int, offset: int, causal: bool) -> torch.Tensor:
@@ -240,6 +291,34 @@ class BlockLayout(_Layout):
         n = causal_tile_entries(q0[None, :, None], q1[None, :, None], k0, k1, offset, causal)
         return (n * live).sum((1, 2))
 
+    def row_mass(self, p: torch.Tensor, batch: int, row_start: int) -> torch.Tensor:
+        # Sum p over each key block, then keep whole blocks: no token-level mask is built.
+        heads, rows, keys = p.shape
+        bk, nkb = self.block_size_k, -(-keys // self.block_size_k)
+        per_block = F.pad(p, (0, nkb * bk - keys)).view(heads, rows, nkb, bk).sum(-1)
+        qb0 = row_start // self.block_size_q
+        qb1 = (row_start + rows - 1) // self.block_size_q + 1
+        blocks = self._key_block_mask(batch, qb0, qb1)[..., :nkb].to(p.device)  # [H, qb1 - qb0, nkb]
+        row_blocks = torch.arange(row_start, row_start + rows, device=p.device) // self.block_size_q - qb0
+        return (per_block * blocks[:, row_blocks]).sum(-1)
+
+    def kept(self, sums: KeySums, batch: int = 0) -> torch.Tensor:
+        self._check_sums(sums)
+        if self.block_size_k != sums.block_size:
+            raise ValueError(f"layout: expected key blocks of {sums.block_size}, got {self.block_size_k}")
+        nkb = sums.blocks.shape[-1]
+        mask = self._key_block_mask(batch, 0, self.num_query_blocks)[..., :nkb].to(sums.blocks.device)
+        return (sums.blocks * mask).sum(-1)
+
+    def _key_block_mask(self, batch: int, qb0: int, qb1: int) -> torch.Tensor:
+        """bool [heads, qb1 - qb0, num_key_blocks]: the listed key blocks of query blocks [qb0, qb1)."""
+        c = self.counts[batch, :, qb0:qb1]
+        idx = self.indices[batch, :, qb0:qb1].long()
+        live = torch.arange(self.max_blocks, device=idx.device) < c.unsqueeze(-1)
+        blocks = torch.zeros(*c.shape, self.num_key_blocks + 1, dtype=torch.bool, device=idx.device)
+        blocks.scatter_(-1, torch.where(live, idx, torch.full_like(idx, self.num_key_blocks)), True)
+        return blocks[..., : self.num_key_blocks]
+
     def to(self, device) -> "BlockLayout":
         return BlockLayout(
             self.counts.to(device), self.indices.to(device), self.block_size_q, self.block_size_k,
@@ -248,7 +327,7 @@ class BlockLayout(_Layout):
 
 
 @dataclass(eq=False)
-class VerticalSlashLayout(_Layout):
+class VerticalSlashLayout(Layout):
     """Per (batch, query head, query block): key ranges [start, end) plus single key columns.
 
     range_counts:   int32 [batch, heads, num_query_blocks]
@@ -261,6 +340,8 @@ class VerticalSlashLayout(_Layout):
                     `repeat_heads(n)` makes them; with an even n and an even GQA group the kernel serves
                     two query heads from one stream of key/value tiles. 1: no promise.
     """
+
+    kernels = "sparse_attn.ops.vertical_slash"
 
     range_counts: torch.Tensor
     range_starts: torch.Tensor
@@ -390,9 +471,68 @@ class VerticalSlashLayout(_Layout):
         cols = (causal_tile_entries(q0, q1, c, (c + 1).clamp(max=seqlen_k), offset, causal) * cl).sum((1, 2))
         return ranges + cols
 
+    def kept(self, sums: KeySums, batch: int = 0) -> torch.Tensor:
+        self._check_sums(sums)
+        s = sums.values.shape[-1]
+        dev = sums.prefix.device
+        live_r = (torch.arange(self.max_ranges) < self.range_counts[batch].cpu().unsqueeze(-1)).to(dev)
+        starts = self.range_starts[batch].long().clamp(0, s).to(dev)
+        ends = self.range_ends[batch].long().clamp(0, s).to(dev)
+        ranges = ((sums.prefix.gather(-1, ends) - sums.prefix.gather(-1, starts)) * live_r).sum(-1)
+        live_c = (torch.arange(self.max_columns) < self.column_counts[batch].cpu().unsqueeze(-1)).to(dev)
+        cols = sums.values.gather(-1, self.column_indices[batch].long().clamp(0, s - 1).to(dev)).double()
+        return ranges + (cols * live_c).sum(-1)
+
     def to(self, device) -> "VerticalSlashLayout":
         return VerticalSlashLayout(
             self.range_counts.to(device), self.range_starts.to(device), self.range_ends.to(device),
             self.column_counts.to(device), self.column_indices.to(device), self.block_size_q,
             self.seqlen_q, self.seqlen_k, validate=False, shared_heads=self.shared_heads,
         )
+
+
+@dataclass(frozen=True, eq=False)
+class PageSelection:
+    """Decode's sparse index over a paged KV cache: per (sequence, kv head) the logical pages that the kv
+    head's query heads read, in any order; one selection serves the whole GQA group, so each page is read
+    once. Entries past `counts` are not read; a selected page's tokens past the sequence's length are
+    masked by the kernel.
+
+    pages:  int32 [B, H, K] logical page numbers (H = the cache's kv heads, or 1: the same for all)
+    counts: int32 [B, H], each <= K
+    """
+
+    pages: torch.Tensor
+    counts: torch.Tensor
+    page_size: int
+
+    def __post_init__(self):
+        check_tensor("pages", self.pages, ndim=3, dtypes=INDEX_DTYPES)
+        check_tensor("counts", self.counts, ndim=2, dtypes=INDEX_DTYPES, device=self.pages.device)
+        check_positive_int("page_size", self.page_size)
+        if tuple(self.counts.shape) != tuple(self.pages.shape[:2]):
+            raise ValueError(f"counts: expected shape {tuple(self.pages.shape[:2])} (pages' leading dims), "
+                             f"got {tuple(self.counts.shape)}")
+
+    @property
+    def width(self) -> int:
+        return self.pages.shape[2]
+
+    def token_mask(self, seqlens: torch.Tensor, length: int) -> torch.Tensor:
+        """bool [B, H, length]: the tokens the selection reads (tests, references, plots)."""
+        b, h, k = self.pages.shape
+        live = torch.arange(k, device=self.pages.device) < self.counts.unsqueeze(-1)
+        tok = self.pages.long().unsqueeze(-1) * self.page_size + torch.arange(self.page_size, device=self.pages.device)
+        tok = torch.where(live.unsqueeze(-1) & (tok < seqlens.view(-1, 1, 1, 1).long()), tok, length)
+        mask = torch.zeros(b, h, length + 1, dtype=torch.bool, device=self.pages.device)
+        mask.scatter_(-1, tok.flatten(2).clamp(max=length), True)
+        return mask[..., :length]
+
+    def density(self, seqlens: torch.Tensor) -> torch.Tensor:
+        """float [B, H]: tokens read / tokens in the sequence (on the device; no sync)."""
+        b, h, k = self.pages.shape
+        live = torch.arange(k, device=self.pages.device) < self.counts.unsqueeze(-1)
+        lens = seqlens.view(-1, 1, 1).long()
+        start = self.pages.long() * self.page_size
+        read = ((lens - start).clamp(0, self.page_size) * live).sum(-1)
+        return read.double() / lens.view(-1, 1).clamp(min=1).double()

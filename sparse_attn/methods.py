@@ -4,15 +4,20 @@ Adapters (HF, vLLM), benchmarks and the profiler call only this module:
 
     out = sparse_attention(q, k, v, method="minference", causal=True, head_config=None, stats=None, **kwargs)
 
-q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] (Hq a multiple of Hkv; views welcome). Every method takes
-`min_seqlen`: with fewer queries than that the call is dense (torch SDPA), except "a_shape", which also
-sparsifies short queries and decode (one query against a long cache) and goes dense only when the keys
-are shorter than min_seqlen. On CUDA the sparse kernels run; elsewhere the fp32 reference with the same
-sparse index, so everything works without a GPU (slowly).
+q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] (Hq a multiple of Hkv; views welcome). The methods are "dense",
+"minference" (a per-head mixture of patterns from a profile) and one uniform method per registered pattern
+(sparse_attn.patterns), generated from its entry: every head with the pattern's budgets. A method is a
+prefill side and a decode side, as data: a pattern's method prefills with it (dense for a decode-only
+pattern) and decodes with it where it has a decode side (else dense); `decode="<pattern>"` with
+`decode_config={...}` (that pattern's budgets) picks another decode side. Every method takes `min_seqlen`:
+with fewer queries than that the call is dense (torch SDPA), except for patterns that also serve decode,
+which go dense only when the keys are shorter; a decode call (one query) takes the decode side from
+min_seqlen keys on (a method without one runs its prefill rule, dense unless min_seqlen <= 1). On CUDA the sparse kernels run; elsewhere the fp32 reference with the same sparse index, so
+everything works without a GPU (slowly).
 """
 from __future__ import annotations
 
-import inspect
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -20,8 +25,9 @@ import torch
 
 from ._checks import warn_once
 from . import dispatch
+from .decode import DecodeState, decode_step
 from .ops.reference import AttentionInputs
-from .estimators.vertical_slash import check_share_heads
+from .patterns import DENSE, Param, Pattern, get_pattern, list_patterns, mixture_default, patterns
 from .profiles import check_head_config
 
 __all__ = [
@@ -30,81 +36,51 @@ __all__ = [
     "get_method",
     "list_methods",
     "check_method_kwargs",
-    "default_head_config",
-    "register_method",
+    "check_model",
+    "decode_side",
+    "MIXTURE",
 ]
 
 DEFAULT_MIN_SEQLEN = 1024
+# The per-head mixture method's name (MInference's: a profile chooses each head's pattern and budget).
+MIXTURE = "minference"
+
+_COMMON = (Param("block_size", int, 64, 1, doc="tokens per query/key block of the sparse index"),
+           Param("min_seqlen", int, DEFAULT_MIN_SEQLEN, 0, doc="queries shorter than this run dense (SDPA)"))
 
 
 @dataclass(frozen=True)
 class Method:
     """A registry entry. `run(q, k, v, *, causal, scale, head_config, **kwargs)` returns
-    (out, dispatch.LayerPlan, patterns list[str]); `defaults` are the documented kwargs."""
+    (out, dispatch.LayerLayouts, patterns list[str]) for the prefill side; `params` type and document its
+    kwargs. pattern: the single pattern it runs (uniform methods); mixture: takes per-head configs;
+    decode: the pattern of its decode side by default (None: dense)."""
 
     name: str
     summary: str
-    defaults: Dict[str, Any]
+    params: tuple
     run: Callable = field(repr=False)
-    kwarg_docs: Dict[str, str] = field(default_factory=dict, repr=False)
-    pattern: Optional[str] = None  # the single pattern it runs, for the phase-by-phase benchmark
+    pattern: Optional[str] = None
+    mixture: bool = False
+    decode: Optional[str] = None
+
+    @property
+    def defaults(self) -> Dict[str, Any]:
+        return {p.name: p.default for p in self.params}
 
     def help(self) -> str:
         lines = [f"{self.name}: {self.summary}"]
-        lines += [f"  {k}={self.defaults[k]!r}: {self.kwarg_docs.get(k, '')}" for k in self.defaults]
+        lines += [f"  {p.name}={p.default!r}: {p.doc}" for p in self.params]
+        if self.name != "dense":
+            lines.append(f"  decode={self.decode or DENSE!r}: the decode side, {DENSE!r} or a pattern with one "
+                         f"({[p.name for p in patterns() if p.decode]})")
+            lines.append("  decode_config=None: that pattern's budgets, when it is not this method's own")
         return "\n".join(lines)
-
-
-_REGISTRY: Dict[str, Method] = {}
-
-
-def register_method(method: Method) -> Method:
-    _REGISTRY[method.name] = method
-    return method
-
-
-def list_methods() -> List[str]:
-    return sorted(_REGISTRY)
-
-
-def get_method(name: str) -> Method:
-    if name not in _REGISTRY:
-        raise ValueError(f"method: unknown method {name!r}; expected one of {list_methods()}")
-    return _REGISTRY[name]
-
-
-def check_method_kwargs(name: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """The method's defaults updated with `kwargs`; an unknown key is a TypeError listing the accepted ones."""
-    method = get_method(name)
-    unknown = sorted(set(kwargs) - set(method.defaults))
-    if unknown:
-        raise TypeError(f"method {name!r}: unexpected keyword argument(s) {unknown}; "
-                        f"accepted: {sorted(method.defaults)}")
-    merged = {**method.defaults, **kwargs}
-    for key in ("min_seqlen", "block_size", "last_q"):
-        if key in merged:
-            value, low = merged[key], 0 if key == "min_seqlen" else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"method {name!r}: {key} must be an int >= {low}, got {value!r}")
-    return merged
 
 
 def _dense_result(q, k, v, causal, scale):
     out = dispatch.dense_attention(q, k, v, causal=causal, scale=scale)
-    return out, dispatch.LayerPlan(q.shape[0], q.shape[1], causal), ["dense"] * q.shape[1]
-
-
-def _uniform(q, k, v, config, *, causal, scale, block_size, last_q=64, density=None, share_heads=1):
-    """Every head with one pattern: one estimator call, one kernel launch, no head gathering."""
-    pattern = config["pattern"]
-    configs = [config] * q.shape[1]
-    est = dispatch.estimate_pattern(pattern, q, k, configs, causal=causal, scale=scale, block_size=block_size,
-                                    last_q=last_q, density=density, share_heads=share_heads)
-    layout = dispatch.build_pattern(pattern, est, q, k, configs, block_size=block_size)
-    out = dispatch.attend(q, k, v, layout, causal=causal, scale=scale)
-    every = (list(range(q.shape[1])), list(range(k.shape[1])), layout)
-    plan = dispatch.LayerPlan(q.shape[0], q.shape[1], causal, [every])
-    return out, plan, [pattern] * q.shape[1]
+    return out, dispatch.LayerLayouts(q.shape[0], q.shape[1], causal), ["dense"] * q.shape[1]
 
 
 def _needs_causal(name, q, k, v, causal, scale):
@@ -117,111 +93,133 @@ def _run_dense(q, k, v, *, causal, scale, head_config, min_seqlen):
     return _dense_result(q, k, v, causal, scale)
 
 
-def _run_a_shape(q, k, v, *, causal, scale, head_config, sink, window, block_size, min_seqlen):
-    if k.shape[2] < min_seqlen:
+def _run_uniform(pattern: Pattern, q, k, v, *, causal, scale, head_config, block_size, min_seqlen, **kwargs):
+    """Every head with the pattern's budgets: one estimator call, one kernel launch, no head gathering."""
+    pattern.check_model(kwargs, q.shape[1], k.shape[1])  # a config that does not fit the model fails early
+    if not pattern.prefill or (k.shape[2] if pattern.decode else q.shape[2]) < min_seqlen:
         return _dense_result(q, k, v, causal, scale)
-    if not causal:
-        return _needs_causal("a_shape", q, k, v, causal, scale)
-    return _uniform(q, k, v, {"pattern": "a_shape", "sink": sink, "window": window}, causal=causal,
-                    scale=scale, block_size=block_size)
+    if not causal and pattern.causal_only:
+        return _needs_causal(pattern.name, q, k, v, causal, scale)
+    config = {"pattern": pattern.name, **{name: kwargs[name] for name in pattern.budget_names}}
+    options = {p.name: kwargs[p.name] for p in pattern.options}
+    configs = [config] * q.shape[1]
+    est = dispatch.estimate_pattern(pattern.name, q, k, configs, causal=causal, scale=scale, block_size=block_size,
+                                    **options)
+    layout = dispatch.build_pattern(pattern.name, est, q, k, configs, causal=causal, block_size=block_size,
+                                    **options)
+    out = dispatch.attend(q, k, v, layout, causal=causal, scale=scale)
+    every = (list(range(q.shape[1])), list(range(k.shape[1])), layout)
+    return out, dispatch.LayerLayouts(q.shape[0], q.shape[1], causal, [every]), [pattern.name] * q.shape[1]
 
 
-def _run_vertical_slash(q, k, v, *, causal, scale, head_config, vertical_size, slash_size, last_q, block_size,
-                        share_heads, min_seqlen):
-    check_share_heads(share_heads, q.shape[1], k.shape[1])  # a config that does not fit the model fails early
+def _run_mixture(q, k, v, *, causal, scale, head_config, block_size, min_seqlen, **options):
     if q.shape[2] < min_seqlen:
         return _dense_result(q, k, v, causal, scale)
     if not causal:
-        return _needs_causal("vertical_slash", q, k, v, causal, scale)
-    config = {"pattern": "vertical_slash", "vertical_size": vertical_size, "slash_size": slash_size}
-    return _uniform(q, k, v, config, causal=causal, scale=scale, block_size=block_size, last_q=last_q,
-                    share_heads=share_heads)
-
-
-def _run_block_sparse(q, k, v, *, causal, scale, head_config, top_k, density, block_size, min_seqlen):
-    if q.shape[2] < min_seqlen:
-        return _dense_result(q, k, v, causal, scale)
-    if top_k is not None and density is not None:
-        raise ValueError("method 'block_sparse': pass top_k or density, not both")
-    if top_k is None and density is None:
-        density = 0.1
-    config = {"pattern": "block_sparse", "top_k": top_k}
-    return _uniform(q, k, v, config, causal=causal, scale=scale, block_size=block_size, density=density)
-
-
-def default_head_config(num_heads: int, seqlen_k: int) -> List[Dict[str, Any]]:
-    """The uniform vertical-slash config "minference" uses without a profile.
-
-    MInference's 1000 vertical / 6096 slash is ~5-10% of the causal entries at 128K but nearly dense at
-    4K-8K, so the budget scales with the key length and is capped there:
-        vertical_size = clip(seqlen_k // 32, 64, 1000),  slash_size = clip(seqlen_k // 16, 128, 6096).
-    At 8K that is 256 columns + 512 diagonals, at 32K 1000 + 2048, from ~98K on the MInference sizes.
-    Measured on SmolLM2-135M-Instruct at 8K tokens of pydoc text (30 layers x 9 heads): mean density 0.32,
-    mean attention recall 0.94 (layer 0, the most diffuse, 0.71).
-    """
-    vertical = min(1000, max(64, seqlen_k // 32))
-    slash = min(6096, max(128, seqlen_k // 16))
-    return [{"pattern": "vertical_slash", "vertical_size": vertical, "slash_size": slash}] * num_heads
-
-
-def _run_minference(q, k, v, *, causal, scale, head_config, last_q, block_size, min_seqlen):
-    if q.shape[2] < min_seqlen:
-        return _dense_result(q, k, v, causal, scale)
-    if not causal:
-        return _needs_causal("minference", q, k, v, causal, scale)
+        return _needs_causal(MIXTURE, q, k, v, causal, scale)
     if head_config is None:
-        warn_once("minference-default", "sparse_attn: 'minference' without a head profile uses a uniform "
-                                        "vertical-slash config (see sparse_attn.methods.default_head_config)")
-        head_config = default_head_config(q.shape[1], k.shape[2])
-    out, plan = dispatch.run_head_config(q, k, v, head_config, causal=causal, scale=scale, block_size=block_size,
-                                   last_q=last_q)
-    return out, plan, [h["pattern"] for h in head_config]
+        default = mixture_default(k.shape[2])
+        warn_once("mixture-default", f"sparse_attn: {MIXTURE!r} without a head profile gives every head "
+                                     f"{default['pattern']!r} at a budget scaled with the length")
+        head_config = [default] * q.shape[1]
+    out, layouts = dispatch.run_head_config(q, k, v, head_config, causal=causal, scale=scale,
+                                            block_size=block_size, **options)
+    return out, layouts, [h["pattern"] for h in head_config]
 
 
-_MIN_SEQLEN_DOC = "queries shorter than this run dense (SDPA)"
-_BLOCK_DOC = "tokens per query/key block of the sparse index"
+def _uniform_method(pattern: Pattern) -> Method:
+    return Method(pattern.name, pattern.summary, pattern.budgets + pattern.options + _COMMON,
+                  functools.partial(_run_uniform, pattern), pattern=pattern.name,
+                  decode=pattern.name if pattern.decode else None)
 
-register_method(Method(
-    "dense", "dense causal attention through torch SDPA (the baseline)",
-    {"min_seqlen": DEFAULT_MIN_SEQLEN}, _run_dense, {"min_seqlen": "accepted for uniformity; no effect"},
-))
-register_method(Method(
-    "a_shape", "StreamingLLM A-shape: sink tokens + local window, no estimation; also sparsifies decode",
-    {"sink": 128, "window": 1024, "block_size": 64, "min_seqlen": DEFAULT_MIN_SEQLEN}, _run_a_shape,
-    {"sink": "leading tokens every query keeps (rounded up to whole blocks)",
-     "window": "most recent keys each query keeps (the blocks covering them)",
-     "block_size": _BLOCK_DOC, "min_seqlen": "keys shorter than this run dense"},
-    pattern="a_shape",
-))
-register_method(Method(
-    "vertical_slash", "MInference vertical-slash: top key columns + top diagonals, estimated from the last queries",
-    {"vertical_size": 1000, "slash_size": 6096, "last_q": 64, "block_size": 64, "share_heads": 1,
-     "min_seqlen": DEFAULT_MIN_SEQLEN},
-    _run_vertical_slash,
-    {"vertical_size": "key columns kept per head (clipped to seqlen_k; the first 64 tokens always)",
-     "slash_size": "diagonals kept per head (clipped to seqlen_k; offsets 0..63 always)",
-     "last_q": "queries at the end of the input used to estimate", "block_size": "query rows per block of the index",
-     "share_heads": "1: an index per head (MInference); n (dividing the GQA group): one per run of n query heads, "
-                    "chosen from their summed scores; with an even n the kernel serves two heads per K/V stream "
-                    "(faster; recall falls where the run's heads disagree)",
-     "min_seqlen": _MIN_SEQLEN_DOC},
-    pattern="vertical_slash",
-))
-register_method(Method(
-    "block_sparse", "block top-k: mean-pooled q/k blocks, top key blocks per query block (diagonal + first kept)",
-    {"top_k": None, "density": None, "block_size": 64, "min_seqlen": DEFAULT_MIN_SEQLEN}, _run_block_sparse,
-    {"top_k": "key blocks per query block (>= 2: diagonal and first always kept)",
-     "density": "or: fraction of each query block's visible key blocks; 0.1 when neither is given",
-     "block_size": _BLOCK_DOC, "min_seqlen": _MIN_SEQLEN_DOC},
-    pattern="block_sparse",
-))
-register_method(Method(
-    "minference", "per-head mixture of the patterns above from a profile (head_config); uniform vertical-slash "
-                  "without one",
-    {"last_q": 64, "block_size": 64, "min_seqlen": DEFAULT_MIN_SEQLEN}, _run_minference,
-    {"last_q": "queries used by the vertical-slash estimator", "block_size": _BLOCK_DOC,
-     "min_seqlen": _MIN_SEQLEN_DOC},
-))
+
+def _mixture_method() -> Method:
+    options: Dict[str, Param] = {}
+    for p in patterns():
+        for o in p.options:
+            options.setdefault(o.name, o)
+    summary = ("per-head mixture of the patterns from a profile (head_config); without one, every head gets "
+               "the default pattern at a budget scaled with the length")
+    return Method(MIXTURE, summary, tuple(options.values()) + _COMMON, _run_mixture, mixture=True)
+
+
+_DENSE = Method("dense", "dense causal attention through torch SDPA (the baseline)",
+                (Param("min_seqlen", int, DEFAULT_MIN_SEQLEN, 0, doc="accepted for uniformity; no effect"),),
+                _run_dense)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_uniform(pattern: Pattern) -> Method:
+    return _uniform_method(pattern)
+
+
+def list_methods() -> List[str]:
+    return sorted({"dense", MIXTURE, *list_patterns()})
+
+
+def get_method(name: str) -> Method:
+    if name == "dense":
+        return _DENSE
+    if name == MIXTURE:
+        return _mixture_method()
+    if name not in list_patterns():
+        raise ValueError(f"method: unknown method {name!r}; expected one of {list_methods()}")
+    return _cached_uniform(get_pattern(name))
+
+
+def check_method_kwargs(name: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The method's defaults updated with `kwargs`, each checked against its Param (and `decode`,
+    `decode_config` against the decode pattern); an unknown key is a TypeError listing the accepted ones."""
+    method = get_method(name)
+    extra = {"decode", "decode_config"} if name != "dense" else set()
+    unknown = sorted(set(kwargs) - set(method.defaults) - extra)
+    if unknown:
+        raise TypeError(f"method {name!r}: unexpected keyword argument(s) {unknown}; "
+                        f"accepted: {sorted(set(method.defaults) | extra)}")
+    merged = {p.name: p.check(kwargs[p.name], f"method {name!r}") if p.name in kwargs else p.default
+              for p in method.params}
+    if extra:
+        decode_side(name, {**merged, **{k: kwargs[k] for k in extra & set(kwargs)}})  # checks them
+        merged.update({k: kwargs[k] for k in extra & set(kwargs)})
+    if method.pattern is not None:
+        pattern = get_pattern(method.pattern)
+        if pattern.normalize is not None:
+            merged = pattern.normalize(merged)
+    return merged
+
+
+def decode_side(name: str, kwargs: Dict[str, Any]):
+    """(decode pattern name or None for dense, its budgets and options) of a method's merged kwargs."""
+    method = get_method(name)
+    decode = kwargs.get("decode", method.decode or DENSE)
+    config = kwargs.get("decode_config")
+    if decode == DENSE or decode is None:
+        if config:
+            raise ValueError(f"decode_config: given, but the decode side is {DENSE!r}")
+        return None, {}
+    decoders = [p.name for p in patterns() if p.decode]
+    if decode not in decoders:
+        raise ValueError(f"decode: expected {DENSE!r} or a pattern with a decode side {decoders}, got {decode!r}")
+    p = get_pattern(decode)
+    if config is not None and not isinstance(config, dict):
+        raise TypeError(f"decode_config: expected a dict of {decode!r}'s budgets, got {type(config).__name__}")
+    own = decode == method.pattern
+    values = {q.name: kwargs[q.name] if own and q.name in kwargs else q.default for q in p.budgets + p.options}
+    for key, value in (config or {}).items():
+        known = {q.name: q for q in p.budgets + p.options}
+        if key not in known:
+            raise TypeError(f"decode_config: unexpected key {key!r} for {decode!r}; accepted: {sorted(known)}")
+        values[key] = known[key].check(value, "decode_config")
+    return decode, values
+
+
+def check_model(name: str, kwargs: Dict[str, Any], num_heads: int, num_kv_heads: int) -> None:
+    """Raise where a method's (merged) kwargs do not fit a model of these head counts (e.g. share_heads
+    must divide its GQA group)."""
+    method = get_method(name)
+    names = [method.pattern] if method.pattern is not None else (list_patterns() if method.mixture else [])
+    for pattern in names:
+        get_pattern(pattern).check_model(kwargs, num_heads, num_kv_heads)
 
 
 def sparse_attention(
@@ -235,37 +233,41 @@ def sparse_attention(
     head_config: Optional[List[Dict[str, Any]]] = None,
     stats: Optional[Dict[str, Any]] = None,
     recall: bool = False,
+    decode_state: Optional[DecodeState] = None,
     **method_kwargs,
 ) -> torch.Tensor:
     """One layer's attention through a named method; returns out [B, Hq, Sq, D] in q's dtype.
 
-    head_config: per-query-head dicts for this layer (see sparse_attn.profiles), "minference" only.
+    head_config: per-query-head dicts for this layer (see sparse_attn.profiles), the mixture method only.
     stats: if a dict, receives "density" (float64 [Hq]: computed / causal entries, mean over the batch)
     and "pattern" (list of Hq pattern names); with recall=True also "recall" (float64 [Hq], mean over the
     batch: the share of the dense attention mass the layouts kept, sparse_attn.recall; a slow diagnostic
     that scores every query against every key, in chunks). Method kwargs: see get_method(name).help().
+    decode_state: for decode calls (one query per sequence), the layer's DecodeState kept between steps
+    (page summaries); without one, a pattern that scores pages summarizes the whole cache in the call.
     """
     m = get_method(method)
     kwargs = check_method_kwargs(method, method_kwargs)
     shapes = AttentionInputs(q, k, v)
+    decode, decode_budgets = decode_side(method, kwargs) if method != "dense" else (None, {})
+    if decode is not None and q.shape[2] == 1 and k.shape[2] >= kwargs["min_seqlen"]:
+        out, selection, cache = decode_step(q, k, v, decode, decode_budgets, scale=scale, state=decode_state)
+        if stats is not None:
+            group = shapes.num_heads // shapes.num_kv_heads
+            density = selection.density(cache.seqlens).expand(-1, shapes.num_kv_heads)
+            stats["density"] = density.repeat_interleave(group, 1).mean(0).cpu()
+            stats["pattern"] = [decode] * shapes.num_heads
+        return out
+    for key in ("decode", "decode_config"):
+        kwargs.pop(key, None)
     if head_config is not None:
-        if method != "minference":
-            raise ValueError(f"head_config: only the 'minference' method takes per-head configs, not {method!r}")
+        if not m.mixture:
+            raise ValueError(f"head_config: only the {MIXTURE!r} method takes per-head configs, not {method!r}")
         head_config = check_head_config(head_config, shapes.num_heads)
-    out, plan, patterns = m.run(q, k, v, causal=bool(causal), scale=scale, head_config=head_config, **kwargs)
+    out, layouts, names = m.run(q, k, v, causal=bool(causal), scale=scale, head_config=head_config, **kwargs)
     if stats is not None:
-        stats["density"] = plan.density().mean(0)
-        stats["pattern"] = list(patterns)
+        stats["density"] = layouts.density().mean(0)
+        stats["pattern"] = list(names)
         if recall:
-            stats["recall"] = plan.recall(q, k, scale).mean(0)
+            stats["recall"] = layouts.recall(q, k, scale).mean(0)
     return out
-
-
-def _check_runners() -> None:
-    """Every registry entry's runner takes exactly its documented kwargs (a guard against drift)."""
-    for m in _REGISTRY.values():
-        params = set(inspect.signature(m.run).parameters) - {"q", "k", "v", "causal", "scale", "head_config"}
-        assert params == set(m.defaults), (m.name, params, set(m.defaults))
-
-
-_check_runners()

@@ -10,13 +10,15 @@ alive at a time. Per layer:
 1. block mass: for every (query head, 64-row query block, key) the softmax mass of the block's rows,
    computed in row chunks (never seq x seq). Our layouts keep the same keys for every row of a query
    block, so any candidate's recall (sparse_attn.recall's definition) is a sum over this [H, nq, Sk]
-   tensor: whole key blocks for BlockLayouts, prefix-sum differences over ranges plus single columns for
-   VerticalSlashLayouts. It equals attention_recall exactly (tests check it) at a fraction of the cost.
-2. candidates (default_candidates): a_shape at several windows, vertical_slash at several
-   (vertical_size, slash_size), block_sparse at several top_k, and dense. Each is planned exactly as the
-   runtime plans it (same estimators, last_q, block size), so the recall is that of the method as run.
+   tensor, which each layout computes its own cheapest way (Layout.kept: whole key blocks, or prefix-sum
+   differences over ranges plus single columns). It equals attention_recall exactly (tests check it) at a
+   fraction of the cost.
+2. candidates (default_candidates): every registered pattern's grid at the profiling length
+   (Pattern.candidates), and dense. Each is planned exactly as the runtime plans it (same estimators,
+   options and block size), so the recall is that of the method as run.
 3. cost per candidate and head (candidate_cost): computed entries (density) weighted by the kernels'
-   measured speed (SPEED_TFLOPS, or plain FLOPs with cost="flops"), plus the estimator's own FLOPs.
+   measured speed (Pattern.speed_tflops, or plain FLOPs with cost="flops"), plus the estimator's own
+   FLOPs (Pattern.estimator_cost).
 Selection: per head the cheapest candidate whose recall meets `target` (dense always does), or, with
 `budget`, a greedy over all heads that spends a mean cost on the best recall gain per unit cost, from
 each head's cheapest candidate or, with `floor`, only among the candidates that meet the floor and the
@@ -30,10 +32,10 @@ The tail target defaults to 0.98: with 0.95 (mean density 0.27 on SmolLM2 at 8K)
 on one of two 4K prompts that dense answers; with 0.98 (density 0.33) on neither. The budget greedy
 alone (density 0.355) kept next-token agreement higher but lost the key of the demo's 4K prompt: a few
 retrieval heads fell below the tail target where the greedy found recall cheaper elsewhere. A floor
-(0.95, tail 0.98) and the budget on top kept both (bench/RESULTS.md).
+(0.95, tail 0.98) and the budget on top kept both.
 
-Budgets are stored as absolute token counts (sink, window, vertical_size, slash_size) and key-block
-counts (top_k), the MInference convention, and applied unchanged at any length: a local window, the
+Budgets are stored as each pattern defines them (absolute token or key-block counts for the built-in
+ones, the MInference convention) and applied unchanged at any length: a local window, the
 sink tokens and the offsets of strong diagonals are properties of the head, not of the prompt length,
 so a profile taken at 8K gives a density that falls like 1/length at 128K, which is the point of
 sparsity. The price: heads whose mass spreads as the context grows lose recall at lengths far above
@@ -54,12 +56,12 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import plan_pattern
-from .estimators import a_shape_layout, block_topk_layout, estimate_block_topk, estimate_vertical_slash
-from .layouts import BlockLayout, VerticalSlashLayout
+from .layouts import KeySums
+from .patterns import DENSE, DENSE_TFLOPS, get_pattern, mixture_default, patterns
 from .profiles import Profile
 
 __all__ = [
-    "SPEED_TFLOPS",
+    "speed_tflops",
     "default_candidates",
     "candidate_cost",
     "block_mass",
@@ -72,17 +74,9 @@ __all__ = [
     "LayerScores",
     "profile_model",
     "compare_uniform",
-    "uniform_vertical_slash",
     "plot_profile",
     "peak_rss_mib",
 ]
-
-# Effective throughput of each pattern's kernel, TFLOP/s of computed entries (H100, bf16, head dim 128,
-# suite run of 2026-11-23 in bench/RESULTS.md): dense = cuDNN causal (526-596 at 8K-128K), block_sparse
-# (also A-shape, which runs the same kernel) 467 at 10 % density and 128K, vertical_slash 393 (its
-# 1000 / 6096 layout at 128K: 44.7 ms for 12.5 % of the causal entries).
-# cost="time" weighs each computed entry by 1 / speed, in units of dense time.
-SPEED_TFLOPS: Dict[str, float] = {"dense": 550.0, "block_sparse": 467.0, "a_shape": 467.0, "vertical_slash": 393.0}
 
 COSTS = ("time", "flops")
 # Element budget of one chunk of scores in block_mass (float32 heads x rows x keys): 2**25 is 128 MiB.
@@ -93,36 +87,30 @@ def _powers(low: int, high: int) -> List[int]:
     return [low << i for i in range(64) if low << i <= high]
 
 
+def speed_tflops() -> Dict[str, float]:
+    """Effective TFLOP/s of computed entries per pattern (and dense): cost="time" weighs each computed
+    entry by 1 / speed, in units of dense time."""
+    return {DENSE: DENSE_TFLOPS, **{p.name: p.speed_tflops for p in patterns()}}
+
+
 def default_candidates(seqlen: int, block_size: int = 64) -> List[Dict[str, Any]]:
-    """The candidate grid for a profiling length (head dicts, absolute budgets):
-    a_shape with one sink block and windows 64 .. seqlen/4 (powers of two); vertical_slash with
-    vertical_size in {64, 80} and powers of two up to seqlen/8, slash_size in {64, 68, 80} and powers of
-    two up to seqlen/4; block_sparse with top_k 2 .. (key blocks)/2; and dense. At 8K: 6 + 6 x 8 + 7 + 1.
-    The estimator always keeps the first 64 columns and the 64 nearest diagonals, so 64 means those only
-    and 68 / 80 add 4 / 16 chosen ones: a chosen diagonal costs a block-wide band (as much as 64 columns),
-    so the slash grid is finest there."""
-    nk = -(-seqlen // block_size)
-    verticals = [v for v in (64, 80) if v <= max(64, seqlen // 8)] + _powers(128, seqlen // 8)
-    slashes = [s for s in (64, 68, 80) if s <= max(64, seqlen // 4)] + _powers(128, seqlen // 4)
-    out = [{"pattern": "a_shape", "sink": block_size, "window": w} for w in _powers(64, max(64, seqlen // 4))]
-    out += [{"pattern": "vertical_slash", "vertical_size": v, "slash_size": s} for v in verticals for s in slashes]
-    out += [{"pattern": "block_sparse", "top_k": t} for t in _powers(2, max(2, nk // 2))]
-    return out + [{"pattern": "dense"}]
+    """The candidate grid for a profiling length (head dicts): every registered prefill pattern's own grid
+    (Pattern.candidates), then dense."""
+    out = [{"pattern": p.name, **c} for p in patterns() if p.prefill for c in p.candidates(seqlen, block_size)]
+    return out + [{"pattern": DENSE}]
 
 
-def candidate_cost(pattern: str, density, seqlen: int, *, cost: str = "time", last_q: int = 64,
-                   block_size: int = 64):
+def candidate_cost(pattern: str, density, seqlen: int, /, *, cost: str = "time", block_size: int = 64, **options):
     """Cost of a candidate in units of dense attention (dense = 1): its computed entries (density), times
-    SPEED_TFLOPS["dense"] / SPEED_TFLOPS[pattern] with cost="time", plus its estimator's FLOPs relative to
-    dense causal attention's 2*D*seqlen^2: vertical_slash scores last_q queries against every key
-    (last_q / seqlen), block_sparse scores pooled blocks (1 / (2 * block_size^2)), a_shape nothing."""
+    dense's speed / the pattern's (Pattern.speed_tflops) with cost="time", plus its estimator's FLOPs
+    relative to dense causal attention's (Pattern.estimator_cost, given the pattern's options)."""
     if cost not in COSTS:
         raise ValueError(f"cost: expected one of {COSTS}, got {cost!r}")
-    if pattern not in SPEED_TFLOPS:
-        raise ValueError(f"pattern: expected one of {sorted(SPEED_TFLOPS)}, got {pattern!r}")
-    weight = SPEED_TFLOPS["dense"] / SPEED_TFLOPS[pattern] if cost == "time" else 1.0
-    estimate = {"vertical_slash": min(last_q, seqlen) / seqlen, "block_sparse": 0.5 / block_size ** 2}
-    return density * weight + estimate.get(pattern, 0.0)
+    if pattern == DENSE:
+        return density * 1.0
+    p = get_pattern(pattern)
+    weight = DENSE_TFLOPS / p.speed_tflops if cost == "time" else 1.0
+    return density * weight + p.estimator_cost(seqlen, block_size=block_size, **p.run_options(options))
 
 
 def block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 64, scale: Optional[float] = None,
@@ -153,47 +141,6 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 64, scale:
     return mass
 
 
-@dataclass
-class _Sums:
-    """Per (head, query block) values over keys, summed the three ways the layouts read them: as is (single
-    columns), as prefix sums over keys (ranges) and per key block (BlockLayouts)."""
-
-    values: torch.Tensor  # [H, nq, S]
-    prefix: torch.Tensor  # float64 [H, nq, S + 1]
-    blocks: torch.Tensor  # float64 [H, nq, nk]
-    block_size: int
-
-    @classmethod
-    def of(cls, values: torch.Tensor, block_size: int) -> "_Sums":
-        s = values.shape[-1]
-        prefix = F.pad(values.double().cumsum(-1), (1, 0))
-        ends = prefix[..., block_size::block_size]
-        if s % block_size:
-            ends = torch.cat([ends, prefix[..., -1:]], dim=-1)
-        blocks = torch.diff(ends, dim=-1, prepend=prefix[..., :1])
-        return cls(values, prefix, blocks, block_size)
-
-    def kept(self, layout) -> torch.Tensor:
-        """float64 [H, nq]: the values of the entries a batch-1 layout keeps, per head and query block."""
-        h, nq, s = self.values.shape
-        if layout.num_query_blocks != nq or layout.block_size_q * nq < s:
-            raise ValueError(f"layout: expected {nq} query blocks of {self.block_size} rows, "
-                             f"got {layout.num_query_blocks} of {layout.block_size_q}")
-        if isinstance(layout, BlockLayout):
-            if layout.block_size_k != self.block_size:
-                raise ValueError(f"layout: expected key blocks of {self.block_size}, got {layout.block_size_k}")
-            return (self.blocks * layout.to_block_mask()[0]).sum(-1)
-        if not isinstance(layout, VerticalSlashLayout):
-            raise TypeError(f"layout: expected a BlockLayout or a VerticalSlashLayout, got {type(layout).__name__}")
-        live_r = torch.arange(layout.max_ranges) < layout.range_counts[0].unsqueeze(-1)
-        starts = layout.range_starts[0].long().clamp(0, s)
-        ends = layout.range_ends[0].long().clamp(0, s)
-        ranges = ((self.prefix.gather(-1, ends) - self.prefix.gather(-1, starts)) * live_r).sum(-1)
-        live_c = torch.arange(layout.max_columns) < layout.column_counts[0].unsqueeze(-1)
-        cols = self.values.gather(-1, layout.column_indices[0].long().clamp(0, s - 1)).double()
-        return ranges + (cols * live_c).sum(-1)
-
-
 def _causal_counts(num_heads: int, seqlen: int, block_size: int) -> torch.Tensor:
     """float32 [H, nq, S] (an expanded view): how many rows of each query block see each key causally."""
     q0 = torch.arange(0, seqlen, block_size)[:, None]
@@ -209,21 +156,21 @@ class _Meter:
     def __init__(self, mass: torch.Tensor, block_size: int):
         h, _, s = mass.shape
         self.seqlen = s
-        self.mass = _Sums.of(mass, block_size)
-        self.counts = _Sums.of(_causal_counts(h, s, block_size), block_size)
+        self.mass = KeySums.of(mass, block_size)
+        self.counts = KeySums.of(_causal_counts(h, s, block_size), block_size)
         self.total = s * (s + 1) / 2
 
     def recall(self, layout) -> torch.Tensor:
-        return self.mass.kept(layout).sum(-1) / self.seqlen
+        return layout.kept(self.mass).sum(-1) / self.seqlen
 
     def tail_recall(self, layout) -> torch.Tensor:
         """Recall of the last query block alone: the rows the vertical-slash estimator reads and where a
         prompt's question is, so where a retrieval head must see far back."""
         rows = self.seqlen - (self.mass.values.shape[1] - 1) * self.mass.block_size
-        return self.mass.kept(layout)[:, -1] / rows
+        return layout.kept(self.mass)[:, -1] / rows
 
     def density(self, layout) -> torch.Tensor:
-        return self.counts.kept(layout).sum(-1) / self.total
+        return layout.kept(self.counts).sum(-1) / self.total
 
 
 def mass_recall(layout, mass: torch.Tensor, block_size: int = 64) -> torch.Tensor:
@@ -242,59 +189,33 @@ class LayerScores:
     tail_recall: Optional[torch.Tensor] = None
 
 
-def _vs_indices(q, k, verticals: Sequence[int], slashes: Sequence[int], last_q: int, scale):
-    """Vertical ids per vertical_size and slash offsets per slash_size. The estimator picks columns and
-    diagonals independently, so max(len) calls cover the whole grid instead of one call per pair."""
-    cols, diags = {}, {}
-    for i in range(max(len(verticals), len(slashes))):
-        v, s = verticals[min(i, len(verticals) - 1)], slashes[min(i, len(slashes) - 1)]
-        vi, si = estimate_vertical_slash(q, k, vertical_size=v, slash_size=s, last_q=last_q, scale=scale)
-        cols[v], diags[s] = vi, si
-    return cols, diags
-
-
-def _candidate_layout(cfg, q, k, vs, block_size: int):
-    """The layout of one candidate applied to every head (None for dense)."""
-    from .ops.vertical_slash import build_vertical_slash_index
-
-    _, h, s, _ = q.shape
-    if cfg["pattern"] == "a_shape":
-        return a_shape_layout(1, h, s, s, sink=cfg["sink"], window=cfg["window"], block_size=block_size)
-    if cfg["pattern"] == "block_sparse":
-        return block_topk_layout(estimate_block_topk(q, k, top_k=cfg["top_k"], block_size=block_size), s, s,
-                                 block_size)
-    if cfg["pattern"] == "vertical_slash":
-        cols, diags = vs
-        # On the CPU the torch builder (identical layouts); "auto" would pick the Triton interpreter under
-        # TRITON_INTERPRET=1, ~50x slower.
-        return build_vertical_slash_index(cols[cfg["vertical_size"]], diags[cfg["slash_size"]], s, s,
-                                          block_size_q=block_size, backend="auto" if q.is_cuda else "torch")
-    return None
-
-
-def score_candidates(q, k, candidates: Sequence[Dict[str, Any]], *, block_size: int = 64, last_q: int = 64,
-                     scale: Optional[float] = None, mass: Optional[torch.Tensor] = None) -> LayerScores:
-    """Recall and density of every candidate on every query head of one layer (batch 1, self-attention)."""
+def score_candidates(q, k, candidates: Sequence[Dict[str, Any]], *, block_size: int = 64,
+                     scale: Optional[float] = None, mass: Optional[torch.Tensor] = None, **options) -> LayerScores:
+    """Recall and density of every candidate on every query head of one layer (batch 1, self-attention).
+    options: the patterns' per-call options (defaults where absent), as the runtime would use them."""
     mass = block_mass(q, k, block_size=block_size, scale=scale) if mass is None else mass
     meter = _Meter(mass, block_size)
-    verticals = sorted({c["vertical_size"] for c in candidates if c["pattern"] == "vertical_slash"})
-    slashes = sorted({c["slash_size"] for c in candidates if c["pattern"] == "vertical_slash"})
-    vs = _vs_indices(q, k, verticals, slashes, last_q, scale) if verticals else None
     h = q.shape[1]
     recall = torch.ones(len(candidates), h, dtype=torch.float64)
     density = torch.ones(len(candidates), h, dtype=torch.float64)
     tail = torch.ones(len(candidates), h, dtype=torch.float64)
+    by_pattern: Dict[str, List[int]] = {}
     for i, cfg in enumerate(candidates):
-        layout = _candidate_layout(cfg, q, k, vs, block_size)
-        if layout is not None:
+        if cfg["pattern"] != DENSE:
+            by_pattern.setdefault(cfg["pattern"], []).append(i)
+    for name, ids in by_pattern.items():
+        p = get_pattern(name)
+        layouts = p.make_layouts(q, k, [candidates[i] for i in ids], causal=True, scale=scale,
+                                 block_size=block_size, **p.run_options(options))
+        for i, layout in zip(ids, layouts):
             recall[i] = meter.recall(layout)
             density[i] = meter.density(layout)
             tail[i] = meter.tail_recall(layout)
     return LayerScores(list(candidates), recall, density, tail)
 
 
-def head_config_scores(q, k, head_config: Sequence[Dict[str, Any]], *, block_size: int = 64, last_q: int = 64,
-                       scale: Optional[float] = None, mass: Optional[torch.Tensor] = None):
+def head_config_scores(q, k, head_config: Sequence[Dict[str, Any]], *, block_size: int = 64,
+                       scale: Optional[float] = None, mass: Optional[torch.Tensor] = None, **options):
     """(recall, density), float64 [H] each, of one layer's per-head config as the runtime plans it
     (dispatch.plan_pattern, one plan per pattern over all heads with per-head budgets); dense heads 1."""
     mass = block_mass(q, k, block_size=block_size, scale=scale) if mass is None else mass
@@ -302,12 +223,11 @@ def head_config_scores(q, k, head_config: Sequence[Dict[str, Any]], *, block_siz
     h = q.shape[1]
     recall = torch.ones(h, dtype=torch.float64)
     density = torch.ones(h, dtype=torch.float64)
-    for pattern in sorted({c["pattern"] for c in head_config} - {"dense"}):
+    for pattern in sorted({c["pattern"] for c in head_config} - {DENSE}):
         heads = [i for i, c in enumerate(head_config) if c["pattern"] == pattern]
         # Heads of other patterns borrow a config of this one; their rows of the layout are not read.
         configs = [c if c["pattern"] == pattern else head_config[heads[0]] for c in head_config]
-        layout = plan_pattern(pattern, q, k, configs, causal=True, scale=scale, block_size=block_size,
-                              last_q=last_q)
+        layout = plan_pattern(pattern, q, k, configs, causal=True, scale=scale, block_size=block_size, **options)
         recall[heads] = meter.recall(layout)[heads]
         density[heads] = meter.density(layout)[heads]
     return recall, density
@@ -406,23 +326,15 @@ def capture_qk(model, callback: Callable[[int, torch.Tensor, torch.Tensor, Optio
     (layer_idx, query [B, Hq, S, D], key [B, Hkv, S, D] after RoPE, scaling) to callback."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from .integrations.hf import _configs, _register, _unregister
+    from .integrations.hf import attention_hook
 
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         callback(module.layer_idx, query, key, scaling)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
 
-    name = f"sparse_attn_profile_{id(model)}"
-    previous = [(c, c._attn_implementation) for c in _configs(model)]
-    _register(name, attention)
-    try:
-        model.set_attn_implementation(name)
+    with attention_hook(model, attention):
         yield model
-    finally:
-        for config, implementation in previous:
-            config._attn_implementation = implementation
-        _unregister(name)
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -438,12 +350,12 @@ def _progress(total: int, enabled: bool, desc: str):
 
 def model_info(model, name: Optional[str] = None) -> Dict[str, Any]:
     """The profile's model identity: name (model_name unless given), architecture, layer/head counts."""
-    from .integrations.hf import _model_shape, model_name
+    from .integrations.hf import model_name, model_shape
 
     config = model.config
     arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
     name = name or model_name(model) or arch
-    return {"name": name, "architecture": arch, **_model_shape(model)}
+    return {"name": name, "architecture": arch, **model_shape(model)}
 
 
 def run_layers(model, input_ids: torch.Tensor, per_layer: Callable, *, progress: bool = True,
@@ -477,15 +389,16 @@ def peak_rss_mib() -> float:
 def profile_model(model, input_ids: torch.Tensor, *, candidates: Optional[Sequence[Dict[str, Any]]] = None,
                   target: float = 0.95, tail_target: Optional[float] = 0.98, budget: Optional[float] = None,
                   floor: Optional[float] = None, cost: str = "time", block_size: int = 64,
-                  last_q: int = 64, name: Optional[str] = None, progress: bool = True,
-                  settings: Optional[Dict[str, Any]] = None):
+                  name: Optional[str] = None, progress: bool = True,
+                  settings: Optional[Dict[str, Any]] = None, **options):
     """Profile every head of `model` on input_ids [1, S]. Returns (Profile, [LayerScores per layer]).
 
     target: per head, the cheapest candidate whose recall reaches it, and whose recall on the last query
     block reaches tail_target (None: target); or budget: a mean cost (dense = 1, see candidate_cost)
     spent greedily over all heads, over every candidate or, with floor, over those with recall >= floor
     and tail recall >= tail_target. cost: "time" (speed-weighted) or "flops".
-    block_size, last_q: must be those the runtime uses (the "minference" method's defaults)."""
+    block_size and options (the patterns' per-call options, e.g. how many queries an estimator reads): must
+    be those the runtime uses (the mixture method's defaults where not given)."""
     if floor is not None and budget is None:
         raise ValueError("floor: only with budget (it limits the candidates the budget greedy may pick)")
     for key, value in (("target", target), ("tail_target", tail_target), ("floor", floor)):
@@ -496,12 +409,13 @@ def profile_model(model, input_ids: torch.Tensor, *, candidates: Optional[Sequen
     if cost not in COSTS:
         raise ValueError(f"cost: expected one of {COSTS}, got {cost!r}")
     seqlen = input_ids.shape[-1]
+    options = _options(options)
     candidates = list(candidates) if candidates is not None else default_candidates(seqlen, block_size)
     start = time.perf_counter()
     results = run_layers(model, input_ids, lambda layer, q, k, scale: score_candidates(
-        q, k, candidates, block_size=block_size, last_q=last_q, scale=scale), progress=progress)
+        q, k, candidates, block_size=block_size, scale=scale, **options), progress=progress)
     layers = [results[i] for i in range(len(results))]
-    costs = [candidate_cost_table(candidates, s.density, seqlen, cost, last_q, block_size) for s in layers]
+    costs = [candidate_cost_table(candidates, s.density, seqlen, cost, block_size, **options) for s in layers]
     if budget is None:
         picks = [select_heads(s, target, c, tail_target) for s, c in zip(layers, costs)]
     else:
@@ -514,20 +428,30 @@ def profile_model(model, input_ids: torch.Tensor, *, candidates: Optional[Sequen
             "tail_recall_target": (tail_target or target) if budget is None else
                                   ((tail_target or floor) if floor is not None else None),
             "budget": budget, "floor": floor,
-            "cost": cost, "block_size": block_size, "last_q": last_q, "candidates": len(candidates),
-            "speed_tflops": dict(SPEED_TFLOPS) if cost == "time" else None,
-            "budget_units": "absolute: tokens (sink, window, vertical_size, slash_size), key blocks (top_k)",
+            "cost": cost, "block_size": block_size, **options, "candidates": len(candidates),
+            "speed_tflops": speed_tflops() if cost == "time" else None,
             "mean_recall": round(recall.mean().item(), 4), "mean_density": round(density.mean().item(), 4),
             "elapsed_s": round(time.perf_counter() - start, 1), "peak_rss_mib": round(peak_rss_mib())}
     info.update(settings or {})
     return Profile(model=model_info(model, name), layers=heads, settings=info), layers
 
 
-def candidate_cost_table(candidates, density: torch.Tensor, seqlen: int, cost: str, last_q: int,
-                         block_size: int) -> torch.Tensor:
+def _options(options: Dict[str, Any]) -> Dict[str, Any]:
+    """Every pattern's per-call options: those given, defaults for the rest (recorded in the profile)."""
+    out: Dict[str, Any] = {}
+    for p in patterns():
+        out.update({k: v for k, v in p.run_options(options).items() if k not in out})
+    unknown = sorted(set(options) - set(out))
+    if unknown:
+        raise TypeError(f"options: unknown {unknown}; the patterns take {sorted(out)}")
+    return {**out, **options}
+
+
+def candidate_cost_table(candidates, density: torch.Tensor, seqlen: int, cost: str, block_size: int, /,
+                         **options) -> torch.Tensor:
     """float64 [n_candidates, H]: candidate_cost of every candidate on every head."""
-    return torch.stack([candidate_cost(c["pattern"], density[i], seqlen, cost=cost, last_q=last_q,
-                                       block_size=block_size) for i, c in enumerate(candidates)])
+    return torch.stack([candidate_cost(c["pattern"], density[i], seqlen, cost=cost, block_size=block_size,
+                                       **options) for i, c in enumerate(candidates)])
 
 
 def _head_entry(scores: LayerScores, index: int, head: int) -> Dict[str, Any]:
@@ -539,26 +463,24 @@ def _head_entry(scores: LayerScores, index: int, head: int) -> Dict[str, Any]:
     return entry
 
 
-def uniform_vertical_slash(slash_size: int) -> Dict[str, Any]:
-    """The uniform family compare_uniform matches against: vertical_size = slash_size / 2 (at least 64),
-    the ratio of methods.default_head_config."""
-    return {"pattern": "vertical_slash", "vertical_size": max(64, slash_size // 2), "slash_size": slash_size}
-
-
-def compare_uniform(model, input_ids: torch.Tensor, profile: Profile, *, slash_sizes: Sequence[int] = (),
-                    block_size: int = 64, last_q: int = 64, progress: bool = True) -> Dict[str, Any]:
-    """Mean recall and density over all heads of the profile and of uniform vertical-slash configs
-    (uniform_vertical_slash at each of slash_sizes, default 64 .. seqlen/2) on input_ids, all planned as
-    the runtime plans them; plus the uniform recall interpolated at the profile's mean density."""
+def compare_uniform(model, input_ids: torch.Tensor, profile: Profile, *, uniform: Optional[Sequence[Dict[str, Any]]] = None,
+                    block_size: int = 64, progress: bool = True, **options) -> Dict[str, Any]:
+    """Mean recall and density over all heads of the profile and of uniform configs (head dicts given to
+    every head; default: the sweep of the pattern the mixture method uses without a profile) on input_ids,
+    all planned as the runtime plans them; plus the uniform recall interpolated at the profile's mean
+    density."""
     seqlen = input_ids.shape[-1]
-    slash_sizes = list(slash_sizes) or _powers(64, max(64, seqlen // 2))
-    uniform = [uniform_vertical_slash(s) for s in slash_sizes]
+    if uniform is None:
+        name = mixture_default(seqlen)["pattern"]
+        p = get_pattern(name)
+        uniform = [{"pattern": name, **b} for b in (p.sweep or p.candidates)(seqlen, block_size)]
+    uniform = list(uniform)
 
     def per_layer(layer, q, k, scale):
         mass = block_mass(q, k, block_size=block_size, scale=scale)
-        prof = head_config_scores(q, k, profile.layer(layer), block_size=block_size, last_q=last_q, scale=scale,
-                                  mass=mass)
-        uni = score_candidates(q, k, uniform, block_size=block_size, last_q=last_q, scale=scale, mass=mass)
+        prof = head_config_scores(q, k, profile.layer(layer), block_size=block_size, scale=scale, mass=mass,
+                                  **options)
+        uni = score_candidates(q, k, uniform, block_size=block_size, scale=scale, mass=mass, **options)
         return prof, uni
 
     results = run_layers(model, input_ids, per_layer, progress=progress, desc="comparing")
@@ -581,8 +503,8 @@ def _interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> Optional
     return None
 
 
-_PATTERN_COLORS = {"a_shape": "tab:green", "vertical_slash": "tab:blue", "block_sparse": "tab:orange",
-                   "dense": "tab:red"}
+def _colors() -> Dict[str, str]:
+    return {**{p.name: p.color for p in patterns()}, DENSE: "tab:red"}
 
 
 def plot_profile(profile: Profile, path, scores: Optional[Sequence[LayerScores]] = None, *, cost: str = "time"):
@@ -594,11 +516,13 @@ def plot_profile(profile: Profile, path, scores: Optional[Sequence[LayerScores]]
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
-    names = list(_PATTERN_COLORS)
-    grid = [[names.index(h["pattern"]) for h in layer] for layer in profile.layers]
+    colors = _colors()
+    names = list(colors)
+    grid = [[names.index(h["pattern"]) if h["pattern"] in colors else len(names) for h in layer]
+            for layer in profile.layers]
     seqlen = int(profile.settings.get("seqlen", 8192))
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(13, max(5, 0.22 * profile.num_layers + 1.5)))
-    ax0.imshow(grid, cmap=ListedColormap(list(_PATTERN_COLORS.values())), vmin=0, vmax=len(names) - 1,
+    ax0.imshow(grid, cmap=ListedColormap(list(colors.values()) + ["white"]), vmin=0, vmax=len(names),
                aspect="auto")
     for li, layer in enumerate(profile.layers):
         for h, head in enumerate(layer):
@@ -607,9 +531,9 @@ def plot_profile(profile: Profile, path, scores: Optional[Sequence[LayerScores]]
     ax0.set(xlabel="query head", ylabel="layer", title="chosen pattern (cell: density)")
     if scores is not None:
         for s in scores:
-            c = candidate_cost_table(s.candidates, s.density, seqlen, cost, 64, 64)
+            c = candidate_cost_table(s.candidates, s.density, seqlen, cost, int(profile.settings.get("block_size", 64)))
             ax1.scatter(c.flatten(), s.recall.flatten(), s=3, color="0.8", zorder=1)
-    for pattern, color in _PATTERN_COLORS.items():
+    for pattern, color in colors.items():
         heads = [h for layer in profile.layers for h in layer if h["pattern"] == pattern and "recall" in h]
         if heads:
             x = [candidate_cost(pattern, h.get("density", 1.0), seqlen, cost=cost) for h in heads]

@@ -7,11 +7,10 @@ One human-readable JSON file per model in patches/<model-name>.json:
      "settings": {...how it was profiled...},
      "layers": [[head dict, ... one per query head], ... one per layer]}
 
-A head dict names its pattern and budget; extra keys (e.g. the measured "recall") are kept and ignored
-by the kernels:
-    {"pattern": "vertical_slash", "vertical_size": 1000, "slash_size": 6096}
-    {"pattern": "a_shape", "sink": 128, "window": 1024}
-    {"pattern": "block_sparse", "top_k": 32}
+A head dict names its pattern (a registered one, sparse_attn.patterns, or "dense") and that pattern's
+budgets, typed and bounded by its registry entry (ints and floats); extra keys (e.g. the measured
+"recall") are kept and ignored by the kernels:
+    {"pattern": "<name>", "<budget>": <value>, ...}
     {"pattern": "dense"}
 """
 from __future__ import annotations
@@ -23,9 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+from .patterns import check_budget_head, patterns
+
 __all__ = [
     "FORMAT",
-    "PATTERN_BUDGETS",
     "Profile",
     "check_head_config",
     "check_head",
@@ -39,14 +39,6 @@ __all__ = [
 
 FORMAT = "sparse_attn.profile/1"
 
-# Pattern -> (budget key -> smallest allowed value). Budgets are ints.
-PATTERN_BUDGETS: Dict[str, Dict[str, int]] = {
-    "vertical_slash": {"vertical_size": 1, "slash_size": 1},
-    "a_shape": {"sink": 0, "window": 1},
-    "block_sparse": {"top_k": 1},
-    "dense": {},
-}
-
 MODEL_KEYS = ("name", "architecture", "num_layers", "num_heads", "num_kv_heads", "head_dim")
 
 # The repository's patches/ folder; SPARSE_ATTN_PATCHES points elsewhere (e.g. for an installed package).
@@ -55,18 +47,7 @@ PATCHES_DIR = Path(__file__).resolve().parent.parent / "patches"
 
 def check_head(head: Any, where: str) -> Dict[str, Any]:
     """Validate one head dict; `where` (e.g. "layer 3, head 5") prefixes every error."""
-    if not isinstance(head, dict):
-        raise TypeError(f"{where}: expected a dict with a 'pattern' key, got {type(head).__name__}")
-    pattern = head.get("pattern")
-    if pattern not in PATTERN_BUDGETS:
-        raise ValueError(f"{where}: 'pattern' must be one of {sorted(PATTERN_BUDGETS)}, got {pattern!r}")
-    for key, low in PATTERN_BUDGETS[pattern].items():
-        value = head.get(key)
-        if value is None:
-            raise ValueError(f"{where}: pattern {pattern!r} needs the key {key!r} (an int >= {low})")
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{where}: {key!r} must be an int >= {low}, got {value!r}")
-    return head
+    return check_budget_head(head, where)
 
 
 def check_head_config(head_config: Any, num_heads: int, where: str = "head_config") -> List[Dict[str, Any]]:
@@ -227,26 +208,17 @@ def find_profile(model_name: str, dirs: Optional[Sequence[Union[str, os.PathLike
     return None
 
 
-# MInference's pattern names -> ours, and how their two numbers map onto our budget keys. Their
-# "stream_llm" heads keep (vertical_size) initial tokens and a (slash_size) local window; their
-# "block_sparse" heads ignore both numbers and keep a fixed 100 blocks per query block.
-_MINFERENCE_TOP_K = 100
-
-
 def _from_minference_head(entry, where: str) -> Dict[str, Any]:
+    """MInference's [pattern, vertical, slash, score] as our head dict, through the pattern entries that
+    read MInference's names (Pattern.minference_name / .minference)."""
     if not isinstance(entry, (list, tuple)) or len(entry) < 3:
         raise ValueError(f"{where}: expected [pattern, vertical, slash, score], got {entry!r}")
     name, vertical, slash = entry[0], int(entry[1]), int(entry[2])
     score = float(entry[3]) if len(entry) > 3 else None
-    if name == "vertical_and_slash":
-        head = {"pattern": "vertical_slash", "vertical_size": vertical, "slash_size": slash}
-    elif name == "stream_llm":
-        head = {"pattern": "a_shape", "sink": vertical, "window": slash}
-    elif name == "block_sparse":
-        head = {"pattern": "block_sparse", "top_k": _MINFERENCE_TOP_K}
-    else:
-        raise ValueError(f"{where}: unknown MInference pattern {name!r} "
-                         f"(expected vertical_and_slash, stream_llm or block_sparse)")
+    known = {p.minference_name: p for p in patterns() if p.minference_name is not None}
+    if name not in known:
+        raise ValueError(f"{where}: unknown MInference pattern {name!r} (expected one of {sorted(known)})")
+    head = {"pattern": known[name].name, **known[name].minference(vertical, slash)}
     if score is not None:
         head["minference_score"] = score
     return head

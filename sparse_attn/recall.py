@@ -11,14 +11,14 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ._checks import FLOAT_DTYPES, check_positive_int, check_tensor
-from .layouts import BlockLayout, VerticalSlashLayout
+from .layouts import Layout
 
 __all__ = ["attention_recall"]
 
 # Elements of one chunk's score matrix (heads x rows x keys, float32): 2**25 is 128 MiB.
 _CHUNK_ELEMENTS = 1 << 25
 
-Layout = Union[BlockLayout, VerticalSlashLayout, torch.Tensor]
+AnyLayout = Union[Layout, torch.Tensor]
 
 
 def _check(q, k, layout):
@@ -28,7 +28,7 @@ def _check(q, k, layout):
     if k.shape[0] != b or k.shape[3] != d or hq % k.shape[1]:
         raise ValueError(f"k: expected [{b}, Hkv dividing {hq}, Sk, {d}], got {tuple(k.shape)}")
     sk = k.shape[2]
-    if isinstance(layout, (BlockLayout, VerticalSlashLayout)):
+    if isinstance(layout, Layout):
         if layout.batch != b or layout.num_heads != hq or layout.seqlen_q < sq or layout.seqlen_k < sk:
             raise ValueError(f"layout: expected batch {b}, {hq} heads, seqlen_q >= {sq}, seqlen_k >= {sk}; got "
                              f"batch {layout.batch}, {layout.num_heads} heads, {layout.seqlen_q}, {layout.seqlen_k}")
@@ -39,34 +39,22 @@ def _check(q, k, layout):
             raise ValueError(f"layout: expected a bool mask [1 or {b}, 1 or {hq}, >= {sq}, >= {sk}], "
                              f"got {tuple(layout.shape)}")
     else:
-        raise TypeError(
-            f"layout: expected a BlockLayout, a VerticalSlashLayout or a bool mask, got {type(layout).__name__}"
-        )
+        raise TypeError(f"layout: expected a sparse_attn Layout or a bool mask, got {type(layout).__name__}")
 
 
-def _kept_mass(layout: Layout, p: torch.Tensor, b: int, r0: int, block_masks: dict) -> torch.Tensor:
+def _kept_mass(layout: AnyLayout, p: torch.Tensor, b: int, r0: int) -> torch.Tensor:
     """Per (head, row) the probability mass of p [Hq, rows, keys] that the layout keeps."""
-    heads, rows, keys = p.shape
-    if isinstance(layout, BlockLayout):
-        # Sum p over each key block, then keep whole blocks: no token-level mask is built.
-        if id(layout) not in block_masks:
-            block_masks[id(layout)] = layout.to_block_mask()
-        bk, nkb = layout.block_size_k, -(-keys // layout.block_size_k)
-        per_block = torch.nn.functional.pad(p, (0, nkb * bk - keys)).view(heads, rows, nkb, bk).sum(-1)
-        row_blocks = torch.arange(r0, r0 + rows, device=p.device) // layout.block_size_q
-        mask = block_masks[id(layout)][b][:, row_blocks, :nkb].to(p.device)
-        return (per_block * mask).sum(-1)
     if isinstance(layout, torch.Tensor):
+        rows, keys = p.shape[1:]
         m = layout[min(b, layout.shape[0] - 1), :, r0 : r0 + rows, :keys]
-    else:
-        m = layout.mask_rows(b, r0, r0 + rows, keys)
-    return (p * m.to(p.device)).sum(-1)
+        return (p * m.to(p.device)).sum(-1)
+    return layout.row_mass(p, b, r0)
 
 
 def attention_recall(
     q: torch.Tensor,
     k: torch.Tensor,
-    layout: Union[Layout, Sequence[Layout]],
+    layout: Union[AnyLayout, Sequence[AnyLayout]],
     *,
     causal: bool = True,
     scale: Optional[float] = None,
@@ -74,7 +62,7 @@ def attention_recall(
 ) -> torch.Tensor:
     """Fraction of the dense softmax attention mass the layout's entries capture, per (batch, query head).
 
-    q [B, Hq, Sq, D], k [B, Hkv, Sk, D]; layout: BlockLayout, VerticalSlashLayout or bool mask
+    q [B, Hq, Sq, D], k [B, Hkv, Sk, D]; layout: a sparse_attn Layout or a bool mask
     [B or 1, Hq or 1, Sq, Sk], or a list of them (the softmax is computed once for all: the profiler's
     candidates). causal: bottom-right aligned (query i sees keys j <= i + Sk - Sq).
     chunk_size: query rows per chunk (default: as many as fit 2**25 scores). Returns float64 [B, Hq]
@@ -92,7 +80,6 @@ def attention_recall(
     rows = chunk_size or max(1, _CHUNK_ELEMENTS // max(1, hq * sk))
     total = torch.zeros(len(layouts), b, hq, dtype=torch.float64, device=q.device)
     counted = torch.zeros(b, dtype=torch.float64, device=q.device)
-    block_masks: dict = {}
     for bi in range(b):
         kb = k[bi].float().unsqueeze(1)  # [Hkv, 1, Sk, D]
         for r0 in range(0, sq, rows):
@@ -111,7 +98,7 @@ def attention_recall(
             p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # rows seeing no key: all zeros
             del s
             for i, item in enumerate(layouts):
-                kept = _kept_mass(item, p, bi, r0, block_masks)
+                kept = _kept_mass(item, p, bi, r0)
                 total[i, bi] += kept[:, seen].double().sum(-1)
             counted[bi] += seen.sum()
     recall = torch.where(counted[:, None] > 0, total / counted.clamp(min=1)[:, None], torch.ones_like(total)).cpu()

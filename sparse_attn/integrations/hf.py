@@ -1,7 +1,7 @@
 """Hugging Face transformers adapter: sparse prefill through transformers' own attention registry.
 
     model = sparse_attn.patch(model, method="minference")   # or a profile: config="patches/x.json"
-    model.generate(...)                                     # prefill sparse, decode dense (a_shape: sparse)
+    model.generate(...)                                     # prefill sparse; decode sparse where the pattern serves it
     print(sparse_attn.get_stats(model).table())
     sparse_attn.unpatch(model)
 
@@ -14,6 +14,7 @@ The KV cache stays the model's own and holds every key; only the attention over 
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import weakref
 from dataclasses import dataclass, field
@@ -22,11 +23,12 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .._checks import warn_once
-from ..estimators.vertical_slash import check_share_heads
-from ..methods import check_method_kwargs, get_method, sparse_attention
+from ..decode import DecodeState
+from ..methods import check_method_kwargs, check_model, get_method, sparse_attention
 from ..profiles import Profile, find_profile, load_profile
 
-__all__ = ["patch", "unpatch", "get_stats", "is_patched", "AttentionStats", "LayerStats", "model_name"]
+__all__ = ["patch", "unpatch", "get_stats", "is_patched", "AttentionStats", "LayerStats", "model_name",
+           "model_shape", "attention_hook"]
 
 _NAME_PREFIX = "sparse_attn"
 _names = itertools.count()
@@ -99,6 +101,7 @@ class _Patch:
     diagnostics: bool = False
     stats: AttentionStats = field(default_factory=AttentionStats)
     last_mask: Any = None  # (weakref to the last mask checked, whether it was plain causal)
+    decode_states: Dict[int, DecodeState] = field(default_factory=dict)  # per layer, between decode steps
 
 
 def model_name(model) -> str:
@@ -112,7 +115,8 @@ def _text_config(model):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def _model_shape(model) -> Dict[str, int]:
+def model_shape(model) -> Dict[str, int]:
+    """num_layers, num_heads, num_kv_heads and head_dim of a transformers model (its text config)."""
     c = _text_config(model)
     heads = c.num_attention_heads
     return {"num_layers": c.num_hidden_layers, "num_heads": heads,
@@ -133,16 +137,17 @@ def _check_model(model) -> None:
 
 
 def _resolve_profile(model, method: str, config) -> Optional[Profile]:
-    if config is not None and method != "minference":
-        raise ValueError(f"config: a head profile applies to method 'minference' only, got method={method!r}")
-    if method != "minference":
+    mixture = get_method(method).mixture
+    if config is not None and not mixture:
+        raise ValueError(f"config: a head profile applies to the per-head mixture method only, got method={method!r}")
+    if not mixture:
         return None
     if config is None:
         config = find_profile(model_name(model)) if model_name(model) else None
         if config is None:
             return None
     profile = load_profile(config)
-    profile.check_model(**_model_shape(model))
+    profile.check_model(**model_shape(model))
     return profile
 
 
@@ -191,8 +196,12 @@ def _make_attention(p: _Patch):
         layer = module.layer_idx
         head_config = p.profile.layer(layer) if p.profile is not None else None
         stats: Optional[Dict[str, Any]] = {} if p.collect_stats else None
+        state = p.decode_states.setdefault(layer, DecodeState())
+        if query.shape[2] > 1:
+            state.reset()  # a new prompt (or chunk): the summaries are rebuilt at the next decode step
         out = sparse_attention(query, key, value, p.method, causal=True, scale=scaling, head_config=head_config,
-                               stats=stats, recall=p.diagnostics, **p.kwargs)
+                               stats=stats, recall=p.diagnostics and query.shape[2] > 1, decode_state=state,
+                               **p.kwargs)
         if stats is not None:
             phase = p.stats.prefill if query.shape[2] > 1 else p.stats.decode
             phase[layer] = LayerStats(stats["density"], stats["pattern"], query.shape[2], key.shape[2],
@@ -230,24 +239,42 @@ def _unregister(name: str) -> None:
     AttentionMaskInterface._global_mapping.pop(name, None)
 
 
-def _switch_on(model, p: _Patch) -> None:
-    _register(p.name, _make_attention(p))
+def _switch_on(model, name: str, attention, previous: List[tuple]) -> None:
+    """Register `attention` under `name` and switch the model to it; on failure leave nothing behind."""
+    _register(name, attention)
     try:
-        model.set_attn_implementation(p.name)
+        model.set_attn_implementation(name)
     except Exception:
-        _unregister(p.name)
+        _unregister(name)
         raise
-    if model.config._attn_implementation != p.name:
-        _restore(p)
-        _unregister(p.name)
+    if model.config._attn_implementation != name:
+        _restore(previous)
+        _unregister(name)
         raise ValueError(f"model: {type(model).__name__} does not let transformers switch its attention "
                          "implementation (its attention layers do not call ALL_ATTENTION_FUNCTIONS), so "
-                         "sparse_attn.patch cannot hook in")
+                         "sparse_attn cannot hook in")
 
 
-def _restore(p: _Patch) -> None:
-    for config, implementation in p.previous:
+def _restore(previous: List[tuple]) -> None:
+    for config, implementation in previous:
         config._attn_implementation = implementation
+
+
+@contextlib.contextmanager
+def attention_hook(model, attention):
+    """While open, every attention call of `model` goes to `attention(module, query, key, value,
+    attention_mask, dropout=0.0, scaling=None, **kwargs)` (transformers' attention-function signature,
+    returning (out [B, S, H, D], weights or None)); the model's previous implementation comes back on exit.
+    The same hook `patch` installs, for callers that need one pass (the profiler's capture)."""
+    _check_model(model)
+    name = f"{_NAME_PREFIX}_hook_{next(_names)}"
+    previous = [(c, c._attn_implementation) for c in _configs(model)]
+    _switch_on(model, name, attention, previous)
+    try:
+        yield model
+    finally:
+        _restore(previous)
+        _unregister(name)
 
 
 def patch(model, method: str = "minference", config=None, *, stats: bool = True, diagnostics: bool = False,
@@ -256,8 +283,9 @@ def patch(model, method: str = "minference", config=None, *, stats: bool = True,
 
     method: a registry name (sparse_attn.list_methods()); method_kwargs: its documented kwargs
     (get_method(method).help()), e.g. min_seqlen (queries shorter than it run dense: decode, short prompts).
-    config: for "minference", a head profile (path, dict or Profile) checked against the model's layer and
-    head counts; without one, patches/<model name>.json if present, else the method's uniform default.
+    config: for the per-head mixture ("minference"), a head profile (path, dict or Profile) checked against the
+    model's layer and head counts; without one, patches/<model name>.json if present, else the method's
+    default.
     stats: record per layer and head the density computed (sparse_attn.get_stats); False skips the
     per-call device sync it costs. diagnostics: also the attention recall against dense (slow).
     Patching a patched model replaces its settings; unpatch restores the original implementation.
@@ -266,19 +294,18 @@ def patch(model, method: str = "minference", config=None, *, stats: bool = True,
     kwargs = dict(method_kwargs)
     merged = check_method_kwargs(method, kwargs)
     _check_model(model)
-    if "share_heads" in merged:  # a run of query heads must lie within one GQA group of this model
-        shape = _model_shape(model)
-        check_share_heads(merged["share_heads"], shape["num_heads"], shape["num_kv_heads"])
+    shape = model_shape(model)
+    check_model(method, merged, shape["num_heads"], shape["num_kv_heads"])
     profile = _resolve_profile(model, method, config)
     p = _patches.get(model)
     if p is None:
         previous = [(c, c._attn_implementation) for c in _configs(model)]
         p = _Patch(f"{_NAME_PREFIX}_{next(_names)}", previous)
-        _switch_on(model, p)
+        _switch_on(model, p.name, _make_attention(p), previous)
         _patches[model] = p
     p.method, p.kwargs, p.profile = method, kwargs, profile
     p.collect_stats, p.diagnostics = bool(stats or diagnostics), bool(diagnostics)
-    p.stats, p.last_mask = AttentionStats(), None
+    p.stats, p.last_mask, p.decode_states = AttentionStats(), None, {}
     return model
 
 
@@ -286,7 +313,7 @@ def unpatch(model):
     """Restore the attention implementation the model had before `patch`; a no-op on an unpatched model."""
     p = _patches.pop(model, None)
     if p is not None:
-        _restore(p)
+        _restore(p.previous)
         _unregister(p.name)
     return model
 

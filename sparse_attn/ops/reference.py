@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import FLOAT_DTYPES, check_cu_seqlens, check_tensor
-from ..layouts import BlockLayout, VerticalSlashLayout
+from ..layouts import Layout
 
 __all__ = ["reference_attention", "AttentionInputs", "check_attention_inputs"]
 
-Mask = Union[None, torch.Tensor, BlockLayout, VerticalSlashLayout]
+Mask = Union[None, torch.Tensor, Layout]
 
 # Elements of one chunk's score matrix (heads x rows x keys): 2**25 float32 is 128 MiB.
 _CHUNK_ELEMENTS = 1 << 25
@@ -76,7 +76,7 @@ class AttentionInputs:
 
 def check_attention_inputs(q, k, v, mask: Mask, cu_seqlens_q=None, cu_seqlens_k=None) -> AttentionInputs:
     shapes = AttentionInputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
-    if isinstance(mask, (BlockLayout, VerticalSlashLayout)):
+    if isinstance(mask, Layout):
         if mask.batch != shapes.batch or mask.num_heads != shapes.num_heads:
             raise ValueError(
                 f"layout: expected batch {shapes.batch} and {shapes.num_heads} query heads, "
@@ -97,7 +97,7 @@ def check_attention_inputs(q, k, v, mask: Mask, cu_seqlens_q=None, cu_seqlens_k=
             )
     elif mask is not None:
         raise TypeError(
-            f"mask: expected None, a bool tensor, a BlockLayout or a VerticalSlashLayout, got {type(mask).__name__}"
+            f"mask: expected None, a bool tensor or a sparse_attn Layout, got {type(mask).__name__}"
         )
     return shapes
 

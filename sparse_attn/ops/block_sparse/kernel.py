@@ -1,6 +1,6 @@
 """Triton kernels of block-sparse prefill attention (forward only).
 
-Two launches per call (one when the layout's plan is cached, see `_plan`):
+Two launches per call (one when the caller passes the layout's plan, see `make_plan`):
 - `_plan_kernel`: per (batch, query head, query block), how many of the listed key blocks every row of the
   block sees whole (`n_full`) and how many any row sees at all (`n_visible`). Listed ids are sorted, so the
   whole blocks are a prefix and the blocks that straddle the causal diagonal (or the end of the keys) follow
@@ -16,8 +16,6 @@ last-first so the longest rows (causal) start early and the tail balances.
 from __future__ import annotations
 
 import math
-import os
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
@@ -26,33 +24,10 @@ import triton
 import triton.language as tl
 from triton.runtime.driver import driver as _driver
 
-# The interpreter is chosen when @triton.jit runs, so whether CPU tensors can run is fixed at import.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+from ..._triton import INTERPRETED, LOG2E, LaunchCache, count_below, launch_template, tma_descriptors
 
-LOG2E = 1.4426950408889634
 # Query blocks handled by one program of the plan kernel.
 _PLAN_LANES = 64
-
-
-def _interpreter_index_fix() -> None:
-    """The Triton 3.6 interpreter turns a tensor loop bound into an int with int(array of shape (1,)),
-    which numpy >= 2.4 refuses; give its tensors an __index__ that takes the single element instead."""
-    from triton.runtime import interpreter
-
-    patch = interpreter._patch_lang_tensor
-    if getattr(patch, "_sparse_attn_fix", False):
-        return
-
-    def patched(tensor, scope):
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._sparse_attn_fix = True
-    interpreter._patch_lang_tensor = patched
-
-
-if INTERPRETED:
-    _interpreter_index_fix()
 
 
 @dataclass(frozen=True)
@@ -72,14 +47,13 @@ class Config:
 # thread, so that two 8-warp programs share an SM and one's prologue/epilogue hides under the other's tiles.
 # Measured faster than 128x128 / 3 stages (one program per SM) at 8K and 32K at every density and at 128K at
 # 5, 50 and 100 %, slower at 128K with 10-25 % (random layouts, whose rows list 12K-48K keys): there the
-# longer tile wins (H100, 2026-11-23, NOTES_block_sparse.md v6).
+# longer tile wins (H100, 2026-11-23).
 _TWO_PER_SM = (12288, 49152)
 
 
 def default_config(head_dim: int, dtype: torch.dtype, block_size_q: int, block_size_k: int,
                    max_blocks: Optional[int] = None, seqlen_k: Optional[int] = None) -> Config:
-    """Tile shapes by (head_dim, dtype, layout blocks, longest listed row, keys); measured on H100, see
-    bench/NOTES_block_sparse.md."""
+    """Tile shapes by (head_dim, dtype, layout blocks, longest listed row, keys), measured on H100."""
     if dtype == torch.float32:
         return Config(min(64, block_size_q), min(32, block_size_k), 4, 2)
     if head_dim > 128:
@@ -92,21 +66,6 @@ def default_config(head_dim: int, dtype: torch.dtype, block_size_q: int, block_s
             return Config(128, min(128, block_size_k), 8, 3, tma=True)
         return Config(128, min(64, block_size_k), 8, 2, tma=True, maxnreg=128)
     return Config(min(64, block_size_q), min(64, block_size_k), 4, 3, tma=True)
-
-
-@triton.jit
-def _count_below(row, s_j, count, thr, live, STEPS: tl.constexpr):
-    """Per lane: how many of the first `count` (sorted) entries of its row are < thr."""
-    lo = tl.zeros_like(count)
-    hi = count
-    for _ in tl.static_range(STEPS):
-        active = lo < hi
-        mid = (lo + hi) // 2
-        val = tl.load(row + mid.to(tl.int64) * s_j, mask=active & live, other=0)
-        right = active & (val < thr)
-        lo = tl.where(right, mid + 1, lo)
-        hi = tl.where(active & (val >= thr), mid, hi)
-    return lo
 
 
 @triton.jit
@@ -142,8 +101,8 @@ def _plan_kernel(
     full_thr = tl.minimum(full_thr, vis_thr)
     cnt = tl.load(counts + b * s_cb + h * s_ch + qb * s_cq, mask=live, other=0)
     row = indices + b * s_ib + h * s_ih + qb.to(tl.int64) * s_iq
-    n_full = _count_below(row, s_ij, cnt, full_thr, live, STEPS)
-    n_vis = _count_below(row, s_ij, cnt, vis_thr, live, STEPS)
+    n_full = count_below(row, s_ij, cnt, full_thr, live, STEPS)
+    n_vis = count_below(row, s_ij, cnt, vis_thr, live, STEPS)
     dst = plan + (bh * NQ + qb).to(tl.int64) * 2
     tl.store(dst, n_full, mask=live)
     tl.store(dst + 1, n_vis, mask=live)
@@ -288,13 +247,62 @@ def _outputs(q: torch.Tensor, return_lse: bool):
     return out, lse
 
 
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """The launch plan of one layout: per (sequence, query head, query block) how many of the listed key
+    blocks every row of the block sees whole (`n_full`, run without masks) and how many any row sees
+    (`n_visible`), int32 [B * Hq * nq * 2]. It depends on the layout's indices, the causal flag and the
+    sequence lengths only; `signature` records those, and a run checks them."""
+
+    bounds: torch.Tensor
+    layout: object
+    signature: tuple
+
+    def check(self, layout, signature: tuple) -> None:
+        if self.layout is not layout:
+            raise ValueError("plan: made for another layout (plan(...) per layout, reuse it with that layout)")
+        if self.signature != signature:
+            raise ValueError(f"plan: made for (causal, packed, batch, heads, query blocks, seqlen_q, seqlen_k) = "
+                             f"{self.signature}, this call has {signature}")
+
+
+def plan_signature(layout, causal: bool, packed: bool, batch: int, hq: int, max_seqlen_q: int, sq_fixed: int,
+                   sk_fixed: int, cu_q=None, cu_k=None) -> tuple:
+    nq = max(1, math.ceil(max_seqlen_q / layout.block_size_q))
+    cu = (id(cu_q), id(cu_k)) if packed else ()
+    return (bool(causal), bool(packed), batch, hq, nq, sq_fixed, sk_fixed, *cu)
+
+
+def make_plan(layout, signature: tuple, cu_q, cu_k, fast=None, record=None) -> Plan:
+    """One `_plan_kernel` launch. fast: a remembered launch of it for this signature and the stream to launch
+    it on, used instead of the JIT; record: a list that receives this call's launch, to be remembered."""
+    causal, packed, batch, hq, nq, sq_fixed, sk_fixed = signature[:7]
+    counts, idx = layout.counts, layout.indices
+    bounds = torch.empty(batch * hq * nq * 2, dtype=torch.int32, device=counts.device)
+    per_call = (counts, idx, cu_q, cu_k, bounds)
+    if fast is not None:
+        compiled, grid, template, stream = fast
+        compiled[grid](*per_call, *template[len(per_call):], stream=stream)
+    else:
+        grid = (batch * hq, triton.cdiv(nq, _PLAN_LANES))
+        ints = (*counts.stride(), *idx.stride(), hq, nq, sq_fixed, sk_fixed)
+        constexprs = dict(BQ=layout.block_size_q, BK=layout.block_size_k, CAUSAL=causal, VARLEN=packed,
+                          STEPS=max(1, math.ceil(math.log2(layout.max_blocks + 1))), LANES=_PLAN_LANES)
+        compiled = _plan_kernel[grid](*per_call, *ints, **constexprs)
+        if record is not None and compiled is not None:
+            record.append((compiled, (*grid, 1), launch_template(_plan_kernel, (*per_call, *ints), constexprs,
+                                                                  len(per_call))))
+    return Plan(bounds, layout, signature)
+
+
 def forward(
     q, k, v, layout, *, causal: bool, scale: float, packed: bool, batch: int, max_seqlen_q: int,
-    cu_seqlens_q=None, cu_seqlens_k=None, return_lse: bool = False, config: Optional[Config] = None,
-    remember=None,
+    cu_seqlens_q=None, cu_seqlens_k=None, return_lse: bool = False, plan: Optional[Plan] = None,
+    config: Optional[Config] = None, remember=None,
 ):
-    """Launch plan + attention. Inputs are assumed validated (see block_sparse_attention); `remember`: the
-    call's signature_key, to launch later calls with the same key through fast_forward."""
+    """Launch the attention (and the plan first when none is given). Inputs are assumed validated (see
+    block_sparse_attention); `remember`: the call's signature_key, to launch later calls with the same key
+    through fast_forward."""
     hq, hkv = (q.shape[1], k.shape[1])
     d = q.shape[-1]
     bq, bk = layout.block_size_q, layout.block_size_k
@@ -302,12 +310,14 @@ def forward(
     if bq % cfg.block_m or bk % cfg.block_n:
         raise ValueError(f"config: block_m {cfg.block_m} / block_n {cfg.block_n} must divide the layout blocks")
     out, lse = _outputs(q, return_lse)
-    nq = max(1, math.ceil(max_seqlen_q / bq))
     dummy = layout.counts  # stands in for cu_seqlens when padded (never read)
     cu_q = cu_seqlens_q if packed else dummy
     cu_k = cu_seqlens_k if packed else dummy
     sq_fixed = 0 if packed else q.shape[2]
     sk_fixed = 0 if packed else k.shape[2]
+    signature = plan_signature(layout, causal, packed, batch, hq, max_seqlen_q, sq_fixed, sk_fixed,
+                               cu_seqlens_q, cu_seqlens_k)
+    nq = signature[4]
     idx = layout.indices
     if return_lse:
         ls = (0, 1, hq) if packed else lse.stride()
@@ -315,11 +325,14 @@ def forward(
         ls = (0, 0, 0)
     m_tiles = max(1, math.ceil(max_seqlen_q / cfg.block_m))
     # Everything the attention launch needs is ready before the plan launch, so the two follow each other.
-    kd, vd = _descriptors(k, v, cfg.block_n, packed) if cfg.tma else (None, None)
+    kd, vd = tma_descriptors(k, v, cfg.block_n, packed) if cfg.tma else (None, None)
     plan_launch = [] if remember is not None else None
-    plan = _plan(layout, causal, packed, batch, hq, nq, cu_q, cu_k, sq_fixed, sk_fixed, record=plan_launch)
+    if plan is None:
+        plan = make_plan(layout, signature, cu_q, cu_k, record=plan_launch)
+    else:
+        plan.check(layout, signature)
     grid = (m_tiles * (hq // hkv), batch * hkv)
-    per_call = (q, k, v, kd or k, vd or v, out, lse, plan, idx, cu_q, cu_k)
+    per_call = (q, k, v, kd or k, vd or v, out, lse, plan.bounds, idx, cu_q, cu_k)
     ints = (*_strides4(q, packed), *_strides4(k, packed), *_strides4(v, packed), *_strides4(out, packed),
             *ls, *idx.stride(), hq, hq // hkv, nq, m_tiles, sq_fixed, sk_fixed, scale * LOG2E)
     constexprs = dict(
@@ -339,11 +352,9 @@ def forward(
 # ------------------------------------------------------------------------------------------ fast launches
 # A repeated call (same shapes, strides, dtypes, devices, base-pointer alignment, layout geometry and
 # options: what the input checks and the JIT's argument specialisation look at) skips both: it reuses the
-# compiled kernel of the first such call and launches it directly. The plan (cached on the layout, see
-# `_plan`) and the outputs are per call. Host time per call on the lent H100 machine: ~190 us -> 49-64 us
-# (bench/NOTES_block_sparse.md v7); kernels' GPU time is unchanged.
-_FAST_MAX = 64  # signatures remembered; the oldest remembered is dropped first
-_fast: "OrderedDict[tuple, tuple]" = OrderedDict()
+# compiled kernel of the first such call and launches it directly. Host time per call on the lent H100:
+# ~190 us -> 49-64 us; kernels' GPU time is unchanged.
+_fast = LaunchCache(64)
 # The per-call arguments (tensors and descriptors): the first of _attn_kernel's signature.
 _PER_CALL = ("Q", "K", "V", "KD", "VD", "O", "LSE", "plan", "indices", "cu_q", "cu_k")
 
@@ -359,36 +370,23 @@ def signature_key(q, k, v, layout, causal, scale, return_lse):
             bool(causal), scale, bool(return_lse))
 
 
-def _template(jit_fn, positional, constexprs: dict, n_per_call: int) -> list:
-    """jit_fn's arguments in signature order (constexprs included, as the JIT passes them to the
-    launcher), with the first n_per_call (the per-call tensors) blanked, so none is kept alive."""
-    names = jit_fn.arg_names
-    named = dict(zip(names, positional))
-    named.update(constexprs)
-    template = [named[n] for n in names]
-    template[:n_per_call] = [None] * n_per_call
-    return template
-
-
 def _remember(key, compiled, grid, per_call, ints, constexprs, tma: bool, plan_launch) -> None:
     try:
         compiled[grid]  # noqa: B018  (CompiledKernel[grid](*args, stream=) launches, calling triton's hooks)
     except Exception:  # noqa: BLE001  (another triton: keep the JIT path)
         return
     assert _attn_kernel.arg_names[: len(_PER_CALL)] == list(_PER_CALL)
-    template = _template(_attn_kernel, (*per_call, *ints), constexprs, len(per_call))
+    template = launch_template(_attn_kernel, (*per_call, *ints), constexprs, len(per_call))
     desc = None
     if tma:  # the descriptors' geometry; their tensors (like every per-call argument) are not kept
         desc = tuple((tuple(d.shape), tuple(d.strides), tuple(d.block_shape), d.padding) for d in per_call[3:5])
-    _fast[key] = (compiled, (*grid, 1), template, desc, plan_launch)
-    _fast.move_to_end(key)
-    while len(_fast) > _FAST_MAX:
-        _fast.popitem(last=False)
+    _fast.put(key, (compiled, (*grid, 1), template, desc, plan_launch))
 
 
-def fast_forward(q, k, v, layout, causal: bool, scale: Optional[float], return_lse: bool, key=None):
+def fast_forward(q, k, v, layout, causal: bool, scale: Optional[float], return_lse: bool, key=None,
+                 plan: Optional[Plan] = None):
     """The launch for an input signature seen before (see signature_key), or None: then take the checked
-    path, which remembers it."""
+    path, which remembers it. Without a plan, the remembered plan launch runs first."""
     if not _fast:
         return None
     entry = _fast.get(signature_key(q, k, v, layout, causal, scale, return_lse) if key is None else key)
@@ -399,17 +397,22 @@ def fast_forward(q, k, v, layout, causal: bool, scale: Optional[float], return_l
     if q.device.index not in (None, device):
         return None  # the JIT launches on the current device; so does this path, or it leaves it to the JIT
     compiled, grid, template, desc, plan_launch = entry
+    sq = q.shape[2]
+    signature = plan_signature(layout, causal, False, q.shape[0], q.shape[1], sq, sq, k.shape[2])
+    if plan is not None:
+        plan.check(layout, signature)
+    elif plan_launch is None:
+        return None
     stream = active.get_current_stream(device)
     out, lse = _outputs(q, return_lse)
-    sq = q.shape[2]
-    plan = _plan(layout, causal, False, q.shape[0], q.shape[1], -(-sq // layout.block_size_q), layout.counts,
-                 layout.counts, sq, k.shape[2], fast=None if plan_launch is None else (*plan_launch, stream))
+    if plan is None:
+        plan = make_plan(layout, signature, layout.counts, layout.counts, fast=(*plan_launch, stream))
     if desc is None:
         kd, vd = k, v
     else:
         kd, vd = _Desc(k, desc[0]), _Desc(v, desc[1])
     counts = layout.counts
-    compiled[grid](q, k, v, kd, vd, out, lse if return_lse else out, plan, layout.indices, counts, counts,
+    compiled[grid](q, k, v, kd, vd, out, lse if return_lse else out, plan.bounds, layout.indices, counts, counts,
                    *template[len(_PER_CALL):], stream=stream)
     return (out, lse) if return_lse else out
 
@@ -424,79 +427,3 @@ class _Desc:
     def __init__(self, t, geometry):
         self.base = t
         self.shape, self.strides, self.block_shape, self.padding = geometry
-
-
-def _version(t: torch.Tensor) -> Optional[int]:
-    """torch's in-place edit counter of t; None for inference-mode tensors, which have none."""
-    try:
-        return t._version
-    except RuntimeError:
-        return None
-
-
-def _plan(layout, causal: bool, packed: bool, batch: int, hq: int, nq: int, cu_q, cu_k, sq_fixed: int,
-          sk_fixed: int, fast=None, record=None) -> torch.Tensor:
-    """(n_full, n_visible) per (batch, head, query block), int32 [B * Hq * nq * 2], from `_plan_kernel`.
-
-    For padded inputs the plan is kept on the layout and reused by later calls with the same layout,
-    causal flag and lengths (like a FlexAttention BlockMask built once): a repeated call is one launch.
-    The key includes the index tensors' addresses and torch version counters, so replacing them or
-    editing them in place with torch ops invalidates it; writes by other kernels (which torch does not
-    see) are not detected: treat a layout as read-only once it has been used. Packed (varlen) calls
-    depend on the cu_seqlens values and are planned every time, as are layouts made in inference mode
-    (torch keeps no version counter for those).
-    fast: a remembered launch of the plan kernel for this signature (see _remember) and the stream to
-    launch it on, used instead of the JIT; record: a list that receives this call's launch, to be remembered.
-    """
-    counts, idx = layout.counts, layout.indices
-    key = None
-    versions = (_version(counts), _version(idx))
-    if not packed and None not in versions:
-        key = (bool(causal), sq_fixed, sk_fixed, counts.data_ptr(), idx.data_ptr(), versions)
-        cached = layout.__dict__.get("_plan_cache")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-    plan = torch.empty(batch * hq * nq * 2, dtype=torch.int32, device=counts.device)
-    per_call = (counts, idx, cu_q, cu_k, plan)
-    if fast is not None:
-        compiled, grid, template, stream = fast
-        compiled[grid](*per_call, *template[len(per_call):], stream=stream)
-    else:
-        grid = (batch * hq, triton.cdiv(nq, _PLAN_LANES))
-        ints = (*counts.stride(), *idx.stride(), hq, nq, sq_fixed, sk_fixed)
-        constexprs = dict(BQ=layout.block_size_q, BK=layout.block_size_k, CAUSAL=causal, VARLEN=packed,
-                          STEPS=max(1, math.ceil(math.log2(layout.max_blocks + 1))), LANES=_PLAN_LANES)
-        compiled = _plan_kernel[grid](*per_call, *ints, **constexprs)
-        if record is not None and compiled is not None:
-            record.append((compiled, (*grid, 1), _template(_plan_kernel, (*per_call, *ints), constexprs,
-                                                            len(per_call))))
-    if key is not None:
-        layout.__dict__["_plan_cache"] = (key, plan)
-    return plan
-
-
-def _descriptors(k, v, block_n: int, packed: bool):
-    """TMA descriptors of [B, Hkv, S, D] k and v (block [1, 1, block_n, D]), or (None, None) where TMA
-    cannot take them: packed inputs, the interpreter, GPUs before Hopper (no TMA unit), a head dim that
-    is not a power of two, strides or bases that are not 16-byte aligned."""
-    d = k.shape[-1]
-    if packed or INTERPRETED or not k.is_cuda or d != triton.next_power_of_2(d) or d < 16:
-        return None, None
-    if torch.cuda.get_device_capability(k.device)[0] < 9:
-        return None, None
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
-    except ImportError:
-        return None, None
-    for t in (k, v):
-        es = t.element_size()
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((st * es) % 16 for st in t.stride()[:-1]):
-            return None, None
-    return _tensor_descriptor(k, block_n), _tensor_descriptor(v, block_n)
-
-
-def _tensor_descriptor(t, block_n: int):
-    """The TMA descriptor the kernel reads K or V tiles through: [B, Hkv, S, D], block [1, 1, block_n, D]."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, t.shape[-1]])

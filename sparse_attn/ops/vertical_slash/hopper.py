@@ -3,7 +3,7 @@ explicit wgmma groups and, for the common K/V layouts, a warp-specialised TMA lo
 applies (`SPARSE_ATTN_VS_BACKEND=auto`, kernel.forward): on the H100 the warp-specialised kernel's attention
 call is 3-4 % faster than the Triton kernel's (41.8-42.1 against 43.4-43.5 ms at 128K in the same run; 634
 against 636 ms at 1M), since the compute warpgroup reads each tile's bounds an iteration ahead instead of
-waiting on them before its softmax (bench/NOTES_vertical_slash.md, session 17).
+waiting on them before its softmax (H100, 2026-11-23).
 
 Two kernels, same plan, tile list and program order as the Triton kernel (ranges cut into BN-wide tiles,
 then the columns BN at a time, one flat list per block), one compute warpgroup (64 query rows) per program,
@@ -201,7 +201,7 @@ if AVAILABLE:
         num_heads, group, nqb, seqlen_q, seqlen_k, qk_scale,
         BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
         RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, Q_SMEM: gl.constexpr, KV_SMEM: gl.constexpr,
-        NC: gl.constexpr, ABLATE: gl.constexpr = 0,
+        NC: gl.constexpr,
     ):
         S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BN, 16])
@@ -270,9 +270,8 @@ if AVAILABLE:
                 fence_async_shared()
                 s = warpgroup_mma(q_smem, k_smem.index(t % STAGES).permute((1, 0)),
                                   gl.zeros([BM, BN], gl.float32, S_L), use_acc=False, is_async=True)
-                if ABLATE % 2 == 0:  # ABLATE 1, 3: no K/V loads in the loop (wrong results; the probe's only)
-                    _copy_rows(Kb, keys3, ok3, s_kn, k_smem.index((t + 2) % STAGES), D, LD)
-                    _copy_rows(Vb, keys2, ok2, s_vn, v_smem.index((t + 1) % STAGES), D, LD)
+                _copy_rows(Kb, keys3, ok3, s_kn, k_smem.index((t + 2) % STAGES), D, LD)
+                _copy_rows(Vb, keys2, ok2, s_vn, v_smem.index((t + 1) % STAGES), D, LD)
                 keys2 = keys3
                 ok2 = ok3
                 keys3, ok3 = _tile_keys(t + 3, n_tiles, n_total, TS, TE, COLS, n_cols, lane, BN)
@@ -283,11 +282,8 @@ if AVAILABLE:
                 acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_L))[:, None]
                 acc = warpgroup_mma(p16, v_smem.index((t - 1) % STAGES), acc, is_async=True)
                 s = warpgroup_mma_wait(1, deps=(s, ))
-                if ABLATE // 2 == 0:
-                    p16, alpha, m_i, l_i = _softmax(s, m_i, l_i, need, keys_s, ok_s, rows, off, qk_scale, CAUSAL,
-                                                    P_L, dtype)
-                else:  # ABLATE 2, 3: no softmax (wrong results; the probe's ablation only)
-                    p16 = gl.convert_layout(s.to(dtype), P_L)
+                p16, alpha, m_i, l_i = _softmax(s, m_i, l_i, need, keys_s, ok_s, rows, off, qk_scale, CAUSAL,
+                                                P_L, dtype)
                 acc = warpgroup_mma_wait(0, deps=(acc, ))
             last = gl.maximum(n_total - 1, 0)
             async_copy.wait_group(0)
@@ -535,19 +531,17 @@ def _tma_geometry(k, v, packed: bool):
 
 def forward(q, k, v, out, lse, plan, cu, strides, lse_strides, num_heads: int, group: int,
             nqb: int, lengths, qk_scale: float, *, causal: bool, packed: bool, batch: int,
-            num_kv_heads: int, ablate: int = 0, loads: str = "tma") -> None:
-    """Launch on a plan of `kernel._plan(bn=BN)`; strides: (q, k, v, out) 4-tuples (batch, head, row, dim),
-    the last dim contiguous. loads: "tma" (the warp-specialised kernel where k / v have one of the layouts
-    _tma_views takes, else cp.async) or "cp.async" (the compute warpgroup gathers every tile). ablate
-    (bench/probe_vs_hopper.py only, wrong outputs, cp.async kernel): 1 drops the loop's K/V loads, 2 the
-    softmax, 3 both."""
+            num_kv_heads: int, loads: str = "tma") -> None:
+    """Launch on the tile lists of a plan made with BN; strides: (q, k, v, out) 4-tuples (batch, head, row,
+    dim), the last dim contiguous. loads: "tma" (the warp-specialised kernel where k / v have one of the
+    layouts _tma_views takes, else cp.async) or "cp.async" (the compute warpgroup gathers every tile)."""
     if loads not in ("tma", "cp.async"):
         raise ValueError(f"loads: expected 'tma' or 'cp.async', got {loads!r}")
     d = q.shape[-1]
     q_smem, kv_smem = _smem_layouts(q.dtype, d)
     sq, sk, sv, so = (s[:3] for s in strides)
     grid = (nqb * group, batch * num_kv_heads)
-    views = _tma_views(k, v, packed) if loads == "tma" and not ablate else None
+    views = _tma_views(k, v, packed) if loads == "tma" else None
     if views is not None:
         k2, v2, row_b, row_h, col_h = views
         kd, vd = (TensorDescriptor(x, list(x.shape), list(x.stride()), [BN, d], kv_smem) for x in (k2, v2))
@@ -562,4 +556,4 @@ def forward(q, k, v, out, lse, plan, cu, strides, lse_strides, num_heads: int, g
         q, k, v, out, lse if lse is not None else out, *plan, *cu,
         *sq, *sk, *sv, *so, *lse_strides, num_heads, group, nqb, *lengths, qk_scale,
         BM=BM, BN=BN, D=d, CAUSAL=causal, VARLEN=packed, RETURN_LSE=lse is not None, STAGES=STAGES,
-        Q_SMEM=q_smem, KV_SMEM=kv_smem, NC=plan[0].shape[-1], ABLATE=ablate, num_warps=4)
+        Q_SMEM=q_smem, KV_SMEM=kv_smem, NC=plan[0].shape[-1], num_warps=4)

@@ -31,25 +31,24 @@ from __future__ import annotations
 
 import math
 import os
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from ..._checks import warn_once
+from ..._triton import LOG2E, count_below, tma_descriptors
 from ...layouts import VerticalSlashLayout
-from ..block_sparse.kernel import _count_below, _descriptors, _interpreter_index_fix
-from ..reference import check_attention_inputs, reference_attention
 from . import hopper
 
-__all__ = ["vertical_slash_attention", "not_supported_reasons"]
+__all__ = ["Plan", "make_plan", "forward", "launch_config", "heads_per_program"]
 
-_LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
 # Launch configuration for 16-bit inputs by query block size (fp32 takes half the key tile, 2 stages).
 # wide_unmasked: the BN-wide tiles every row sees run without a mask (fewer instructions; measured faster
-# only where two heads share each K/V tile, bench/NOTES_vertical_slash.md).
+# only where two heads share each K/V tile).
 CONFIG = {64: {"BN": 64, "num_warps": 4, "num_stages": 3, "wide_unmasked": False},
           128: {"BN": 64, "num_warps": 8, "num_stages": 3, "wide_unmasked": False}}
 # Two heads per program (a 128-row tile of two heads' 64-row blocks): overrides CONFIG[128].
@@ -57,7 +56,7 @@ PAIR_CONFIG = {"BN": 64, "num_warps": 8, "num_stages": 2, "maxnreg": 128, "wide_
 BLOCK_SIZES_Q = (16, 32, 64, 128)
 _LANES = 64  # blocks per program of the count kernel
 # tiles kernel: ranges x tiles per step, warps. One warp on 16 x 8 is 3x faster than 4 warps on 64 x 16 (H100,
-# methods benchmark layout: 0.16 against 0.49 ms at 128K, 1.39 against 4.18 ms at 1M; bench/probe_plan.py)
+# methods benchmark layout: 0.16 against 0.49 ms at 128K, 1.39 against 4.18 ms at 1M)
 _TILES_LAUNCH = dict(LANES=16, TL=8, num_warps=1)
 # Per block: range tiles, range tiles every row sees whole, keys gathered (visible columns and spilled keys),
 # gathered keys every row sees, of the range tiles every row sees whole those BN keys wide (listed first: they
@@ -71,13 +70,10 @@ _COPY_CHUNK = 128  # tiles kernel: columns copied per step
 # a GQA group of 2..8 query heads, each block walks its ranges shared-first (`_group_order_kernel`): a group's
 # heads then reach the ranges they share together and read each from DRAM about once. Measured on the
 # methods benchmark's 1M layout: attention 3-4 % faster, DRAM reads 1.03 -> 0.93 TB; level at 128K and 512K
-# (bench/NOTES_vertical_slash.md, session 20).
+# (H100, 2026-11-24).
 GROUP_ORDER_MIN_KEYS = 524288
 GROUP_ORDER_MAX_GROUP = 8
 _ORDER_LANES = 64
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _interpreter_index_fix()
 
 
 @triton.jit
@@ -170,9 +166,9 @@ def _count_kernel(R_COUNT, R_START, R_END, C_COUNT, C_IDX, CU_Q, CU_K, COUNTS,
     gone = (qb < nqb) & ~live
     tl.store(dst, tl.where(live, n_tiles, 0), mask=live | gone)
     tl.store(dst + 1, tl.where(live, n_full, 0), mask=live | gone)
-    visible = _count_below(row, 1, n_cols, reach, live, STEPS) + n_spill
+    visible = count_below(row, 1, n_cols, reach, live, STEPS) + n_spill
     tl.store(dst + 2, tl.where(live, visible, 0), mask=live | gone)
-    seen = _count_below(row, 1, n_cols, first, live, STEPS) + n_spill
+    seen = count_below(row, 1, n_cols, first, live, STEPS) + n_spill
     tl.store(dst + 3, tl.where(live, seen, 0), mask=live | gone)
     tl.store(dst + 4, tl.where(live, n_wide, 0), mask=live | gone)
     tl.store(dst + 5, tl.where(live, n_spill, 0), mask=live | gone)
@@ -452,38 +448,6 @@ def _vs_attn_kernel(
             tl.store(LSE + b64 * s_lb + heads * s_lh + q_rows * s_lm, lse, mask=row_ok)
 
 
-def _on_interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def not_supported_reasons(q, k, v, layout, *, causal: bool = True, cu_seqlens_q=None, cu_seqlens_k=None) -> List[str]:
-    """Why the Triton kernel cannot take these (already valid) inputs; empty when it can."""
-    reasons = []
-    if not (q.is_cuda or (q.device.type == "cpu" and _on_interpreter())):
-        reasons.append(f"device {q.device}: the Triton kernel needs CUDA (or TRITON_INTERPRET=1 on CPU)")
-    if q.shape[-1] not in HEAD_DIMS:
-        reasons.append(f"head_dim {q.shape[-1]}: the kernel supports {HEAD_DIMS}")
-    if layout.block_size_q not in BLOCK_SIZES_Q:
-        reasons.append(f"layout.block_size_q {layout.block_size_q}: the kernel supports {BLOCK_SIZES_Q}")
-    if q.dtype == torch.bfloat16 and not q.is_cuda:
-        reasons.append("bfloat16 on the Triton interpreter (its bf16 dot is unreliable)")
-    return reasons
-
-
-def _alloc_outputs(q: torch.Tensor, return_lse: bool):
-    """Output (q's shape and strides) and lse; a separate function so tests can poison them."""
-    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device) if return_lse else None
-    return torch.empty_like(q), lse
-
-
-def _check_scale(scale) -> Optional[float]:
-    if scale is None:
-        return None
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale: expected a positive finite float or None, got {scale!r}")
-    return float(scale)
-
-
 def _strides4(t: torch.Tensor, packed: bool):
     """(batch, head, row, dim) strides; packed [T, H, D] tensors have no batch stride."""
     if packed:
@@ -493,7 +457,7 @@ def _strides4(t: torch.Tensor, packed: bool):
 
 def launch_config(block_size_q: int, fp32: bool, heads_per_program: int = 1) -> dict:
     """BN / warps / stages / register cap for a tile of heads_per_program x block_size_q rows (measured on
-    H100, see bench/NOTES_vertical_slash.md)."""
+    H100)."""
     rows = heads_per_program * block_size_q
     cfg = dict(CONFIG[128 if rows >= 128 else 64])
     if heads_per_program > 1:
@@ -511,7 +475,7 @@ def heads_per_program(layout: VerticalSlashLayout, group: int, fp32: bool) -> in
     return 1
 
 
-def _plan(layout: VerticalSlashLayout, cu, lengths, num_heads: int, bn: int, causal: bool, packed: bool,
+def _tile_lists(layout: VerticalSlashLayout, cu, lengths, num_heads: int, bn: int, causal: bool, packed: bool,
           split: bool = True, hp: int = 1, group: int = 1, spill: Optional[int] = None):
     """Per-block counts int32 [B, H / hp, nqb, COUNTS_PER_BLOCK], each block's first slot int64
     [B, H / hp, nqb], and the block lists int32 [total] (start, end), blocks one after the other (no padding to
@@ -551,55 +515,97 @@ def _plan(layout: VerticalSlashLayout, cu, lengths, num_heads: int, bn: int, cau
     return counts, first_tile, t_start, t_end
 
 
-def vertical_slash_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layout: VerticalSlashLayout,
-    *,
-    causal: bool = True,
-    scale: Optional[float] = None,
-    cu_seqlens_q: Optional[torch.Tensor] = None,
-    cu_seqlens_k: Optional[torch.Tensor] = None,
-    return_lse: bool = False,
-):
-    """softmax(q k^T * scale) @ v over the layout's key ranges and columns (and the causal band).
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """The launch plan of one layout for one input signature (see make_plan): per block the counts of its
+    sections, its first slot, and the flat tile list (start, end); plus the kernel chosen (`backend`), the
+    heads per program and the launch configuration. `signature` records what it depends on; a run checks it."""
 
-    q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] (any strides), or packed q [Tq, Hq, D], k/v [Tk, Hkv, D] with
-    int32 cu_seqlens_q / cu_seqlens_k (layout batch = sequence). Hq a multiple of Hkv. Causal is
-    bottom-right aligned. Rows that see no key give 0 (lse -inf). Returns out, or (out, lse float32
-    of shape q.shape[:-1]). Inputs the kernel does not support run on the reference, with one warning.
-    """
-    if not isinstance(layout, VerticalSlashLayout):
-        raise TypeError(f"layout: expected a VerticalSlashLayout, got {type(layout).__name__}")
-    shapes = check_attention_inputs(q, k, v, layout, cu_seqlens_q, cu_seqlens_k)
-    if layout.device != q.device:
-        raise ValueError(f"layout: expected tensors on {q.device} (that of q), got {layout.device}")
-    scale = _check_scale(scale)
-    reasons = not_supported_reasons(q, k, v, layout, causal=causal, cu_seqlens_q=cu_seqlens_q,
-                                    cu_seqlens_k=cu_seqlens_k)
-    if reasons:
-        warn_once("vertical_slash_attention:" + "; ".join(reasons),
-                  "vertical_slash_attention: using the reference (slow): " + "; ".join(reasons))
-        return reference_attention(q, k, v, layout, causal=causal, scale=scale, cu_seqlens_q=cu_seqlens_q,
-                                   cu_seqlens_k=cu_seqlens_k, return_lse=return_lse)
-    out, lse = _alloc_outputs(q, return_lse)
-    if q.numel() == 0:
-        return (out, lse) if return_lse else out
-    forward(q, k, v, layout, out, lse, shapes, causal=bool(causal), scale=scale, cu_seqlens_q=cu_seqlens_q,
-            cu_seqlens_k=cu_seqlens_k)
-    return (out, lse) if return_lse else out
+    counts: torch.Tensor
+    first_tile: torch.Tensor
+    t_start: torch.Tensor
+    t_end: torch.Tensor
+    backend: str  # "gluon" or "triton"
+    heads: int
+    config: dict
+    tma: Optional[bool]
+    layout: object
+    signature: tuple
+
+    def tensors(self):
+        return self.counts, self.first_tile, self.t_start, self.t_end
+
+    def check(self, layout, signature: tuple) -> None:
+        if self.layout is not layout:
+            raise ValueError("plan: made for another layout (plan(...) per layout, reuse it with that layout)")
+        if self.signature != signature:
+            raise ValueError(f"plan: made for (causal, packed, dtype, heads, kv heads, seqlens) = {self.signature}, "
+                             f"this call has {signature}")
 
 
-def forward(q, k, v, layout, out, lse, shapes, *, causal: bool, scale: Optional[float], cu_seqlens_q=None,
-            cu_seqlens_k=None, config: Optional[dict] = None, heads: Optional[int] = None,
-            tma: Optional[bool] = None, backend: Optional[str] = None) -> None:
-    """Plan + attention into out (and lse). Inputs are assumed validated (see vertical_slash_attention).
-    config / heads / tma override the launch configuration, heads per program and TMA use (benchmarks).
+def plan_signature(q, shapes, causal: bool, cu_seqlens_q=None, cu_seqlens_k=None) -> tuple:
+    cu = (id(cu_seqlens_q), id(cu_seqlens_k)) if shapes.packed else ()
+    return (bool(causal), shapes.packed, q.dtype, q.device, shapes.batch, shapes.num_heads, shapes.num_kv_heads,
+            shapes.head_dim, shapes.max_seqlen_q, shapes.max_seqlen_k, *cu)
+
+
+def make_plan(q, k, v, layout, shapes, *, causal: bool, cu_seqlens_q=None, cu_seqlens_k=None,
+              config: Optional[dict] = None, heads: Optional[int] = None, tma: Optional[bool] = None,
+              backend: Optional[str] = None) -> Plan:
+    """Choose the kernel and its launch for these inputs (their shapes, strides and dtypes; no data read),
+    and cut the layout into its tile list. Inputs are assumed validated (see vertical_slash_attention).
+    config / heads / tma override the launch configuration, heads per program and TMA use.
     backend: "auto" (default: the warp-specialised Gluon kernel of hopper.py where it applies, i.e. sm_90,
     16-bit, head dim 64/128, 64-row blocks, one head per program, K/V rows TMA can read; else the Triton
     kernel, silently), "triton", or "gluon" (the Gluon kernels wherever they can run; inputs they cannot
     take run on Triton, with one warning); None reads SPARSE_ATTN_VS_BACKEND (default "auto")."""
+    packed = shapes.packed
+    fp32 = q.dtype == torch.float32
+    group = shapes.num_heads // shapes.num_kv_heads
+    hp = heads_per_program(layout, group, fp32) if heads is None else heads
+    if group % hp or layout.shared_heads % hp:
+        raise ValueError(f"heads: {hp} heads per program must divide the GQA group ({group}) and "
+                         f"layout.shared_heads ({layout.shared_heads})")
+    cu = _cu(layout, packed, cu_seqlens_q, cu_seqlens_k)
+    lengths = (shapes.max_seqlen_q, shapes.max_seqlen_k)
+    signature = plan_signature(q, shapes, causal, cu_seqlens_q, cu_seqlens_k)
+    if backend is None:
+        backend = os.environ.get("SPARSE_ATTN_VS_BACKEND", "auto")
+    if backend not in ("auto", "triton", "gluon"):
+        raise ValueError(f"backend: expected 'auto', 'triton' or 'gluon' (or SPARSE_ATTN_VS_BACKEND unset), "
+                         f"got {backend!r}")
+    if backend != "triton" and config is None and tma is None:
+        gluon_here = hopper.supported(q, k, v, q, layout, group, hp)
+        if backend == "auto":  # only the warp-specialised kernel beats Triton
+            gluon_here = gluon_here and hopper.tma_layout(k, v, packed)
+        if gluon_here:
+            tiles = _tile_lists(layout, cu, lengths, shapes.num_heads, hopper.BN, causal, packed, split=False,
+                                group=group)
+            return Plan(*tiles, "gluon", hp, {"BN": hopper.BN}, None, layout, signature)
+        if backend == "gluon":
+            warn_once("vertical_slash:gluon-unsupported", "vertical_slash_attention: the Gluon backend takes sm_90, "
+                      "16-bit, head dim 64/128, 64-row blocks, one head per program, last dim contiguous; these "
+                      "inputs run on the Triton kernel")
+    cfg = config or launch_config(layout.block_size_q, fp32, hp)
+    tiles = _tile_lists(layout, cu, lengths, shapes.num_heads, cfg["BN"], causal, packed,
+                        split=bool(cfg.get("wide_unmasked", False)), hp=hp, group=group)
+    return Plan(*tiles, "triton", hp, cfg, tma, layout, signature)
+
+
+def _cu(layout, packed: bool, cu_seqlens_q, cu_seqlens_k):
+    dummy = layout.range_counts  # stands in for cu_seqlens when not packed (never read)
+    return (cu_seqlens_q, cu_seqlens_k) if packed else (dummy, dummy)
+
+
+def forward(q, k, v, layout, out, lse, shapes, *, causal: bool, scale: Optional[float], cu_seqlens_q=None,
+            cu_seqlens_k=None, plan: Optional[Plan] = None, **choices) -> None:
+    """Attention into out (and lse), on `plan` (None: make_plan(..., **choices) first). Inputs are assumed
+    validated (see vertical_slash_attention)."""
+    if plan is None:
+        plan = make_plan(q, k, v, layout, shapes, causal=causal, cu_seqlens_q=cu_seqlens_q,
+                         cu_seqlens_k=cu_seqlens_k, **choices)
+    else:
+        plan.check(layout, plan_signature(q, shapes, causal, cu_seqlens_q, cu_seqlens_k))
     packed = shapes.packed
     head_dim = shapes.head_dim
     scale = head_dim ** -0.5 if scale is None else scale
@@ -608,50 +614,27 @@ def forward(q, k, v, layout, out, lse, shapes, *, causal: bool, scale: Optional[
         lse_strides = (0, lse.stride(1), lse.stride(0)) if packed else lse.stride()
     fp32 = q.dtype == torch.float32
     group = shapes.num_heads // shapes.num_kv_heads
-    hp = heads_per_program(layout, group, fp32) if heads is None else heads
-    if group % hp or layout.shared_heads % hp:
-        raise ValueError(f"heads: {hp} heads per program must divide the GQA group ({group}) and "
-                         f"layout.shared_heads ({layout.shared_heads})")
-    dummy = layout.range_counts  # stands in for cu_seqlens when not packed (never read)
-    cu = (cu_seqlens_q, cu_seqlens_k) if packed else (dummy, dummy)
+    cu = _cu(layout, packed, cu_seqlens_q, cu_seqlens_k)
     lengths = (shapes.max_seqlen_q, shapes.max_seqlen_k)
     nqb = layout.num_query_blocks
-    if backend is None:
-        backend = os.environ.get("SPARSE_ATTN_VS_BACKEND", "auto")
-    if backend not in ("auto", "triton", "gluon"):
-        raise ValueError(f"backend: expected 'auto', 'triton' or 'gluon' (or SPARSE_ATTN_VS_BACKEND unset), "
-                         f"got {backend!r}")
-    if backend != "triton" and config is None and tma is None:
-        gluon_here = hopper.supported(q, k, v, out, layout, group, hp)
-        if backend == "auto":  # only the warp-specialised kernel beats Triton (bench/NOTES_vertical_slash.md)
-            gluon_here = gluon_here and hopper.tma_layout(k, v, packed)
-        if gluon_here:
-            plan = _plan(layout, cu, lengths, shapes.num_heads, hopper.BN, causal, packed, split=False,
-                         group=group)
-            hopper.forward(q, k, v, out, lse, plan, cu,
-                           [_strides4(t, packed) for t in (q, k, v, out)], lse_strides, shapes.num_heads, group,
-                           nqb, lengths, scale * _LOG2E, causal=causal, packed=packed,
-                           batch=shapes.batch, num_kv_heads=shapes.num_kv_heads)
-            return
-        if backend == "gluon":
-            warn_once("vertical_slash:gluon-unsupported", "vertical_slash_attention: the Gluon backend takes sm_90, "
-                      "16-bit, head dim 64/128, 64-row blocks, one head per program, last dim contiguous; these "
-                      "inputs run on the Triton kernel")
-    cfg = config or launch_config(layout.block_size_q, fp32, hp)
+    if plan.backend == "gluon":
+        hopper.forward(q, k, v, out, lse, plan.tensors(), cu,
+                       [_strides4(t, packed) for t in (q, k, v, out)], lse_strides, shapes.num_heads, group,
+                       nqb, lengths, scale * LOG2E, causal=causal, packed=packed,
+                       batch=shapes.batch, num_kv_heads=shapes.num_kv_heads)
+        return
+    cfg, hp = plan.config, plan.heads
     kd = vd = None
-    if (not fp32) if tma is None else tma:
-        kd, vd = _descriptors(k, v, cfg["BN"], packed)
-    wide_unmasked = bool(cfg.get("wide_unmasked", False))
-    plan = _plan(layout, cu, lengths, shapes.num_heads, cfg["BN"], causal, packed, split=wide_unmasked, hp=hp,
-                 group=group)
+    if (not fp32) if plan.tma is None else plan.tma:
+        kd, vd = tma_descriptors(k, v, cfg["BN"], packed)
     grid = (nqb * (group // hp), shapes.batch * shapes.num_kv_heads)
     extra = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
     _vs_attn_kernel[grid](
-        q, k, v, kd or k, vd or v, out, lse if lse is not None else out, *plan, *cu,
+        q, k, v, kd or k, vd or v, out, lse if lse is not None else out, *plan.tensors(), *cu,
         *_strides4(q, packed), *_strides4(k, packed), *_strides4(v, packed), *_strides4(out, packed),
         *lse_strides, shapes.num_heads, group, nqb, *lengths,
-        scale * _LOG2E, BM=layout.block_size_q, BN=cfg["BN"], D=head_dim, HP=hp, CAUSAL=causal, VARLEN=packed,
+        scale * LOG2E, BM=layout.block_size_q, BN=cfg["BN"], D=head_dim, HP=hp, CAUSAL=causal, VARLEN=packed,
         RETURN_LSE=lse is not None, PREC="ieee" if fp32 else None, TMA=kd is not None, NC=COUNTS_PER_BLOCK,
-        WIDE_UNMASKED=wide_unmasked,
+        WIDE_UNMASKED=bool(cfg.get("wide_unmasked", False)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra,
     )

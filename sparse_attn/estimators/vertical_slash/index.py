@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ..._checks import check_positive_int, check_tensor
 from ...layouts import VerticalSlashLayout
-from ..block_sparse.kernel import _count_below
+from ..._triton import count_below
 
 __all__ = ["build_vertical_slash_index", "BACKENDS"]
 
@@ -44,7 +44,7 @@ _PAD_C = tl.constexpr(_PAD)
 
 
 @dataclass
-class _Plan:
+class _Tables:
     """Per-head tables shared by the backends. Class 0 = full blocks, class 1 = the last block."""
 
     run_hi: torch.Tensor  # int32 [2, B, H, NS] largest offset of each run (descending runs)
@@ -117,7 +117,7 @@ def _check_ranges(vmin, vmax, smin, smax, seqlen_k: int) -> None:
         )
 
 
-def _prepare(vertical, slash, seqlen_q: int, seqlen_k: int, block_size_q: int) -> _Plan:
+def _prepare(vertical, slash, seqlen_q: int, seqlen_k: int, block_size_q: int) -> _Tables:
     verticals = vertical.to(torch.int32).sort(-1).values.contiguous()
     desc = slash.to(torch.int32).sort(-1, descending=True).values.contiguous()
     last_width = seqlen_q - (math.ceil(seqlen_q / block_size_q) - 1) * block_size_q
@@ -130,7 +130,7 @@ def _prepare(vertical, slash, seqlen_q: int, seqlen_k: int, block_size_q: int) -
     ]).tolist()
     vmin, vmax, smin, smax, max_ranges, max_columns = stats
     _check_ranges(vmin, vmax, smin, smax, seqlen_k)
-    return _Plan(
+    return _Tables(
         run_hi=torch.stack([full[0], last[0]]).contiguous(),
         run_lo=torch.stack([full[1], last[1]]).contiguous(),
         run_count=torch.stack([full[2], last[2]]).contiguous(),
@@ -147,7 +147,7 @@ def _covered_part(desc, NS, d, seqlen_k, width, STEPS: tl.constexpr):
     end (stride -1: ascending) by the block-sparse plan's binary search."""
     lo_x = tl.minimum(tl.maximum(d, 0), seqlen_k)
     hi_x = tl.minimum(tl.maximum(d + width, 0), seqlen_k)
-    below = _count_below(desc + NS - 1, -1, tl.zeros_like(hi_x) + NS, hi_x, hi_x >= 0, STEPS)
+    below = count_below(desc + NS - 1, -1, tl.zeros_like(hi_x) + NS, hi_x, hi_x >= 0, STEPS)
     largest = tl.load(desc + NS - tl.maximum(below, 1))  # the largest offset below hi_x, where below > 0
     return (below > 0) & (largest >= lo_x) & (lo_x < hi_x)
 
@@ -232,7 +232,7 @@ _PREP_PER_PROGRAM = 4
 
 
 def _prepare_triton(vertical, slash, seqlen_q: int, seqlen_k: int, block_size_q: int,
-                    assume_sorted: bool = False) -> _Plan:
+                    assume_sorted: bool = False) -> _Tables:
     """`_prepare` as one Triton launch after the two sorts (GPU or TRITON_INTERPRET=1): the same tables,
     about ten launches instead of some forty small torch ops (those were most of the index phase's host
     time at 128K). assume_sorted: both inputs are sorted ascending already, so a flip replaces the sorts."""
@@ -259,31 +259,31 @@ def _prepare_triton(vertical, slash, seqlen_q: int, seqlen_k: int, block_size_q:
         PER_PROGRAM=_PREP_PER_PROGRAM, STEPS=steps, num_warps=4)
     neg_vmin, vmax, neg_smin, smax, max_ranges, max_columns = stats.amax(0).tolist()  # one device sync
     _check_ranges(-neg_vmin, vmax, -neg_smin, smax, seqlen_k)
-    return _Plan(run_hi=run_hi, run_lo=run_lo, run_count=run_count, covered=covered, verticals=verticals,
+    return _Tables(run_hi=run_hi, run_lo=run_lo, run_count=run_count, covered=covered, verticals=verticals,
                  max_ranges=max_ranges, max_columns=max_columns)
 
 
-def _outputs(plan: _Plan, nqb: int):
-    b, h = plan.verticals.shape[:2]
-    dev = plan.verticals.device
+def _outputs(tables: _Tables, nqb: int):
+    b, h = tables.verticals.shape[:2]
+    dev = tables.verticals.device
 
     def new(*shape):
         return torch.empty(*shape, dtype=torch.int32, device=dev)
 
-    return (new(b, h, nqb), new(b, h, nqb, plan.max_ranges), new(b, h, nqb, plan.max_ranges),
-            new(b, h, nqb), new(b, h, nqb, plan.max_columns))
+    return (new(b, h, nqb), new(b, h, nqb, tables.max_ranges), new(b, h, nqb, tables.max_ranges),
+            new(b, h, nqb), new(b, h, nqb, tables.max_columns))
 
 
 # ----------------------------------------------------------------------------------------------- torch
 
 
-def _torch_ranges(plan: _Plan, cls: int, q0, q1, off: int, out) -> None:
+def _torch_ranges(tables: _Tables, cls: int, q0, q1, off: int, out) -> None:
     """Ranges of the blocks [q0, q1) (all of class cls), written into out's block slice."""
     counts, starts, ends = out
-    hi, lo, n = plan.run_hi[cls].long(), plan.run_lo[cls].long(), plan.run_count[cls].long()
+    hi, lo, n = tables.run_hi[cls].long(), tables.run_lo[cls].long(), tables.run_count[cls].long()
     limit = (q1 + off).expand(*n.shape, -1).contiguous()  # runs with lo >= limit end at or before key 0
     dead = torch.searchsorted((-lo).contiguous(), -limit, right=True)
-    r = torch.arange(plan.max_ranges, device=hi.device)
+    r = torch.arange(tables.max_ranges, device=hi.device)
     g = (dead.unsqueeze(-1) + r).clamp(max=hi.shape[-1] - 1)
     hi_g = hi.unsqueeze(2).expand(*g.shape[:3], -1).gather(-1, g)
     lo_g = lo.unsqueeze(2).expand(*g.shape[:3], -1).gather(-1, g)
@@ -292,13 +292,13 @@ def _torch_ranges(plan: _Plan, cls: int, q0, q1, off: int, out) -> None:
     ends.copy_(q1[:, None] + off - lo_g)
 
 
-def _torch_columns(plan: _Plan, q0, q1, off: int, bq: int, counts, cols) -> None:
-    j = plan.verticals.long().unsqueeze(2)  # [B, H, 1, NV]
+def _torch_columns(tables: _Tables, q0, q1, off: int, bq: int, counts, cols) -> None:
+    j = tables.verticals.long().unsqueeze(2)  # [B, H, 1, NV]
     width = (q1 - q0)[:, None]
     d = q0[:, None] + off - j  # the offset of the diagonal through (q0, j)
     seen = d >= 1 - width
     cls = (torch.arange(q0.shape[0], device=j.device) == q0.shape[0] - 1).long()[:, None]
-    table = plan.covered.long()  # [2, B, H, seqlen_k + bq]
+    table = tables.covered.long()  # [2, B, H, seqlen_k + bq]
     at = (d + bq - 1).clamp(min=0)
     covered = torch.where(cls == 0, table[0].gather(-1, at.flatten(2)).view(d.shape),
                           table[1].gather(-1, at.flatten(2)).view(d.shape)) > 0
@@ -312,18 +312,18 @@ def _torch_columns(plan: _Plan, q0, q1, off: int, bq: int, counts, cols) -> None
     cols.copy_(padded[..., :-1])
 
 
-def _build_torch(plan: _Plan, seqlen_q, seqlen_k, bq, nqb, out) -> None:
+def _build_torch(tables: _Tables, seqlen_q, seqlen_k, bq, nqb, out) -> None:
     range_counts, starts, ends, col_counts, cols = out
     off = seqlen_k - seqlen_q
-    dev = plan.verticals.device
+    dev = tables.verticals.device
     q0 = torch.arange(nqb, device=dev) * bq
     q1 = (q0 + bq).clamp(max=seqlen_q)
     for cls, blocks in ((0, slice(0, nqb - 1)), (1, slice(nqb - 1, nqb))):
         if blocks.stop == blocks.start:
             continue
         part = (range_counts[:, :, blocks], starts[:, :, blocks], ends[:, :, blocks])
-        _torch_ranges(plan, cls, q0[blocks], q1[blocks], off, part)
-    _torch_columns(plan, q0, q1, off, bq, col_counts, cols)
+        _torch_ranges(tables, cls, q0[blocks], q1[blocks], off, part)
+    _torch_columns(tables, q0, q1, off, bq, col_counts, cols)
 
 
 # ---------------------------------------------------------------------------------------------- triton
@@ -391,19 +391,19 @@ def _index_kernel(RUN_HI, RUN_LO, RUN_COUNT, COVERED, VERT,
     tl.store(C_COUNT + out_block, kept)
 
 
-def _build_triton(plan: _Plan, seqlen_q, seqlen_k, bq, nqb, out) -> None:
+def _build_triton(tables: _Tables, seqlen_q, seqlen_k, bq, nqb, out) -> None:
     range_counts, starts, ends, col_counts, cols = out
-    b, h, nv = plan.verticals.shape
-    ns = plan.run_hi.shape[-1]
+    b, h, nv = tables.verticals.shape
+    ns = tables.run_hi.shape[-1]
     _index_kernel[(nqb, b * h)](
-        plan.run_hi, plan.run_lo, plan.run_count, plan.covered, plan.verticals,
+        tables.run_hi, tables.run_lo, tables.run_count, tables.covered, tables.verticals,
         range_counts, starts, ends, col_counts, cols,
-        b * h, ns, nv, nqb, plan.max_ranges, plan.max_columns, seqlen_q, seqlen_k,
+        b * h, ns, nv, nqb, tables.max_ranges, tables.max_columns, seqlen_q, seqlen_k,
         BQ=bq, CHUNK=256, num_warps=4,
     )
 
 
-def _build_cuda(plan: _Plan, seqlen_q, seqlen_k, bq, nqb, out) -> None:
+def _build_cuda(tables: _Tables, seqlen_q, seqlen_k, bq, nqb, out) -> None:
     from ... import _cuda
 
     ext = _cuda.load()
@@ -412,7 +412,7 @@ def _build_cuda(plan: _Plan, seqlen_q, seqlen_k, bq, nqb, out) -> None:
             "backend='cuda': the CUDA extension sparse_attn._C is not available "
             f"({_cuda.load_error()}); use backend='triton' or 'torch'"
         )
-    ext.vertical_slash_index(plan.run_hi, plan.run_lo, plan.run_count, plan.covered, plan.verticals,
+    ext.vertical_slash_index(tables.run_hi, tables.run_lo, tables.run_count, tables.covered, tables.verticals,
                              *out, seqlen_q, seqlen_k, bq)
 
 
@@ -456,12 +456,12 @@ def build_vertical_slash_index(
     # reference path end to end) and on a CPU without the interpreter
     kernels = vertical_indices.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
     if backend != "torch" and kernels:
-        plan = _prepare_triton(vertical_indices, slash_indices, seqlen_q, seqlen_k, block_size_q,
+        tables = _prepare_triton(vertical_indices, slash_indices, seqlen_q, seqlen_k, block_size_q,
                                assume_sorted=bool(assume_sorted))
     else:
-        plan = _prepare(vertical_indices, slash_indices, seqlen_q, seqlen_k, block_size_q)
+        tables = _prepare(vertical_indices, slash_indices, seqlen_q, seqlen_k, block_size_q)
     nqb = math.ceil(seqlen_q / block_size_q)
-    out = _outputs(plan, nqb)
+    out = _outputs(tables, nqb)
     build = {"torch": _build_torch, "triton": _build_triton, "cuda": _build_cuda}[backend]
-    build(plan, seqlen_q, seqlen_k, block_size_q, nqb, out)
+    build(tables, seqlen_q, seqlen_k, block_size_q, nqb, out)
     return VerticalSlashLayout(*out, block_size_q, seqlen_q, seqlen_k, validate=False)

@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .a_shape import PerHead, per_head
+from ..a_shape import PerHead, per_head
 
 __all__ = ["estimate_vertical_slash", "vertical_slash_scores", "diagonal_sums", "check_share_heads", "FORCED_COLUMNS",
            "FORCED_SLASHES", "VerticalSlashChoice"]
@@ -104,7 +104,7 @@ def vertical_slash_scores(q, k, *, last_q: int, scale: float, causal: bool = Tru
     if backend == "auto":
         backend = "triton" if q.is_cuda else "torch"
     if backend == "triton":
-        from .vertical_slash_triton import vertical_slash_scores_triton
+        from .scores_triton import vertical_slash_scores_triton
 
         return vertical_slash_scores_triton(q, k, last_q, scale, causal)
     return _scores_torch(q, k, last_q, scale, causal)

@@ -14,23 +14,22 @@ Scores are in the log2 domain (exp2), as FlashAttention kernels do.
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
 
+from ..._triton import LOG2E
+
 __all__ = ["vertical_slash_scores_triton"]
 
-_LOG2E = 1.4426950408889634
 _PROGRAMS_PER_SM = 8  # scores pass: programs per SM (each walks a run of key tiles)
 _SCORES_WARPS = 4
 _SCORES_ROWS = 64  # scores pass: at most this many stacked query rows (heads x BM) per program
 _LSE_WARPS = 8
 _LSE_ROWS = 256  # max / sum pass: at most this many stacked query rows per program (H200, 1M keys: all four
-# heads of a kv head in one program read each key tile once: 1.39 against 1.89 ms, bench/probe_estimator.py)
+# heads of a kv head in one program read each key tile once: 1.39 against 1.89 ms)
 _SCORES_BN = 64  # key tile widths (D <= 128; half of it for larger head dims), at least the padded last_q
 _LSE_BN = 64
-_GATHER_BF16 = False  # probe only: skew the probabilities as bf16 (half the bytes through shared memory)
 
 
 @triton.jit
@@ -101,8 +100,7 @@ def _combined_lse(M, L_SUM, row_head, t, n_split, HG: tl.constexpr, BM: tl.const
 def _scores_kernel(Q, K, M, L_SUM, V_OUT, S_OUT,
                    s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
                    Hkv, Sk, L, G_SUB, n_key_tiles, tiles_per_prog, n_split, scale_log2,
-                   HG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr,
-                   G16: tl.constexpr):
+                   HG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr):
     group = tl.program_id(0)  # (b, hk, sub)
     chunk = tl.program_id(1)  # a run of consecutive key tiles, walked from the last one down
     sub = group % G_SUB
@@ -140,12 +138,8 @@ def _scores_kernel(Q, K, M, L_SUM, V_OUT, S_OUT,
         p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
         vert = tl.sum(tl.reshape(p, (HG, BM, BN)), 1)
         tl.store(V_OUT + row_base[:, None] + keys[None, :], vert, mask=kmask[None, :])
-        if G16:
-            pg = p.to(tl.bfloat16)
-        else:
-            pg = p
-        d_lo = tl.sum(tl.reshape(tl.where(in_lo, tl.gather(pg, x_lo, 1).to(tl.float32), 0.0), (HG, BM, BN)), 1)
-        d_hi = tl.sum(tl.reshape(tl.where(in_hi, tl.gather(pg, x_hi, 1).to(tl.float32), 0.0), (HG, BM, BN)), 1)
+        d_lo = tl.sum(tl.reshape(tl.where(in_lo, tl.gather(p, x_lo, 1), 0.0), (HG, BM, BN)), 1)
+        d_hi = tl.sum(tl.reshape(tl.where(in_hi, tl.gather(p, x_hi, 1), 0.0), (HG, BM, BN)), 1)
         # Walking down the keys the offsets rise by BN per tile: the low half plus the previous tile's
         # high half is final. Only the first flush shares its offsets with another program.
         o = Sk - L - j0 - (BN - 1) + cols
@@ -185,7 +179,7 @@ def vertical_slash_scores_triton(q: torch.Tensor, k: torch.Tensor, last_q: int, 
     g_sub_l = group // hg_l
     ql = q[:, :, sq - last_q :]
     strides = (*ql.stride(), *k.stride())
-    scale_log2 = scale * _LOG2E
+    scale_log2 = scale * LOG2E
     # BN >= BM: a tile's diagonals fit in two halves of BN
     bn = max(bm, _SCORES_BN if d <= 128 else _SCORES_BN // 2)
     bn_l = max(bm, _LSE_BN if d <= 128 else _LSE_BN // 2)
@@ -213,6 +207,6 @@ def vertical_slash_scores_triton(q: torch.Tensor, k: torch.Tensor, last_q: int, 
     _scores_kernel[(n_groups, chunks)](
         ql, k, m, s, vertical, slash, *strides, hkv, sk, last_q, g_sub, n_key_tiles, tiles_per_prog, n_split,
         scale_log2,
-        HG=hg, BM=bm, BN=bn, D=d, CAUSAL=causal, G16=_GATHER_BF16, num_warps=_SCORES_WARPS,
+        HG=hg, BM=bm, BN=bn, D=d, CAUSAL=causal, num_warps=_SCORES_WARPS,
     )
     return vertical, slash

@@ -1,0 +1,118 @@
+"""Triton helpers shared by several kernel families: the interpreter fix, LOG2E, a sorted-row binary
+search, Hopper TMA descriptors and the remembered-launch cache. Private: kernels import from here, never
+from another family's kernel module."""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["INTERPRETED", "LOG2E", "count_below", "tma_descriptors", "tensor_descriptor", "LaunchCache",
+           "launch_template"]
+
+# The interpreter is chosen when @triton.jit runs, so whether CPU tensors can run is fixed at import.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+LOG2E = 1.4426950408889634
+
+
+def _interpreter_index_fix() -> None:
+    """The Triton 3.6 interpreter turns a tensor loop bound into an int with int(array of shape (1,)),
+    which numpy >= 2.4 refuses; give its tensors an __index__ that takes the single element instead."""
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "_sparse_attn_fix", False):
+        return
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._sparse_attn_fix = True
+    interpreter._patch_lang_tensor = patched
+
+
+if INTERPRETED:
+    _interpreter_index_fix()
+
+
+@triton.jit
+def count_below(row, s_j, count, thr, live, STEPS: tl.constexpr):
+    """Per lane: how many of the first `count` (sorted) entries of its row are < thr."""
+    lo = tl.zeros_like(count)
+    hi = count
+    for _ in tl.static_range(STEPS):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        val = tl.load(row + mid.to(tl.int64) * s_j, mask=active & live, other=0)
+        right = active & (val < thr)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(active & (val >= thr), mid, hi)
+    return lo
+
+
+def tma_descriptors(k, v, block_n: int, packed: bool):
+    """TMA descriptors of [B, Hkv, S, D] k and v (block [1, 1, block_n, D]), or (None, None) where TMA
+    cannot take them: packed inputs, the interpreter, GPUs before Hopper (no TMA unit), a head dim that
+    is not a power of two, strides or bases that are not 16-byte aligned."""
+    d = k.shape[-1]
+    if packed or INTERPRETED or not k.is_cuda or d != triton.next_power_of_2(d) or d < 16:
+        return None, None
+    if torch.cuda.get_device_capability(k.device)[0] < 9:
+        return None, None
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return None, None
+    for t in (k, v):
+        es = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((st * es) % 16 for st in t.stride()[:-1]):
+            return None, None
+    return tensor_descriptor(k, block_n), tensor_descriptor(v, block_n)
+
+
+def tensor_descriptor(t, block_n: int):
+    """The TMA descriptor a kernel reads K or V tiles through: [B, Hkv, S, D], block [1, 1, block_n, D]."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, t.shape[-1]])
+
+
+def launch_template(jit_fn, positional, constexprs: dict, n_per_call: int) -> list:
+    """jit_fn's arguments in signature order (constexprs included, as the JIT passes them to the
+    launcher), with the first n_per_call (the per-call tensors) blanked, so none is kept alive."""
+    named = dict(zip(jit_fn.arg_names, positional))
+    named.update(constexprs)
+    template = [named[n] for n in jit_fn.arg_names]
+    template[:n_per_call] = [None] * n_per_call
+    return template
+
+
+class LaunchCache:
+    """Compiled launches remembered by an input signature, the oldest dropped past `size` entries: a
+    repeated call with the same signature skips the input checks and the JIT's argument specialisation
+    and launches the compiled kernel directly."""
+
+    def __init__(self, size: int = 64):
+        self.size = size
+        self._entries: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+    def __bool__(self) -> bool:
+        return bool(self._entries)
+
+    def get(self, key) -> Optional[tuple]:
+        return self._entries.get(key)
+
+    def put(self, key, entry: tuple) -> None:
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()

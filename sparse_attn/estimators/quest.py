@@ -1,0 +1,128 @@
+"""Quest (query-aware page selection for decode): score every page of the cache by an upper bound of q . k
+over its keys, from the page's element-wise key min and max (sparse_attn.kvcache.PageSummaries), and read
+only the best pages.
+
+For one query head the bound of a page is sum_d max(q_d * min_d, q_d * max_d). Summed over the query heads
+of a GQA group (one selection serves the group, so each page is read once) it is linear in the summaries:
+    sum_h sum_d max(q_hd min_d, q_hd max_d) = sum_d (Q+_d max_d + Q-_d min_d),
+with Q+ = sum_h max(q_h, 0) and Q- = sum_h min(q_h, 0): two dot products per page, one fused Triton
+kernel over all (sequence, kv head, page), then a top-k on the GPU (no host sync). The first `sink` and the
+last `window` tokens' pages are always kept; the budget counts tokens (whole pages).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .._triton import INTERPRETED  # noqa: F401  (importing it applies the interpreter fix)
+from ..kvcache import PagedKVCache, PageSummaries
+from ..layouts import PageSelection
+from ..patterns import Param, Pattern, register_pattern
+
+__all__ = ["quest_scores", "quest_select", "budget_pages", "PATTERN"]
+
+_BLOCK_PAGES = 64
+
+
+@triton.jit
+def _scores_kernel(Q, KMIN, KMAX, STABLE, SEQLENS, OUT, s_qb, s_qh, s_qd, s_mp, s_mh, s_md, s_sb, s_sp,
+                   max_pages, Hkv, n_sink, n_local,
+                   G: tl.constexpr, D: tl.constexpr, PS: tl.constexpr, BP: tl.constexpr):
+    bh = tl.program_id(0)
+    b = (bh // Hkv).to(tl.int64)
+    h = (bh % Hkv).to(tl.int64)
+    p = tl.program_id(1) * BP + tl.arange(0, BP)
+    d = tl.arange(0, D)
+    q_pos = tl.zeros([D], tl.float32)
+    q_neg = tl.zeros([D], tl.float32)
+    for g in tl.static_range(G):
+        q = tl.load(Q + b * s_qb + (h * G + g) * s_qh + d * s_qd).to(tl.float32)
+        q_pos += tl.maximum(q, 0.0)
+        q_neg += tl.minimum(q, 0.0)
+    n = (tl.load(SEQLENS + b) + PS - 1) // PS
+    ok = p < n
+    slot = tl.load(STABLE + b * s_sb + p.to(tl.int64) * s_sp, mask=ok, other=0).to(tl.int64)
+    at = slot[:, None] * s_mp + h * s_mh + d[None, :] * s_md
+    mn = tl.load(KMIN + at, mask=ok[:, None], other=0.0).to(tl.float32)
+    mx = tl.load(KMAX + at, mask=ok[:, None], other=0.0).to(tl.float32)
+    score = tl.sum(mx * q_pos[None, :] + mn * q_neg[None, :], 1)
+    forced = ok & ((p < n_sink) | (p >= n - n_local))
+    score = tl.where(forced, float("inf"), tl.where(ok, score, float("-inf")))
+    tl.store(OUT + bh * max_pages + p, score, mask=p < max_pages)
+
+
+def _scores_torch(q, cache: PagedKVCache, summaries: PageSummaries, n_sink: int, n_local: int) -> torch.Tensor:
+    b, hq, d = q.shape
+    hkv = cache.num_kv_heads
+    qg = q.float().view(b, hkv, hq // hkv, d)
+    q_pos, q_neg = qg.clamp(min=0).sum(2), qg.clamp(max=0).sum(2)  # [B, Hkv, D]
+    slots = summaries.table[:, : cache.max_pages].long()
+    mn = summaries.kmin[slots].float()  # [B, P, Hkv, D]
+    mx = summaries.kmax[slots].float()
+    score = torch.einsum("bphd,bhd->bhp", mx, q_pos) + torch.einsum("bphd,bhd->bhp", mn, q_neg)
+    n = cache.num_pages_of().long().view(-1, 1, 1)
+    p = torch.arange(cache.max_pages, device=q.device).view(1, 1, -1)
+    ok = p < n
+    forced = ok & ((p < n_sink) | (p >= n - n_local))
+    return torch.where(forced, float("inf"), torch.where(ok, score, float("-inf")))
+
+
+def quest_scores(q: torch.Tensor, cache: PagedKVCache, summaries: PageSummaries, *, n_sink: int = 1,
+                 n_local: int = 1) -> torch.Tensor:
+    """float32 [B, Hkv, max_pages]: each page's bound summed over the kv head's query heads; the first
+    n_sink and last n_local pages of each sequence +inf, pages past its length -inf. q [B, Hq, D]."""
+    b, hq, d = q.shape
+    hkv = cache.num_kv_heads
+    if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return _scores_torch(q, cache, summaries, n_sink, n_local)
+    out = torch.empty(b, hkv, cache.max_pages, device=q.device, dtype=torch.float32)
+    _scores_kernel[(b * hkv, triton.cdiv(cache.max_pages, _BLOCK_PAGES))](
+        q, summaries.kmin, summaries.kmax, summaries.table, cache.seqlens, out, *q.stride(),
+        *summaries.kmin.stride(), *summaries.table.stride(), cache.max_pages, hkv, n_sink, n_local,
+        G=hq // hkv, D=d, PS=cache.page_size, BP=_BLOCK_PAGES, num_warps=4)
+    return out
+
+
+def budget_pages(budget: int, page_size: int, max_pages: int) -> int:
+    """Pages a token budget buys (at least one; at most the table's width)."""
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < page_size:
+        raise ValueError(f"budget: expected an int of at least one page ({page_size} tokens), got {budget!r}")
+    return max(1, min(budget // page_size, max_pages))
+
+
+def quest_select(q: torch.Tensor, cache: PagedKVCache, summaries: PageSummaries, *, budget: int,
+                 sink: int = 0, window: int = 1) -> PageSelection:
+    """Per (sequence, kv head) the budget // page_size best pages by quest_scores, the pages of the first
+    `sink` and the last `window` tokens always among them (their share of the budget first). A sequence
+    with fewer pages than that reads all of its pages. q [B, Hq, D] (or [B, Hq, 1, D])."""
+    if q.dim() == 4:
+        q = q[:, :, 0]
+    ps = cache.page_size
+    k = budget_pages(budget, ps, cache.max_pages)
+    n_sink = min(-(-int(sink) // ps), k)
+    n_local = min(-(-(int(window) + ps - 1) // ps) if window > 0 else 0, k - n_sink)  # pages `window` may straddle
+    scores = quest_scores(q, cache, summaries, n_sink=n_sink, n_local=n_local)
+    pages = torch.topk(scores, k, dim=-1).indices.to(torch.int32)  # valid pages first (score > -inf)
+    counts = cache.num_pages_of().clamp(max=k).view(-1, 1).expand(-1, cache.num_kv_heads).contiguous()
+    return PageSelection(pages, counts, ps)
+
+
+PATTERN = register_pattern(Pattern(
+    name="quest",
+    summary="Quest decode: pages scored by their key min / max bound, top pages per kv head up to a token "
+            "budget (prefill dense)",
+    budgets=(Param("budget", int, 4096, 16, doc="tokens of cache each decode step reads (whole pages)"),
+             Param("sink", int, 64, 0, doc="first tokens always read"),
+             Param("window", int, 64, 0, doc="last tokens always read")),
+    select=quest_select,
+    summaries=True,
+    decode_page_size=32,
+    # A budget past the context reads every page: dense.
+    full_budget=lambda seqlen_q, seqlen_k, block_size: {"budget": seqlen_k + 64, "sink": 0, "window": 0},
+    sweep=lambda seqlen, block_size: [{"budget": b, "sink": 64, "window": 64}
+                                      for b in (256 << i for i in range(32)) if b < seqlen],
+    color="tab:purple",
+))
