@@ -1,13 +1,14 @@
 """Sparse-index types: round trips, density without dense masks, and validation errors."""
-import math
-
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from helpers import random_layout
 from sparse_attn import BlockLayout, VerticalSlashLayout
-from sparse_attn.layouts import causal_tile_entries
+from sparse_attn.layouts import KeySums, Layout, causal_tile_entries
+
+CPU = "cpu"
 
 
 def causal_band(sq, sk):
@@ -21,23 +22,24 @@ def brute_density(dense, causal, sq, sk):
 
 @st.composite
 def block_layouts(draw):
+    """Random BlockLayouts (any key blocks, empty query blocks included) of odd sizes."""
     b, h = draw(st.integers(1, 2)), draw(st.integers(1, 3))
     bq, bk = draw(st.sampled_from([4, 8, 16])), draw(st.sampled_from([4, 8, 16]))
     sq, sk = draw(st.integers(1, 70)), draw(st.integers(1, 70))
-    nq, nk = math.ceil(sq / bq), math.ceil(sk / bk)
     seed = draw(st.integers(0, 2**31 - 1))
     p = draw(st.floats(0.0, 1.0))
-    g = torch.Generator().manual_seed(seed)
-    block_mask = torch.rand(b, h, nq, nk, generator=g) < p
-    return block_mask, bq, bk, sq, sk
+    return random_layout(BlockLayout, seed, b, h, sq, sk, bq, block_size_k=bk, density=p, causal=False,
+                         diagonal=False, device=CPU)
 
 
 @given(block_layouts(), st.booleans())
-def test_block_layout_round_trip_and_density(case, causal):
-    block_mask, bq, bk, sq, sk = case
-    layout = BlockLayout.from_block_mask(block_mask, bq, bk, sq, sk)
+def test_block_layout_round_trip_and_density(layout, causal):
+    bq, bk, sq, sk = layout.block_size_q, layout.block_size_k, layout.seqlen_q, layout.seqlen_k
     layout.check_values()
-    assert torch.equal(layout.to_block_mask(), block_mask)
+    block_mask = layout.to_block_mask()
+    again = BlockLayout.from_block_mask(block_mask, bq, bk, sq, sk)
+    assert torch.equal(again.counts, layout.counts) and torch.equal(again.indices, layout.indices)
+    assert torch.equal(again.to_block_mask(), block_mask)
     dense = layout.to_dense()
     expected = block_mask.repeat_interleave(bq, 2).repeat_interleave(bk, 3)[..., :sq, :sk]
     assert torch.equal(dense, expected)
@@ -47,9 +49,8 @@ def test_block_layout_round_trip_and_density(case, causal):
 
 
 @given(block_layouts())
-def test_block_layout_density_varlen(case):
-    block_mask, bq, bk, sq, sk = case
-    layout = BlockLayout.from_block_mask(block_mask, bq, bk, sq, sk)
+def test_block_layout_density_varlen(layout):
+    sq, sk = layout.seqlen_q, layout.seqlen_k
     g = torch.Generator().manual_seed(sq * 100 + sk)
     lq = torch.randint(0, sq + 1, (layout.batch,), generator=g).tolist()
     lk = torch.randint(0, sk + 1, (layout.batch,), generator=g).tolist()
@@ -65,32 +66,13 @@ def test_block_layout_density_varlen(case):
 
 @st.composite
 def vs_layouts(draw):
-    """Random vertical-slash layouts made valid by construction."""
+    """Random vertical-slash layouts (ranges of any width, touching or apart, and columns outside them)."""
     b, h = draw(st.integers(1, 2)), draw(st.integers(1, 2))
     bq = draw(st.sampled_from([4, 8, 16]))
     sq, sk = draw(st.integers(1, 60)), draw(st.integers(1, 60))
-    nq = math.ceil(sq / bq)
-    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    max_r, max_c = draw(st.integers(1, 4)), draw(st.integers(1, 6))
-    shape = (b, h, nq)
-    rc = torch.zeros(shape, dtype=torch.int32)
-    rs = torch.full((*shape, max_r), -1, dtype=torch.int32)
-    re = torch.full((*shape, max_r), -1, dtype=torch.int32)
-    cc = torch.zeros(shape, dtype=torch.int32)
-    ci = torch.full((*shape, max_c), -1, dtype=torch.int32)
-    for idx in torch.cartesian_prod(*(torch.arange(n) for n in shape)).tolist():
-        covered = torch.zeros(sk, dtype=torch.bool)
-        cuts = sorted(set(torch.randint(0, sk + 1, (2 * max_r,), generator=g).tolist()))
-        ranges = [(a, e) for a, e in zip(cuts[0::2], cuts[1::2]) if a < e][:max_r]
-        for j, (a, e) in enumerate(ranges):
-            rs[tuple(idx)][j], re[tuple(idx)][j] = a, e
-            covered[a:e] = True
-        rc[tuple(idx)] = len(ranges)
-        free = (~covered).nonzero().flatten()
-        cols = free[torch.randperm(free.numel(), generator=g)[:max_c]].sort().values
-        ci[tuple(idx)][: cols.numel()] = cols.int()
-        cc[tuple(idx)] = cols.numel()
-    return VerticalSlashLayout(rc, rs, re, cc, ci, bq, sq, sk)
+    seed = draw(st.integers(0, 2**31 - 1))
+    return random_layout(VerticalSlashLayout, seed, b, h, sq, sk, bq, widths=[1, 2, 3, 5, 8, 13],
+                         max_ranges=draw(st.integers(1, 4)), columns=draw(st.integers(1, 6)), device=CPU)
 
 
 def brute_vs_dense(layout):
@@ -194,3 +176,24 @@ def test_vertical_slash_layout_rejects_overlapping_ranges():
     parts["column_indices"] = torch.tensor([[[[0, 8]]]], dtype=torch.int32)
     with pytest.raises(ValueError, match="non-overlapping"):
         VerticalSlashLayout(**parts, block_size_q=16, seqlen_q=16, seqlen_k=16)
+
+
+@given(st.sampled_from([BlockLayout, VerticalSlashLayout]), st.integers(0, 2**31 - 1), st.integers(1, 70),
+       st.integers(1, 70), st.sampled_from([4, 8, 16]))
+def test_mass_overrides_equal_the_mask_definition(kind, seed, sq, sk, block):
+    """row_mass (a chunk of softmax rows) and kept (per-block sums prepared once as KeySums, self-attention
+    geometry) of each layout type equal the generic Layout forms, which read the layout's boolean mask;
+    to(device) keeps every entry."""
+    g = torch.Generator().manual_seed(seed)
+    options = dict(density=0.4, causal=False) if kind is BlockLayout else dict(widths=[1, 2, 5, 13])
+    layout = random_layout(kind, g, 1, 2, sq, sk, block, device=CPU, **options)
+    p = torch.rand(2, sq, sk, generator=g, dtype=torch.float64)
+    for row_start in sorted({0, sq // 3}):
+        rows = p[:, row_start:]
+        want = Layout.row_mass(layout, rows, 0, row_start)
+        assert torch.allclose(layout.row_mass(rows, 0, row_start), want, atol=1e-12)
+    square = random_layout(kind, g, 1, 2, sk, sk, block, device=CPU, **options)
+    sums = KeySums.of(torch.rand(2, square.num_query_blocks, sk, generator=g), block)
+    assert torch.allclose(square.kept(sums), Layout.kept(square, sums), atol=1e-9)
+    moved = layout.to(CPU)
+    assert type(moved) is kind and torch.equal(moved.to_dense(), layout.to_dense())

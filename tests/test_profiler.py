@@ -7,15 +7,17 @@ import sys
 import pytest
 import torch
 
+from helpers import randn
 from sparse_attn import cli
 from sparse_attn.estimators import a_shape_layout, block_topk_layout, estimate_block_topk, estimate_vertical_slash
-from sparse_attn.ops.vertical_slash import build_vertical_slash_index
+from sparse_attn.estimators.vertical_slash import build_vertical_slash_index
 from sparse_attn.profiler import (
     LayerScores,
     _hull,
     block_mass,
     candidate_cost,
     candidate_cost_table,
+    compare_uniform,
     default_candidates,
     head_config_scores,
     mass_recall,
@@ -25,6 +27,8 @@ from sparse_attn.profiler import (
     select_budget,
     select_heads,
 )
+from sparse_attn.integrations.hf import is_patched
+from sparse_attn.patterns import get_pattern, mixture_default
 from sparse_attn.profiles import load_profile
 from sparse_attn.recall import attention_recall
 
@@ -35,8 +39,8 @@ SCALE = D ** -0.5
 @pytest.mark.parametrize("seqlen", [64, 300, 513])
 def test_block_mass_recall_and_density_equal_the_definitions(seqlen):
     g = torch.Generator().manual_seed(seqlen)
-    q = torch.randn(1, 6, seqlen, 32, generator=g) * 2
-    k = torch.randn(1, 2, seqlen, 32, generator=g) * 2
+    q = randn(g, 1, 6, seqlen, 32, scale=2, device="cpu")
+    k = randn(g, 1, 2, seqlen, 32, scale=2, device="cpu")
     mass = block_mass(q, k, chunk_elements=6 * seqlen * 64)  # several row chunks
     assert torch.allclose(mass.sum(-1).sum(-1), torch.full((6,), float(seqlen)), rtol=1e-5)
     vi, si = estimate_vertical_slash(q, k, vertical_size=[3, 5, 70, 1, 2, 9], slash_size=[2, 4, 1, 66, 3, 7])
@@ -103,7 +107,7 @@ def planted():
 
 def test_profiler_picks_the_planted_pattern(planted):
     q, k, scores = planted
-    cost = candidate_cost_table(scores.candidates, scores.density, T, "time", 64, 64)
+    cost = candidate_cost_table(scores.candidates, scores.density, T, "time", 64, last_q=64)
     picks = select_heads(scores, 0.95, cost)
     chosen = [scores.candidates[i] for i in picks]
     assert [c["pattern"] for c in chosen] == ["a_shape", "vertical_slash", "vertical_slash", "block_sparse"]
@@ -121,7 +125,7 @@ def test_chosen_configs_run_as_profiled(planted):
     """The runtime plans a profile's per-head config with per-head budgets; the recall and density must be
     those measured for each head's candidate alone."""
     q, k, scores = planted
-    cost = candidate_cost_table(scores.candidates, scores.density, T, "time", 64, 64)
+    cost = candidate_cost_table(scores.candidates, scores.density, T, "time", 64, last_q=64)
     picks = select_heads(scores, 0.95, cost)
     recall, density = head_config_scores(q, k, [scores.candidates[i] for i in picks])
     assert torch.allclose(recall, scores.recall[picks, range(4)], atol=1e-9)
@@ -136,7 +140,7 @@ def test_tail_recall_keeps_a_retrieval_head_off_a_shape():
     q[-64:, 2] = 100.0 / SCALE  # beats the -beta * 1500 = -75 distance penalty
     q, k = q[None, None], k[None, None]
     scores = score_candidates(q, k, default_candidates(T))
-    cost = candidate_cost_table(scores.candidates, scores.density, T, "time", 64, 64)
+    cost = candidate_cost_table(scores.candidates, scores.density, T, "time", 64, last_q=64)
     mean_only = LayerScores(scores.candidates, scores.recall, scores.density)
     assert scores.candidates[select_heads(mean_only, 0.95, cost)[0]]["pattern"] == "a_shape"
     chosen = select_heads(scores, 0.95, cost)[0]
@@ -153,7 +157,7 @@ def test_select_heads_falls_back_to_the_best_recall():
     cands = [{"pattern": "a_shape", "sink": 0, "window": 64}, {"pattern": "block_sparse", "top_k": 2}]
     scores = LayerScores(cands, torch.tensor([[0.5, 0.97], [0.9, 0.99]], dtype=torch.float64),
                          torch.tensor([[0.1, 0.1], [0.2, 0.05]], dtype=torch.float64))
-    cost = candidate_cost_table(cands, scores.density, 4096, "flops", 64, 64)
+    cost = candidate_cost_table(cands, scores.density, 4096, "flops", 64, last_q=64)
     # head 0: nothing reaches 0.95 -> highest recall (1); head 1: both do -> the cheaper (1, density 0.05).
     assert select_heads(scores, 0.95, cost) == [1, 1]
     assert select_heads(scores, 0.5, cost) == [0, 1]
@@ -175,7 +179,7 @@ def test_hull_and_budget_greedy():
     recall = torch.tensor([[0.5, 0.9], [0.9, 0.92], [1.0, 1.0]], dtype=torch.float64)
     density = torch.tensor([[0.1, 0.1], [0.3, 0.3], [1.0, 1.0]], dtype=torch.float64)
     layer = LayerScores(cands, recall, density)
-    cost = [candidate_cost_table(cands, density, 8192, "flops", 64, 64)]
+    cost = [candidate_cost_table(cands, density, 8192, "flops", 64, last_q=64)]
     assert select_budget([layer], cost, 0.101) == [[0, 0]]
     # 0.2 more buys head 0's step to block_sparse (+0.4 recall), not head 1's (+0.02).
     assert select_budget([layer], cost, 0.21) == [[1, 0]]
@@ -193,7 +197,7 @@ def test_budget_greedy_within_a_floor():
     tail = torch.tensor([[1.0, 0.99], [1.0, 0.97], [1.0, 0.985], [1.0, 1.0]], dtype=torch.float64)
     density = torch.tensor([[0.1, 0.1], [0.3, 0.3], [0.5, 0.5], [1.0, 1.0]], dtype=torch.float64)
     layer = LayerScores(cands, recall, density, tail)
-    cost = [candidate_cost_table(cands, density, 8192, "flops", 64, 64)]
+    cost = [candidate_cost_table(cands, density, 8192, "flops", 64, last_q=64)]
     allowed = [floor_mask(layer, 0.95, 0.98)]
     assert allowed[0].T.tolist() == [[False, True, False, True], [True, False, True, True]]
     assert select_budget([layer], cost, 0.76) == [[3, 1]]  # head 1 takes block_sparse: tail 0.97
@@ -295,6 +299,26 @@ def test_profile_model_budget_within_a_floor_keeps_every_head_at_the_floor():
     with pytest.raises(ValueError, match="cheapest allowed"):
         profile_model(model, ids, budget=min(floor_cost) / 2, floor=0.9, tail_target=0.9, cost="flops",
                       progress=False)
+
+
+def test_compare_uniform_against_the_mixture_default_patterns_sweep():
+    """compare_uniform scores a profile and, by default, the sweep of the pattern the mixture uses without a
+    profile, on the model's own q/k (captured through the attention hook), as the runtime plans them."""
+    model = _tiny_llama()
+    ids = torch.randint(0, 128, (1, 320), generator=torch.Generator().manual_seed(2))
+    heads = [{"pattern": "a_shape", "sink": 64, "window": 64}, {"pattern": "block_sparse", "top_k": 2},
+             {"pattern": "vertical_slash", "vertical_size": 64, "slash_size": 64}, {"pattern": "dense"}]
+    profile = load_profile({"format": "sparse_attn.profile/1", "settings": {}, "layers": [heads, heads[::-1]],
+                            "model": {"name": "tiny", "architecture": "LlamaForCausalLM", "num_layers": 2,
+                                      "num_heads": 4, "num_kv_heads": 2, "head_dim": 16}})
+    out = compare_uniform(model, ids, profile, progress=False)
+    name = mixture_default(320)["pattern"]
+    sweep = get_pattern(name).sweep(320, 64)
+    assert [{k: u[k] for k in u if k not in ("recall", "density")} for u in out["uniform"]] == [
+        {"pattern": name, **b} for b in sweep]
+    assert out["seqlen"] == 320 and 0 < out["profile"]["density"] < 1 and 0 < out["profile"]["recall"] <= 1
+    assert all(0 < u["recall"] <= 1 + 1e-6 and 0 < u["density"] <= 1 + 1e-9 for u in out["uniform"])
+    assert not is_patched(model) and model.config._attn_implementation == "sdpa"
 
 
 def test_cli_import_minference(tmp_path, capsys):

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from helpers import randn
 from sparse_attn.estimators import a_shape_layout, block_topk_layout, estimate_block_topk
 from sparse_attn.layouts import BlockLayout
 from sparse_attn.recall import attention_recall
@@ -9,7 +10,7 @@ from sparse_attn.recall import attention_recall
 
 def _qk(b=2, hq=4, hkv=2, sq=200, sk=200, d=16, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, hq, sq, d, generator=g) * 2, torch.randn(b, hkv, sk, d, generator=g)
+    return randn(g, b, hq, sq, d, scale=2, device="cpu"), randn(g, b, hkv, sk, d, device="cpu")
 
 
 def _brute(q, k, mask, causal):

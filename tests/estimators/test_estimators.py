@@ -3,6 +3,7 @@ nothing beyond the causal band, and they find planted patterns."""
 import pytest
 import torch
 
+from helpers import qkv
 from sparse_attn.estimators import (
     FORCED_COLUMNS,
     FORCED_SLASHES,
@@ -12,8 +13,9 @@ from sparse_attn.estimators import (
     estimate_block_topk,
     estimate_vertical_slash,
 )
-from sparse_attn.estimators import block_topk as block_topk_mod
-from sparse_attn.estimators import vertical_slash as vertical_slash_mod
+from sparse_attn.estimators import block_sparse as block_sparse_mod
+from sparse_attn.estimators.vertical_slash import estimate as vertical_slash_mod
+from sparse_attn.estimators.vertical_slash import scores_triton
 
 
 def test_diagonal_sums_brute_force():
@@ -67,9 +69,8 @@ def test_a_shape_rejects_bad_budgets():
         a_shape_layout(1, 2, 128, 128, sink=[1, 2, 3], window=8)
 
 
-def _qk(b=1, hq=4, hkv=2, sq=300, sk=300, d=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, hq, sq, d, generator=g), torch.randn(b, hkv, sk, d, generator=g)
+def _qk(b=1, hq=4, hkv=2, sq=300, sk=300, d=32, seed=0, device="cpu"):
+    return qkv(seed, b, hq, hkv, sq, sk, d, device=device)[:2]
 
 
 @pytest.mark.parametrize("sq,sk", [(300, 300), (200, 333), (40, 300)])
@@ -186,7 +187,7 @@ def test_block_topk_finds_planted_block_and_chunks_agree(monkeypatch):
     layout = block_topk_layout(ids, sq, sk)
     blocks = layout.to_block_mask()
     assert blocks[0, :, 4:, 3].all()
-    monkeypatch.setattr(block_topk_mod, "_CHUNK_ELEMENTS", 1)  # one kv head and one query block per chunk
+    monkeypatch.setattr(block_sparse_mod, "_CHUNK_ELEMENTS", 1)  # one kv head and one query block per chunk
     assert torch.equal(block_topk_layout(estimate_block_topk(q, k, top_k=3), sq, sk).indices, layout.indices)
 
 
@@ -222,37 +223,18 @@ def test_estimators_at_1m_tokens_fit_in_memory():
     assert extra < 16 * 2**30, f"estimation used {extra / 2**30:.1f} GiB on top of q, k"
 
 
-@pytest.fixture
-def interpreter_index_shim(monkeypatch):
-    """Triton 3.6's interpreter turns loop bounds into 1-element arrays, which numpy >= 2.4 refuses to
-    convert with int(); convert through .reshape(-1)[0] instead (interpreter only)."""
-    if torch.cuda.is_available():
-        return
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patched)
-
-
 @pytest.mark.parametrize("b,hq,hkv,sq,sk,d,last_q", [(1, 4, 2, 200, 200, 32, 64), (2, 6, 2, 100, 300, 16, 40),
                                                       (1, 2, 2, 70, 50, 64, 64), (1, 8, 1, 130, 130, 32, 16)])
 @pytest.mark.parametrize("lse_rows", [64, 256])
-def test_triton_scores_equal_torch_scores(interpreter_index_shim, monkeypatch, b, hq, hkv, sq, sk, d, last_q,
-                                          lse_rows):
+def test_triton_scores_equal_torch_scores(monkeypatch, b, hq, hkv, sq, sk, d, last_q, lse_rows):
     """lse_rows: the max / sum pass stacks up to this many query rows (heads x padded last_q) per program, so
     its passes and the scores pass may group the heads differently; both must read the same rows."""
-    from sparse_attn.estimators import vertical_slash_triton
     from sparse_attn.estimators.vertical_slash import vertical_slash_scores
 
-    monkeypatch.setattr(vertical_slash_triton, "_LSE_ROWS", lse_rows)
+    monkeypatch.setattr(scores_triton, "_LSE_ROWS", lse_rows)
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    q, k = (t.to(dev) for t in _qk(b=b, hq=hq, hkv=hkv, sq=sq, sk=sk, d=d, seed=sq))
+    q, k = _qk(b=b, hq=hq, hkv=hkv, sq=sq, sk=sk, d=d, seed=sq, device=dev)
     last_q = min(last_q, sq, sk)
     kw = dict(last_q=last_q, scale=d ** -0.5, causal=True)
     vt, st = vertical_slash_scores(q, k, backend="triton", **kw)

@@ -1,15 +1,14 @@
-"""The fused top-k of the vertical-slash estimator (sparse_attn.estimators.topk_triton) equals an fp32 torch
-reference with the same rules: the first n_forced ids raised above every score, ties at the threshold to the
-lower ids, ids ascending, rows below the widest budget padded in front with id 0."""
+"""The fused top-k of the vertical-slash estimator (sparse_attn.estimators.vertical_slash.topk_triton) equals an
+fp32 torch reference with the same rules: the first n_forced ids raised above every score, ties at the
+threshold to the lower ids, ids ascending, rows below the widest budget padded in front with id 0."""
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparse_attn.estimators import topk_triton
-from sparse_attn.estimators.topk_triton import topk_ids_sorted
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+from helpers import DEV, poison_
+from sparse_attn.estimators.vertical_slash import topk_triton
+from sparse_attn.estimators.vertical_slash.topk_triton import topk_ids_sorted
 
 
 def _reference(scores, sizes, n_forced, ceiling):
@@ -45,7 +44,7 @@ def test_topk_ids_sorted_equals_reference(b, h, n, seed, kind, uniform, forced, 
     else:
         sizes = [torch.tensor(data.draw(st.lists(st.integers(1, n), min_size=h, max_size=h))) for _ in range(2)]
     ceiling = float(max(s0.max(), s1.max()))
-    outs = [torch.full((b, h, int(sz.max())), -7, dtype=torch.int32, device=DEV) for sz in sizes]  # poisoned
+    outs = [poison_(torch.empty(b, h, int(sz.max()), dtype=torch.int32, device=DEV)) for sz in sizes]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(topk_triton, "_BLOCK", 32)  # several chunks per row, several blocks per chunk
         mp.setattr(topk_triton, "_CHUNK", 64)

@@ -1,4 +1,5 @@
-"""Vertical-slash index builder: the definition (brute force), backend agreement, errors."""
+"""Vertical-slash index builder: the definition (brute force), backend agreement, errors. Its outputs start
+poisoned (padding past the counts may stay so)."""
 import os
 
 import pytest
@@ -6,8 +7,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sparse_attn.ops.vertical_slash import build_vertical_slash_index
-from sparse_attn.ops.vertical_slash import index
+import sparse_attn.estimators.vertical_slash as vertical_slash_pattern
+from helpers import qkv
+from sparse_attn.estimators.vertical_slash import build_vertical_slash_index
+from sparse_attn.estimators.vertical_slash import index
+
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
 
 def brute_force(vertical, slash, seqlen_q, seqlen_k, block_size_q):
@@ -148,10 +153,11 @@ def test_dispatch_assumes_sorted_only_for_the_estimators_output(monkeypatch):
     from sparse_attn.estimators import VerticalSlashChoice, estimate_vertical_slash
 
     seen = []
-    real = dispatch._build_vertical_slash_index
-    monkeypatch.setattr(dispatch, "_build_vertical_slash_index", lambda *a: seen.append(a[-1]) or real(*a))
+    real = vertical_slash_pattern.build_vertical_slash_index
+    monkeypatch.setattr(vertical_slash_pattern, "build_vertical_slash_index",
+                        lambda *a, **kw: seen.append(kw["assume_sorted"]) or real(*a, **kw))
     g = torch.Generator().manual_seed(3)
-    q, k = torch.randn(1, 4, 96, 16, generator=g), torch.randn(1, 2, 96, 16, generator=g)
+    q, k, _ = qkv(g, 1, 4, 2, 96, d=16, device="cpu")
     configs = [{"pattern": "vertical_slash", "vertical_size": 9, "slash_size": 7}] * 4
     est = estimate_vertical_slash(q, k, vertical_size=9, slash_size=7, last_q=16, backend="torch")
     assert isinstance(est, VerticalSlashChoice)

@@ -1,10 +1,10 @@
-"""sparse_attn.patch / unpatch on tiny random-weight Hugging Face models (CPU, fp32).
+"""sparse_attn.patch / unpatch on tiny random-weight Hugging Face models (CPU, fp32), for every method of the
+registry.
 
-Full-budget methods must reproduce the dense model's logits within fp32 rounding (the model run in fp64
-is the reference: the patched fp32 error may be at most 2x the dense fp32 error plus a small floor);
-unpatch must give them back bit for bit; tiny budgets must change them (the sparse path really runs).
+Full-budget methods must reproduce the dense model's logits within fp32 rounding (the model run in fp64 is
+the reference: the tolerance rule of tests/helpers.py, the dense fp32 model being the low-precision one);
+unpatch must give them back bit for bit; the sparsest budgets must change them (the sparse path really runs).
 """
-import importlib.util
 import logging
 
 import pytest
@@ -12,18 +12,22 @@ import torch
 from torch import nn
 
 import sparse_attn
+from helpers import assert_close, full_budget, full_budget_head_config, prefill_patterns, smallest_budget
 from sparse_attn.integrations.hf import is_patched
+from sparse_attn.methods import MIXTURE, get_method, list_methods
+from sparse_attn.patterns import get_pattern, list_patterns
 
 transformers = pytest.importorskip("transformers")
-
-# The vertical-slash index builder lands separately; until then its cases skip instead of failing.
-needs_vs_index = pytest.mark.skipif(importlib.util.find_spec("sparse_attn.ops.vertical_slash") is None,
-                                    reason="sparse_attn.ops.vertical_slash (index builder) not present yet")
 
 SEQ = 197  # not a multiple of the 64-token blocks
 VOCAB = 128
 COMMON = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
               intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=1024)
+PATTERNS = list_patterns()
+PREFILL = prefill_patterns()  # with a prefill side
+# Methods whose full budget is defined (dense and the mixture always; a pattern where it has one).
+FULL = [m for m in list_methods() if m not in PATTERNS or get_pattern(m).full_budget is not None]
+DECODE = [m for m in list_methods() if get_method(m).decode is not None]  # methods with a decode side
 
 
 def _family(name):
@@ -52,13 +56,7 @@ def logits(model, ids, **kwargs):
     return model(ids, **kwargs).logits
 
 
-def _full_profile(model):
-    """Every pattern at full budget, mixed across heads and layers."""
-    heads = [{"pattern": "vertical_slash", "vertical_size": 4096, "slash_size": 4096},
-             {"pattern": "a_shape", "sink": 0, "window": 4096},
-             {"pattern": "block_sparse", "top_k": 64},
-             {"pattern": "dense"}]
-    layers = [heads, heads[::-1]]
+def _profile(model, layers):
     c = model.config
     return {"format": "sparse_attn.profile/1",
             "model": {"name": "tiny", "architecture": type(model).__name__, "num_layers": c.num_hidden_layers,
@@ -67,45 +65,46 @@ def _full_profile(model):
             "settings": {}, "layers": layers}
 
 
-FULL_BUDGET = {
-    "dense": {},
-    "a_shape": {"sink": 0, "window": 4096},
-    "vertical_slash": {"vertical_size": 4096, "slash_size": 4096},
-    "block_sparse": {"top_k": 64},
-    "minference": "profile",
-}
-NEEDS_VS_INDEX = {"vertical_slash", "minference"}
+def _full_profile(model, seqlen=SEQ):
+    """Every registered pattern at its full budget for seqlen tokens, and dense, mixed across heads and
+    layers (each layer starts one entry further)."""
+    c = model.config
+    return _profile(model, [full_budget_head_config(c.num_attention_heads, seqlen, seqlen, shift=layer)
+                            for layer in range(c.num_hidden_layers)])
+
+
+def _full_budget_patch(model, method, seqlen):
+    """(config, kwargs) of patch(model, method) at full budget for seqlen tokens."""
+    if method == MIXTURE:
+        return _full_profile(model, seqlen), {}
+    return None, (full_budget(method, seqlen, seqlen) if method in PATTERNS else {})
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
-@pytest.mark.parametrize("method", [pytest.param(m, marks=needs_vs_index) if m in NEEDS_VS_INDEX else m
-                                    for m in FULL_BUDGET])
+@pytest.mark.parametrize("method", FULL)
 def test_full_budget_gives_dense_logits(family, method):
     model, ids = tiny_model(family), _ids()
     exact = logits(tiny_model(family).double(), ids)
     dense = logits(model, ids)
-    kwargs = FULL_BUDGET[method]
-    config = _full_profile(model) if kwargs == "profile" else None
-    sparse_attn.patch(model, method, config, min_seqlen=1, **({} if config else kwargs))
+    config, kwargs = _full_budget_patch(model, method, SEQ)
+    sparse_attn.patch(model, method, config, min_seqlen=1, **kwargs)
     try:
         patched = logits(model, ids)
         stats = sparse_attn.get_stats(model)
     finally:
         sparse_attn.unpatch(model)
-    dense_err = (dense.double() - exact).abs().max().item()
-    err = (patched.double() - exact).abs().max().item()
-    assert err <= 2 * dense_err + 1e-5, (err, dense_err)
+    assert_close(patched.double(), exact, dense.double(), floor=1e-5)
     assert sorted(stats.prefill) == [0, 1] and stats.fallbacks == 0
     assert stats.prefill[0].density.shape == (4,) and stats.density() == pytest.approx(1.0)
+    if method in PATTERNS:  # a decode-only pattern prefills dense
+        assert all(s.pattern == [method if method in PREFILL else "dense"] * 4 for s in stats.prefill.values())
     assert torch.equal(logits(model, ids), dense)
 
 
-@pytest.mark.parametrize("method, kwargs", [
-    ("a_shape", {"sink": 64, "window": 64}),
-    ("block_sparse", {"top_k": 2}),
-    pytest.param("vertical_slash", {"vertical_size": 16, "slash_size": 16}, marks=needs_vs_index),
-    pytest.param("vertical_slash", {"vertical_size": 16, "slash_size": 16, "share_heads": 2}, marks=needs_vs_index),
-])
+@pytest.mark.parametrize("method, kwargs",
+                         [(p, smallest_budget(p, 320)) for p in PREFILL]
+                         + [("vertical_slash", dict(smallest_budget("vertical_slash", 320), share_heads=2))],
+                         ids=PREFILL + ["vertical_slash-share_heads"])
 def test_tiny_budget_changes_logits_and_reports_density(method, kwargs):
     model, ids = tiny_model(), _ids(seq=320)
     dense = logits(model, ids)
@@ -161,31 +160,63 @@ def test_threshold_keeps_short_prefill_dense():
     assert stats.density() == 1.0 and stats.prefill[0].pattern == ["dense"] * 4
 
 
-def test_generate_full_budget_matches_dense_and_a_shape_sparsifies_decode():
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_generate_at_full_budget_matches_dense(pattern):
+    """Prefill and every decode step at full budget for the final length: the dense model's tokens; decode calls
+    are recorded at density 1, on the method's decode side where it has one."""
     model, ids = tiny_model("mistral"), _ids(seq=200)
     dense = model.generate(ids, max_new_tokens=4, do_sample=False)
-    sparse_attn.patch(model, "block_sparse", min_seqlen=1, top_k=64)
-    assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), dense)
-    stats = sparse_attn.get_stats(model)
+    budget = full_budget(pattern, 204, 204)
+    if budget is None:
+        pytest.skip(f"pattern {pattern!r} has no full budget")
+    sparse_attn.patch(model, pattern, min_seqlen=1, **budget)
+    try:
+        generated = model.generate(ids, max_new_tokens=4, do_sample=False)
+        stats = sparse_attn.get_stats(model)
+    finally:
+        sparse_attn.unpatch(model)
+    assert torch.equal(generated, dense)
     assert stats.decode[0].seqlen_q == 1 and stats.decode[0].seqlen_k == 203
-    assert stats.density("decode") == 1.0  # decode runs dense
-    sparse_attn.patch(model, "a_shape", min_seqlen=1, sink=64, window=64)
-    model.generate(ids, max_new_tokens=4, do_sample=False)
-    assert sparse_attn.get_stats(model).density("decode") < 1.0
-    sparse_attn.unpatch(model)
+    assert stats.density("decode") == 1.0
+    side = get_method(pattern).decode
+    if side is not None:
+        assert stats.decode[0].pattern == [side] * 4
 
 
-def test_chunked_prefill_with_cache_stays_sparse():
+@pytest.mark.parametrize("method", DECODE)
+def test_decode_sides_sparsify_decode(method):
+    """A method with a decode side at its pattern's sparsest budget reads fewer keys than dense at every step."""
+    model, ids = tiny_model("mistral"), _ids(seq=600)
+    side = get_method(method).decode
+    kwargs = smallest_budget(method, 600) if method in PATTERNS else {}
+    sparse_attn.patch(model, method, min_seqlen=1, **kwargs)
+    try:
+        generated = model.generate(ids, max_new_tokens=4, do_sample=False)
+        stats = sparse_attn.get_stats(model)
+    finally:
+        sparse_attn.unpatch(model)
+    assert generated.shape == (1, 604) and stats.decode[0].seqlen_k == 603
+    assert stats.density("decode") < 1.0 and stats.decode[0].pattern == [side] * 4
+
+
+@pytest.mark.parametrize("pattern", PREFILL)
+def test_chunked_prefill_with_cache_stays_sparse(pattern):
     """A second multi-token call against a filled cache gets a causal mask from the model: still sparse."""
     model, ids = tiny_model(), _ids(seq=260)
     dense = logits(model, ids)
-    sparse_attn.patch(model, "block_sparse", min_seqlen=1, top_k=64)
-    with torch.no_grad():
-        first = model(ids[:, :130], use_cache=True)
-        second = model(ids[:, 130:], past_key_values=first.past_key_values, use_cache=True).logits
-    stats = sparse_attn.get_stats(model)
-    sparse_attn.unpatch(model)
+    budget = full_budget(pattern, 260, 260)
+    if budget is None:
+        pytest.skip(f"pattern {pattern!r} has no full budget")
+    sparse_attn.patch(model, pattern, min_seqlen=1, **budget)
+    try:
+        with torch.no_grad():
+            first = model(ids[:, :130], use_cache=True)
+            second = model(ids[:, 130:], past_key_values=first.past_key_values, use_cache=True).logits
+        stats = sparse_attn.get_stats(model)
+    finally:
+        sparse_attn.unpatch(model)
     assert stats.fallbacks == 0 and stats.prefill[0].seqlen_k == 260
+    assert stats.prefill[0].pattern == [pattern] * 4
     assert torch.allclose(second, dense[:, 130:], atol=1e-5)
 
 
@@ -219,6 +250,37 @@ def test_profile_found_in_patches_dir(tmp_path, monkeypatch):
     assert stats.prefill[0].pattern == ["block_sparse"] * 4 and stats.density() < 1
 
 
+def test_attention_hook_sees_every_layer_and_restores_the_model():
+    """attention_hook (what patch and the profiler's capture install): every attention call goes to the given
+    function while open; the previous implementation comes back on exit, also after an error."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from sparse_attn.integrations.hf import attention_hook, model_shape
+
+    model, ids = tiny_model(), _ids(seq=64)
+    assert model_shape(model) == {"num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16}
+    before = logits(model, ids)
+    implementation = model.config._attn_implementation
+    seen = []
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        seen.append((module.layer_idx, tuple(query.shape), tuple(key.shape)))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    with attention_hook(model, attention):
+        assert model.config._attn_implementation != implementation
+        hooked = logits(model, ids)
+    assert sorted(layer for layer, _, _ in seen) == [0, 1]
+    assert seen[0][1:] == ((1, 4, 64, 16), (1, 2, 64, 16))
+    assert torch.allclose(hooked, before, atol=1e-6)
+    assert model.config._attn_implementation == implementation and not is_patched(model)
+    with pytest.raises(RuntimeError, match="inside"):
+        with attention_hook(model, attention):
+            raise RuntimeError("inside")
+    assert model.config._attn_implementation == implementation
+    assert torch.equal(logits(model, ids), before)
+
+
 class EagerAttention(nn.Module):
     """An attention layer that does its own math instead of asking transformers' registry."""
 
@@ -250,7 +312,8 @@ def test_bad_inputs_give_clear_errors():
     wrong["layers"] = wrong["layers"] + wrong["layers"][:1]
     with pytest.raises(ValueError, match="num_layers: profile has 3, model has 2"):
         sparse_attn.patch(model, "minference", wrong)
-    with pytest.raises(ValueError, match="config: a head profile applies to method 'minference' only"):
+    with pytest.raises(ValueError, match="config: a head profile applies to the per-head mixture method only, "
+                                         "got method='a_shape'"):
         sparse_attn.patch(model, "a_shape", _full_profile(model))
     with pytest.raises(ValueError, match=r"share_heads: expected a positive int dividing the query heads per kv "
                                          r"head \(2\), got 4"):
@@ -274,21 +337,23 @@ def _gpu_model(family="llama"):
 
 
 def _no_reference_fallback(monkeypatch):
-    """On CUDA every sparse method must run on the kernels: any fallback to the reference fails the test."""
+    """On CUDA every sparse method must run on the kernels: any fallback to a reference (the kernel families'
+    own, or the CPU path of dispatch) fails the test."""
     import sparse_attn.dispatch
     import sparse_attn.ops.block_sparse
-    import sparse_attn.ops.vertical_slash.kernel
+    import sparse_attn.ops.vertical_slash
 
     def refuse(*args, **kwargs):
-        raise AssertionError("fell back to reference_attention on CUDA")
+        raise AssertionError("fell back to a reference on CUDA")
 
-    for module in (sparse_attn.dispatch, sparse_attn.ops.block_sparse, sparse_attn.ops.vertical_slash.kernel):
+    for module in (sparse_attn.ops.block_sparse, sparse_attn.ops.vertical_slash):
         monkeypatch.setattr(module, "reference_attention", refuse)
+    monkeypatch.setattr(sparse_attn.dispatch, "sdpa_layout_attention", refuse)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-@pytest.mark.parametrize("method", list(FULL_BUDGET))
+@pytest.mark.parametrize("method", FULL)
 def test_gpu_full_budget_bf16_close_to_dense(family, method, monkeypatch):
     """bf16 on CUDA: the patched model's error against the fp32 model is at most twice dense bf16's."""
     _no_reference_fallback(monkeypatch)
@@ -296,32 +361,25 @@ def test_gpu_full_budget_bf16_close_to_dense(family, method, monkeypatch):
     exact = logits(_gpu_model(family), ids).double()
     model = _gpu_model(family).to(torch.bfloat16)
     dense = logits(model, ids)
-    kwargs = FULL_BUDGET[method]
-    config = _full_profile(model) if kwargs == "profile" else None
-    sparse_attn.patch(model, method, config, **({} if config else kwargs))
+    config, kwargs = _full_budget_patch(model, method, GPU_SEQ)
+    sparse_attn.patch(model, method, config, **kwargs)
     try:
         patched = logits(model, ids)
         stats = sparse_attn.get_stats(model)
     finally:
         sparse_attn.unpatch(model)
-    dense_err = (dense.double() - exact).abs().max().item()
-    err = (patched.double() - exact).abs().max().item()
-    assert err <= 2 * dense_err + 1e-3, (err, dense_err)
+    assert_close(patched.double(), exact, dense.double(), floor=1e-3)
     assert stats.fallbacks == 0 and stats.density() == pytest.approx(1.0)
     assert torch.equal(logits(model, ids), dense)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method, kwargs", [
-    ("a_shape", {"sink": 64, "window": 256}),
-    ("block_sparse", {"top_k": 4}),
-    ("vertical_slash", {"vertical_size": 64, "slash_size": 16}),
-])
-def test_gpu_tiny_budget_runs_sparse_and_generates(method, kwargs, monkeypatch):
+@pytest.mark.parametrize("method", PREFILL)
+def test_gpu_tiny_budget_runs_sparse_and_generates(method, monkeypatch):
     _no_reference_fallback(monkeypatch)
     model, ids = _gpu_model().to(torch.bfloat16), _ids(seq=GPU_SEQ).cuda()
     dense = logits(model, ids)
-    sparse_attn.patch(model, method, **kwargs)
+    sparse_attn.patch(model, method, **smallest_budget(method, GPU_SEQ))
     try:
         patched = logits(model, ids)
         density = sparse_attn.get_stats(model).density()
@@ -332,4 +390,4 @@ def test_gpu_tiny_budget_runs_sparse_and_generates(method, kwargs, monkeypatch):
     assert torch.isfinite(patched).all() and (patched.float() - dense.float()).abs().max().item() > 1e-2
     assert density < 0.9  # random weights scatter the diagonals: vertical-slash ranges cover much
     assert generated.shape == (1, GPU_SEQ + 3)
-    assert decode_density < 1.0 if method == "a_shape" else decode_density == 1.0
+    assert decode_density < 1.0 if get_method(method).decode else decode_density == 1.0

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
 
@@ -65,10 +66,16 @@ def _install() -> None:
 
 
 def _run_all() -> None:
-    from sparse_attn.estimators.vertical_slash import vertical_slash_scores
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: the shared helpers
+    from helpers import random_layout
+
+    import sparse_attn.ops.vertical_slash as vs_public
+    from sparse_attn._triton import tensor_descriptor
+    from sparse_attn.estimators.vertical_slash import build_vertical_slash_index, vertical_slash_scores
+    from sparse_attn.estimators.vertical_slash import index as vs_index
+    from sparse_attn.estimators.vertical_slash.topk_triton import topk_ids_sorted
     from sparse_attn.layouts import BlockLayout
     from sparse_attn.ops.block_sparse import kernel as bs_kernel
-    from sparse_attn.ops.vertical_slash import build_vertical_slash_index
     from sparse_attn.ops.vertical_slash import kernel as vs_kernel
 
     gen = torch.Generator().manual_seed(0)
@@ -80,55 +87,53 @@ def _run_all() -> None:
                 torch.randn(shape_kv, generator=gen).to(dtype), torch.randn(shape_kv, generator=gen).to(dtype))
 
     # block-sparse: the default configs (two programs per SM, 128x128), TMA and pointer loads, fp32, packed
-    keep = torch.rand(1, h, 8, 8, generator=gen) < 0.5
-    layout = BlockLayout.from_block_mask(keep, 128, 128, s, s)
+    layout = random_layout(BlockLayout, gen, 1, h, s, s, 128, causal=False, diagonal=False, device="cpu")
     cu = torch.tensor([0, 400, s], dtype=torch.int32)
-    layout2 = BlockLayout.from_block_mask(torch.rand(2, h, 8, 8, generator=gen) < 0.5, 128, 128, s, s)
+    layout2 = random_layout(BlockLayout, gen, 2, h, s, s, 128, causal=False, diagonal=False, device="cpu")
 
-    def tma_descriptors(k, v, block_n, packed):  # _descriptors refuses CPU tensors
-        return bs_kernel._tensor_descriptor(k, block_n), bs_kernel._tensor_descriptor(v, block_n)
+    def tma_descriptors(k, v, block_n, packed):  # the real one refuses CPU tensors
+        return tensor_descriptor(k, block_n), tensor_descriptor(v, block_n)
 
-    real_descriptors = bs_kernel._descriptors
+    # kernels import tma_descriptors into their own namespace: that is the name to replace
+    real_descriptors = bs_kernel.tma_descriptors
     runs = [(128, torch.bfloat16, None, True), (128, torch.bfloat16, None, False),
             (128, torch.bfloat16, bs_kernel.Config(128, 128, 8, 3, tma=True), True),
             (64, torch.float16, None, True), (128, torch.float32, None, False)]
     for d, dtype, cfg, tma in runs:
         q, k, v = qkv(d, dtype)
-        bs_kernel._descriptors = tma_descriptors if tma else real_descriptors
+        bs_kernel.tma_descriptors = tma_descriptors if tma else real_descriptors
         bs_kernel.forward(q, k, v, layout, causal=True, scale=0.1, packed=False, batch=1,
                           max_seqlen_q=s, return_lse=True, config=cfg)
-    bs_kernel._descriptors = real_descriptors
+    bs_kernel.tma_descriptors = real_descriptors
     _check_fast_launch(bs_kernel, layout, qkv, tma_descriptors)
     q, k, v = qkv(128, torch.bfloat16, packed=True)
     bs_kernel.forward(q, k, v, layout2, causal=True, scale=0.1, packed=True, batch=2, max_seqlen_q=600,
                       cu_seqlens_q=cu, cu_seqlens_k=cu)
 
-    # vertical-slash: estimator (Triton scores), index builder (Triton), attention (bf16, fp32, packed)
+    # vertical-slash: estimator (Triton scores, fused top-k), index builder (Triton), attention (bf16, fp32, packed)
     q, k, v = qkv(128, torch.bfloat16)
     v_scores, s_scores = vertical_slash_scores(q, k, last_q=64, scale=0.1, causal=True, backend="triton")
-    from sparse_attn.estimators.topk_triton import topk_ids_sorted
     for budgets in ((30, 20), (torch.tensor([30, 5, 30, 9]), torch.tensor([20, 20, 3, 20]))):  # uniform, per head
         topk_ids_sorted((v_scores, s_scores), [torch.as_tensor(x).expand(h) for x in budgets], (8, 8), 64.0)
     vertical = torch.randint(0, s, (1, h, 30), generator=gen)
     slash = torch.randint(0, s, (1, h, 20), generator=gen)
     build_vertical_slash_index(vertical, slash, s, s, 64, backend="triton")
-    from sparse_attn.ops.vertical_slash import index as vs_index
     vs_index._prepare_triton(vertical, slash, s, s, 64)  # CPU tensors: the builder itself takes torch's
     vs_layout = build_vertical_slash_index(vertical, slash, s, s, 64, backend="torch")
-    vs_kernel.not_supported_reasons = lambda *a, **kw: []
+    vs_public.not_supported_reasons = lambda *a, **kw: []
     # one and two heads per program (two: a shared index), K/V through TMA (16-bit) and through pointers
     pairs = build_vertical_slash_index(vertical[:, ::2], slash[:, ::2], s, s, 64, backend="torch").repeat_heads(2)
-    real_vs_descriptors = vs_kernel._descriptors
+    real_vs_descriptors = vs_kernel.tma_descriptors
     for dtype, lay, tma in ((torch.bfloat16, vs_layout, True), (torch.float32, vs_layout, False),
                             (torch.bfloat16, pairs, True), (torch.bfloat16, pairs, False)):
         q, k, v = qkv(128, dtype)
-        vs_kernel._descriptors = tma_descriptors if tma else real_vs_descriptors
-        vs_kernel.vertical_slash_attention(q, k, v, lay, return_lse=lay is vs_layout)
-    vs_kernel._descriptors = real_vs_descriptors
+        vs_kernel.tma_descriptors = tma_descriptors if tma else real_vs_descriptors
+        vs_public.vertical_slash_attention(q, k, v, lay, return_lse=lay is vs_layout)
+    vs_kernel.tma_descriptors = real_vs_descriptors
     vs_kernel._group_order(vs_layout, 2)  # the shared-first range order of long inputs (h / hkv = 2 here)
     q, k, v = qkv(128, torch.bfloat16, packed=True)
     vs2 = build_vertical_slash_index(vertical.expand(2, h, 30), slash.expand(2, h, 20), s, s, 64, backend="torch")
-    vs_kernel.vertical_slash_attention(q, k, v, vs2, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    vs_public.vertical_slash_attention(q, k, v, vs2, cu_seqlens_q=cu, cu_seqlens_k=cu)
 
     # the experimental Gluon Hopper kernels (SPARSE_ATTN_VS_BACKEND=gluon): warp-specialised with a TMA loader
     # (bf16 D=128 with lse, fp16 D=64, bf16 packed) and every tile through cp.async (bf16 D=128);
@@ -141,14 +146,14 @@ def _run_all() -> None:
         try:
             for d, dtype in ((128, torch.bfloat16), (64, torch.float16)):
                 q, k, v = qkv(d, dtype)
-                vs_kernel.vertical_slash_attention(q, k, v, vs_layout, return_lse=d == 128)
+                vs_public.vertical_slash_attention(q, k, v, vs_layout, return_lse=d == 128)
             q, k, v = qkv(128, torch.bfloat16, packed=True)
-            vs_kernel.vertical_slash_attention(q, k, v, vs2, cu_seqlens_q=cu, cu_seqlens_k=cu)
+            vs_public.vertical_slash_attention(q, k, v, vs2, cu_seqlens_q=cu, cu_seqlens_k=cu)
             real_forward = hopper.forward
             hopper.forward = lambda *a, **kw: real_forward(*a, loads="cp.async", **kw)
             try:
                 q, k, v = qkv(128, torch.bfloat16)
-                vs_kernel.vertical_slash_attention(q, k, v, vs_layout)
+                vs_public.vertical_slash_attention(q, k, v, vs_layout)
             finally:
                 hopper.forward = real_forward
         finally:
@@ -168,13 +173,15 @@ def _same(a, b) -> bool:
 
 
 def _check_fast_launch(bs_kernel, layout, qkv, tma_descriptors) -> None:
-    """Three public calls with one signature: the first through the JIT, the others through
-    bs_kernel.fast_forward; record what reaches the launcher and compare argument by argument."""
+    """Public calls with one signature: the first through the JIT, the others through bs_kernel.fast_forward
+    (three, each with a new layout of the same geometry: the remembered plan kernel runs too; then a plan made
+    once and two calls with it: the remembered attention launch alone); record what reaches the launcher and
+    compare argument by argument."""
     import sparse_attn.ops.block_sparse as bs_public
 
     launches = []
     real_run = triton_compiler.CompiledKernel.run
-    real_reasons, real_descriptors = bs_public.not_supported_reasons, bs_kernel._descriptors
+    real_reasons, real_descriptors = bs_public.not_supported_reasons, bs_kernel.tma_descriptors
     real_fast = bs_kernel.fast_forward
     hits = []
 
@@ -189,7 +196,7 @@ def _check_fast_launch(bs_kernel, layout, qkv, tma_descriptors) -> None:
 
     triton_compiler.CompiledKernel.run = property(recorder)
     bs_public.not_supported_reasons = lambda *a, **kw: []
-    bs_kernel._descriptors = tma_descriptors
+    bs_kernel.tma_descriptors = tma_descriptors
     bs_kernel.fast_forward = fast
     try:
         q, k, v = qkv(128, torch.bfloat16)
@@ -197,13 +204,16 @@ def _check_fast_launch(bs_kernel, layout, qkv, tma_descriptors) -> None:
             fresh = type(layout)(layout.counts.clone(), layout.indices.clone(), layout.block_size_q,
                                  layout.block_size_k, layout.seqlen_q, layout.seqlen_k)
             bs_public.block_sparse_attention(q, k, v, fresh, causal=True)
+        plan = bs_public.plan(q, k, v, fresh, causal=True)  # the plan kernel through the JIT
+        for _ in range(2):
+            bs_public.block_sparse_attention(q, k, v, fresh, causal=True, plan=plan)
     finally:
         triton_compiler.CompiledKernel.run = real_run
-        bs_public.not_supported_reasons, bs_kernel._descriptors = real_reasons, real_descriptors
+        bs_public.not_supported_reasons, bs_kernel.tma_descriptors = real_reasons, real_descriptors
         bs_kernel.fast_forward = real_fast
     mismatches, compared = [], 0
     names = [name for name, _ in launches]
-    if names != ["_plan_kernel", "_attn_kernel"] * 3:
+    if names != ["_plan_kernel", "_attn_kernel"] * 3 + ["_plan_kernel", "_attn_kernel", "_attn_kernel"]:
         mismatches.append(f"launches {names}")
     for kernel in ("_plan_kernel", "_attn_kernel"):
         jit, *rest = [args for name, args in launches if name == kernel]

@@ -1,78 +1,36 @@
-"""Block-sparse attention kernel vs the fp32 reference.
+"""Block-sparse attention kernel vs the fp32 reference (the tolerance rule of tests/helpers.py).
 
 CPU: the Triton kernel through the interpreter (tiny shapes, fp16/fp32: the interpreter's bf16 dot is
-wrong). GPU (`gpu` mark): bf16/fp16 up to 128K tokens. Every run writes into NaN-poisoned outputs, so an
+wrong). GPU (`gpu` mark): bf16/fp16 up to 128K tokens. Every run writes into poisoned outputs, so an
 element the kernel forgets to write fails the comparison.
 """
-import math
-import os
+import functools
 
+import pytest
 import torch
+from hypothesis import given, strategies as st
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything decorates a Triton kernel
+import helpers
+from helpers import DEV, check_attention, count_launches, packed_qkv, qkv
+from helpers import randn as rand
+from sparse_attn import ops
+from sparse_attn._triton import LaunchCache, tma_descriptors
+from sparse_attn.layouts import BlockLayout
+from sparse_attn.ops import block_sparse as bs
+from sparse_attn.ops.block_sparse import block_sparse_attention, not_supported_reasons
+from sparse_attn.ops.block_sparse import kernel as bs_kernel
+from sparse_attn.ops.reference import reference_attention
 
-import pytest  # noqa: E402
-from hypothesis import given, strategies as st  # noqa: E402
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
-from sparse_attn.layouts import BlockLayout  # noqa: E402
-from sparse_attn.ops import block_sparse as bs  # noqa: E402
-from sparse_attn.ops.block_sparse import block_sparse_attention, not_supported_reasons  # noqa: E402
-from sparse_attn.ops.block_sparse import kernel as bs_kernel  # noqa: E402
-from sparse_attn.ops.reference import reference_attention  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    """Outputs (and lse) start as NaN: any element the kernel leaves unwritten breaks the comparison."""
-    real = bs_kernel._outputs
-
-    def poisoned(q, return_lse):
-        out, lse = real(q, return_lse)
-        out.fill_(float("nan"))
-        if return_lse:
-            lse.fill_(float("nan"))
-        return out, lse
-
-    monkeypatch.setattr(bs_kernel, "_outputs", poisoned)
+assert_close = functools.partial(check_attention, block_sparse_attention)
 
 
 def random_layout(gen, batch, heads, sq, sk, bq, bk, density, device=DEV, beyond_diagonal=False):
-    """Random key blocks per query block, the causal diagonal block always kept (unless none is visible)."""
-    nq, nk = math.ceil(sq / bq), math.ceil(sk / bk)
-    mask = torch.rand(batch, heads, nq, nk, generator=gen) < density
-    q_last = (torch.arange(nq) * bq + bq).clamp(max=sq) - 1 + (sk - sq)
-    diag = torch.div(q_last, bk, rounding_mode="floor")
-    key_blocks = torch.arange(nk)
-    if not beyond_diagonal:
-        mask &= key_blocks[None, :] <= diag[:, None]
-    visible = (diag >= 0) & (diag < nk)
-    mask |= (key_blocks[None, :] == diag[:, None]) & visible[:, None]
-    return BlockLayout.from_block_mask(mask.to(device), bq, bk, sq, sk)
-
-
-def rand(gen, *shape, dtype):
-    return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=DEV, dtype=dtype)
-
-
-def assert_close(q, k, v, layout, *, causal=True, cu_seqlens_q=None, cu_seqlens_k=None, floor=None):
-    """Kernel error vs the fp32 reference <= 2x the low-precision reference's error + a floor; lse too."""
-    kw = dict(causal=causal, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=True)
-    out, lse = block_sparse_attention(q, k, v, layout, **kw)
-    ref, ref_lse = reference_attention(q, k, v, layout, **kw)
-    low = reference_attention(q, k, v, layout, upcast=False, **kw)[0]
-    assert not out.isnan().any(), "the kernel left elements of out unwritten"
-    assert not lse.isnan().any(), "the kernel left elements of lse unwritten"
-    floor = floor if floor is not None else (1e-5 if q.dtype == torch.float32 else 2e-3)
-    err = (out.float() - ref.float()).abs().max().item() if out.numel() else 0.0
-    low_err = (low.float() - ref.float()).abs().max().item() if out.numel() else 0.0
-    assert err <= 2 * low_err + floor, f"max error {err} vs low-precision reference {low_err}"
-    assert torch.equal(lse.isinf(), ref_lse.isinf()), "rows without keys must have lse -inf"
-    finite = ~ref_lse.isinf()
-    assert torch.allclose(lse[finite], ref_lse[finite], atol=1e-3 if q.dtype != torch.float32 else 1e-5)
-    return out
+    """Random key blocks per query block, the causal diagonal block always kept (unless none is visible);
+    beyond_diagonal: blocks past it too (for non-causal runs). helpers.random_layout's BlockLayouts."""
+    return helpers.random_layout(BlockLayout, gen, batch, heads, sq, sk, bq, block_size_k=bk, density=density,
+                                 causal=not beyond_diagonal, device=device)
 
 
 # ---------------------------------------------------------------- CPU (interpreter) and GPU, small shapes
@@ -132,46 +90,91 @@ def test_rows_without_keys_are_zero_with_lse_minus_inf():
     assert_close(q, k, v, layout)
 
 
-def test_plan_is_reused_and_invalidated_by_edits(monkeypatch):
-    """A second call with the same layout skips the plan launch; editing the layout in place, a new
-    causal flag or other lengths plan again, and every result matches the reference."""
+def count_launches_of_both(monkeypatch):
+    """(plan launches, attention launches), every launch through the JIT: remembered fast launches are off."""
+    monkeypatch.setattr(bs_kernel, "_fast", LaunchCache(0))
+    grids = count_launches(monkeypatch, bs_kernel, "_plan_kernel", "_attn_kernel")
+    return grids["_plan_kernel"], grids["_attn_kernel"]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_plan_is_reused_across_calls_with_one_launch_fewer(monkeypatch, causal):
+    """A plan made once serves every call with its layout and shapes: one launch per call instead of two, the
+    same output as a call that plans for itself, on fresh inputs too; nothing is ever stored on the layout."""
     gen = torch.Generator().manual_seed(11)
     sq = 100
-    q = rand(gen, 1, 2, sq, 32, dtype=torch.float16)
-    k, v = (rand(gen, 1, 1, sq, 32, dtype=torch.float16) for _ in range(2))
+    q, k, v = qkv(gen, 1, 2, 1, sq, d=32, dtype=torch.float16)
     layout = random_layout(gen, 1, 2, sq, sq, 16, 16, 0.4, beyond_diagonal=True)
-    launches = []
-    real = bs_kernel._plan_kernel
+    before = dict(layout.__dict__)
+    plans, attns = count_launches_of_both(monkeypatch)
+    own = assert_close(q, k, v, layout, causal=causal)[0]  # no plan: planned in the call
+    assert (len(plans), len(attns)) == (1, 1)
+    p = bs.plan(q, k, v, layout, causal=causal)
+    assert isinstance(p, bs_kernel.Plan) and p.layout is layout
+    assert (len(plans), len(attns)) == (2, 1)
+    with_plan = assert_close(q, k, v, layout, causal=causal, plan=p)[0]
+    assert torch.equal(with_plan, own)
+    for _ in range(2):  # fresh inputs of the same shapes: the same plan
+        q2, k2, v2 = qkv(gen, 1, 2, 1, sq, d=32, dtype=torch.float16)
+        assert_close(q2, k2, v2, layout, causal=causal, plan=p)
+    assert (len(plans), len(attns)) == (2, 4)
+    assert ops.plan(q, k, v, layout, causal=causal).bounds.tolist() == p.bounds.tolist()  # the family entry
+    assert torch.equal(ops.attention(q, k, v, layout, causal=causal, plan=p), own)
+    assert layout.__dict__.keys() == before.keys()
+    assert all(layout.__dict__[key] is value for key, value in before.items())
 
-    class Counting:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return real[grid]
 
-    monkeypatch.setattr(bs_kernel, "_plan_kernel", Counting())
-    assert_close(q, k, v, layout)
-    assert_close(q, k, v, layout)
-    assert len(launches) == 1
+def test_a_call_without_a_plan_sees_in_place_edits_of_the_layout():
+    """Nothing is cached behind the caller's back: a layout edited in place (its counts cut to one key block
+    per query block) and shorter inputs than the layout covers give the reference's result."""
+    gen = torch.Generator().manual_seed(12)
+    sq = 100
+    q, k, v = qkv(gen, 1, 2, 1, sq, d=32, dtype=torch.float16)
+    layout = random_layout(gen, 1, 2, sq, sq, 16, 16, 0.4, beyond_diagonal=True)
     assert_close(q, k, v, layout, causal=False)
-    assert len(launches) == 2
     keep = layout.counts.clone()
     layout.counts.fill_(1)  # in place: only each block's first listed key block remains
     assert_close(q, k, v, layout, causal=False)
-    assert len(launches) == 3
     layout.counts.copy_(keep)
-    shorter = q[:, :, :70]  # other lengths (the layout covers more than the call needs)
-    assert_close(shorter, k[:, :, :70], v[:, :, :70], layout)
-    assert len(launches) == 4
+    assert_close(q[:, :, :70], k[:, :, :70], v[:, :, :70], layout)  # other lengths
+
+
+def test_a_plan_for_another_layout_or_other_shapes_is_refused():
+    gen = torch.Generator().manual_seed(13)
+    sq = 100
+    q, k, v = qkv(gen, 1, 2, 1, sq, d=32, dtype=torch.float16)
+    layout = random_layout(gen, 1, 2, sq, sq, 16, 16, 0.4)
+    p = bs.plan(q, k, v, layout, causal=True)
+    twin = BlockLayout(layout.counts.clone(), layout.indices.clone(), 16, 16, sq, sq)  # same geometry
+    with pytest.raises(ValueError, match="plan: made for another layout"):
+        block_sparse_attention(q, k, v, twin, plan=p)
+    with pytest.raises(ValueError, match="plan: made for"):
+        block_sparse_attention(q, k, v, layout, causal=False, plan=p)
+    with pytest.raises(ValueError, match="plan: made for"):
+        block_sparse_attention(q[:, :, :70], k[:, :, :70], v[:, :, :70], layout, plan=p)
+    with pytest.raises(TypeError, match="plan: expected what block_sparse.plan"):
+        block_sparse_attention(q, k, v, layout, plan=p.bounds)
+    # packed inputs: the plan is bound to its cu_seqlens
+    qp, kp, vp, cu_q, cu_k = packed_qkv(gen, [37, 50], [37, 60], 2, 1, 32, dtype=torch.float16)
+    packed = random_layout(gen, 2, 2, 50, 60, 16, 16, 0.5)
+    pp = bs.plan(qp, kp, vp, packed, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    assert_close(qp, kp, vp, packed, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, plan=pp)
+    with pytest.raises(ValueError, match="plan: made for"):
+        block_sparse_attention(qp, kp, vp, packed, cu_seqlens_q=cu_q.clone(), cu_seqlens_k=cu_k, plan=pp)
+
+
+def test_no_plan_where_the_kernel_does_not_run():
+    gen = torch.Generator().manual_seed(14)
+    q, k, v = qkv(gen, 1, 2, 2, 40, d=16, dtype=torch.float16)
+    assert bs.plan(q, k, v, random_layout(gen, 1, 2, 40, 40, 24, 24, 1.0)) is None  # blocks of 24: the reference
 
 
 def test_non_contiguous_hf_views():
     gen = torch.Generator().manual_seed(3)
     b, s, hq, hkv, d = 2, 100, 4, 2, 32
-    q = rand(gen, b, s, hq, d, dtype=torch.float16).transpose(1, 2)  # [B, H, S, D] view of [B, S, H, D]
-    kv = rand(gen, b, s, 2, hkv, d, dtype=torch.float16)
-    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    q, k, v = qkv(gen, b, hq, hkv, s, d=d, dtype=torch.float16, hf=True)  # [B, H, S, D] views of [B, S, H, D]
     assert not q.is_contiguous() and not k.is_contiguous()
-    out = assert_close(q, k, v, random_layout(gen, b, hq, s, s, 32, 32, 0.6))
+    out, _ = assert_close(q, k, v, random_layout(gen, b, hq, s, s, 32, 32, 0.6))
     assert out.stride() == q.stride()
 
 
@@ -179,10 +182,7 @@ def test_non_contiguous_hf_views():
 def test_varlen_packed(causal):
     gen = torch.Generator().manual_seed(4 + causal)
     lens_q, lens_k = [37, 0, 64, 5], [37, 9, 80, 1]
-    cu_q = torch.tensor([0] + lens_q, dtype=torch.int32).cumsum(0).int().to(DEV)
-    cu_k = torch.tensor([0] + lens_k, dtype=torch.int32).cumsum(0).int().to(DEV)
-    q = rand(gen, sum(lens_q), 4, 32, dtype=torch.float16)
-    k, v = (rand(gen, sum(lens_k), 2, 32, dtype=torch.float16) for _ in range(2))
+    q, k, v, cu_q, cu_k = packed_qkv(gen, lens_q, lens_k, 4, 2, 32, dtype=torch.float16)
     layout = random_layout(gen, 4, 4, max(lens_q), max(lens_k), 16, 16, 0.7, beyond_diagonal=True)
     assert_close(q, k, v, layout, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
 
@@ -294,7 +294,7 @@ def test_gpu_repeated_signature_takes_the_fast_launch(monkeypatch):
     """The second call with a signature launches the remembered kernel without checks or JIT: fresh
     inputs, another layout of the same geometry (its own plan and indices), HF views and lse all still
     match the reference; a q whose base is not 16-byte aligned is another signature (the JIT's own
-    specialisation differs) and takes the checked path."""
+    specialisation differs) and takes the checked path. An explicit plan rides along on the remembered launch."""
     hits = []
     real = bs_kernel.fast_forward
 
@@ -319,6 +319,11 @@ def test_gpu_repeated_signature_takes_the_fast_launch(monkeypatch):
     views = [rand(gen, 1, s, h, 128, dtype=torch.bfloat16).transpose(1, 2) for h in (8, 2, 2)]
     for _ in range(2):
         assert_close(*views, layout, floor=1e-3)
+    p = bs.plan(*views, layout)  # a remembered launch takes an explicit plan too (then no plan kernel runs)
+    hits.clear()
+    for _ in range(2):
+        assert_close(*views, layout, floor=1e-3, plan=p)
+    assert hits == [True, True]
     hits.clear()
     shifted = rand(gen, 8 * s * 128 + 8, dtype=torch.bfloat16)[1 : 1 + 8 * s * 128].view(1, 8, s, 128)
     assert shifted.data_ptr() % 16
@@ -330,20 +335,18 @@ def test_gpu_repeated_signature_takes_the_fast_launch(monkeypatch):
 def test_gpu_fp32_and_varlen():
     gen = torch.Generator().manual_seed(11)
     lens = [1500, 7, 4000]
-    cu = torch.tensor([0] + lens).cumsum(0).int().to(DEV)
-    q = rand(gen, sum(lens), 8, 128, dtype=torch.float32)
-    k, v = (rand(gen, sum(lens), 4, 128, dtype=torch.float32) for _ in range(2))
+    q, k, v, cu, _ = packed_qkv(gen, lens, lens, 8, 4, 128, dtype=torch.float32)
     assert_close(q, k, v, random_layout(gen, 3, 8, 4000, 4000, 64, 64, 0.4), cu_seqlens_q=cu, cu_seqlens_k=cu)
 
 
 def test_tma_descriptors_only_where_they_can_run():
     gen = torch.Generator().manual_seed(13)
     k = rand(gen, 1, 2, 100, 64, dtype=torch.float16)
-    assert bs_kernel._descriptors(k, k, 64, packed=True) == (None, None)
+    assert tma_descriptors(k, k, 64, packed=True) == (None, None)
     if not k.is_cuda:
-        assert bs_kernel._descriptors(k, k, 64, packed=False) == (None, None)
+        assert tma_descriptors(k, k, 64, packed=False) == (None, None)
     odd = rand(gen, 1, 2, 100, 72, dtype=torch.float16)  # head dim not a power of two
-    assert bs_kernel._descriptors(odd, odd, 64, packed=False) == (None, None)
+    assert tma_descriptors(odd, odd, 64, packed=False) == (None, None)
 
 
 @pytest.mark.gpu
@@ -353,10 +356,8 @@ def test_gpu_tma_and_pointer_loads_on_hf_views(cfg, monkeypatch):
     """Both K/V load paths on strided [B, H, S, D] views of [B, S, H, D] tensors, odd lengths."""
     gen = torch.Generator().manual_seed(14)
     b, s, hq, hkv, d = 2, 2077, 8, 2, 128
-    q = rand(gen, b, s, hq, d, dtype=torch.bfloat16).transpose(1, 2)
-    kv = rand(gen, b, s, 2, hkv, d, dtype=torch.bfloat16)
-    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-    assert bs_kernel._descriptors(k, v, cfg.block_n, packed=False)[0] is not None  # TMA can take these views
+    q, k, v = qkv(gen, b, hq, hkv, s, d=d, dtype=torch.bfloat16, hf=True)
+    assert tma_descriptors(k, v, cfg.block_n, packed=False)[0] is not None  # TMA can take these views
     monkeypatch.setattr(bs_kernel, "default_config", lambda *a, **kw: cfg)
     assert_close(q, k, v, random_layout(gen, b, hq, s, s, 128, 128, 0.5), floor=1e-3)
 

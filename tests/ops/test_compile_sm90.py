@@ -2,7 +2,7 @@
 
 The interpreter runs the kernels' arithmetic but never compiles them; this catches what only the
 compiler sees (type mismatches between branches, layouts or pipelining the Hopper backend rejects, shared
-memory over the limit) before a GPU run does. See tests/compile_sm90_helper.py.
+memory over the limit) before a GPU run does. See tests/ops/compile_sm90_helper.py.
 """
 import json
 import os
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]  # the repository: sparse_attn importable without an install
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory one program may use on H100 / H200
 KB = 1024
 
@@ -24,7 +25,7 @@ def helper_output():
     if not ptxas.exists():
         pytest.skip("this Triton ships no ptxas: cannot compile for sm_90 here")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(HERE.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, str(HERE / "compile_sm90_helper.py")], capture_output=True, text=True,
                           env=env, timeout=900)
     if proc.returncode == 3:

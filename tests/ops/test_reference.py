@@ -7,8 +7,11 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+from helpers import packed_qkv, poison, qkv, random_layout
 from sparse_attn import BlockLayout, VerticalSlashLayout, reference_attention
 from sparse_attn.ops import sdpa_layout_attention
+
+CPU = "cpu"
 
 
 def sdpa(q, k, v, mask=None, causal=False):
@@ -31,12 +34,13 @@ def shapes(draw):
 
 
 def make_qkv(s, dtype=torch.float32):
-    g = torch.Generator().manual_seed(s["seed"])
-    sk = s["sq"] + s["extra"]
-    q = torch.randn(s["b"], s["h"], s["sq"], s["d"], generator=g, dtype=dtype)
-    k = torch.randn(s["b"], s["kv"], sk, s["d"], generator=g, dtype=dtype)
-    v = torch.randn(s["b"], s["kv"], sk, s["d"], generator=g, dtype=dtype)
-    return q, k, v
+    return qkv(s["seed"], s["b"], s["h"], s["kv"], s["sq"], s["sq"] + s["extra"], s["d"], dtype=dtype, device=CPU)
+
+
+def block_layout(s, sq, sk, block, density, seed_offset):
+    """Random key blocks (not only causal ones, the diagonal not forced) for the shapes of case s."""
+    return random_layout(BlockLayout, s["seed"] + seed_offset, s["b"], s["h"], sq, sk, block, density=density,
+                         causal=False, diagonal=False, device=CPU)
 
 
 @given(shapes(), st.booleans())
@@ -56,9 +60,7 @@ def test_matches_sdpa_dense_causal_gqa(s, causal):
 def test_block_layout_equals_its_dense_mask(s, causal, block):
     q, k, v = make_qkv(s)
     sq, sk = q.shape[2], k.shape[2]
-    g = torch.Generator().manual_seed(s["seed"] + 1)
-    block_mask = torch.rand(s["b"], s["h"], math.ceil(sq / block), math.ceil(sk / block), generator=g) < 0.6
-    layout = BlockLayout.from_block_mask(block_mask, block, block, sq, sk)
+    layout = block_layout(s, sq, sk, block, 0.6, 1)
     dense = layout.to_dense()
     out, lse = reference_attention(q, k, v, layout, causal=causal, return_lse=True, chunk_size=5)
     expected, expected_lse = reference_attention(q, k, v, dense, causal=causal, return_lse=True)
@@ -77,26 +79,19 @@ def test_sdpa_layout_path_equals_reference(s, causal, block, rows):
     """The CPU path of the methods (SDPA under the layout's mask, by row chunks) computes the reference."""
     q, k, v = make_qkv(s)
     sq, sk = q.shape[2], k.shape[2]
-    g = torch.Generator().manual_seed(s["seed"] + 2)
-    block_mask = torch.rand(s["b"], s["h"], math.ceil(sq / block), math.ceil(sk / block), generator=g) < 0.5
-    layout = BlockLayout.from_block_mask(block_mask, block, block, sq, sk)
-    poisoned = torch.full_like(q, float("nan"))
-    out = sdpa_layout_attention(q, k, v, layout, causal=causal, rows=rows)
-    assert not torch.isnan(out).any() and not torch.equal(out, poisoned)
+    layout = block_layout(s, sq, sk, block, 0.5, 2)
+    with pytest.MonkeyPatch.context() as mp:  # its output starts as NaN: every element must be written
+        poison(mp, torch, "empty_like")
+        out = sdpa_layout_attention(q, k, v, layout, causal=causal, rows=rows)
+    assert not torch.isnan(out).any()
     assert torch.allclose(out, reference_attention(q, k, v, layout, causal=causal), atol=1e-5)
 
 
 def test_sdpa_layout_path_vertical_slash_half_precision():
     g = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(1, h, 37, 16, generator=g).to(torch.bfloat16) for h in (4, 2, 2))
-    # per query block of 8 rows: one key range and two loose columns, per head
-    nq = 5
-    starts = torch.randint(0, 20, (1, 4, nq, 1), generator=g, dtype=torch.int32)
-    layout = VerticalSlashLayout(
-        range_counts=torch.ones(1, 4, nq, dtype=torch.int32), range_starts=starts, range_ends=starts + 9,
-        column_counts=torch.full((1, 4, nq), 2, dtype=torch.int32),
-        column_indices=torch.tensor([30, 33], dtype=torch.int32).expand(1, 4, nq, 2).contiguous(),
-        block_size_q=8, seqlen_q=37, seqlen_k=37)
+    q, k, v = qkv(g, 1, 4, 2, 37, d=16, dtype=torch.bfloat16, device=CPU)
+    # per query block of 8 rows: up to two key ranges and two loose columns, per head
+    layout = random_layout(VerticalSlashLayout, g, 1, 4, 37, 37, 8, widths=[1, 9], max_ranges=2, columns=2, device=CPU)
     out = sdpa_layout_attention(q, k, v, layout, causal=True, rows=16)
     ref = reference_attention(q, k, v, layout, causal=True)
     assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), ref.float(), atol=1e-2)
@@ -108,11 +103,7 @@ def test_varlen_packed_equals_per_sequence(lengths, seed, causal):
     h, kv, d = 4, 2, 16
     extra = torch.randint(0, 5, (len(lengths),), generator=g).tolist()
     lk = [a + e for a, e in zip(lengths, extra)]
-    cu_q = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    cu_k = torch.tensor([0] + lk, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    q = torch.randn(sum(lengths), h, d, generator=g)
-    k = torch.randn(sum(lk), kv, d, generator=g)
-    v = torch.randn(sum(lk), kv, d, generator=g)
+    q, k, v, cu_q, cu_k = packed_qkv(g, lengths, lk, h, kv, d, device=CPU)
     out, lse = reference_attention(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True)
     for i, (a, e) in enumerate(zip(cu_q.tolist(), cu_q.tolist()[1:])):
         if e == a:
@@ -127,7 +118,7 @@ def test_varlen_packed_equals_per_sequence(lengths, seed, causal):
 
 def test_low_precision_mode_differs_but_stays_close():
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 64, 32, generator=g).to(torch.bfloat16) for _ in range(3))
+    q, k, v = qkv(g, 1, 2, 2, 64, d=32, dtype=torch.bfloat16, device=CPU)
     hi = reference_attention(q, k, v, causal=True).float()
     lo = reference_attention(q, k, v, causal=True, upcast=False).float()
     assert lo.dtype == hi.dtype and not torch.equal(hi, lo)

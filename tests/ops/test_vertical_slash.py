@@ -1,4 +1,9 @@
-"""Vertical-slash attention kernel vs the fp32 reference with the same layout (flash-attn's rule)."""
+"""Vertical-slash attention kernel vs the fp32 reference with the same layout (the tolerance rule of
+tests/helpers.py), and the plan: tile lists, spilled tails, the shared-first range order, explicit plans.
+
+Tests without the `gpu` mark run on CPU tensors (the Triton interpreter), the explicit-plan ones on the GPU where
+there is one; outputs and the index are poisoned."""
+import functools
 import logging
 
 import pytest
@@ -6,51 +11,43 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from helpers import DEV, check_attention, count_launches, packed_qkv, qkv, randn, random_layout
+from sparse_attn import ops
+from sparse_attn.estimators.vertical_slash import build_vertical_slash_index
 from sparse_attn.layouts import VerticalSlashLayout
+from sparse_attn.ops import vertical_slash as vs
 from sparse_attn.ops.reference import reference_attention
-from sparse_attn.ops.vertical_slash import (
-    build_vertical_slash_index,
-    kernel as vs_kernel,
-    not_supported_reasons,
-    vertical_slash_attention,
-)
+from sparse_attn.ops.vertical_slash import kernel as vs_kernel
+from sparse_attn.ops.vertical_slash import not_supported_reasons, vertical_slash_attention
 
-FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-4}
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    """Outputs start as NaN, so an element the kernel forgets to write fails the comparison."""
-    real = vs_kernel._alloc_outputs
-
-    def poisoned(q, return_lse):
-        out, lse = real(q, return_lse)
-        return out.fill_(float("nan")), None if lse is None else lse.fill_(float("nan"))
-
-    monkeypatch.setattr(vs_kernel, "_alloc_outputs", poisoned)
+CPU = "cpu"
+assert_close_to_reference = functools.partial(check_attention, vertical_slash_attention)
 
 
-def random_layout(b, hq, sq, sk, bq, nv, ns, device="cpu", seed=0):
-    g = torch.Generator(device=device).manual_seed(seed)
-    vertical = torch.randint(0, sk, (b, hq, nv), generator=g, device=device)
-    near = torch.randint(0, max(1, min(sk, 4 * bq)), (b, hq, ns - ns // 2), generator=g, device=device)
-    far = torch.randint(0, sk, (b, hq, ns // 2), generator=g, device=device)
-    return build_vertical_slash_index(vertical, torch.cat([near, far], -1), sq, sk, bq)
+def diagonals_layout(b, hq, sq, sk, bq, nv, ns, device=CPU, seed=0):
+    """nv random key columns and ns diagonals (half near the main one) through the index builder."""
+    return random_layout(VerticalSlashLayout, seed, b, hq, sq, sk, bq, verticals=nv, slashes=ns, device=device)
 
 
-def assert_close_to_reference(q, k, v, layout, *, causal=True, scale=None, cu_seqlens_q=None, cu_seqlens_k=None):
-    kw = dict(causal=causal, scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
-    out, lse = vertical_slash_attention(q, k, v, layout, return_lse=True, **kw)
-    ref, ref_lse = reference_attention(q, k, v, layout, return_lse=True, **kw)
-    low = reference_attention(q, k, v, layout, upcast=False, **kw)
-    assert not out.isnan().any() and not lse.isnan().any(), "an output element was never written"
-    err = (out.float() - ref.float()).abs().max().item()
-    low_err = (low.float() - ref.float()).abs().max().item()
-    assert err <= 2 * low_err + FLOOR[q.dtype], (err, low_err)
-    assert torch.equal(lse.isinf(), ref_lse.isinf())
-    finite = ref_lse.isfinite()
-    assert torch.allclose(lse[finite], ref_lse[finite], atol=1e-3, rtol=1e-3)
-    return out, lse
+def hand_made_layout(gen, b, h, sq, sk, bq, widths):
+    """Per block: up to 6 ranges in order along the keys, widths drawn from `widths`, random gaps (0
+    included: touching ranges), plus up to 5 columns outside them."""
+    return random_layout(VerticalSlashLayout, gen, b, h, sq, sk, bq, widths=widths, device=CPU)
+
+
+def grouped_layout(gen, b, hkv, group, sq, sk, bq, device=CPU):
+    """A layout whose query heads of one kv head share most diagonals (as real heads do), plus a few of
+    their own, and have random columns: blocks hold ranges that 0..group-1 other heads also cover."""
+    return random_layout(VerticalSlashLayout, gen, b, hkv * group, sq, sk, bq, verticals=6, slashes=8, near=3,
+                         near_width=2 * bq, shared=12, group=group, device=device)
+
+
+def tile_lists(layout, lengths, num_heads, bn, causal, **kw):
+    """kernel._tile_lists of a padded (not packed) layout."""
+    dummy = layout.range_counts
+    return vs_kernel._tile_lists(layout, (dummy, dummy), lengths, num_heads, bn, causal, False, **kw)
 
 
 @st.composite
@@ -74,46 +71,9 @@ def test_matches_reference(case):
     c = case
     sq, sk = c["sq"], max(1, c["sq"] + c["extra_k"])
     hq = c["hkv"] * c["group"]
-    torch.manual_seed(c["seed"])
-    q = torch.randn(c["b"], hq, sq, c["d"], dtype=c["dtype"])
-    k = torch.randn(c["b"], c["hkv"], sk, c["d"], dtype=c["dtype"])
-    v = torch.randn(c["b"], c["hkv"], sk, c["d"], dtype=c["dtype"])
-    layout = random_layout(c["b"], hq, sq, sk, c["bq"], nv=9, ns=6, seed=c["seed"])
+    q, k, v = qkv(c["seed"], c["b"], hq, c["hkv"], sq, sk, c["d"], dtype=c["dtype"], device=CPU)
+    layout = diagonals_layout(c["b"], hq, sq, sk, c["bq"], nv=9, ns=6, seed=c["seed"])
     assert_close_to_reference(q, k, v, layout, causal=c["causal"])
-
-
-def hand_made_layout(gen, b, h, sq, sk, bq, widths):
-    """Per block: up to 6 ranges in order along the keys, widths drawn from `widths`, random gaps (0
-    included: touching ranges), plus up to 5 columns outside them."""
-    nqb = -(-sq // bq)
-    starts, ends, counts, cols, ccounts = [], [], [], [], []
-    for _ in range(b * h * nqb):
-        pos, rs, re_ = int(torch.randint(0, 40, (1,), generator=gen)), [], []
-        for _ in range(int(torch.randint(0, 7, (1,), generator=gen))):
-            w = widths[int(torch.randint(0, len(widths), (1,), generator=gen))]
-            if pos + w > sk:
-                break
-            rs.append(pos)
-            re_.append(pos + w)
-            pos += w + int(torch.randint(0, 3, (1,), generator=gen)) * int(torch.randint(0, 50, (1,), generator=gen))
-        starts.append(rs)
-        ends.append(re_)
-        counts.append(len(rs))
-        covered = torch.zeros(sk, dtype=torch.bool)
-        for a, e in zip(rs, re_):
-            covered[a:e] = True
-        free = (~covered).nonzero().flatten()
-        c = free[torch.randperm(len(free), generator=gen)[:5]].sort().values
-        cols.append(c.tolist())
-        ccounts.append(len(c))
-
-    def pad(rows, width):
-        return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32).view(b, h, nqb, width)
-
-    mr, mc = max(1, max(counts)), max(1, max(ccounts))
-    return VerticalSlashLayout(torch.tensor(counts, dtype=torch.int32).view(b, h, nqb), pad(starts, mr),
-                               pad(ends, mr), torch.tensor(ccounts, dtype=torch.int32).view(b, h, nqb),
-                               pad(cols, mc), bq, sq, sk)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -123,8 +83,7 @@ def test_hand_made_ranges(causal, dtype):
     gen = torch.Generator().manual_seed(21)
     b, h, sq, sk, bq = 1, 4, 300, 520, 64
     layout = hand_made_layout(gen, b, h, sq, sk, bq, widths=[1, 3, 17, 64, 65, 100, 130])
-    q = torch.randn(b, h, sq, 32, generator=gen).to(dtype)
-    k, v = (torch.randn(b, 2, sk, 32, generator=gen).to(dtype) for _ in range(2))
+    q, k, v = qkv(gen, b, h, 2, sq, sk, 32, dtype=dtype, device=CPU)
     assert_close_to_reference(q, k, v, layout, causal=causal)
 
 
@@ -173,9 +132,7 @@ def test_plan_lists_each_blocks_tiles_in_three_sections(seed, causal, extra_k, b
     spill = {"half": bn // 2, "max": bn - 1}.get(spill, spill)
     layout = hand_made_layout(gen, b, h, sq, sk, bq,
                               widths=[1, 5, bn - 1, bn, bn + 1, bn + bn // 2, 2 * bn, 3 * bn + 7, 2 * bn - 1])
-    dummy = layout.range_counts
-    counts, first_tile, t_start, t_end = vs_kernel._plan(layout, (dummy, dummy), (sq, sk), h, bn, causal, False,
-                                                          split=split, spill=spill)
+    counts, first_tile, t_start, t_end = tile_lists(layout, (sq, sk), h, bn, causal, split=split, spill=spill)
     sizes = (counts[..., 0] + counts[..., 2]).flatten()
     assert torch.equal(first_tile.flatten(), sizes.cumsum(0) - sizes)  # blocks one after the other
     for bi in range(b):
@@ -200,23 +157,11 @@ def test_plan_spills_short_tails_of_wide_ranges():
     above could pass with a plan that never spills)."""
     gen = torch.Generator().manual_seed(4)
     layout = hand_made_layout(gen, 1, 2, 256, 2048, 64, widths=[65])
-    dummy = layout.range_counts
-    kept = vs_kernel._plan(layout, (dummy, dummy), (256, 2048), 2, 64, True, False, spill=0)[0]
-    spilled = vs_kernel._plan(layout, (dummy, dummy), (256, 2048), 2, 64, True, False, spill=1)[0]
+    kept = tile_lists(layout, (256, 2048), 2, 64, True, spill=0)[0]
+    spilled = tile_lists(layout, (256, 2048), 2, 64, True, spill=1)[0]
     assert spilled[..., 5].sum() > 0
     assert torch.equal(kept[..., 0] - spilled[..., 0], spilled[..., 5])  # one tile less per spilled key
     assert torch.equal(spilled[..., 2] - kept[..., 2], spilled[..., 5])
-
-
-def grouped_layout(gen, b, hkv, group, sq, sk, bq, device="cpu"):
-    """A layout whose query heads of one kv head share most diagonals (as real heads do), plus a few of
-    their own, and have random columns: blocks hold ranges that 0..group-1 other heads also cover."""
-    common = torch.randint(0, sk, (b, hkv, 1, 12), generator=gen).expand(b, hkv, group, 12)
-    own = torch.randint(0, sk, (b, hkv, group, 5), generator=gen)
-    near = torch.randint(0, min(sk, 2 * bq), (b, hkv, group, 3), generator=gen)
-    slash = torch.cat([common, own, near], -1).reshape(b, hkv * group, -1)
-    vertical = torch.randint(0, sk, (b, hkv * group, 6), generator=gen)
-    return build_vertical_slash_index(vertical.to(device), slash.to(device), sq, sk, bq)
 
 
 def shared_first_reference(layout, group):
@@ -285,9 +230,7 @@ def test_plan_in_group_order_lists_the_same_tiles_shared_first(monkeypatch, caus
     reordered = VerticalSlashLayout(layout.range_counts, padded[..., 0].contiguous(), padded[..., 1].contiguous(),
                                     layout.column_counts, layout.column_indices, layout.block_size_q, sq, sk,
                                     validate=False)
-    dummy = layout.range_counts
-    counts, first_tile, t_start, t_end = vs_kernel._plan(layout, (dummy, dummy), (sq, sk), h, bn, causal, False,
-                                                          split=False, group=group)
+    counts, first_tile, t_start, t_end = tile_lists(layout, (sq, sk), h, bn, causal, split=False, group=group)
     spill = min(vs_kernel.SPILL_KEYS, bn - 1)  # the plan's default
     moved = 0
     for bi in range(b):
@@ -320,8 +263,7 @@ def test_group_order_attention_matches_reference(monkeypatch, causal, group):
     gen = torch.Generator().manual_seed(group)
     sq, sk = 200, 260
     layout = grouped_layout(gen, 1, 2, group, sq, sk, 64)
-    q = torch.randn(1, 2 * group, sq, 32, generator=gen).to(torch.float16)
-    k, v = (torch.randn(1, 2, sk, 32, generator=gen).to(torch.float16) for _ in range(2))
+    q, k, v = qkv(gen, 1, 2 * group, 2, sq, sk, 32, dtype=torch.float16, device=CPU)
     assert_close_to_reference(q, k, v, layout, causal=causal)
     assert calls
 
@@ -336,11 +278,9 @@ def test_wide_tiles_with_and_without_mask_match_reference_when_scores_jump(monke
     gen = torch.Generator().manual_seed(5)
     b, h, sq, sk, bq, d = 1, 2, 256, 300, 64, 32
     layout = hand_made_layout(gen, b, h, sq, sk, bq, widths=[17, 64, 100, 130])
-    q = torch.randn(b, h, sq, d, generator=gen)
-    k = torch.randn(b, 1, sk, d, generator=gen)
+    q, k, v = qkv(gen, b, h, 1, sq, sk, d, device=CPU)
     k[:, :, 150:220] *= 6.0  # later range tiles jump far above the first ones
     k[:, :, torch.randperm(sk, generator=gen)[:40]] *= -4.0  # and some keys fall far below
-    v = torch.randn(b, 1, sk, d, generator=gen)
     assert_close_to_reference(q, k, v, layout, causal=causal)
     assert_close_to_reference(q.half(), k.half(), v.half(), layout, causal=causal)
 
@@ -357,8 +297,7 @@ def test_shared_heads_two_per_program(causal, group, sq, sk):
     assert layout.shared_heads == 2 and layout.num_heads == hq
     assert vs_kernel.heads_per_program(layout, group, fp32=False) == 2
     assert vs_kernel.heads_per_program(layout, 3, fp32=False) == 1
-    q = torch.randn(b, hq, sq, 32, generator=gen).half()
-    k, v = (torch.randn(b, hkv, sk, 32, generator=gen).half() for _ in range(2))
+    q, k, v = qkv(gen, b, hq, hkv, sq, sk, 32, dtype=torch.float16, device=CPU)
     assert_close_to_reference(q, k, v, layout, causal=causal)
     # HF's [B, S, H, D] memory, and packed varlen sequences
     qt, kt, vt = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
@@ -377,9 +316,8 @@ def test_plan_of_shared_heads_holds_one_head_per_run():
     gen = torch.Generator().manual_seed(11)
     b, hq, sq, sk = 2, 8, 300, 520
     layout = hand_made_layout(gen, b, hq // 2, sq, sk, 64, widths=[1, 5, 64, 65, 130]).repeat_heads(2)
-    dummy = layout.range_counts
-    every = vs_kernel._plan(layout, (dummy, dummy), (sq, sk), hq, 64, True, False)
-    pairs = vs_kernel._plan(layout, (dummy, dummy), (sq, sk), hq, 64, True, False, hp=2)
+    every = tile_lists(layout, (sq, sk), hq, 64, True)
+    pairs = tile_lists(layout, (sq, sk), hq, 64, True, hp=2)
     assert pairs[0].shape == (b, hq // 2, *every[0].shape[2:])
     assert torch.equal(pairs[0], every[0][:, ::2])
 
@@ -413,9 +351,7 @@ def test_shared_heads_promise_is_checked():
 
 def test_rows_without_keys():
     """More queries than keys: the first rows see no key (0, lse -inf); one long range, many tiles."""
-    torch.manual_seed(1)
-    q = torch.randn(1, 2, 200, 32, dtype=torch.float16)
-    k, v = torch.randn(2, 1, 2, 90, 32, dtype=torch.float16)
+    q, k, v = qkv(1, 1, 2, 2, 200, 90, 32, dtype=torch.float16, device=CPU)
     layout = build_vertical_slash_index(torch.tensor([[[3, 50]] * 2]), torch.arange(80).expand(1, 2, 80), 200, 90, 32)
     out, lse = assert_close_to_reference(q, k, v, layout)
     assert (out[:, :, :110] == 0).all() and torch.isneginf(lse[:, :, :110]).all()
@@ -423,38 +359,31 @@ def test_rows_without_keys():
 
 def test_transposed_views_and_scale():
     """HF hands over [B, S, H, D] memory viewed as [B, H, S, D]: read through strides, never copied."""
-    torch.manual_seed(2)
-    q = torch.randn(2, 70, 4, 32, dtype=torch.float16).transpose(1, 2)
-    k = torch.randn(2, 70, 2, 32, dtype=torch.float16).transpose(1, 2)
-    v = torch.randn(2, 70, 2, 32, dtype=torch.float16).transpose(1, 2)
-    layout = random_layout(2, 4, 70, 70, 16, nv=5, ns=4)
+    q, k, v = qkv(2, 2, 4, 2, 70, d=32, dtype=torch.float16, device=CPU, hf=True)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    layout = diagonals_layout(2, 4, 70, 70, 16, nv=5, ns=4)
     out, _ = assert_close_to_reference(q, k, v, layout, scale=0.3)
     assert out.stride() == q.stride()
 
 
 def test_varlen_packed():
-    torch.manual_seed(3)
     lens_q, lens_k = [37, 1, 90], [60, 20, 90]
-    cu_q = torch.tensor([0, 37, 38, 128], dtype=torch.int32)
-    cu_k = torch.tensor([0, 60, 80, 170], dtype=torch.int32)
-    q = torch.randn(sum(lens_q), 4, 32, dtype=torch.float16)
-    k, v = torch.randn(2, sum(lens_k), 2, 32, dtype=torch.float16)
-    layout = random_layout(3, 4, max(lens_q), max(lens_k), 32, nv=7, ns=5, seed=3)
+    q, k, v, cu_q, cu_k = packed_qkv(3, lens_q, lens_k, 4, 2, 32, dtype=torch.float16, device=CPU)
+    layout = diagonals_layout(3, 4, max(lens_q), max(lens_k), 32, nv=7, ns=5, seed=3)
     assert_close_to_reference(q, k, v, layout, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
     assert_close_to_reference(q, k, v, layout, causal=False, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
 
 
 def test_unsupported_falls_back_with_one_warning(caplog):
-    torch.manual_seed(4)
-    q, k, v = torch.randn(3, 1, 2, 40, 24)
-    layout = random_layout(1, 2, 40, 40, 16, nv=3, ns=3)
+    q, k, v = qkv(4, 1, 2, 2, 40, d=24, device=CPU)
+    layout = diagonals_layout(1, 2, 40, 40, 16, nv=3, ns=3)
     assert any("head_dim 24" in r for r in not_supported_reasons(q, k, v, layout))
     with caplog.at_level(logging.WARNING, logger="sparse_attn"):
         out = vertical_slash_attention(q, k, v, layout)
         vertical_slash_attention(q, k, v, layout)
     assert sum("head_dim 24" in r.message for r in caplog.records) == 1
     assert torch.allclose(out, reference_attention(q, k, v, layout, causal=True))
-    q32, k32, v32 = torch.randn(3, 1, 2, 40, 32)
+    q32, k32, v32 = qkv(5, 1, 2, 2, 40, d=32, device=CPU)
     assert not_supported_reasons(q32, k32, v32, layout) == []
 
 
@@ -463,10 +392,8 @@ def test_backend_choice_is_checked_and_gluon_falls_back_with_one_warning(monkeyp
     (here: CPU tensors) gives the Triton kernel's result and says so once."""
     from sparse_attn import _checks
 
-    torch.manual_seed(3)
-    q = torch.randn(1, 2, 100, 32)
-    k, v = torch.randn(2, 1, 1, 100, 32)
-    layout = random_layout(1, 2, 100, 100, 64, nv=10, ns=10)
+    q, k, v = qkv(3, 1, 2, 1, 100, d=32, device=CPU)
+    layout = diagonals_layout(1, 2, 100, 100, 64, nv=10, ns=10)
     monkeypatch.setenv("SPARSE_ATTN_VS_BACKEND", "cuda")
     with pytest.raises(ValueError, match="backend"):
         vertical_slash_attention(q, k, v, layout)
@@ -489,20 +416,99 @@ def test_backend_choice_is_checked_and_gluon_falls_back_with_one_warning(monkeyp
 
 
 def test_bad_inputs():
-    q, k, v = torch.randn(3, 1, 2, 40, 16)
-    layout = random_layout(1, 2, 40, 40, 16, nv=3, ns=3)
+    q, k, v = qkv(6, 1, 2, 2, 40, d=16, device=CPU)
+    layout = diagonals_layout(1, 2, 40, 40, 16, nv=3, ns=3)
     with pytest.raises(TypeError, match="layout: expected a VerticalSlashLayout"):
         vertical_slash_attention(q, k, v, torch.ones(1, 2, 40, 40, dtype=torch.bool))
     with pytest.raises(ValueError, match="layout: expected batch"):
-        vertical_slash_attention(q, k, v, random_layout(1, 3, 40, 40, 16, nv=3, ns=3))
+        vertical_slash_attention(q, k, v, diagonals_layout(1, 3, 40, 40, 16, nv=3, ns=3))
     with pytest.raises(ValueError, match="layout: expected seqlen_q"):
-        vertical_slash_attention(q, k, v, random_layout(1, 2, 30, 40, 16, nv=3, ns=3))
+        vertical_slash_attention(q, k, v, diagonals_layout(1, 2, 30, 40, 16, nv=3, ns=3))
     with pytest.raises(ValueError, match="scale"):
         vertical_slash_attention(q, k, v, layout, scale=-1.0)
     with pytest.raises(ValueError, match="k: expected a number of kv heads"):
-        vertical_slash_attention(q, torch.randn(1, 3, 40, 16), torch.randn(1, 3, 40, 16), layout)
+        vertical_slash_attention(q, randn(7, 1, 3, 40, 16, device=CPU), randn(8, 1, 3, 40, 16, device=CPU), layout)
     with pytest.raises(TypeError, match="k, v: expected the dtype of q"):
         vertical_slash_attention(q, k.half(), v.half(), layout)
+
+
+# ------------------------------------------------------------------------------------------ explicit plans
+
+PLAN_KERNELS = ("_count_kernel", "_tiles_kernel")  # these tests run on DEV: the GPU where there is one
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_plan_is_reused_across_calls_with_one_launch(monkeypatch, causal):
+    """A plan made once (the tile lists: two launches and one device sync) serves every call with its layout and
+    shapes: each call is then the attention launch alone, with the output of a call that plans for itself, on
+    fresh inputs too; nothing is ever stored on the layout."""
+    gen = torch.Generator().manual_seed(31)
+    sq, sk = 150, 190
+    q, k, v = qkv(gen, 1, 4, 2, sq, sk, 32, dtype=torch.float16, device=DEV)
+    layout = hand_made_layout(gen, 1, 4, sq, sk, 32, widths=[1, 5, 64, 65, 100]).to(DEV)
+    before = dict(layout.__dict__)
+    launches = count_launches(monkeypatch, vs_kernel, *PLAN_KERNELS, "_vs_attn_kernel")
+    plan_launches = lambda: sum(len(launches[n]) for n in PLAN_KERNELS)  # noqa: E731
+    own, _ = assert_close_to_reference(q, k, v, layout, causal=causal)
+    assert (plan_launches(), len(launches["_vs_attn_kernel"])) == (2, 1)
+    p = vs.plan(q, k, v, layout, causal=causal)
+    assert isinstance(p, vs_kernel.Plan) and p.layout is layout and p.backend == "triton"
+    assert plan_launches() == 4
+    with_plan, _ = assert_close_to_reference(q, k, v, layout, causal=causal, plan=p)
+    assert torch.equal(with_plan, own)
+    for _ in range(2):
+        q2, k2, v2 = qkv(gen, 1, 4, 2, sq, sk, 32, dtype=torch.float16, device=DEV)
+        assert_close_to_reference(q2, k2, v2, layout, causal=causal, plan=p)
+    assert (plan_launches(), len(launches["_vs_attn_kernel"])) == (4, 4)
+    assert torch.equal(ops.attention(q, k, v, layout, causal=causal, plan=p), own)  # the family entry
+    assert isinstance(ops.plan(q, k, v, layout, causal=causal), vs_kernel.Plan)
+    assert layout.__dict__.keys() == before.keys()
+    assert all(layout.__dict__[key] is value for key, value in before.items())
+
+
+def test_a_plan_for_another_layout_or_other_shapes_is_refused():
+    gen = torch.Generator().manual_seed(32)
+    sq = 100
+    q, k, v = qkv(gen, 1, 4, 2, sq, d=32, dtype=torch.float16, device=DEV)
+    layout = diagonals_layout(1, 4, sq, sq, 32, nv=5, ns=6, seed=32, device=DEV)
+    p = vs.plan(q, k, v, layout)
+    twin = VerticalSlashLayout(*(t.clone() for t in layout._parts()), 32, sq, sq)  # the same entries
+    with pytest.raises(ValueError, match="plan: made for another layout"):
+        vertical_slash_attention(q, k, v, twin, plan=p)
+    with pytest.raises(ValueError, match="plan: made for"):
+        vertical_slash_attention(q, k, v, layout, causal=False, plan=p)
+    with pytest.raises(ValueError, match="plan: made for"):
+        vertical_slash_attention(q[:, :, :70], k[:, :, :70], v[:, :, :70], layout, plan=p)
+    with pytest.raises(ValueError, match="plan: made for"):
+        vertical_slash_attention(q.float(), k.float(), v.float(), layout, plan=p)
+    with pytest.raises(ValueError, match="plan: made for"):  # the same heads, one kv head fewer
+        vertical_slash_attention(q, k[:, :1], v[:, :1], layout, plan=p)
+    with pytest.raises(TypeError, match="plan: expected what vertical_slash.plan"):
+        vertical_slash_attention(q, k, v, layout, plan=p.tensors())
+    qp, kp, vp, cu_q, cu_k = packed_qkv(gen, [37, 50], [37, 60], 4, 2, 32, dtype=torch.float16, device=DEV)
+    packed = diagonals_layout(2, 4, 50, 60, 32, nv=5, ns=6, seed=33, device=DEV)
+    pp = vs.plan(qp, kp, vp, packed, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    assert_close_to_reference(qp, kp, vp, packed, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, plan=pp)
+    with pytest.raises(ValueError, match="plan: made for"):  # bound to its cu_seqlens
+        vertical_slash_attention(qp, kp, vp, packed, cu_seqlens_q=cu_q.clone(), cu_seqlens_k=cu_k, plan=pp)
+    wide = qkv(gen, 1, 4, 2, sq, d=24, device=DEV)  # head dim 24: the reference runs, no plan
+    assert vs.plan(*wide, layout) is None
+
+
+def test_plan_choices_heads_and_backend():
+    """plan(..., heads=, backend=) override the kernel's choice (benchmarks): one head per program on a
+    shared-heads layout, where two would be the default, gives the same attention."""
+    gen = torch.Generator().manual_seed(34)
+    sq, sk = 130, 130
+    q, k, v = qkv(gen, 1, 4, 2, sq, sk, 32, dtype=torch.float16, device=DEV)
+    layout = hand_made_layout(gen, 1, 2, sq, sk, 64, widths=[1, 5, 64, 65]).repeat_heads(2).to(DEV)
+    default = vs.plan(q, k, v, layout)
+    single = vs.plan(q, k, v, layout, heads=1, backend="triton")
+    assert (default.heads, single.heads) == (2, 1) and single.backend == "triton"
+    a, _ = assert_close_to_reference(q, k, v, layout, plan=default)
+    b, _ = assert_close_to_reference(q, k, v, layout, plan=single)
+    with pytest.raises(ValueError, match="heads"):
+        vs.plan(q, k, v, layout, heads=4)
 
 
 # ------------------------------------------------------------------------------------------------ GPU
@@ -513,10 +519,8 @@ def test_bad_inputs():
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("sq, sk", [(4096, 4096), (3001, 5003), (8192, 8192)])
 def test_gpu_matches_reference(dtype, d, sq, sk):
-    torch.manual_seed(sq + d)
-    q = torch.randn(1, 8, sq, d, device="cuda", dtype=dtype)
-    k, v = torch.randn(2, 1, 2, sk, d, device="cuda", dtype=dtype)
-    layout = random_layout(1, 8, sq, sk, 64, nv=300, ns=200, device="cuda", seed=sq)
+    q, k, v = qkv(sq + d, 1, 8, 2, sq, sk, d, dtype=dtype, device="cuda")
+    layout = diagonals_layout(1, 8, sq, sk, 64, nv=300, ns=200, device="cuda", seed=sq)
     assert_close_to_reference(q, k, v, layout)
 
 
@@ -529,8 +533,7 @@ def test_gpu_group_order_matches_reference(monkeypatch, backend):
     gen = torch.Generator().manual_seed(11)
     sq = sk = 6144
     layout = grouped_layout(gen, 1, 2, 4, sq, sk, 64, device="cuda")
-    q = torch.randn(1, 8, sq, 128, device="cuda", dtype=torch.bfloat16)
-    k, v = torch.randn(2, 1, 2, sk, 128, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv(gen, 1, 8, 2, sq, sk, 128, dtype=torch.bfloat16, device="cuda")
     assert_close_to_reference(q, k, v, layout)
     assert calls
 
@@ -538,13 +541,9 @@ def test_gpu_group_order_matches_reference(monkeypatch, backend):
 def packed_gpu_case(seed):
     """Three packed bf16 sequences on the GPU (one of a single query), 8 query / 2 kv heads, D=128: (q, k,
     v, layout, cu_seqlens_q, cu_seqlens_k)."""
-    torch.manual_seed(seed)
     dev, dt = "cuda", torch.bfloat16
-    cu_q = torch.tensor([0, 1000, 1001, 5001], dtype=torch.int32, device=dev)
-    cu_k = torch.tensor([0, 3000, 3100, 7100], dtype=torch.int32, device=dev)
-    q = torch.randn(5001, 8, 128, device=dev, dtype=dt)
-    k, v = torch.randn(2, 7100, 2, 128, device=dev, dtype=dt)
-    layout = random_layout(3, 8, 4000, 4000, 64, nv=200, ns=100, device=dev, seed=seed)
+    q, k, v, cu_q, cu_k = packed_qkv(seed, [1000, 1, 4000], [3000, 100, 4000], 8, 2, 128, dtype=dt, device=dev)
+    layout = diagonals_layout(3, 8, 4000, 4000, 64, nv=200, ns=100, device=dev, seed=seed)
     return q, k, v, layout, cu_q, cu_k
 
 
@@ -564,22 +563,19 @@ def test_gpu_varlen_and_views():
     q, k, v, layout, cu_q, cu_k = packed_gpu_case(5)
     dev, dt = "cuda", torch.bfloat16
     assert_close_to_reference(q, k, v, layout, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
-    qh = torch.randn(1, 4096, 8, 128, device=dev, dtype=dt).transpose(1, 2)
-    kh, vh = torch.randn(2, 1, 4096, 2, 128, device=dev, dtype=dt).transpose(2, 3)
-    assert_close_to_reference(qh, kh, vh, random_layout(1, 8, 4096, 4096, 64, nv=100, ns=100, device=dev))
+    qh, kh, vh = qkv(6, 1, 8, 2, 4096, d=128, dtype=dt, device=dev, hf=True)
+    assert_close_to_reference(qh, kh, vh, diagonals_layout(1, 8, 4096, 4096, 64, nv=100, ns=100, device=dev))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_shared_heads_pairs_and_tma(dtype):
     """Two heads per program with K/V through TMA, on contiguous and HF-transposed inputs; odd lengths."""
-    torch.manual_seed(7)
     sq = sk = 8000
-    q = torch.randn(1, 8, sq, 128, device="cuda", dtype=dtype)
-    k, v = torch.randn(2, 1, 2, sk, 128, device="cuda", dtype=dtype)
-    layout = random_layout(1, 4, sq, sk, 64, nv=300, ns=400, device="cuda", seed=7).repeat_heads(2)
+    q, k, v = qkv(7, 1, 8, 2, sq, sk, 128, dtype=dtype, device="cuda")
+    layout = diagonals_layout(1, 4, sq, sk, 64, nv=300, ns=400, device="cuda", seed=7).repeat_heads(2)
     assert vs_kernel.heads_per_program(layout, 4, fp32=False) == 2
-    assert vs_kernel._descriptors(k, v, 64, False)[0] is not None
+    assert vs_kernel.tma_descriptors(k, v, 64, False)[0] is not None
     assert_close_to_reference(q, k, v, layout)
     qh, kh, vh = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
     assert_close_to_reference(qh, kh, vh, layout)
@@ -588,11 +584,9 @@ def test_gpu_shared_heads_pairs_and_tma(dtype):
 @pytest.mark.gpu
 def test_gpu_long_sequence():
     """32K keys, MInference-like budgets (1000 vertical, 2048 slash), 2 heads of one kv head."""
-    torch.manual_seed(6)
     s, d, dt = 32768, 128, torch.bfloat16
-    q = torch.randn(1, 2, s, d, device="cuda", dtype=dt)
-    k, v = torch.randn(2, 1, 1, s, d, device="cuda", dtype=dt)
-    layout = random_layout(1, 2, s, s, 64, nv=1000, ns=2048, device="cuda", seed=6)
+    q, k, v = qkv(6, 1, 2, 1, s, s, d, dtype=dt, device="cuda")
+    layout = diagonals_layout(1, 2, s, s, 64, nv=1000, ns=2048, device="cuda", seed=6)
     assert_close_to_reference(q, k, v, layout)
 
 
@@ -626,16 +620,16 @@ def test_gpu_backends_match_reference(monkeypatch, backend, causal, d, group, sq
 
     backend, _, loads = backend.partition("-")
     calls = count_gluon_calls(monkeypatch, backend, loads or "tma")
-    torch.manual_seed(sq + d + group)
+    gen = torch.Generator().manual_seed(sq + d + group)
     dt = torch.bfloat16
-    q = torch.randn(1, 2 * group, sq, d, device="cuda", dtype=dt)
+    q = randn(gen, 1, 2 * group, sq, d, device="cuda", dtype=dt)
     if kv == "contiguous":
-        k, v = torch.randn(2, 1, 2, sk, d, device="cuda", dtype=dt)
+        k, v = randn(gen, 2, 1, 2, sk, d, device="cuda", dtype=dt)
     elif kv == "hf":
-        k, v = torch.randn(2, 1, sk, 2, d, device="cuda", dtype=dt).transpose(2, 3)
+        k, v = randn(gen, 2, 1, sk, 2, d, device="cuda", dtype=dt).transpose(2, 3)
     else:
-        k, v = torch.randn(2, 1, 2, sk, d + 16, device="cuda", dtype=dt)[..., :d]
-    layout = random_layout(1, 2 * group, sq, sk, 64, nv=200, ns=300, device="cuda", seed=sq + d)
+        k, v = randn(gen, 2, 1, 2, sk, d + 16, device="cuda", dtype=dt)[..., :d]
+    layout = diagonals_layout(1, 2 * group, sq, sk, 64, nv=200, ns=300, device="cuda", seed=sq + d)
     assert_close_to_reference(q, k, v, layout, causal=causal)
     gluon_here = hopper.AVAILABLE and torch.cuda.get_device_capability() == (9, 0)
     expected = backend == "gluon" or (backend == "auto" and kv != "padded")  # auto: the TMA loader's layouts only

@@ -1,0 +1,98 @@
+"""Sparse decode in a patched Hugging Face model: generate's decode steps go through the paged kernels with
+the method's decode side (its page summaries kept per layer between steps), full budgets reproduce dense
+decoding, tiny ones really run sparse, and the decode density is reported per layer and head."""
+import pytest
+import torch
+
+import sparse_attn
+from helpers import assert_close
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 128
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=VOCAB,
+                                      max_position_embeddings=1024)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _ids(n=300, seed=1):
+    return torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _decode_logits(model, ids, steps=6):
+    """Logits of `steps` teacher-forced decode steps after prefilling ids[:, :-steps] (one token a step)."""
+    cache = transformers.DynamicCache()
+    prompt = ids[:, :-steps]
+    model(prompt, past_key_values=cache, use_cache=True)
+    out = []
+    for i in range(steps):
+        tok = ids[:, ids.shape[1] - steps + i:][:, :1]
+        out.append(model(tok, past_key_values=cache, use_cache=True).logits[:, -1])
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("method,kwargs", [("quest", {"budget": 2048, "sink": 0, "window": 0}),
+                                           ("a_shape", {"sink": 0, "window": 2048}),
+                                           ("minference", {"decode": "quest", "decode_config": {"budget": 2048}})])
+def test_full_budget_decode_equals_dense(method, kwargs):
+    model = tiny_llama()
+    ids = _ids()
+    dense = _decode_logits(model, ids)
+    sparse_attn.patch(model, method, min_seqlen=0, **kwargs)
+    try:
+        got = _decode_logits(model, ids)
+        stats = sparse_attn.get_stats(model)
+    finally:
+        sparse_attn.unpatch(model)
+    assert_close(got, dense, floor=1e-4)
+    assert len(stats.decode) == 2 and all(s.seqlen_q == 1 for s in stats.decode.values())
+    assert stats.density("decode") == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("method,kwargs", [("quest", {"budget": 64, "sink": 32, "window": 32}),
+                                           ("a_shape", {"sink": 64, "window": 64})])
+def test_tiny_budget_decode_runs_sparse_and_reports_density(method, kwargs):
+    model = tiny_llama()
+    ids = _ids()
+    dense = _decode_logits(model, ids)
+    sparse_attn.patch(model, method, min_seqlen=0, **kwargs)
+    try:
+        got = _decode_logits(model, ids)
+        stats = sparse_attn.get_stats(model)
+        generated = model.generate(ids[:, :100], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    finally:
+        sparse_attn.unpatch(model)
+    assert (got - dense).abs().max() > 1e-3  # the sparse path really ran
+    decode = stats.decode[1]
+    assert decode.pattern == [method] * 4 and decode.density.shape == (4,)
+    assert 0 < stats.density("decode") < 0.6
+    assert generated.shape == (1, 104)
+
+
+def test_decode_below_the_threshold_stays_dense():
+    model = tiny_llama()
+    ids = _ids(120)
+    dense = _decode_logits(model, ids)
+    sparse_attn.patch(model, "quest", budget=32, min_seqlen=4096)
+    try:
+        got = _decode_logits(model, ids)
+    finally:
+        sparse_attn.unpatch(model)
+    assert torch.equal(got, dense) or (got - dense).abs().max() < 1e-5
+
+
+def test_decode_kwargs_are_checked_when_patching():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="decode"):
+        sparse_attn.patch(model, "vertical_slash", decode="vertical_slash")
+    with pytest.raises(ValueError, match="budget"):
+        sparse_attn.patch(model, "minference", decode="quest", decode_config={"budget": 1})
+    with pytest.raises(TypeError, match="decode_config"):
+        sparse_attn.patch(model, "minference", decode="quest", decode_config={"gamma": 1})
+    assert not sparse_attn.integrations.hf.is_patched(model)

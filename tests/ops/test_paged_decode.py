@@ -1,0 +1,296 @@
+"""Paged decode: the split-K kernel against the fp32 reference over exactly the selected pages (shuffled page
+tables, varlen batches, partial last pages, GQA groups, every page size), dense equals SDPA, the page
+summaries (incremental = rebuild), Quest's and A-shape's selections against plain PyTorch statements of their
+rules, bad inputs, and a whole decode step in a CUDA graph (GPU)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from helpers import DEV, assert_close, generator, poison, randn
+from sparse_attn.estimators.a_shape import a_shape_pages
+from sparse_attn.estimators.quest import quest_scores, quest_select
+from sparse_attn.kvcache import PAGE_SIZES, PagedKVCache, PageSummaries
+from sparse_attn.layouts import PageSelection
+from sparse_attn.ops import paged_decode
+from sparse_attn.ops.paged_decode import dense_selection, paged_decode_attention, reference_decode
+
+LOW = torch.float16 if DEV == "cpu" else torch.bfloat16  # the interpreter's bf16 dot is unreliable
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    poison(monkeypatch, paged_decode, "_outputs")
+
+
+def paged_cache(gen, lens, hkv, d, ps, *, dtype=torch.float32, spare=3):
+    """A paged cache with shuffled pages: [num_pages, ps, hkv, d] storage with `spare` unused pages, a table as
+    wide as the longest sequence needs plus one (the extra entries point at used pages: never read)."""
+    gen = generator(gen)
+    need = [max(1, -(-n // ps)) for n in lens]
+    width = max(need) + 1
+    total = sum(need) + spare
+    k = randn(gen, total, ps, hkv, d, dtype=dtype)
+    v = randn(gen, total, ps, hkv, d, dtype=dtype)
+    perm = torch.randperm(total, generator=gen)
+    table = torch.zeros(len(lens), width, dtype=torch.int32)
+    at = 0
+    for b, n in enumerate(need):
+        table[b, :n] = perm[at:at + n].to(torch.int32)
+        table[b, n:] = perm[0]
+        at += n
+    return PagedKVCache(k, v, table.to(DEV), torch.tensor(lens, dtype=torch.int32, device=DEV), ps)
+
+
+def random_selection(gen, cache: PagedKVCache, heads: int, width: int) -> PageSelection:
+    """Per (sequence, head) a random subset of its pages (distinct, any order), its count random too."""
+    gen = generator(gen)
+    b = cache.batch
+    n = cache.num_pages_of().cpu()
+    pages = torch.zeros(b, heads, width, dtype=torch.int32)
+    counts = torch.zeros(b, heads, dtype=torch.int32)
+    for i in range(b):
+        for h in range(heads):
+            c = int(torch.randint(0, min(width, int(n[i])) + 1, (1,), generator=gen))
+            pages[i, h, :c] = torch.randperm(int(n[i]), generator=gen)[:c].to(torch.int32)
+            pages[i, h, c:] = 9999  # past the count: never read
+            counts[i, h] = c
+    return PageSelection(pages.to(DEV), counts.to(DEV), cache.page_size)
+
+
+def _check(q, cache, selection=None):
+    out = paged_decode_attention(q, cache, selection)
+    ref = reference_decode(q.float(), _as_float(cache), selection)
+    low = reference_decode(q, cache, selection) if q.dtype != torch.float32 else None
+    assert not out.isnan().any(), "an output element was never written"
+    assert_close(out, ref, low)
+    return out
+
+
+def _as_float(cache: PagedKVCache) -> PagedKVCache:
+    return PagedKVCache(cache.k.float(), cache.v.float(), cache.page_table, cache.seqlens, cache.page_size,
+                        contiguous=cache.contiguous, validate=False)
+
+
+@given(seed=st.integers(0, 2**31 - 1), ps=st.sampled_from(PAGE_SIZES), group=st.sampled_from([1, 3, 4]),
+       shared=st.booleans())
+def test_selected_pages_equal_the_reference(seed, ps, group, shared):
+    gen = generator(seed)
+    lens = [int(x) for x in torch.randint(1, 5 * ps, (3,), generator=gen)]
+    hkv, d = 2, 32
+    cache = paged_cache(gen, lens, hkv, d, ps)
+    q = randn(gen, 3, hkv * group, d)
+    selection = random_selection(gen, cache, 1 if shared else hkv, width=4)
+    _check(q, cache, selection)
+
+
+@pytest.mark.parametrize("ps", PAGE_SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, LOW])
+@pytest.mark.parametrize("d", [64, 128])
+def test_dense_paged_equals_sdpa_on_the_gathered_cache(ps, dtype, d):
+    gen = generator(ps + d)
+    lens = [ps * 3 + 5, 1, ps * 2]  # a partial last page, a single token, exact pages
+    cache = paged_cache(gen, lens, 2, d, ps, dtype=dtype)
+    q = randn(gen, 3, 8, d, dtype=dtype)
+    out = _check(q, cache)
+    for b, n in enumerate(lens):
+        k, v = cache.gather(b)
+        want = F.scaled_dot_product_attention(q[b, :, None].float(), k.float().repeat_interleave(4, 0),
+                                              v.float().repeat_interleave(4, 0))[:, 0]
+        assert_close(out[b].float(), want, floor=2e-3 if dtype != torch.float32 else 1e-5)
+
+
+def test_contiguous_cache_is_read_in_place_and_splits_do_not_matter():
+    gen = generator(7)
+    k = randn(gen, 2, 2, 150, 32)
+    v = randn(gen, 2, 2, 150, 32)
+    lens = torch.tensor([150, 77], dtype=torch.int32, device=DEV)
+    cache = PagedKVCache.from_contiguous(k, v, page_size=32, seqlens=lens)
+    assert cache.k.data_ptr() == k.data_ptr()
+    q = randn(gen, 2, 6, 32)
+    one = paged_decode_attention(q, cache, num_splits=1)
+    many = paged_decode_attention(q, cache, num_splits=5)
+    assert_close(many, one)
+    _check(q, cache)
+    out4 = paged_decode_attention(q[:, :, None], cache)  # [B, Hq, 1, D] in, the same shape out
+    assert out4.shape == (2, 6, 1, 32) and torch.allclose(out4[:, :, 0], one, atol=1e-6)
+
+
+def test_a_budget_covering_the_context_is_dense_and_empty_selections_give_zero():
+    gen = generator(3)
+    cache = paged_cache(gen, [70, 33], 2, 32, 16)
+    q = randn(gen, 2, 4, 32)
+    summaries = PageSummaries.build(cache)
+    full = quest_select(q, cache, summaries, budget=cache.max_pages * 16, sink=0, window=0)
+    assert torch.allclose(paged_decode_attention(q, cache, full), reference_decode(q, cache), atol=1e-5)
+    none = PageSelection(torch.zeros(2, 1, 2, dtype=torch.int32, device=DEV),
+                         torch.zeros(2, 1, dtype=torch.int32, device=DEV), 16)
+    assert torch.equal(paged_decode_attention(q, cache, none), torch.zeros_like(q))
+
+
+def _summaries_equal(a: PageSummaries, b: PageSummaries, cache: PagedKVCache) -> None:
+    n = cache.num_pages_of().cpu()
+    for i in range(cache.batch):
+        for p in range(int(n[i])):
+            sa, sb = int(a.table[i, p]), int(b.table[i, p])
+            assert torch.equal(a.kmin[sa], b.kmin[sb]) and torch.equal(a.kmax[sa], b.kmax[sb]), (i, p)
+
+
+@pytest.mark.parametrize("ps", [16, 32])
+def test_incremental_summaries_equal_a_rebuild_after_many_appends(ps):
+    gen = generator(ps)
+    hkv, d, cap = 2, 16, 6 * ps
+    lens0 = [5, ps]
+    cache = paged_cache(gen, [cap, cap], hkv, d, ps)  # storage for the whole run
+    lens = torch.tensor(lens0, dtype=torch.int32, device=DEV)
+    view = PagedKVCache(cache.k, cache.v, cache.page_table, lens.clone(), ps)
+    summaries = PageSummaries.build(view)
+    for _ in range(3 * ps + 3):  # one token a step: only the page it lands in is recomputed
+        lens += 1
+        view = PagedKVCache(cache.k, cache.v, cache.page_table, lens.clone(), ps, validate=False)
+        last = torch.div(lens - 1, ps, rounding_mode="floor").to(torch.int32)
+        summaries.update(view, last)
+    _summaries_equal(summaries, PageSummaries.build(view), view)
+    ref = {}
+    for b in range(2):
+        k, _ = view.gather(b)
+        for p in range(-(-k.shape[1] // ps)):
+            ref[b, p] = (k[:, p * ps:(p + 1) * ps].amin(1), k[:, p * ps:(p + 1) * ps].amax(1))
+            slot = int(summaries.table[b, p])
+            assert torch.equal(summaries.kmin[slot], ref[b, p][0]) and torch.equal(summaries.kmax[slot], ref[b, p][1])
+
+
+def _quest_reference(q, cache, n_sink, n_local):
+    """Per (sequence, kv head, page) the bound sum over the group's heads of sum_d max(q_d min_d, q_d max_d),
+    written as the definition (no linearisation), from the gathered keys."""
+    b, hq, d = q.shape
+    hkv = cache.num_kv_heads
+    g = hq // hkv
+    out = torch.full((b, hkv, cache.max_pages), float("-inf"))
+    for i in range(b):
+        k, _ = cache.gather(i)
+        n = -(-k.shape[1] // cache.page_size)
+        for p in range(n):
+            part = k[:, p * cache.page_size:(p + 1) * cache.page_size].float()
+            mn, mx = part.amin(1), part.amax(1)  # [hkv, d]
+            for h in range(hkv):
+                qs = q[i, h * g:(h + 1) * g].float().cpu()
+                out[i, h, p] = torch.maximum(qs * mn[h].cpu(), qs * mx[h].cpu()).sum()
+                if p < n_sink or p >= n - n_local:
+                    out[i, h, p] = float("inf")
+    return out
+
+
+@given(seed=st.integers(0, 2**31 - 1), group=st.sampled_from([1, 2, 4]), ps=st.sampled_from([16, 32]))
+def test_quest_scores_and_selection_follow_the_rule(seed, group, ps):
+    gen = generator(seed)
+    lens = [int(x) for x in torch.randint(1, 8 * ps, (2,), generator=gen)]
+    cache = paged_cache(gen, lens, 2, 16, ps)
+    q = randn(gen, 2, 2 * group, 16)
+    summaries = PageSummaries.build(cache)
+    got = quest_scores(q, cache, summaries, n_sink=1, n_local=1).cpu()
+    want = _quest_reference(q, cache, 1, 1)
+    assert torch.equal(got == float("inf"), want == float("inf"))  # forced pages
+    assert torch.equal(got == float("-inf"), want == float("-inf"))  # pages past the length
+    finite = want.isfinite()
+    assert torch.allclose(got[finite], want[finite], rtol=1e-4, atol=1e-4)
+    budget = 3 * ps
+    sel = quest_select(q, cache, summaries, budget=budget, sink=1, window=1)
+    n = cache.num_pages_of().cpu()
+    for i in range(2):
+        for h in range(2):
+            c = int(sel.counts[i, h])
+            assert c == min(3, int(n[i]))
+            chosen = set(sel.pages[i, h, :c].tolist())
+            assert len(chosen) == c and chosen <= set(range(int(n[i])))
+            assert 0 in chosen and int(n[i]) - 1 in chosen  # the sink and the latest page
+            rest = sorted(range(int(n[i])), key=lambda p: -float(want[i, h, p]))
+            if c < int(n[i]):  # the others are the best-scoring pages (a tie at the cut may go either way)
+                cut = float(want[i, h, rest[c - 1]])
+                assert all(float(want[i, h, p]) >= cut - 1e-4 for p in chosen)
+
+
+def test_quest_bound_is_an_upper_bound_of_every_key_score():
+    gen = generator(11)
+    cache = paged_cache(gen, [200], 1, 16, 16)
+    q = randn(gen, 1, 1, 16)
+    summaries = PageSummaries.build(cache)
+    scores = quest_scores(q, cache, summaries, n_sink=0, n_local=0).cpu()
+    k, _ = cache.gather(0)
+    dots = (k[0].float().cpu() @ q[0, 0].float().cpu())
+    for p in range(-(-200 // 16)):
+        assert scores[0, 0, p] >= dots[p * 16:(p + 1) * 16].max() - 1e-5
+
+
+def test_a_shape_pages_are_the_sink_and_the_window():
+    gen = generator(5)
+    cache = paged_cache(gen, [300, 40, 64 * 3], 1, 16, 64)
+    sel = a_shape_pages(cache, sink=64, window=100)
+    mask = sel.token_mask(cache.seqlens, 300).cpu()
+    for b, n in enumerate([300, 40, 192]):
+        seen = mask[b, 0, :n]
+        assert seen[:64].all() and seen[max(0, n - 100):n].all()  # the sink tokens and the last `window`
+        pages_read = -(-int(seen.sum()) // 64)
+        assert pages_read <= 1 + math.ceil((100 + 63) / 64)
+
+
+def test_bad_inputs_name_the_argument():
+    gen = generator(2)
+    cache = paged_cache(gen, [40, 20], 2, 16, 16)
+    bad = cache.page_table.clone()
+    bad[0, 1] = 10_000
+    with pytest.raises(ValueError, match="page_table"):
+        PagedKVCache(cache.k, cache.v, bad, cache.seqlens, 16)
+    with pytest.raises(ValueError, match="seqlens"):
+        PagedKVCache(cache.k, cache.v, cache.page_table, cache.seqlens + 1000, 16)
+    with pytest.raises(ValueError, match="page_size"):
+        PagedKVCache(cache.k, cache.v, cache.page_table, cache.seqlens, 8)
+    with pytest.raises(ValueError, match="k: expected pages"):
+        PagedKVCache(cache.k, cache.v, cache.page_table, cache.seqlens, 32)
+    summaries = PageSummaries.build(cache)
+    q = randn(gen, 2, 4, 16)
+    with pytest.raises(ValueError, match="budget"):
+        quest_select(q, cache, summaries, budget=8)
+    with pytest.raises(TypeError, match="q: expected the cache's dtype"):
+        paged_decode_attention(q.half(), cache)
+    with pytest.raises(ValueError, match="q: expected"):
+        paged_decode_attention(randn(gen, 2, 3, 16), cache)
+    other = PageSelection(torch.zeros(2, 1, 1, dtype=torch.int32, device=DEV),
+                          torch.ones(2, 1, dtype=torch.int32, device=DEV), 32)
+    with pytest.raises(ValueError, match="selection: page_size"):
+        paged_decode_attention(q, cache, other)
+    # A table pointing outside the storage, accepted unchecked, still reads inside it (clamped), never past it.
+    unchecked = PagedKVCache(cache.k, cache.v, bad, cache.seqlens, 16, validate=False)
+    assert not paged_decode_attention(q, unchecked).isnan().any()
+
+
+@pytest.mark.gpu
+def test_gpu_decode_step_captures_in_a_cuda_graph():
+    gen = generator(1)
+    dtype = torch.bfloat16
+    cache = paged_cache(gen, [5000, 3000, 4097], 8, 128, 32, dtype=dtype)
+    q = randn(gen, 3, 32, 128, dtype=dtype)
+    summaries = PageSummaries.build(cache)
+
+    def step():
+        summaries.update(cache, torch.div(cache.seqlens - 1, 32, rounding_mode="floor").to(torch.int32))
+        return paged_decode_attention(q, cache, quest_select(q, cache, summaries, budget=1024))
+
+    eager = step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
+    sel = quest_select(q, cache, summaries, budget=1024)
+    assert_close(eager.float(), reference_decode(q.float(), _as_float(cache), sel),
+                 reference_decode(q, cache, sel).float())
