@@ -26,7 +26,7 @@ from common import (  # noqa: E402
     random_causal_block_mask, repeat_kv, sdpa_dense_causal, write_json,
 )
 from sparse_attn.layouts import BlockLayout, causal_tile_entries  # noqa: E402
-from sparse_attn.ops.block_sparse import block_sparse_attention  # noqa: E402
+from sparse_attn.ops.block_sparse import block_sparse_attention, plan as bs_plan  # noqa: E402
 from sparse_attn.ops.block_sparse import kernel as bs_kernel  # noqa: E402
 
 
@@ -74,12 +74,12 @@ def time_one(fn, flops: float, rep_ms: int, graph: bool = True) -> dict:
     return out
 
 
-def time_variant(spec: str, q, k, v, layout, density: float, flops: float, ours, rep_ms: int) -> list:
+def time_variant(spec: str, q, k, v, layout, plan, density: float, flops: float, ours, rep_ms: int) -> list:
     """One explicit kernel config; a config that does not compile (e.g. out of shared memory) is reported."""
     cfg = bs_kernel.Config(*(int(x) for x in spec.split(",")))
     s, d = q.shape[2], q.shape[3]
     fn = lambda: bs_kernel.forward(q, k, v, layout, causal=True, scale=d ** -0.5, packed=False,  # noqa: E731
-                                   batch=1, max_seqlen_q=s, config=cfg)
+                                   batch=1, max_seqlen_q=s, plan=plan, config=cfg)
     try:
         diff = (fn().float() - ours.float()).abs().max().item()
         timing = time_one(fn, flops, rep_ms, graph=False)
@@ -107,17 +107,19 @@ def run_seqlen(args, s: int, dtype, gen) -> list:
         mask, layout = random_causal_layout(h, s, args.block, target, gen)
         density = layout.density(causal=True)
         flops = 4.0 * d * computed_entries(layout, s)
-        ours_fn = lambda: block_sparse_attention(q, k, v, layout, causal=True)  # noqa: E731
+        # The layout's launch plan is made once, like FlexAttention's BlockMask, and held by the caller.
+        plan = bs_plan(q, k, v, layout, causal=True)
+        ours_fn = lambda: block_sparse_attention(q, k, v, layout, causal=True, plan=plan)  # noqa: E731
         ours = ours_fn()
         rows.append({"seqlen": s, "kernel": "ours", "density": density, **time_one(ours_fn, flops, args.rep_ms)})
         for spec in args.variants if s <= args.variants_max_seqlen else []:
-            rows += time_variant(spec, q, k, v, layout, density, flops, ours, args.rep_ms)
+            rows += time_variant(spec, q, k, v, layout, plan, density, flops, ours, args.rep_ms)
         if not args.no_flex:
             flex = flex_attention_fn(q, k, v, flex_block_mask(mask, args.block, s, s))
             diff = (flex().float() - ours.float()).abs().max().item()
             rows.append({"seqlen": s, "kernel": "flex", "density": density, **time_one(flex, flops, args.rep_ms),
                          "max_diff_vs_ours": diff})
-        del mask, layout
+        del mask, layout, plan
     for r in rows:
         r["vs_cudnn"] = r["tflops"] / dense["cudnn"]["tflops"]
         if r.get("gpu_tflops") is not None and dense["cudnn"].get("gpu_tflops"):

@@ -309,8 +309,6 @@ def flex_attention_fn(q, k, v, block_mask) -> Callable[[], torch.Tensor]:
 # (1000 vertical / 6096 slash), 64-row blocks, last_q 64; A-shape 128 sink + 4096 window; block_sparse 5 %.
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 VERTICAL_SIZE, SLASH_SIZE = 1000, 6096
-METHOD_DEFAULTS = dict(vertical_size=VERTICAL_SIZE, slash_size=SLASH_SIZE, sink=128, window=4096, density=0.05,
-                       top_k=None)
 
 
 def rope_(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
@@ -344,69 +342,75 @@ def methods_inputs(seqlen: int, dtype=torch.bfloat16, *, heads: int = HEADS, kv_
 
 
 def vs_layout(q, k, *, share_heads: int = 1, vertical_size: int = VERTICAL_SIZE, slash_size: int = SLASH_SIZE):
-    """The vertical-slash layout the methods benchmark builds for q, k (64-row blocks, last_q 64); share_heads
-    2 is its "vs_pairs"."""
+    """The vertical-slash layout of the methods benchmark's record configuration for q, k (64-row blocks,
+    last_q 64), for the probes of that kernel family."""
     from sparse_attn import dispatch
 
     configs = [{"pattern": "vertical_slash", "vertical_size": vertical_size, "slash_size": slash_size}] * q.shape[1]
     est = dispatch.estimate_pattern("vertical_slash", q, k, configs, share_heads=share_heads, causal=True,
                                     scale=None, block_size=64, last_q=64)
-    return dispatch.build_pattern("vertical_slash", est, q, k, configs, block_size=64)
+    return dispatch.build_pattern("vertical_slash", est, q, k, configs, block_size=64, share_heads=share_heads)
 
 
-def method_phases(name: str, q, k, v, **options):
-    """The methods benchmark's split of a method into phases: ([(phase, fn(prev) -> result)], config). name:
-    a_shape, vertical_slash, vs_pairs (vertical_slash with share_heads=2), block_sparse or minference (the
-    uniform default head config, one "total" phase). options override METHOD_DEFAULTS. The last phase returns
-    (output, layout); minference's returns (output, plan)."""
+def parse_method_spec(text: str):
+    """"name" or "name:key=value,key=value" -> (label, name, kwargs), checked against the methods registry
+    (ValueError naming what is accepted). Values are ints, floats or none."""
+    from sparse_attn.methods import check_method_kwargs, list_methods
+
+    name, _, rest = text.partition(":")
+    if name not in list_methods() or name == "dense":
+        raise ValueError(f"unknown method {name!r}; expected one of {[m for m in list_methods() if m != 'dense']}")
+    kwargs = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"{text!r}: expected key=value after ':', got {item!r}")
+        kwargs[key] = _spec_value(value)
+    try:
+        check_method_kwargs(name, kwargs)
+    except TypeError as e:
+        raise ValueError(str(e)) from e
+    return text, name, kwargs
+
+
+def _spec_value(text: str):
+    if text.lower() == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def method_phases(name: str, kwargs: dict, q, k, v):
+    """A method that runs one pattern (the uniform methods generated from the registry) split into
+    (phase, fn(prev) -> result): estimate, index (the layout), attention (the output); None for methods
+    that are not one pattern (the per-head mixture, dense)."""
     from sparse_attn import dispatch
-    from sparse_attn.methods import default_head_config
+    from sparse_attn.methods import check_method_kwargs, get_method
+    from sparse_attn.patterns import get_pattern
 
-    o = dict(METHOD_DEFAULTS, **options)
-    common = dict(causal=True, scale=None, block_size=64, last_q=64)
-    if name == "minference":
-        config = default_head_config(q.shape[1], k.shape[2])
-        return [("total", lambda _: dispatch.run_head_config(q, k, v, config, **common))], config[0]
-    density = None
-    if name == "a_shape":
-        config = {"pattern": "a_shape", "sink": o["sink"], "window": o["window"]}
-    elif name in ("vertical_slash", "vs_pairs"):
-        config = {"pattern": "vertical_slash", "vertical_size": o["vertical_size"], "slash_size": o["slash_size"]}
-        if name == "vs_pairs":
-            common["share_heads"] = 2
-    elif name == "block_sparse":
-        config = {"pattern": "block_sparse", "top_k": o["top_k"]}
-        density = None if o["top_k"] is not None else o["density"]
-    else:
-        raise ValueError(f"method: expected a_shape, vertical_slash, vs_pairs, block_sparse or minference, "
-                         f"got {name!r}")
-    configs = [config] * q.shape[1]
-    phases = [
-        ("estimate", lambda _: dispatch.estimate_pattern(config["pattern"], q, k, configs, density=density,
-                                                         **common)),
-        ("index", lambda est: dispatch.build_pattern(config["pattern"], est, q, k, configs, block_size=64)),
-        ("attention", lambda layout: (dispatch.attend(q, k, v, layout, causal=True, scale=None), layout)),
+    method = get_method(name)
+    if method.pattern is None:
+        return None
+    pattern = get_pattern(method.pattern)
+    merged = check_method_kwargs(name, kwargs)
+    configs = [{"pattern": pattern.name, **{b: merged[b] for b in pattern.budget_names}}] * q.shape[1]
+    common = dict(causal=True, block_size=merged["block_size"], **pattern.run_options(merged))
+    return [
+        ("estimate", lambda _: dispatch.estimate_pattern(pattern.name, q, k, configs, scale=None, **common)),
+        ("index", lambda est: dispatch.build_pattern(pattern.name, est, q, k, configs, **common)),
+        ("attention", lambda layout: dispatch.attend(q, k, v, layout, causal=True, scale=None)),
     ]
-    return phases, dict(config, density=density) if density is not None else config
 
 
-def method_call(name: str, q, k, v, **options) -> Optional[Callable]:
-    """The method as one public `sparse_attn.sparse_attention` call with the benchmark's configuration, as
-    fn(_) -> output; None for minference (its one phase is already the whole call)."""
+def method_call(name: str, kwargs: dict, q, k, v, stats: Optional[dict] = None) -> Callable:
+    """The method as one public `sparse_attn.sparse_attention` call, fn(_) -> output (min_seqlen 0)."""
     from sparse_attn import sparse_attention
 
-    o = dict(METHOD_DEFAULTS, **options)
-    kw = dict(causal=True, block_size=64, min_seqlen=0)
-    if name == "a_shape":
-        kw.update(method="a_shape", sink=o["sink"], window=o["window"])
-    elif name in ("vertical_slash", "vs_pairs"):
-        kw.update(method="vertical_slash", vertical_size=o["vertical_size"], slash_size=o["slash_size"],
-                  last_q=64, share_heads=2 if name == "vs_pairs" else 1)
-    elif name == "block_sparse":
-        kw.update(method="block_sparse", top_k=o["top_k"], density=None if o["top_k"] is not None else o["density"])
-    else:
-        return None
-    return lambda _: sparse_attention(q, k, v, **kw)
+    return lambda _: sparse_attention(q, k, v, name, causal=True, min_seqlen=0, stats=stats, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- output

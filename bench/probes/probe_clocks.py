@@ -1,6 +1,6 @@
-"""Probe: the SM clock and power while the vertical-slash attention kernel (plan cached) and cuDNN dense causal
-run back to back for a few seconds, sampled by nvidia-smi every 50 ms; and the kernel's event time with and
-without torch.profiler active.
+"""Probe: the SM clock and power while the vertical-slash attention kernel (on a plan made once) and cuDNN
+dense causal run back to back for a few seconds, sampled by nvidia-smi every 50 ms; and the kernel's event
+time with and without torch.profiler active.
 
     python bench/probes/probe_clocks.py --seqlen 131072 --seconds 3
 """
@@ -20,7 +20,6 @@ import torch  # noqa: E402
 
 from common import gpu_host_ms, methods_inputs, repeat_kv, sdpa_dense_causal, vs_layout  # noqa: E402
 from sparse_attn.ops.reference import AttentionInputs  # noqa: E402
-from sparse_attn.ops.vertical_slash import hopper  # noqa: E402
 from sparse_attn.ops.vertical_slash import kernel as vs  # noqa: E402
 
 FIELDS = "clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.sw_power_cap,clocks_event_reasons.hw_slowdown"
@@ -68,16 +67,13 @@ def main():
     shapes = AttentionInputs(q, k, v)
     group = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
-    plan = vs._plan(layout, (layout.range_counts,) * 2, (s, s), q.shape[1], hopper.BN, True, False, split=False,
-                    group=group)
-    real_plan = vs._plan
-    vs._plan = lambda *x, **y: plan
+    plan = vs.make_plan(q, k, v, layout, shapes, causal=True)  # what the call plans (backend "auto")
 
     def kernel():
-        vs.forward(q, k, v, layout, out, None, shapes, causal=True, scale=None)
+        vs.forward(q, k, v, layout, out, None, shapes, causal=True, scale=None, plan=plan)
 
     dense, label = sdpa_dense_causal(q, repeat_kv(k, group), repeat_kv(v, group), "cudnn"), "cuDNN causal"
-    print(f"S={s}")
+    print(f"S={s}, {plan.backend} kernel")
     for name, fn in (("vertical-slash kernel", kernel), (f"dense {label}", dense), ("vertical-slash kernel", kernel)):
         n, ms, rows = sampled(fn, a.seconds)
         print(f"{name}: {n} calls, {ms:.2f} ms per call; {summary(rows)}", flush=True)
@@ -86,10 +82,10 @@ def main():
     plain = gpu_host_ms(kernel, 5)[0]
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         under = gpu_host_ms(kernel, 5)[0]
-    cupti = [e.device_time / 1e3 for e in prof.events() if e.name.startswith("_vs_hopper")]
-    print(f"kernel event ms: plain {plain:.2f}, under torch.profiler {under:.2f} (CUPTI's own: "
-          f"{statistics.median(cupti):.2f})")
-    vs._plan = real_plan
+    kernel_name = "_vs_hopper" if plan.backend == "gluon" else "_vs_attn_kernel"
+    cupti = [e.device_time / 1e3 for e in prof.events() if e.name.startswith(kernel_name)]
+    own = f"{statistics.median(cupti):.2f}" if cupti else "not found"
+    print(f"kernel event ms: plain {plain:.2f}, under torch.profiler {under:.2f} (CUPTI's own: {own})")
 
 
 if __name__ == "__main__":

@@ -20,10 +20,10 @@ sys.path[:0] = [str(BENCH.parent), str(BENCH)]  # sparse_attn from the repositor
 import torch  # noqa: E402
 
 from common import SLASH_SIZE, VERTICAL_SIZE, kernel_ms, median_event_ms, methods_inputs  # noqa: E402
-from sparse_attn.estimators import vertical_slash_triton as vst  # noqa: E402
+from sparse_attn.estimators.vertical_slash import scores_triton as vst  # noqa: E402
 from sparse_attn.estimators.vertical_slash import estimate_vertical_slash, vertical_slash_scores  # noqa: E402
 
-# name -> module constants of vertical_slash_triton to set (the rest keep their defaults)
+# name -> module constants of estimators/vertical_slash/scores_triton.py to set (the rest keep their defaults)
 VARIANTS = {
     "default": {},
     "lse64w4": {"_LSE_ROWS": 64, "_LSE_WARPS": 4},  # the default before the max / sum pass stacked 4 heads

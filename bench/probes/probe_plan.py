@@ -25,9 +25,10 @@ LAUNCHES = [None, (64, 16, 4), (32, 16, 4), (32, 8, 2), (32, 16, 1), (16, 16, 1)
 
 
 def plan(layout, group: int):
-    """The plan the default (Gluon, one head per program) path makes for unpacked causal inputs."""
-    return vs._plan(layout, (layout.range_counts,) * 2, (layout.seqlen_q, layout.seqlen_k), layout.num_heads,
-                    hopper.BN, True, False, split=False, group=group)
+    """The tile lists kernel.make_plan cuts for the default (Gluon, one head per program) path on unpacked
+    causal inputs: (counts, first_tile, t_start, t_end)."""
+    return vs._tile_lists(layout, (layout.range_counts,) * 2, (layout.seqlen_q, layout.seqlen_k), layout.num_heads,
+                          hopper.BN, True, False, split=False, group=group)
 
 
 def main():

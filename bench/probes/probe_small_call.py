@@ -3,11 +3,12 @@ work).
 
     python bench/probes/probe_small_call.py
 
-For our public call (plan kept on the layout, fast launch of a repeated signature), the same with a new plan
-each call, our kernel entry (`forward`, no input checks, Triton's JIT dispatch every call) and FlexAttention
-on the same mask: do_bench's median (what bench_block_sparse.py reports: L2 flushed, each call timed alone,
-so host time that exceeds the flush shows), the host time per call (200 calls queued, no sync), and the GPU
-time of the call replayed from a CUDA graph (no host work at all).
+For our public call on a plan made once (`block_sparse.plan`, passed as plan=: one launch; fast launch of a
+repeated signature), the same call without a plan (planned each call: two launches), our kernel entry
+(`forward` on the same plan: no input checks, Triton's JIT dispatch every call) and FlexAttention on the same
+mask: do_bench's median (what bench_block_sparse.py reports: L2 flushed, each call timed alone, so host time
+that exceeds the flush shows), the host time per call (200 calls queued, no sync), and the GPU time of the
+call replayed from a CUDA graph (no host work at all).
 """
 import argparse
 import sys
@@ -22,7 +23,7 @@ from common import (  # noqa: E402
     bench_ms, flex_attention_fn, flex_block_mask, graph_replay_ms, host_us, random_causal_block_mask,
 )
 from sparse_attn.layouts import BlockLayout  # noqa: E402
-from sparse_attn.ops.block_sparse import block_sparse_attention  # noqa: E402
+from sparse_attn.ops.block_sparse import block_sparse_attention, plan as bs_plan  # noqa: E402
 from sparse_attn.ops.block_sparse import kernel as bs_kernel  # noqa: E402
 
 
@@ -43,12 +44,12 @@ def main():
             mask = random_causal_block_mask(h, s, 128, target, gen)
             layout = BlockLayout.from_block_mask(mask, 128, 128, s, s)
             cfg = bs_kernel.default_config(d, q.dtype, 128, 128, layout.max_blocks, s)
+            plan = bs_plan(q, k, v, layout, causal=True)  # made once, held by the caller
             calls = {
-                "public": lambda: block_sparse_attention(q, k, v, layout, causal=True),
-                "public, plan each call": lambda: (layout.__dict__.pop("_plan_cache", None),
-                                                   block_sparse_attention(q, k, v, layout, causal=True)),
+                "public, plan made once": lambda: block_sparse_attention(q, k, v, layout, causal=True, plan=plan),
+                "public, plan each call": lambda: block_sparse_attention(q, k, v, layout, causal=True),
                 "forward": lambda: bs_kernel.forward(q, k, v, layout, causal=True, scale=d ** -0.5, packed=False,
-                                                     batch=1, max_seqlen_q=s, config=cfg),
+                                                     batch=1, max_seqlen_q=s, plan=plan, config=cfg),
                 "flex": flex_attention_fn(q, k, v, flex_block_mask(mask, 128, s, s)),
             }
             for name, fn in calls.items():

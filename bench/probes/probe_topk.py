@@ -16,8 +16,8 @@ sys.path[:0] = [str(BENCH.parent), str(BENCH)]  # sparse_attn from the repositor
 import torch  # noqa: E402
 
 from common import SLASH_SIZE, VERTICAL_SIZE, gpu_host_ms, methods_inputs  # noqa: E402
-from sparse_attn.estimators import vertical_slash as vs  # noqa: E402
-from sparse_attn.estimators.topk_triton import topk_ids_sorted  # noqa: E402
+from sparse_attn.estimators.vertical_slash import estimate as vs  # noqa: E402
+from sparse_attn.estimators.vertical_slash.topk_triton import topk_ids_sorted  # noqa: E402
 
 
 def main():

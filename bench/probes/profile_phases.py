@@ -3,11 +3,16 @@ phase's wall time and its host time.
 
     python bench/probes/profile_phases.py --seqlens 131072 --methods vertical_slash [--timeline] [--cprofile]
 
-Same inputs and phases as the methods benchmark (common.method_phases). Per phase: wall ms (CUDA events, a
-synchronize around the phase, median of --repeats passes of all phases in order); GPU ms and host ms of the
-phase repeated on the same input (common.gpu_host_ms: where the host time reaches the GPU time the phase is
-host-bound); the summed GPU time of its kernels in one profiled pass and the gap to the wall time; and the
-kernels that take the most GPU time.
+--methods: specs "name" or "name:key=value,..." (common.parse_method_spec), e.g. the methods benchmark's
+record configurations "a_shape:window=4096", "vertical_slash", "vertical_slash:share_heads=2",
+"block_sparse:density=0.05", "minference".
+
+Same inputs and phases as the methods benchmark (common.method_phases: estimate, index, attention; a method
+that is not one pattern, the per-head mixture "minference", is one phase "call": the public call). Per phase:
+wall ms (CUDA events, a synchronize around the phase, median of --repeats passes of all phases in order); GPU
+ms and host ms of the phase repeated on the same input (common.gpu_host_ms: where the host time reaches the
+GPU time the phase is host-bound); the summed GPU time of its kernels in one profiled pass and the gap to the
+wall time; and the kernels that take the most GPU time.
 
 Caveat: on a power-capped GPU a long kernel can read several per cent lower in the profiled pass than in the
 timed passes (the vertical-slash attention kernel at 128K on the H100: 38.3-38.9 against ~41-42 ms), which
@@ -25,24 +30,28 @@ sys.path[:0] = [str(BENCH.parent), str(BENCH)]  # sparse_attn from the repositor
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from common import gpu_host_ms, kernel_ms, method_phases, methods_inputs, time_phases  # noqa: E402
-
-METHODS = ("a_shape", "vertical_slash", "vs_pairs", "block_sparse", "minference")
+from common import (  # noqa: E402
+    gpu_host_ms, kernel_ms, method_call, method_phases, methods_inputs, parse_method_spec, time_phases,
+)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seqlens", type=int, nargs="+", default=[131072])
-    p.add_argument("--methods", nargs="+", default=["vertical_slash"], choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=["vertical_slash"], help='specs "name" or "name:key=value,..."')
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--cprofile", action="store_true", help="also each phase's Python time under cProfile")
     p.add_argument("--timeline", action="store_true", help="also each phase's kernels in order, with GPU gaps")
     a = p.parse_args(argv)
+    try:
+        methods = [parse_method_spec(text) for text in a.methods]
+    except ValueError as e:
+        p.error(f"--methods: {e}")
     for s in a.seqlens:
         q, k, v = methods_inputs(s)
-        for name in a.methods:
-            phases, _ = method_phases(name, q, k, v)
+        for label, name, kwargs in methods:
+            phases = method_phases(name, kwargs, q, k, v) or [("call", method_call(name, kwargs, q, k, v))]
             walls = time_phases(phases, warmup=1, repeats=a.repeats)[0]  # its last result is not kept alive
             rows, kernels, result = [], {}, None
             for ph, fn in phases:
@@ -51,7 +60,7 @@ def main(argv=None):
                 kernels[ph] = kernel_ms(lambda: fn(prev))
                 result = fn(prev)
                 rows.append((ph, gpu, host))
-            print(f"\n## {name}, S={s}")
+            print(f"\n## {label}, S={s}")
             print("| phase | wall ms (median) | GPU ms (repeated) | host ms | GPU kernels ms | launches | gap ms |")
             print("|---|---|---|---|---|---|---|")
             for ph, gpu, host in rows:

@@ -47,7 +47,8 @@ def main(argv=None):
             for n in shares:
                 est = dispatch.estimate_pattern("vertical_slash", q, k, cfg, causal=True, scale=scale, block_size=64,
                                                 last_q=64, share_heads=n)
-                layout = dispatch.build_pattern("vertical_slash", est, q, k, cfg, block_size=64)
+                layout = dispatch.build_pattern("vertical_slash", est, q, k, cfg, causal=True, block_size=64,
+                                                share_heads=n)
                 rec = attention_recall(q, k, layout, causal=True, scale=scale)[0]
                 out[(nv, ns, n)] = (rec, layout.head_density(True)[0])
         return out
