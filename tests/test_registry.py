@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import sparse_attn
+from helpers import check_method_against_reference, qkv
 from sparse_attn import BlockLayout, Param, Pattern, register_pattern, unregister_pattern
 from sparse_attn.methods import check_method_kwargs, get_method, list_methods, sparse_attention
 from sparse_attn.ops.reference import reference_attention
@@ -59,6 +60,16 @@ def test_toy_pattern_runs_as_a_method_against_the_fp32_reference(toy):
     assert 0 < float(stats["density"].max()) < 1
     dense = reference_attention(q, k, v, causal=True)
     assert (out - dense).abs().max() > 1e-2  # the sparse path really ran
+
+
+@pytest.mark.parametrize("sq,sk,hq,hkv", [(197, 197, 4, 2), (70, 300, 6, 2), (129, 129, 3, 3)])
+def test_toy_pattern_passes_the_method_matrix_checks(toy, sq, sk, hq, hkv):
+    """The very checks the registry-parametrized method tests run on every built-in pattern."""
+    q, k, v = qkv(sq + sk, hq=hq, hkv=hkv, sq=sq, sk=sk)
+    out, layouts, stats = check_method_against_reference(TOY, q, k, v)
+    assert stats["pattern"] == [TOY] * hq and len(layouts.parts) == 1
+    mixed = [{"pattern": TOY} if h % 2 else {"pattern": "dense"} for h in range(hq)]
+    check_method_against_reference("minference", q, k, v, head_config=mixed)
 
 
 def test_toy_pattern_in_the_mixture_and_in_profiles(toy):
