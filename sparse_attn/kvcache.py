@@ -25,9 +25,14 @@ import torch
 
 from ._checks import FLOAT_DTYPES, check_positive_int, check_tensor
 
-__all__ = ["PagedKVCache", "PageSummaries", "PAGE_SIZES"]
+__all__ = ["PagedKVCache", "PageSummaries", "PAGE_SIZES", "window_pages"]
 
 PAGE_SIZES = (16, 32, 64)
+
+
+def window_pages(window: int, page_size: int) -> int:
+    """The most pages the last `window` tokens of a sequence can straddle (0 for no window)."""
+    return -(-(int(window) + page_size - 1) // page_size) if window > 0 else 0
 
 
 @dataclass(frozen=True, eq=False)

@@ -27,7 +27,7 @@ from ._checks import warn_once
 from . import dispatch
 from .decode import DecodeState, decode_step
 from .ops.reference import AttentionInputs
-from .patterns import DENSE, Param, Pattern, get_pattern, list_patterns, mixture_default, patterns
+from .patterns import DENSE, Param, Pattern, all_options, get_pattern, list_patterns, mixture_default, patterns
 from .profiles import check_head_config
 
 __all__ = [
@@ -134,13 +134,9 @@ def _uniform_method(pattern: Pattern) -> Method:
 
 
 def _mixture_method() -> Method:
-    options: Dict[str, Param] = {}
-    for p in patterns():
-        for o in p.options:
-            options.setdefault(o.name, o)
     summary = ("per-head mixture of the patterns from a profile (head_config); without one, every head gets "
                "the default pattern at a budget scaled with the length")
-    return Method(MIXTURE, summary, tuple(options.values()) + _COMMON, _run_mixture, mixture=True)
+    return Method(MIXTURE, summary, tuple(all_options().values()) + _COMMON, _run_mixture, mixture=True)
 
 
 _DENSE = Method("dense", "dense causal attention through torch SDPA (the baseline)",
@@ -170,7 +166,12 @@ def get_method(name: str) -> Method:
 def check_method_kwargs(name: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """The method's defaults updated with `kwargs`, each checked against its Param (and `decode`,
     `decode_config` against the decode pattern); an unknown key is a TypeError listing the accepted ones."""
-    method = get_method(name)
+    return _merge(get_method(name), kwargs)[0]
+
+
+def _merge(method: Method, kwargs: Dict[str, Any]):
+    """(check_method_kwargs' merged kwargs, the decode side as decode_side gives it), checked once."""
+    name = method.name
     extra = {"decode", "decode_config"} if name != "dense" else set()
     unknown = sorted(set(kwargs) - set(method.defaults) - extra)
     if unknown:
@@ -178,19 +179,23 @@ def check_method_kwargs(name: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
                         f"accepted: {sorted(set(method.defaults) | extra)}")
     merged = {p.name: p.check(kwargs[p.name], f"method {name!r}") if p.name in kwargs else p.default
               for p in method.params}
+    side = (None, {})
     if extra:
-        decode_side(name, {**merged, **{k: kwargs[k] for k in extra & set(kwargs)}})  # checks them
         merged.update({k: kwargs[k] for k in extra & set(kwargs)})
+        side = _decode_side(method, merged)  # checks them
     if method.pattern is not None:
         pattern = get_pattern(method.pattern)
         if pattern.normalize is not None:
             merged = pattern.normalize(merged)
-    return merged
+    return merged, side
 
 
 def decode_side(name: str, kwargs: Dict[str, Any]):
     """(decode pattern name or None for dense, its budgets and options) of a method's merged kwargs."""
-    method = get_method(name)
+    return _decode_side(get_method(name), kwargs)
+
+
+def _decode_side(method: Method, kwargs: Dict[str, Any]):
     decode = kwargs.get("decode", method.decode or DENSE)
     config = kwargs.get("decode_config")
     if decode == DENSE or decode is None:
@@ -204,9 +209,9 @@ def decode_side(name: str, kwargs: Dict[str, Any]):
     if config is not None and not isinstance(config, dict):
         raise TypeError(f"decode_config: expected a dict of {decode!r}'s budgets, got {type(config).__name__}")
     own = decode == method.pattern
-    values = {q.name: kwargs[q.name] if own and q.name in kwargs else q.default for q in p.budgets + p.options}
+    known = {q.name: q for q in p.budgets + p.options}
+    values = {name: kwargs[name] if own and name in kwargs else q.default for name, q in known.items()}
     for key, value in (config or {}).items():
-        known = {q.name: q for q in p.budgets + p.options}
         if key not in known:
             raise TypeError(f"decode_config: unexpected key {key!r} for {decode!r}; accepted: {sorted(known)}")
         values[key] = known[key].check(value, "decode_config")
@@ -247,9 +252,8 @@ def sparse_attention(
     (page summaries); without one, a pattern that scores pages summarizes the whole cache in the call.
     """
     m = get_method(method)
-    kwargs = check_method_kwargs(method, method_kwargs)
+    kwargs, (decode, decode_budgets) = _merge(m, method_kwargs)
     shapes = AttentionInputs(q, k, v)
-    decode, decode_budgets = decode_side(method, kwargs) if method != "dense" else (None, {})
     if decode is not None and q.shape[2] == 1 and k.shape[2] >= kwargs["min_seqlen"]:
         out, selection, cache = decode_step(q, k, v, decode, decode_budgets, scale=scale, state=decode_state)
         if stats is not None:

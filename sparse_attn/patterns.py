@@ -35,6 +35,7 @@ __all__ = [
     "DENSE_TFLOPS",
     "check_budget_head",
     "mixture_default",
+    "all_options",
 ]
 
 # The head-config name of dense attention (not a pattern: no layout, no estimator).
@@ -264,6 +265,16 @@ def check_budget_head(head: Any, where: str) -> Dict[str, Any]:
         raise ValueError(f"{where}: 'pattern' must be one of {prefill + [DENSE]} (patterns with a prefill side), "
                          f"got {name!r}")
     return _REGISTRY[name].check_head(head, where)
+
+
+def all_options() -> Dict[str, Param]:
+    """Every registered pattern's per-call options by name (the first pattern to declare a name wins): what
+    a call over a mix of patterns (the mixture method, the profiler) accepts."""
+    out: Dict[str, Param] = {}
+    for p in patterns():
+        for o in p.options:
+            out.setdefault(o.name, o)
+    return out
 
 
 def mixture_default(seqlen_k: int) -> Dict[str, Any]:

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from .dispatch import plan_pattern
 from .layouts import KeySums
-from .patterns import DENSE, DENSE_TFLOPS, get_pattern, mixture_default, patterns
+from .patterns import DENSE, DENSE_TFLOPS, all_options, get_pattern, mixture_default, patterns
 from .profiles import Profile
 
 __all__ = [
@@ -438,9 +438,7 @@ def profile_model(model, input_ids: torch.Tensor, *, candidates: Optional[Sequen
 
 def _options(options: Dict[str, Any]) -> Dict[str, Any]:
     """Every pattern's per-call options: those given, defaults for the rest (recorded in the profile)."""
-    out: Dict[str, Any] = {}
-    for p in patterns():
-        out.update({k: v for k, v in p.run_options(options).items() if k not in out})
+    out = {name: param.default for name, param in all_options().items()}
     unknown = sorted(set(options) - set(out))
     if unknown:
         raise TypeError(f"options: unknown {unknown}; the patterns take {sorted(out)}")

@@ -86,11 +86,12 @@ def a_shape_pages(cache, *, sink: int = 128, window: int = 1024) -> "PageSelecti
     """Decode's A-shape: per sequence the pages holding its first `sink` tokens and its last `window` tokens
     (whole pages), shared by every kv head; no scoring, no host sync (static width). A sequence shorter
     than that reads all of its pages."""
+    from ..kvcache import window_pages
     from ..layouts import PageSelection
 
     ps = cache.page_size
     n_sink = -(-int(sink) // ps)
-    n_local = -(-(max(1, int(window)) + ps - 1) // ps)  # the most pages `window` tokens can straddle
+    n_local = window_pages(max(1, int(window)), ps)
     width = min(n_sink + n_local, cache.max_pages)
     n = cache.num_pages_of().long().view(-1, 1)  # [B, 1]
     j = torch.arange(width, device=cache.k.device).view(1, -1)

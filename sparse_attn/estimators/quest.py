@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .._triton import INTERPRETED  # noqa: F401  (importing it applies the interpreter fix)
-from ..kvcache import PagedKVCache, PageSummaries
+from ..kvcache import PagedKVCache, PageSummaries, window_pages
 from ..layouts import PageSelection
 from ..patterns import Param, Pattern, register_pattern
 
@@ -103,7 +103,7 @@ def quest_select(q: torch.Tensor, cache: PagedKVCache, summaries: PageSummaries,
     ps = cache.page_size
     k = budget_pages(budget, ps, cache.max_pages)
     n_sink = min(-(-int(sink) // ps), k)
-    n_local = min(-(-(int(window) + ps - 1) // ps) if window > 0 else 0, k - n_sink)  # pages `window` may straddle
+    n_local = min(window_pages(window, ps), k - n_sink)
     scores = quest_scores(q, cache, summaries, n_sink=n_sink, n_local=n_local)
     pages = torch.topk(scores, k, dim=-1).indices.to(torch.int32)  # valid pages first (score > -inf)
     counts = cache.num_pages_of().clamp(max=k).view(-1, 1).expand(-1, cache.num_kv_heads).contiguous()

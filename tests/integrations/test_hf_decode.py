@@ -37,6 +37,20 @@ def _decode_logits(model, ids, steps=6):
     return torch.stack(out, 1)
 
 
+def _patched(model, ids, method, kwargs, prompt_len=None):
+    """(teacher-forced decode logits, get_stats, greedy tokens after ids[:, :prompt_len] or None) of the
+    model patched with method(min_seqlen=0, **kwargs), unpatched again after."""
+    sparse_attn.patch(model, method, min_seqlen=0, **kwargs)
+    try:
+        got = _decode_logits(model, ids)
+        stats = sparse_attn.get_stats(model)
+        generated = None if prompt_len is None else model.generate(ids[:, :prompt_len], max_new_tokens=4,
+                                                                   do_sample=False, pad_token_id=0)
+    finally:
+        sparse_attn.unpatch(model)
+    return got, stats, generated
+
+
 @pytest.mark.parametrize("method,kwargs", [("quest", {"budget": 2048, "sink": 0, "window": 0}),
                                            ("a_shape", {"sink": 0, "window": 2048}),
                                            ("minference", {"decode": "quest", "decode_config": {"budget": 2048}})])
@@ -44,12 +58,7 @@ def test_full_budget_decode_equals_dense(method, kwargs):
     model = tiny_llama()
     ids = _ids()
     dense = _decode_logits(model, ids)
-    sparse_attn.patch(model, method, min_seqlen=0, **kwargs)
-    try:
-        got = _decode_logits(model, ids)
-        stats = sparse_attn.get_stats(model)
-    finally:
-        sparse_attn.unpatch(model)
+    got, stats, _ = _patched(model, ids, method, kwargs)
     assert_close(got, dense, floor=1e-4)
     assert len(stats.decode) == 2 and all(s.seqlen_q == 1 for s in stats.decode.values())
     assert stats.density("decode") == pytest.approx(1.0)
@@ -61,13 +70,7 @@ def test_tiny_budget_decode_runs_sparse_and_reports_density(method, kwargs):
     model = tiny_llama()
     ids = _ids()
     dense = _decode_logits(model, ids)
-    sparse_attn.patch(model, method, min_seqlen=0, **kwargs)
-    try:
-        got = _decode_logits(model, ids)
-        stats = sparse_attn.get_stats(model)
-        generated = model.generate(ids[:, :100], max_new_tokens=4, do_sample=False, pad_token_id=0)
-    finally:
-        sparse_attn.unpatch(model)
+    got, stats, generated = _patched(model, ids, method, kwargs, prompt_len=100)
     assert (got - dense).abs().max() > 1e-3  # the sparse path really ran
     decode = stats.decode[1]
     assert decode.pattern == [method] * 4 and decode.density.shape == (4,)
