@@ -267,6 +267,15 @@ def test_bad_inputs_name_the_argument():
     assert not paged_decode_attention(q, unchecked).isnan().any()
 
 
+def test_many_splits_combine_in_chunks():
+    """More splits than the combine step merges at once (it takes them in chunks): same as the reference."""
+    gen = generator(13)
+    cache = paged_cache(gen, [2500, 1900], 2, 16, 16)
+    q = randn(gen, 2, 6, 16)
+    many = paged_decode_attention(q, cache, num_splits=40)
+    assert_close(many, reference_decode(q, cache), floor=1e-5)
+
+
 @pytest.mark.gpu
 def test_gpu_decode_step_captures_in_a_cuda_graph():
     gen = generator(1)

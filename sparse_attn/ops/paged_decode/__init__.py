@@ -25,8 +25,11 @@ __all__ = ["paged_decode_attention", "dense_selection", "summarize", "reference_
            "HEAD_DIMS"]
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
-_MAX_SPLITS = 64
-_PROGRAMS_PER_SM = 4
+_MAX_SPLITS = 128
+_PROGRAMS_PER_SM = 16
+_MIN_SPLIT_KEYS = 512  # fewer keys per split cost more in per-program and combine overhead than they hide
+_BLOCK_N = 64  # keys per step (at least one page)
+_WARPS, _STAGES = 4, 2
 
 
 def _interpreted() -> bool:
@@ -97,16 +100,17 @@ def paged_decode_attention(q: torch.Tensor, cache: PagedKVCache, selection: Opti
     group = hq // hkv
     gp = max(16, triton.next_power_of_2(group))
     ps = cache.page_size
-    bn = max(ps, 64)
+    bn = max(ps, _BLOCK_N)
     width = selection.width
     steps = max(1, triton.cdiv(width, bn // ps))
     if num_splits is None:
         n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
         num_splits = triton.cdiv(_PROGRAMS_PER_SM * n_sm, b * hkv)
+        num_splits = min(num_splits, max(1, steps * bn // _MIN_SPLIT_KEYS))
     splits = max(1, min(int(num_splits), steps, _MAX_SPLITS))
     per_split = triton.cdiv(steps, splits) * (bn // ps)
     splits = triton.cdiv(width, per_split) if width else 1
-    m, l_s, o, out = _outputs(q, b * hkv * splits * gp)
+    m, l_s, o, out = _outputs(q, b * hkv * splits * group)
     pages, counts = selection.pages, selection.counts
     s_ph = pages.stride(1) if pages.shape[1] > 1 else 0
     s_ch = counts.stride(1) if counts.shape[1] > 1 else 0
@@ -116,9 +120,9 @@ def paged_decode_attention(q: torch.Tensor, cache: PagedKVCache, selection: Opti
         *q.stride(), *cache.addressing(cache.k), *cache.addressing(cache.v),
         *cache.page_table.stride(), pages.stride(0), s_ph, pages.stride(2), counts.stride(0), s_ch,
         cache.num_pages, hkv, splits, per_split, scale * 1.4426950408889634,
-        G=group, GP=gp, D=d, PS=ps, BN=bn, PREC=prec, num_warps=4, num_stages=2)
-    _kernel._combine_kernel[(b * hkv,)](m, l_s, o, out, *out.stride(), hkv, splits, G=group, GP=gp, D=d,
-                                         NS=max(2, triton.next_power_of_2(splits)), num_warps=4)
+        G=group, GP=gp, D=d, PS=ps, BN=bn, PREC=prec, num_warps=_WARPS, num_stages=_STAGES)
+    _kernel._combine_kernel[(b * hq,)](m, l_s, o, out, *out.stride(), hkv, splits, G=group, D=d,
+                                        NSC=min(32, max(2, triton.next_power_of_2(splits))), num_warps=4)
     return out.view_as(q_in)
 
 

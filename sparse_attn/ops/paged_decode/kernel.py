@@ -3,8 +3,9 @@
 - `_decode_kernel`: one program per (sequence, kv head, split): all query heads of the GQA group stacked as
   the rows of one tile (padded to 16 for tl.dot), online softmax over the split's share of the page list,
   BN keys (BN / page_size pages) per step gathered through the page table. Writes the split's running max,
-  sum and unnormalised output.
-- `_combine_kernel`: one program per (sequence, kv head): merges the splits into the output.
+  sum and unnormalised output (the group's real rows only).
+- `_combine_kernel`: one program per (sequence, query head): merges its splits into the output, a chunk
+  of splits at a time.
 - `_summarize_kernel`: per (sequence, kv head, page slot) the min and max of a page's valid keys.
 
 Every page number read from a table is clamped into the storage, so a bad table cannot read out of bounds
@@ -71,33 +72,41 @@ def _decode_kernel(Q, K, V, PT, PAGES, COUNTS, SEQLENS, M_OUT, L_OUT, O_OUT,
         v = tl.load(V + vb[:, None] + d[None, :] * v_dim, mask=ok[:, None], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
         m_i = m_new
-    row = (bh * n_splits + split) * GP + g
-    tl.store(M_OUT + row, m_i)
-    tl.store(L_OUT + row, l_i)
-    tl.store(O_OUT + row[:, None] * D + d[None, :], acc)
+    live = g < G
+    row = (bh * n_splits + split) * G + g
+    tl.store(M_OUT + row, m_i, mask=live)
+    tl.store(L_OUT + row, l_i, mask=live)
+    tl.store(O_OUT + row[:, None] * D + d[None, :], acc, mask=live[:, None])
 
 
 @triton.jit
 def _combine_kernel(M, L, O, OUT, s_ob, s_oh, s_od, Hkv, n_splits,
-                    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, NS: tl.constexpr):
-    bh = tl.program_id(0)
+                    G: tl.constexpr, D: tl.constexpr, NSC: tl.constexpr):
+    row = tl.program_id(0)  # (sequence, kv head, query head of the group)
+    bh = row // G
+    g = row % G
     b = (bh // Hkv).to(tl.int64)
     h = (bh % Hkv).to(tl.int64)
-    sp = tl.arange(0, NS)
-    g = tl.arange(0, GP)
     d = tl.arange(0, D)
-    live = sp < n_splits
-    rows = (bh * n_splits + sp)[:, None] * GP + g[None, :]  # [NS, GP]
-    m = tl.load(M + rows, mask=live[:, None], other=float("-inf"))
-    l_s = tl.load(L + rows, mask=live[:, None], other=0.0)
-    m_max = tl.max(m, 0)
-    m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.math.exp2(m - m_use[None, :])  # [NS, GP]; splits that saw nothing weigh 0
-    l_tot = tl.sum(w * l_s, 0)
-    o = tl.load(O + rows[:, :, None] * D + d[None, None, :], mask=live[:, None, None], other=0.0)
-    o = tl.sum(o * w[:, :, None], 0) / tl.where(l_tot > 0, l_tot, 1.0)[:, None]
-    tl.store(OUT + b * s_ob + (h * G + g)[:, None] * s_oh + d[None, :] * s_od, o.to(OUT.dtype.element_ty),
-             mask=(g < G)[:, None])
+    m_run = tl.max(tl.full([NSC], float("-inf"), tl.float32), 0)
+    l_run = tl.sum(tl.zeros([NSC], tl.float32), 0)
+    acc = tl.zeros([D], tl.float32)
+    # NSC splits at a time, merged online (a count of 128 splits would not fit registers as one tile).
+    for c in range(0, n_splits, NSC):
+        sp = c + tl.arange(0, NSC)
+        live = sp < n_splits
+        rows = ((bh * n_splits + sp) * G + g).to(tl.int64)
+        m = tl.load(M + rows, mask=live, other=float("-inf"))
+        m_new = tl.maximum(m_run, tl.max(m, 0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.math.exp2(m - m_use)  # splits that saw nothing weigh 0
+        alpha = tl.math.exp2(m_run - m_use)
+        l_run = l_run * alpha + tl.sum(w * tl.load(L + rows, mask=live, other=0.0), 0)
+        o = tl.load(O + rows[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
+        acc = acc * alpha + tl.sum(o * w[:, None], 0)
+        m_run = m_new
+    o = acc / tl.where(l_run > 0, l_run, 1.0)
+    tl.store(OUT + b * s_ob + (h * G + g) * s_oh + d * s_od, o.to(OUT.dtype.element_ty))
 
 
 @triton.jit
