@@ -63,6 +63,6 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str,
     summaries = None
     if p.summaries:
         summaries = (state or DecodeState()).summaries_for(cache)
-    selection = p.select(q[:, :, 0], cache, summaries, **budgets)
+    selection = p.select(q[:, :, 0], cache, summaries, scale=scale, **budgets)
     out = paged_decode_attention(q, cache, selection, scale=scale)
     return out, selection, cache

@@ -25,7 +25,7 @@ import torch
 
 from ._checks import FLOAT_DTYPES, check_positive_int, check_tensor
 
-__all__ = ["PagedKVCache", "PageSummaries", "PAGE_SIZES", "window_pages"]
+__all__ = ["PagedKVCache", "PageSummaries", "PAGE_SIZES", "budget_pages", "window_pages"]
 
 PAGE_SIZES = (16, 32, 64)
 
@@ -33,6 +33,13 @@ PAGE_SIZES = (16, 32, 64)
 def window_pages(window: int, page_size: int) -> int:
     """The most pages the last `window` tokens of a sequence can straddle (0 for no window)."""
     return -(-(int(window) + page_size - 1) // page_size) if window > 0 else 0
+
+
+def budget_pages(budget: int, page_size: int, max_pages: int) -> int:
+    """Pages a token budget buys (at least one; at most the table's width)."""
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < page_size:
+        raise ValueError(f"budget: expected an int of at least one page ({page_size} tokens), got {budget!r}")
+    return max(1, min(budget // page_size, max_pages))
 
 
 @dataclass(frozen=True, eq=False)
@@ -161,14 +168,16 @@ class PagedKVCache:
 
 @dataclass(eq=False)
 class PageSummaries:
-    """Per page and kv head the element-wise min and max of the page's keys: kmin, kmax
+    """Per page and kv head the element-wise min, max and mean of the page's keys: kmin, kmax, kmean
     [num_summary_pages, Hkv, D] in the cache's dtype; `table` int32 [B, max_pages] maps each sequence's
-    logical page to its summary slot (the page table for a paged cache: one slot per physical page)."""
+    logical page to its summary slot (the page table for a paged cache: one slot per physical page).
+    kmean may be None (summaries made without it); patterns that read it say so."""
 
     kmin: torch.Tensor
     kmax: torch.Tensor
     table: torch.Tensor
     page_size: int
+    kmean: Optional[torch.Tensor] = None
 
     @classmethod
     def empty(cls, cache: PagedKVCache, capacity_pages: Optional[int] = None) -> "PageSummaries":
@@ -184,7 +193,7 @@ class PageSummaries:
         else:
             table, slots = cache.page_table, cache.num_pages
         new = lambda: torch.empty(slots, hkv, d, device=dev, dtype=dt)  # noqa: E731
-        return cls(new(), new(), table, cache.page_size)
+        return cls(new(), new(), table, cache.page_size, new())
 
     @classmethod
     def build(cls, cache: PagedKVCache, capacity_pages: Optional[int] = None) -> "PageSummaries":

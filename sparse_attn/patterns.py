@@ -103,8 +103,8 @@ class Pattern:
         budgets: {name: float64 or int64 tensor [Hq]} (None for an optional budget left unset).
     build(estimate, q, k, budgets, *, causal, block_size, **options) -> layout over q's heads; None for a
         decode-only pattern (its method prefills dense).
-    select(q [B, Hq, D], cache, summaries, **budgets_and_options) -> PageSelection: the decode side (None:
-        the pattern does not serve decode); `summaries`: whether it reads PageSummaries (else None is passed);
+    select(q [B, Hq, D], cache, summaries, *, scale, **budgets_and_options) -> PageSelection: the decode
+        side (None: the pattern does not serve decode); scale: the attention's softmax scale (None: D ** -0.5); `summaries`: whether it reads PageSummaries (else None is passed);
         decode_page_size: the pages it reads a contiguous (Hugging Face) cache in.
     full_budget(seqlen_q, seqlen_k, block_size) -> budgets under which the pattern keeps every causal
         entry (the method then equals dense attention), or None where no budget does.

@@ -128,7 +128,7 @@ PATTERN = register_pattern(Pattern(
     sweep=_windows,
     # Runs the block-sparse kernel (467 TFLOP/s of computed entries at 10 % density, 128K, H100 2026-11-23).
     speed_tflops=467.0,
-    select=lambda q, cache, summaries, *, sink, window: a_shape_pages(cache, sink=sink, window=window),
+    select=lambda q, cache, summaries, *, scale=None, sink, window: a_shape_pages(cache, sink=sink, window=window),
     minference_name="stream_llm",
     minference=lambda vertical, slash: {"sink": vertical, "window": slash},
     color="tab:green",

@@ -12,17 +12,18 @@ last `window` tokens' pages are always kept; the budget counts tokens (whole pag
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from .._triton import INTERPRETED  # noqa: F401  (importing it applies the interpreter fix)
-from ..kvcache import PagedKVCache, PageSummaries, window_pages
+from ..kvcache import PagedKVCache, PageSummaries, budget_pages, window_pages
 from ..layouts import PageSelection
 from ..patterns import Param, Pattern, register_pattern
 
-__all__ = ["quest_scores", "quest_select", "budget_pages", "PATTERN"]
+__all__ = ["quest_scores", "quest_select", "PATTERN"]
 
 _BLOCK_PAGES = 64
 
@@ -86,18 +87,12 @@ def quest_scores(q: torch.Tensor, cache: PagedKVCache, summaries: PageSummaries,
     return out
 
 
-def budget_pages(budget: int, page_size: int, max_pages: int) -> int:
-    """Pages a token budget buys (at least one; at most the table's width)."""
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < page_size:
-        raise ValueError(f"budget: expected an int of at least one page ({page_size} tokens), got {budget!r}")
-    return max(1, min(budget // page_size, max_pages))
-
-
 def quest_select(q: torch.Tensor, cache: PagedKVCache, summaries: PageSummaries, *, budget: int,
-                 sink: int = 0, window: int = 1) -> PageSelection:
+                 sink: int = 0, window: int = 1, scale: Optional[float] = None) -> PageSelection:
     """Per (sequence, kv head) the budget // page_size best pages by quest_scores, the pages of the first
     `sink` and the last `window` tokens always among them (their share of the budget first). A sequence
-    with fewer pages than that reads all of its pages. q [B, Hq, D] (or [B, Hq, 1, D])."""
+    with fewer pages than that reads all of its pages. q [B, Hq, D] (or [B, Hq, 1, D]). scale: accepted for
+    the decode contract; the ranking by the summed bound does not depend on it."""
     if q.dim() == 4:
         q = q[:, :, 0]
     ps = cache.page_size

@@ -137,6 +137,7 @@ def _summaries_equal(a: PageSummaries, b: PageSummaries, cache: PagedKVCache) ->
         for p in range(int(n[i])):
             sa, sb = int(a.table[i, p]), int(b.table[i, p])
             assert torch.equal(a.kmin[sa], b.kmin[sb]) and torch.equal(a.kmax[sa], b.kmax[sb]), (i, p)
+            assert torch.allclose(a.kmean[sa], b.kmean[sb], atol=1e-6), (i, p)
 
 
 @pytest.mark.parametrize("ps", [16, 32])
@@ -158,9 +159,11 @@ def test_incremental_summaries_equal_a_rebuild_after_many_appends(ps):
     for b in range(2):
         k, _ = view.gather(b)
         for p in range(-(-k.shape[1] // ps)):
-            ref[b, p] = (k[:, p * ps:(p + 1) * ps].amin(1), k[:, p * ps:(p + 1) * ps].amax(1))
+            part = k[:, p * ps:(p + 1) * ps]
+            ref[b, p] = (part.amin(1), part.amax(1), part.float().mean(1))
             slot = int(summaries.table[b, p])
             assert torch.equal(summaries.kmin[slot], ref[b, p][0]) and torch.equal(summaries.kmax[slot], ref[b, p][1])
+            assert torch.allclose(summaries.kmean[slot].float(), ref[b, p][2], atol=1e-5)
 
 
 def _quest_reference(q, cache, n_sink, n_local):

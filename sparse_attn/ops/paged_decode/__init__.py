@@ -135,7 +135,7 @@ def _outputs(q: torch.Tensor, rows: int):
 
 
 def summarize(cache: PagedKVCache, summaries: PageSummaries, first_page: torch.Tensor, num_pages: int) -> None:
-    """Min / max of the keys of `num_pages` logical pages per sequence from first_page (int32 [B]), into
+    """Min / max / mean of the keys of `num_pages` logical pages per sequence from first_page (int32 [B]), into
     `summaries` (see PageSummaries.update). Torch on devices the kernel cannot run on."""
     b, hkv, d = cache.batch, cache.num_kv_heads, cache.head_dim
     if not (cache.k.is_cuda or _interpreted()) or d not in HEAD_DIMS:
@@ -143,8 +143,10 @@ def summarize(cache: PagedKVCache, summaries: PageSummaries, first_page: torch.T
         return
     _kernel._summarize_kernel[(b * hkv, num_pages)](
         cache.k, cache.page_table, summaries.table, cache.seqlens, first_page, summaries.kmin, summaries.kmax,
+        summaries.kmin if summaries.kmean is None else summaries.kmean,
         *cache.addressing(cache.k), *cache.page_table.stride(), *summaries.table.stride(),
-        *summaries.kmin.stride(), cache.num_pages, cache.max_pages, hkv, D=d, PS=cache.page_size, num_warps=2)
+        *summaries.kmin.stride(), cache.num_pages, cache.max_pages, hkv, D=d, PS=cache.page_size,
+        MEAN=summaries.kmean is not None, num_warps=2)
 
 
 def _summarize_torch(cache: PagedKVCache, summaries: PageSummaries, first_page: torch.Tensor, num_pages: int):
@@ -158,6 +160,8 @@ def _summarize_torch(cache: PagedKVCache, summaries: PageSummaries, first_page: 
             slot = int(summaries.table[b, p])
             summaries.kmin[slot] = part.amin(1)
             summaries.kmax[slot] = part.amax(1)
+            if summaries.kmean is not None:
+                summaries.kmean[slot] = part.float().mean(1).to(summaries.kmean.dtype)
 
 
 def reference_decode(q: torch.Tensor, cache: PagedKVCache, selection: Optional[PageSelection] = None, *,

@@ -6,7 +6,7 @@
   sum and unnormalised output (the group's real rows only).
 - `_combine_kernel`: one program per (sequence, query head): merges its splits into the output, a chunk
   of splits at a time.
-- `_summarize_kernel`: per (sequence, kv head, page slot) the min and max of a page's valid keys.
+- `_summarize_kernel`: per (sequence, kv head, page slot) the min, max and mean of a page's valid keys.
 
 Every page number read from a table is clamped into the storage, so a bad table cannot read out of bounds
 (the cache's own checks report it); tokens past a sequence's length are masked. Scores are in the log2
@@ -110,11 +110,11 @@ def _combine_kernel(M, L, O, OUT, s_ob, s_oh, s_od, Hkv, n_splits,
 
 
 @triton.jit
-def _summarize_kernel(K, PT, STABLE, SEQLENS, FIRST, KMIN, KMAX,
+def _summarize_kernel(K, PT, STABLE, SEQLENS, FIRST, KMIN, KMAX, KMEAN,
                       k_per, k_outer, k_inner, k_tok, k_head, k_dim,
                       s_tb, s_tp, s_sb, s_sp, s_mp, s_mh, s_md,
                       num_pages, max_pages, Hkv,
-                      D: tl.constexpr, PS: tl.constexpr):
+                      D: tl.constexpr, PS: tl.constexpr, MEAN: tl.constexpr):
     bh = tl.program_id(0)
     slot = tl.program_id(1)
     b = (bh // Hkv).to(tl.int64)
@@ -134,3 +134,7 @@ def _summarize_kernel(K, PT, STABLE, SEQLENS, FIRST, KMIN, KMAX,
         dst = tl.load(STABLE + b * s_sb + logical.to(tl.int64) * s_sp).to(tl.int64) * s_mp + h * s_mh + d * s_md
         tl.store(KMIN + dst, mn.to(KMIN.dtype.element_ty))
         tl.store(KMAX + dst, mx.to(KMAX.dtype.element_ty))
+        if MEAN:
+            n = tl.sum(ok.to(tl.float32), 0)
+            mean = tl.sum(tl.where(ok[:, None], k.to(tl.float32), 0.0), 0) / n
+            tl.store(KMEAN + dst, mean.to(KMEAN.dtype.element_ty))
