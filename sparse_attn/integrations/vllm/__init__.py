@@ -31,7 +31,7 @@ def register(name: str = None) -> None:
     name = name or os.environ.get(BACKEND_ENV) or "CUSTOM"
     try:
         member = AttentionBackendEnum[name]
-    except KeyError:
+    except (KeyError, ValueError):
         raise ValueError(f"{BACKEND_ENV}: expected an AttentionBackendEnum name (e.g. CUSTOM, CPU_ATTN), "
                          f"got {name!r}") from None
     register_backend(member, BACKEND_PATH)
