@@ -125,3 +125,37 @@ def test_hf_patch_reads_the_block(monkeypatch):
         assert sparse_attn.get_stats(model).prefill[0].pattern == [DENSE] * 4
     finally:
         sparse_attn.unpatch(model)
+
+
+def test_stats_hook_and_log_line():
+    import logging
+
+    from sparse_attn.integrations.vllm import disable_stats, enable_stats, get_stats
+    from sparse_attn.integrations.vllm.stats import logger
+
+    records = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # vLLM's logging config stops "vllm.*" records from reaching the root
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    stats = enable_stats(log_every=2)
+    try:
+        assert get_stats() is stats and stats.density() is None
+        stats.add("prefill", 0, 0.5, 100)
+        stats.add("prefill", 0, 1.0, 300)  # weighted by queries: (50 + 300) / 400
+        stats.add("prefill", 1, 0.25, 10)
+        stats.add("decode", 0, torch.tensor(0.2))
+        assert stats.layers("prefill") == {0: 0.875, 1: 0.25} and stats.density("decode") == pytest.approx(0.2)
+        stats.step()
+        assert not records
+        stats.step()
+        lines = [r.getMessage() for r in records]
+        assert lines[0].startswith("sparse_attn step 2: prefill density 0.562 (per layer 0:0.875 1:0.250)")
+        assert "decode density 0.200" in lines[1] and not stats.prefill  # the next line covers the next steps
+        with pytest.raises(ValueError, match="log_every"):
+            enable_stats(log_every=-1)
+    finally:
+        disable_stats()
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -264,7 +264,7 @@ def test_dense_method_matches_fp32_reference(block_size, via_layer, monkeypatch)
 ])
 def test_sparse_methods_match_their_references(method, kwargs, monkeypatch):
     """Prefill chunks: sparse_attention on the sequence's contiguous K / V (what the backend gathers from the
-    pages). Decodes: the fp32 paged reference over the pages the decode pattern selects from summaries
+    pages), sparse for every chunk of a sequence of min_seqlen tokens or more. Decodes: the fp32 paged reference over the pages the decode pattern selects from summaries
     rebuilt from scratch (the backend's are refreshed incrementally), every page below min_seqlen.
     The stats hook reports densities below 1."""
     monkeypatch.setenv(ENV_VAR, json.dumps({"method": method, "kwargs": kwargs}))
@@ -286,7 +286,9 @@ def test_sparse_methods_match_their_references(method, kwargs, monkeypatch):
             for req, n in work:
                 if n > 1:
                     q, out = outs[req]
-                    ref = sparse_attention(q[None], e.k[req][None], e.v[req][None], method, **kwargs)[0]
+                    # the backend's rule: every chunk of a sequence of min_seqlen tokens or more is sparse
+                    kw = {**kwargs, "min_seqlen": 0} if e.k[req].shape[1] >= kwargs["min_seqlen"] else kwargs
+                    ref = sparse_attention(q[None], e.k[req][None], e.v[req][None], method, **kw)[0]
                     assert_close(out, ref)
         assert stats.decode and stats.density("decode") < 1
         if pattern.prefill:

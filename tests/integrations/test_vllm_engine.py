@@ -36,7 +36,7 @@ def smollm2(tmp_path_factory):
 
 def _engine(model: Path, tmp: Path, name: str, backend: str, config=None, max_tokens: int = 12) -> dict:
     cmd = [PYTHON, str(ROOT / "bench" / "bench_vllm.py"), "run", "--model", str(model), "--backend", backend,
-           "--device", "cpu", "--dtype", "float32", "--block-size", "64", "--max-model-len", "8192",
+           "--device", "cpu", "--dtype", "float32", "--block-size", "64", "--max-model-len", "8192", "--eager",
            "--prompts", str(model / "prompts.json"), "--max-tokens", str(max_tokens), "--out", str(tmp / f"{name}.json")]
     if backend == "CUSTOM":
         cmd += ["--register-as", "CPU_ATTN"]

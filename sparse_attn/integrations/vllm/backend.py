@@ -16,7 +16,8 @@ A step's batch is ordered by vLLM decodes first (reorder threshold 1):
 - every other request (prefill chunks, extends; chunked prefill and prefix caching on): its queries attend
   to the sequence's whole K/V, gathered from the pages into contiguous [1, Hkv, seq_len, D] tensors (one
   sequence at a time: transient memory of one sequence's K and V), through `sparse_attention` with
-  bottom-right causal masking (its method decides: sparse from min_seqlen on, dense below).
+  bottom-right causal masking: the method runs on every chunk of a sequence of min_seqlen tokens or more
+  (however few queries the scheduler gave the chunk), sequences shorter than that run dense.
 """
 from __future__ import annotations
 
@@ -309,15 +310,13 @@ class SparseAttentionImpl(AttentionImpl):
         out.copy_(paged_decode_attention(q, cache, selection, scale=self.scale))
         stats = get_stats()
         if stats.enabled and not _capturing(q):
-            stats.decode[idx] = (selection.density(cache.seqlens).mean() if selection is not None
-                                 else torch.ones((), device=q.device))
+            stats.add("decode", idx, selection.density(cache.seqlens).mean() if selection is not None else 1.0)
 
     def _prefill(self, query: torch.Tensor, k_cache, v_cache, md: SparseAttentionMetadata, output: torch.Tensor,
                  idx: int) -> None:
         s = self.settings
         head_config = s.head_config(idx)
         stats = get_stats()
-        densities, weights = [], []
         ps = k_cache.shape[1]
         for req, q0, q1, seq_len in md.prefills:
             pages = md.block_table[req, : -(-seq_len // ps)].long()
@@ -325,14 +324,14 @@ class SparseAttentionImpl(AttentionImpl):
             v = v_cache[pages].flatten(0, 1)[:seq_len].transpose(0, 1).unsqueeze(0)
             q = query[q0:q1].transpose(0, 1).unsqueeze(0)  # [1, Hq, Sq, D]
             info: Optional[Dict[str, Any]] = {} if stats.enabled else None
+            # A chunk of a sequence of min_seqlen tokens or more runs the method, however few its queries
+            # (vLLM's chunk sizes follow its scheduler); shorter sequences follow the method's own rule.
+            kwargs = {**s.kwargs, "min_seqlen": 0} if seq_len >= s.min_seqlen else s.kwargs
             out = sparse_attention(q, k, v, s.method, causal=True, scale=self.scale, head_config=head_config,
-                                   stats=info, **s.kwargs)
+                                   stats=info, **kwargs)
             output[q0:q1].copy_(out[0].transpose(0, 1))
             if info is not None and "density" in info:
-                densities.append(float(info["density"].float().mean()))
-                weights.append(q1 - q0)
-        if densities:
-            stats.prefill[idx] = sum(d * w for d, w in zip(densities, weights)) / sum(weights)
+                stats.add("prefill", idx, float(info["density"].float().mean()), q1 - q0)
 
 
 def _capturing(t: torch.Tensor) -> bool:

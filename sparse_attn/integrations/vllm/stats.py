@@ -2,7 +2,8 @@
 
 Off by default (reading densities back costs a device sync per layer). `enable_stats(log_every=N)` in the
 engine's process, or SPARSE_ATTN_LOG_EVERY=N in its environment (worker processes included), turns it on;
-every N steps the backend logs one line per phase through vLLM's logger ("vllm.sparse_attn"). Steps are
+every N steps the backend logs one line per phase through vLLM's logger ("vllm.sparse_attn"), covering the
+steps since the previous line. Steps are
 counted in Python, so decode steps replayed from a full CUDA graph are not seen (prefill, mixed batches and
 eager decode are).
 """
@@ -23,24 +24,32 @@ logger = logging.getLogger("vllm.sparse_attn")
 
 @dataclass
 class ServingStats:
-    """Per decoder layer, the density (computed / causal entries, or pages read / pages held) of its latest
-    prefill (mean over the step's prefill sequences and heads) and decode (mean over sequences and heads)."""
+    """Per decoder layer, the density since enable_stats() / reset(): prefill, computed over causal entries
+    (mean over heads, weighted by each prefill chunk's queries); decode, tokens read over tokens cached (mean
+    over sequences and heads, per step). `prefill` / `decode` map a layer to [sum, weight] (decode sums stay
+    on the device until read)."""
 
     enabled: bool = False
     log_every: int = 0
     steps: int = 0
-    prefill: Dict[int, float] = field(default_factory=dict)
-    decode: Dict[int, torch.Tensor] = field(default_factory=dict)  # kept on the device until read
+    prefill: Dict[int, list] = field(default_factory=dict)
+    decode: Dict[int, list] = field(default_factory=dict)
+
+    def add(self, phase: str, layer: int, density, weight: float = 1.0) -> None:
+        acc = self._phase(phase).setdefault(layer, [0.0, 0.0])
+        acc[0] = acc[0] + density * weight
+        acc[1] += weight
 
     def density(self, phase: str = "prefill") -> Optional[float]:
         """Mean over layers, or None before a step of that phase."""
         layers = self._phase(phase)
         if not layers:
             return None
-        return sum(float(v) for v in layers.values()) / len(layers)
+        values = self.layers(phase)
+        return sum(values.values()) / len(values)
 
     def layers(self, phase: str = "prefill") -> Dict[int, float]:
-        return {i: float(v) for i, v in sorted(self._phase(phase).items())}
+        return {i: float(total) / weight for i, (total, weight) in sorted(self._phase(phase).items())}
 
     def _phase(self, phase: str):
         if phase not in ("prefill", "decode"):
@@ -58,6 +67,8 @@ class ServingStats:
             for phase in ("prefill", "decode"):
                 if self._phase(phase):
                     logger.info(self.line(phase))
+            self.prefill.clear()  # each line covers the steps since the previous one
+            self.decode.clear()
 
     def reset(self) -> None:
         self.steps = 0
