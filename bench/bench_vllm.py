@@ -121,18 +121,20 @@ def run(args) -> dict:
                         logprobs=0 if args.logprobs else None, prompt_logprobs=0 if args.logprobs else None)
     for i in range(args.warmup):
         llm.generate(token_prompts[:1], SamplingParams(temperature=0.0, max_tokens=2, detokenize=False))
+    outs = None
     if args.ttft:  # the prompts to the first token (fresh prompts: prefix caching is off for timing runs)
         t = time.perf_counter()
-        llm.generate(token_prompts, SamplingParams(temperature=0.0, max_tokens=1, detokenize=False))
+        outs = llm.generate(token_prompts, SamplingParams(temperature=0.0, max_tokens=1, detokenize=False))
         result["ttft_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    outs = llm.generate(token_prompts, sp)
-    result["generate_s"] = time.perf_counter() - t
+    if outs is None or args.max_tokens > 1:
+        t = time.perf_counter()
+        outs = llm.generate(token_prompts, sp)
+        result["generate_s"] = time.perf_counter() - t
     if args.ttft and args.max_tokens > 1:
         n = sum(len(o.outputs[0].token_ids) - 1 for o in outs)
         result["decode_tok_s"] = n / max(1e-9, result["generate_s"] - result["ttft_s"])
     result["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
-    if args.logprobs:
+    if args.logprobs and not (args.ttft and args.max_tokens == 1):
         result["logprobs"] = [[float(lp[t].logprob) for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
                               for o in outs]
         result["prompt_logprobs"] = [[float(lp[t].logprob) for t, lp in zip(p[1:], o.prompt_logprobs[1:])]
@@ -146,13 +148,16 @@ def run(args) -> dict:
     return result
 
 
+ENGINE_ARGS: list = []  # suite --eager: every engine without CUDA graphs / torch.compile
+
+
 def engine(out_dir: Path, name: str, model, backend, prompts, *, config=None, extra=(), timeout=900) -> dict:
     """One `run` in a fresh process; its result (or {"error": ...})."""
     out_dir.mkdir(parents=True, exist_ok=True)
     pfile = out_dir / f"{name}.prompts.json"
     pfile.write_text(json.dumps(prompts))
     cmd = [sys.executable, __file__, "run", "--model", str(model), "--backend", backend, "--prompts", str(pfile),
-           "--out", str(out_dir / f"{name}.json"), *extra]
+           "--out", str(out_dir / f"{name}.json"), *extra, *ENGINE_ARGS]
     if config is not None:
         cmd += ["--config", json.dumps(config)]
     t = time.perf_counter()
@@ -176,6 +181,8 @@ def _first_tokens_agree(a: dict, b: dict, n: int) -> bool:
 
 def suite(args) -> int:
     out = Path(args.out)
+    if args.eager:
+        ENGINE_ARGS.append("--eager")
     models = out / "models"
     rows, ok = [], True
     steps = args.steps.split(",")
@@ -291,6 +298,7 @@ def main(argv=None) -> int:
     s.add_argument("--max-num-batched-tokens", type=int, default=None)
     s.add_argument("--decode-ctx", type=int, default=32768)
     s.add_argument("--decode-tokens", type=int, default=128)
+    s.add_argument("--eager", action="store_true", help="engines without CUDA graphs and torch.compile")
     args = p.parse_args(argv)
     if args.cmd == "model":
         out = make_model(args.kind, Path(args.out), args.gguf)
