@@ -309,3 +309,78 @@ def test_dense_below_reads_every_page_of_short_sequences():
     assert merged.counts[:, 0].tolist() == [2, 5, int(sel.counts[2, 0]), 0]
     assert merged.pages[1, 0, :5].tolist() == [0, 1, 2, 3, 4]
     assert torch.equal(merged.pages[2, :, : sel.width], sel.pages[2])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["dense", "quest"])
+def test_gpu_decode_step_replays_from_a_cuda_graph(method, monkeypatch):
+    """A decode-only step (KV write, summaries, selection, paged kernel) captured once in a CUDA graph, replayed
+    on later steps with vLLM's persistent buffers updated in place, equals the eager step (bf16)."""
+    monkeypatch.setenv(ENV_VAR, json.dumps({"method": method, "kwargs": {"budget": 256, "min_seqlen": 512}}
+                                           if method == "quest" else {"method": method}))
+    dev, dt, hq, hkv, d, bs, nb, batch = "cuda", torch.bfloat16, 8, 2, 128, 64, 256, 4
+    gen = torch.Generator().manual_seed(0)
+    cfg = VllmConfig(device_config=DeviceConfig(device="cuda"))
+    with set_current_vllm_config(cfg):
+        impl = SparseAttentionImpl(hq, d, d ** -0.5, hkv)
+    kv = allocate_cache(nb, bs, hkv, d, gen=gen).to(dev, dt)
+    table = (torch.randperm(nb - 1, generator=gen)[: batch * 24] + 1).view(batch, 24).to(dev, torch.int32)
+    lens = torch.tensor([300, 700, 1200, 1500], dtype=torch.int32, device=dev)
+    k_cache, v_cache = impl.split_cache(kv)
+    for b in range(batch):  # fill the prompts' cache and their summaries (an eager prefill would)
+        n = int(lens[b])
+        slots = table[b, torch.arange(n, device=dev) // bs].long() * bs + torch.arange(n, device=dev) % bs
+        impl.do_kv_cache_update(None, torch.randn(n, hkv, d, generator=gen).to(dev, dt),
+                                torch.randn(n, hkv, d, generator=gen).to(dev, dt), kv, slots)
+    # persistent buffers, as vLLM's model runner keeps them
+    qsl = torch.arange(batch + 1, dtype=torch.int32, device=dev)
+    seq_lens = lens.clone()
+    slot_mapping = torch.zeros(batch, dtype=torch.int64, device=dev)
+    q, k, v = (torch.zeros(batch, h, d, device=dev, dtype=dt) for h in (hq, hkv, hkv))
+    out = torch.zeros(batch, hq, d, device=dev, dtype=dt)
+
+    def metadata():
+        cm = CommonAttentionMetadata(
+            query_start_loc=qsl, query_start_loc_cpu=qsl.cpu(), seq_lens=seq_lens, num_reqs=batch,
+            num_actual_tokens=batch, max_query_len=1, max_seq_len=int(seq_lens.max()), block_table_tensor=table,
+            slot_mapping=slot_mapping)
+        spec = FullAttentionSpec(block_size=bs, num_kv_heads=hkv, head_size=d, dtype=dt)
+        with set_current_vllm_config(cfg):
+            return SparseAttentionMetadataBuilder(spec, ["model.layers.0.attn"], cfg, torch.device(dev)).build(0, cm)
+
+    layer = type("Layer", (), {"layer_name": "model.layers.0.attn"})()
+
+    def step():
+        impl.do_kv_cache_update(layer, k, v, kv, slot_mapping)
+        impl.forward(layer, q, k, v, kv, md, out)
+
+    def advance():
+        seq_lens.add_(1)
+        pos = seq_lens.long() - 1
+        slot_mapping.copy_(table.gather(1, (pos // bs).view(-1, 1)).view(-1).long() * bs + pos % bs)
+        for t in (q, k, v):
+            t.copy_(torch.randn(t.shape, generator=gen).to(dev, dt))
+
+    if method == "quest":  # the summaries of the prefilled pages
+        summaries = impl._page_summaries(k_cache, table)
+        summaries.rebuild(PagedKVCache(k_cache, v_cache, table, lens, bs, validate=False))
+    advance()
+    md = metadata()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        step()  # warm-up (Triton compiles, summaries allocated)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(3):
+        advance()
+        kv_before = kv.clone()
+        graph.replay()
+        replayed, kv_after = out.clone(), kv.clone()
+        kv.copy_(kv_before)
+        md = metadata()
+        step()  # eager, same inputs
+        torch.testing.assert_close(replayed, out, rtol=0, atol=0)
+        torch.testing.assert_close(kv_after, kv, rtol=0, atol=0)
