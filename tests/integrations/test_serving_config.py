@@ -159,3 +159,15 @@ def test_stats_hook_and_log_line():
         disable_stats()
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+def test_mixture_finds_the_model_profile_by_name(tmp_path, monkeypatch):
+    prof = _profile()
+    prof["model"]["name"] = "org/Toy-1B"
+    (tmp_path / "Toy-1B.json").write_text(json.dumps(prof))
+    monkeypatch.setenv("SPARSE_ATTN_PATCHES", str(tmp_path))
+    s = resolve_settings(None, num_heads=4, num_kv_heads=2, head_size=64, tp_rank=1, tp_size=2, num_layers=2,
+                         model_name="/models/Toy-1B")
+    assert [h["window"] for h in s.head_config(1)] == [h["window"] for h in prof["layers"][1][4:]]
+    assert resolve_settings(SparseAttentionConfig("a_shape"), num_heads=8, num_kv_heads=4, head_size=64,
+                            model_name="/models/Toy-1B").profile is None

@@ -28,7 +28,7 @@ def smollm2(tmp_path_factory):
     sys.path.insert(0, str(ROOT / "bench"))
     import bench_vllm
 
-    out = tmp_path_factory.mktemp("smollm2")
+    out = tmp_path_factory.mktemp("models") / "SmolLM2-135M-Instruct"  # its profile in patches/ is found by name
     bench_vllm.make_model("smollm2", out)
     bench_vllm.write_smollm2_prompts(out, [2500, 3500])
     return out

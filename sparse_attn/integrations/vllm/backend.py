@@ -189,11 +189,13 @@ def rank_settings(num_heads: int, num_kv_heads: int, head_size: int) -> RankSett
     text = getattr(model_config, "hf_text_config", hf_config) if model_config is not None else None
     num_layers = getattr(text, "num_hidden_layers", None)
     rank, size = _tp_rank_size()
+    name = str(model_dir) if model_dir else None
     key = (json.dumps(config.__dict__ if config else None, sort_keys=True, default=str), num_heads, num_kv_heads,
-           head_size, rank, size, num_layers)
+           head_size, rank, size, num_layers, name)
     if key not in _SETTINGS:
         _SETTINGS[key] = resolve_settings(config, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                                          head_size=head_size, tp_rank=rank, tp_size=size, num_layers=num_layers)
+                                          head_size=head_size, tp_rank=rank, tp_size=size, num_layers=num_layers,
+                                          model_name=name)
     return _SETTINGS[key]
 
 

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 from ...kvcache import PAGE_SIZES
 from ...methods import check_method_kwargs, check_model, decode_side, get_method
 from ...patterns import get_pattern
-from ...profiles import Profile, load_profile
+from ...profiles import Profile, find_profile, load_profile
 from ..config import SparseAttentionConfig
 
 __all__ = ["RankSettings", "resolve_settings", "layer_index", "HEAD_SIZES", "not_supported_reasons"]
@@ -83,10 +83,11 @@ class RankSettings:
 
 
 def resolve_settings(config: Optional[SparseAttentionConfig], *, num_heads: int, num_kv_heads: int,
-                     head_size: int, tp_rank: int = 0, tp_size: int = 1, num_layers: Optional[int] = None
-                     ) -> RankSettings:
+                     head_size: int, tp_rank: int = 0, tp_size: int = 1, num_layers: Optional[int] = None,
+                     model_name: Optional[str] = None) -> RankSettings:
     """The rank's settings for a model whose rank holds num_heads query and num_kv_heads kv heads (already
-    divided by tp). A profile is checked against the whole model (num_heads * tp query heads)."""
+    divided by tp). A profile is checked against the whole model (num_heads * tp query heads). The mixture
+    method without a profile in the block takes patches/<model_name>.json where one exists (as patch() does)."""
     config = config or SparseAttentionConfig()
     if tp_size < 1 or not 0 <= tp_rank < tp_size:
         raise ValueError(f"tp_rank: expected 0 <= tp_rank < tp_size, got rank {tp_rank} of {tp_size}")
@@ -97,9 +98,11 @@ def resolve_settings(config: Optional[SparseAttentionConfig], *, num_heads: int,
     check_model(config.method, merged, num_heads, num_kv_heads)
     decode, budgets = decode_side(config.method, merged) if method.name != "dense" else (None, {})
     kwargs = {k: v for k, v in config.kwargs.items() if k not in ("decode", "decode_config")}
-    profile = None
-    if config.profile is not None:
-        profile = load_profile(config.profile)
+    profile, source = None, config.profile
+    if source is None and method.mixture and model_name:
+        source = find_profile(model_name)
+    if source is not None:
+        profile = load_profile(source)
         total_kv = num_kv_heads * tp_size if num_kv_heads * tp_size <= profile.model["num_kv_heads"] else None
         profile.check_model(num_layers if num_layers is not None else profile.num_layers, num_heads * tp_size,
                             total_kv, head_size)
