@@ -121,6 +121,7 @@ def run(args) -> dict:
                         logprobs=0 if args.logprobs else None, prompt_logprobs=0 if args.logprobs else None)
     for i in range(args.warmup):
         llm.generate(token_prompts[:1], SamplingParams(temperature=0.0, max_tokens=2, detokenize=False))
+    plugin.get_stats().reset()  # densities of the timed prompts only (not the engine's warm-up runs)
     outs = None
     if args.ttft:  # the prompts to the first token (fresh prompts: prefix caching is off for timing runs)
         t = time.perf_counter()
