@@ -171,8 +171,14 @@ def engine(out_dir: Path, name: str, model, backend, prompts, *, config=None, ex
 
 
 def _max_gap(a: dict, b: dict) -> float:
-    gaps = [abs(x - y) for ka in ("prompt_logprobs", "logprobs") for pa, pb in zip(a[ka], b[ka])
-            for x, y in zip(pa, pb)]
+    """Largest |logprob difference| over the prompts' tokens and the generated tokens both runs share (up to
+    their first differing token: after it they score different tokens)."""
+    gaps = [abs(x - y) for pa, pb in zip(a["prompt_logprobs"], b["prompt_logprobs"]) for x, y in zip(pa, pb)]
+    for ta, tb, la, lb in zip(a["tokens"], b["tokens"], a["logprobs"], b["logprobs"]):
+        for t1, t2, x, y in zip(ta, tb, la, lb):
+            if t1 != t2:
+                break
+            gaps.append(abs(x - y))
     return max(gaps) if gaps else float("nan")
 
 
