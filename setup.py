@@ -46,7 +46,8 @@ setup(
         "hf": ["transformers>=4.48", "accelerate", "gguf", "tqdm"],
         "bench": ["matplotlib", "tqdm"],
     },
-    entry_points={"console_scripts": ["sparse-attn=sparse_attn.cli:main"]},
+    entry_points={"console_scripts": ["sparse-attn=sparse_attn.cli:main"],
+                  "vllm.general_plugins": ["sparse_attn = sparse_attn.integrations.vllm:register"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -8,6 +8,9 @@
 #       # the block-sparse kernel's own tests, then its tile configs timed against the default at 8K and 32K
 #       # (VARIANTS: block_m,block_n,warps,stages[,warp_specialize,tma,maxnreg]) and on 64-token layouts
 #       # (VARIANTS64); written to $OUT/sweep and $OUT/sweep64
+#   STEPS="vllm_logits vllm_ttft vllm_decode" bash bench/gpu_suite.sh
+#       # sparse_attn's vLLM backend against FLASH_ATTN (bench/bench_vllm.py suite); needs vLLM importable
+#       # (PYTHONPATH; the device calls are in bench/bench_vllm.py), not in the default STEPS
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
@@ -56,6 +59,9 @@ else
 fi
 step block_sparse_sweep block_sparse_sweep
 step bench_decode python3 bench/bench_decode.py ${DECODE_ARGS:-} --out "$OUT"
+for part in logits smollm2 ttft decode; do
+    step vllm_$part python3 bench/bench_vllm.py suite --steps $part --out "$OUT/vllm" ${VLLM_ARGS:-}
+done
 echo
 echo "==================== summary ($(date -u +%F), $(head -1 "$OUT/gpu.txt")) ===================="
 python3 bench/summarize.py "$OUT"

@@ -26,6 +26,7 @@ from .._checks import warn_once
 from ..decode import DecodeState
 from ..methods import check_method_kwargs, check_model, get_method, sparse_attention
 from ..profiles import Profile, find_profile, load_profile
+from .config import patch_arguments
 
 __all__ = ["patch", "unpatch", "get_stats", "is_patched", "AttentionStats", "LayerStats", "model_name",
            "model_shape", "attention_hook"]
@@ -277,11 +278,13 @@ def attention_hook(model, attention):
         _unregister(name)
 
 
-def patch(model, method: str = "minference", config=None, *, stats: bool = True, diagnostics: bool = False,
+def patch(model, method: Optional[str] = None, config=None, *, stats: bool = True, diagnostics: bool = False,
           **method_kwargs):
     """Route the model's attention through `sparse_attention(..., method)`; returns the model.
 
-    method: a registry name (sparse_attn.list_methods()); method_kwargs: its documented kwargs
+    method: a registry name (sparse_attn.list_methods()); None: the model's `sparse_attention_config` block
+    (sparse_attn.integrations.config: $SPARSE_ATTN_CONFIG, then config.json), else "minference".
+    method_kwargs: its documented kwargs
     (get_method(method).help()), e.g. min_seqlen (queries shorter than it run dense: decode, short prompts).
     config: for the per-head mixture ("minference"), a head profile (path, dict or Profile) checked against the
     model's layer and head counts; without one, patches/<model name>.json if present, else the method's
@@ -290,6 +293,7 @@ def patch(model, method: str = "minference", config=None, *, stats: bool = True,
     per-call device sync it costs. diagnostics: also the attention recall against dense (slow).
     Patching a patched model replaces its settings; unpatch restores the original implementation.
     """
+    method, config, method_kwargs = patch_arguments(model, method, config, method_kwargs)
     get_method(method)
     kwargs = dict(method_kwargs)
     merged = check_method_kwargs(method, kwargs)
