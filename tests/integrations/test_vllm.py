@@ -261,6 +261,7 @@ def test_dense_method_matches_fp32_reference(block_size, via_layer, monkeypatch)
 @pytest.mark.parametrize("method, kwargs", [
     ("a_shape", {"sink": 16, "window": 32, "block_size": 16, "min_seqlen": 48}),
     ("quest", {"budget": 32, "sink": 0, "window": 16, "min_seqlen": 48}),
+    ("page_mean", {"budget": 32, "sink": 0, "window": 16, "min_seqlen": 48}),
 ])
 def test_sparse_methods_match_their_references(method, kwargs, monkeypatch):
     """Prefill chunks: sparse_attention on the sequence's contiguous K / V (what the backend gathers from the
@@ -279,7 +280,8 @@ def test_sparse_methods_match_their_references(method, kwargs, monkeypatch):
                 cache = e.paged_view(decodes)
                 q = torch.stack([outs[r][0][:, 0] for r in decodes])
                 summaries = PageSummaries.build(cache) if pattern.summaries else None
-                sel = dense_below(pattern.select(q, cache, summaries, **budgets), cache, kwargs["min_seqlen"])
+                sel = dense_below(pattern.select(q, cache, summaries, scale=e.d ** -0.5, **budgets), cache,
+                                  kwargs["min_seqlen"])
                 ref = reference_decode(q, cache, sel, scale=e.d ** -0.5)
                 for i, r in enumerate(decodes):
                     assert_close(outs[r][1][:, 0], ref[i])

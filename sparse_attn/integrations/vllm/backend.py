@@ -244,7 +244,7 @@ class SparseAttentionImpl(AttentionImpl):
         if reasons:
             raise ValueError("sparse_attn backend: " + "; ".join(reasons))
         self.settings = rank_settings(num_heads, self.num_kv_heads, head_size)
-        self._summaries: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self._summaries: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None  # key min, max, mean
 
     # -- the cache ------------------------------------------------------------------------------------------
     def split_cache(self, kv_cache: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -266,8 +266,9 @@ class SparseAttentionImpl(AttentionImpl):
             # No fill (a fill inside a captured graph would rerun at every replay): every page is summarized
             # by the step that writes it, before any step reads it.
             new = lambda: torch.empty(n, hkv, d, device=k_cache.device, dtype=k_cache.dtype)  # noqa: E731
-            self._summaries = (new(), new())
-        return PageSummaries(self._summaries[0], self._summaries[1], table, k_cache.shape[1])
+            self._summaries = (new(), new(), new())
+        kmin, kmax, kmean = self._summaries
+        return PageSummaries(kmin, kmax, table, k_cache.shape[1], kmean)
 
     # -- attention ------------------------------------------------------------------------------------------
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -306,8 +307,8 @@ class SparseAttentionImpl(AttentionImpl):
         selection = None
         if pattern is not None:
             if summaries is not None:
-                summaries = PageSummaries(summaries.kmin, summaries.kmax, md.block_table[:nd], ps)
-            selection = pattern.select(q, cache, summaries, **self.settings.decode_budgets)
+                summaries = PageSummaries(summaries.kmin, summaries.kmax, md.block_table[:nd], ps, summaries.kmean)
+            selection = pattern.select(q, cache, summaries, scale=self.scale, **self.settings.decode_budgets)
             selection = dense_below(selection, cache, self.settings.min_seqlen)
         out.copy_(paged_decode_attention(q, cache, selection, scale=self.scale))
         stats = get_stats()
