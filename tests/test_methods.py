@@ -5,8 +5,9 @@ live in tests/helpers.py, for tests that register patterns of their own)."""
 import pytest
 import torch
 
-from helpers import (DEV, assert_close, check_full_budget_is_dense, check_method_against_reference, full_budget,
-                     prefill_patterns, qkv, smallest_budget)
+from helpers import (DEV, assert_close, check_attention, check_full_budget_is_dense, check_method_against_reference,
+                     full_budget, prefill_patterns, qkv, smallest_budget)
+from sparse_attn import dispatch, ops
 from sparse_attn.dispatch import head_groups
 from sparse_attn.methods import MIXTURE, check_method_kwargs, get_method, list_methods, sparse_attention
 from sparse_attn.ops.reference import reference_attention
@@ -116,6 +117,44 @@ def test_sparse_path_equals_reference_with_its_own_index(method, kwargs):
     if kwargs.get("share_heads", 1) > 1:
         assert layout.shared_heads == 2 and torch.equal(layout.to_dense()[:, ::2], layout.to_dense()[:, 1::2])
         layout.check_values()  # includes the promise: identical entries within each pair
+
+
+# A prefill chunk: the last CHUNK queries of SEQ_K keys (bottom-right causal); its start is not block-aligned.
+CHUNK, SEQ_K = 150, 397
+
+
+@pytest.mark.parametrize("method", PREFILL)
+def test_chunk_of_queries_equals_reference_with_its_own_index(method):
+    """Chunked prefill: a call whose queries are the last rows of a longer key sequence, at the pattern's
+    sparsest budget for the keys, is the reference over the layout it reports, estimated from the chunk's own
+    queries (the layout spans the chunk's rows and every key); that layout runs on its kernel family (the
+    Triton kernels; the interpreter on the CPU) within the tolerance rule."""
+    q, k, v = _inputs(b=2, sq=CHUNK, sk=SEQ_K, seed=5)
+    kwargs = smallest_budget(method, SEQ_K)
+    _, layouts, stats = check_method_against_reference(method, q, k, v, **kwargs)
+    ((_, _, layout),) = layouts.parts
+    assert (layout.seqlen_q, layout.seqlen_k) == (CHUNK, SEQ_K)
+    assert 0 < stats["density"].mean() < 1
+    half = tuple(t.half() for t in (q, k, v))
+    check_attention(ops.attention, *half, layout)
+
+
+@pytest.mark.parametrize("method", PREFILL)
+def test_last_chunk_index_is_the_one_shot_index_rows(method):
+    """Each pattern estimates a chunk from its own queries and the keys so far: the last chunk of a prompt,
+    starting on a block boundary, gets exactly the last rows of the index of the whole prompt at once."""
+    q, k, v = _inputs(b=1, sq=SEQ_K, sk=SEQ_K, seed=6)
+    start = 256  # a multiple of the 64-token blocks
+    p = get_pattern(method)
+    merged = check_method_kwargs(method, smallest_budget(method, SEQ_K))
+    configs = [{"pattern": method, **{n: merged[n] for n in p.budget_names}}] * q.shape[1]
+    options = {o.name: merged[o.name] for o in p.options}
+    whole = dispatch.plan_pattern(method, q, k, configs, causal=True, scale=None, block_size=64, **options)
+    chunk = dispatch.plan_pattern(method, q[:, :, start:], k, configs, causal=True, scale=None, block_size=64,
+                                  **options)
+    rows = whole.mask_rows(0, start, SEQ_K)
+    causal = torch.arange(SEQ_K)[None, :] <= torch.arange(start, SEQ_K)[:, None]
+    assert torch.equal(chunk.mask_rows(0, 0, SEQ_K - start) & causal, rows & causal)
 
 
 def test_mixture_of_every_pattern_equals_reference_with_its_own_index():

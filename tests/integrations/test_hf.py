@@ -220,6 +220,90 @@ def test_chunked_prefill_with_cache_stays_sparse(pattern):
     assert torch.allclose(second, dense[:, 130:], atol=1e-5)
 
 
+def _spy_masks(monkeypatch):
+    """The (q_length, kv_length) of every mask transformers builds for the patched model."""
+    import functools
+
+    import transformers.masking_utils as mu
+
+    built, real = [], mu.sdpa_mask
+
+    @functools.wraps(real)
+    def spy(*args, **kwargs):
+        mask = real(*args, **kwargs)
+        if mask is not None:
+            built.append(tuple(mask.shape[-2:]))
+        return mask
+
+    monkeypatch.setattr(mu, "sdpa_mask", spy)
+    return built
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_chunked_prefill_dense_equals_one_shot(family, monkeypatch):
+    """patch(prefill_chunk=N): the forward pass runs in chunks of N against the cache, with the same logits as one
+    pass (all positions, or the last one as generate keeps), the same generated tokens, no chunk x keys mask
+    built, and the prefill stats merged over the chunks."""
+    model, ids = tiny_model(family), _ids(seq=SEQ)
+    dense = logits(model, ids)
+    last = logits(model, ids, logits_to_keep=1)
+    generated = model.generate(ids, max_new_tokens=4, do_sample=False)
+    built = _spy_masks(monkeypatch)
+    calls = []
+    sparse_attn.patch(model, "dense", prefill_chunk=64)
+    forward = model.forward
+    model.forward = lambda *a, **kw: calls.append(1) or forward(*a, **kw)  # counts the caller's calls only
+    try:
+        chunked = logits(model, ids)
+        stats = sparse_attn.get_stats(model)
+        chunked_last = logits(model, ids, logits_to_keep=1)
+        chunked_generated = model.generate(ids, max_new_tokens=4, do_sample=False)
+    finally:
+        model.forward = forward
+        sparse_attn.unpatch(model)
+    assert chunked.shape == dense.shape and chunked_last.shape == last.shape == (1, 1, VOCAB)
+    assert_close(chunked.double(), logits(tiny_model(family).double(), ids), dense.double(), floor=1e-5)
+    assert torch.allclose(chunked_last, last, atol=1e-5) and torch.equal(chunked_generated, generated)
+    assert stats.fallbacks == 0 and stats.prefill[0].seqlen_q == SEQ and stats.prefill[0].seqlen_k == SEQ
+    assert all(q == k for q, k in built), f"a chunk x keys mask was built: {built}"
+    assert "forward" not in model.__dict__  # unpatch removed the chunking
+
+
+@pytest.mark.parametrize("method", PREFILL)
+def test_chunked_prefill_sparse_density_close_to_one_shot(method):
+    """A sparse method prefilled in chunks (each estimated from its own queries) computes about the share of the
+    causal entries that one pass does, on every layer, and the chunked run is really sparse."""
+    model, ids = tiny_model(), _ids(seq=640)
+    kwargs = smallest_budget(method, 640)
+    densities = {}
+    for chunk in (None, 192):
+        sparse_attn.patch(model, method, min_seqlen=1, prefill_chunk=chunk, **kwargs)
+        try:
+            logits(model, ids)
+            stats = sparse_attn.get_stats(model)
+        finally:
+            sparse_attn.unpatch(model)
+        assert stats.fallbacks == 0 and stats.prefill[0].seqlen_q == 640
+        densities[chunk] = torch.stack([s.density for s in stats.prefill.values()])
+    assert densities[192].mean() < 0.9
+    assert (densities[192] - densities[None]).abs().max() < 0.1, densities
+
+
+def test_prefill_chunk_is_checked_and_refusals_run_in_one_pass(caplog):
+    model, ids = tiny_model(), _ids(seq=200)
+    with pytest.raises(ValueError, match="prefill_chunk: expected None or a positive int"):
+        sparse_attn.patch(model, "dense", prefill_chunk=0)
+    sparse_attn.patch(model, "dense", prefill_chunk=64)
+    try:
+        with caplog.at_level(logging.WARNING, logger="sparse_attn"):
+            out = model(ids, labels=ids)
+        stats = sparse_attn.get_stats(model)
+    finally:
+        sparse_attn.unpatch(model)
+    assert out.loss is not None and stats.prefill[0].seqlen_q == 200  # one pass
+    assert any("labels" in r.message for r in caplog.records)
+
+
 def test_padding_mask_falls_back_to_dense_with_one_warning(caplog):
     model, ids = tiny_model(), _ids(seq=96, batch=2)
     mask = torch.ones(2, 96, dtype=torch.long)
