@@ -31,14 +31,14 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .._checks import warn_once
+from .._checks import logger, warn_once
 from ..decode import DecodeState
 from ..layouts import causal_tile_entries
 from ..methods import check_method_kwargs, check_model, get_method, sparse_attention
-from ..profiles import Profile, find_profile, load_profile
+from ..profiles import Profile, load_profile, match_profile
 
 __all__ = ["patch", "unpatch", "get_stats", "is_patched", "AttentionStats", "LayerStats", "model_name",
-           "model_shape", "attention_hook"]
+           "model_names", "model_identity", "model_shape", "attention_hook"]
 
 _NAME_PREFIX = "sparse_attn"
 _names = itertools.count()
@@ -136,6 +136,24 @@ def model_name(model) -> str:
     return str(getattr(model, "name_or_path", "") or getattr(config, "_name_or_path", "") or "")
 
 
+def model_names(model) -> List[str]:
+    """What the checkpoint calls itself: its path or hub id, and the name stored in it where the loader kept
+    one (a GGUF file's general.name)."""
+    config = _text_config(model)
+    out = [model_name(model)]
+    for c in (getattr(model, "config", None), config):
+        for key in ("_name_or_path", "_model_name_or_path", "name"):
+            value = getattr(c, key, None)
+            if isinstance(value, str) and value and value not in out:
+                out.append(value)
+    return [n for n in out if n]
+
+
+def model_identity(model) -> Dict[str, Any]:
+    """The architecture (class name) and the layer / head shape a profile must match."""
+    return {"architecture": type(model).__name__, **model_shape(model)}
+
+
 def _text_config(model):
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -168,12 +186,21 @@ def _resolve_profile(model, method: str, config) -> Optional[Profile]:
         raise ValueError(f"config: a head profile applies to the per-head mixture method only, got method={method!r}")
     if not mixture:
         return None
+    source = "given"
     if config is None:
-        config = find_profile(model_name(model)) if model_name(model) else None
-        if config is None:
-            return None
+        config = match_profile(model_identity(model), model_names(model))
+        source = str(config)
+    if config is None:
+        identity = model_identity(model)
+        logger.warning(f"sparse_attn: no profile in patches/ for {model_names(model)[:3]} ({identity['architecture']}, "
+                       f"{identity['num_layers']} layers, {identity['num_heads']} / {identity['num_kv_heads']} heads, "
+                       f"head dim {identity['head_dim']}): method {method!r} gives every head its default pattern "
+                       "(pass config= a profile, or make one with `python -m sparse_attn.cli profile`)")
+        return None
     profile = load_profile(config)
     profile.check_model(**model_shape(model))
+    logger.info(f"sparse_attn: {model_name(model) or type(model).__name__} uses the profile of "
+                f"{profile.model['name']!r} ({source})")
     return profile
 
 

@@ -334,6 +334,65 @@ def test_profile_found_in_patches_dir(tmp_path, monkeypatch):
     assert stats.prefill[0].pattern == ["block_sparse"] * 4 and stats.density() < 1
 
 
+def test_profile_matched_by_identity_not_path(tmp_path, monkeypatch, caplog):
+    """A checkpoint loaded from a folder of another name (a GGUF file's) finds its profile by architecture, layer /
+    head shape and the name stored in the checkpoint; a profile of another shape or another model is not used,
+    and patch says which it uses (or that there is none)."""
+    from sparse_attn.integrations.hf import _patches
+
+    model = tiny_model()
+    profile = _full_profile(model)
+    profile["model"]["name"] = "org/Tiny-Test-7M-Instruct"
+    profile["layers"] = [[{"pattern": "block_sparse", "top_k": 1}] * 4] * 2
+    sparse_attn.save_profile(profile, tmp_path / "Tiny-Test-7M-Instruct.json")
+    other_shape = dict(profile, model=dict(profile["model"], num_layers=3), layers=profile["layers"] * 2)
+    other_shape["layers"] = other_shape["layers"][:3]
+    sparse_attn.save_profile(other_shape, tmp_path / "a-Tiny-Test-7M-3-layers.json")
+    sparse_attn.save_profile(dict(profile, model=dict(profile["model"], name="org/Other-Model-7M")),
+                             tmp_path / "b-other.json")
+    monkeypatch.setenv("SPARSE_ATTN_PATCHES", str(tmp_path))
+    model.name_or_path = model.config._name_or_path = "/site-packages/llm_tiny"
+    model.config._model_name_or_path = "Tiny Test 7M 8k Ep2"  # what a GGUF's general.name becomes
+    with caplog.at_level(logging.INFO, logger="sparse_attn"):
+        sparse_attn.patch(model, "minference", min_seqlen=1)
+    try:
+        assert _patches[model].profile.model["name"] == "org/Tiny-Test-7M-Instruct"
+        assert sum("org/Tiny-Test-7M-Instruct" in r.message for r in caplog.records) == 1
+        logits(model, _ids())
+        assert sparse_attn.get_stats(model).prefill[0].pattern == ["block_sparse"] * 4
+    finally:
+        sparse_attn.unpatch(model)
+    caplog.clear()
+    model.config._model_name_or_path = "Unrelated 7M"
+    with caplog.at_level(logging.INFO, logger="sparse_attn"):
+        sparse_attn.patch(model, "minference", min_seqlen=1)
+    assert _patches[model].profile is None
+    assert sum("no profile" in r.message and r.levelno == logging.WARNING for r in caplog.records) == 1
+    sparse_attn.unpatch(model)
+
+
+@pytest.mark.slow
+def test_smollm2_from_gguf_finds_its_profile(caplog):
+    """SmolLM2 loaded as a new user would, with plain from_pretrained(dir, gguf_file=...), and patched with the
+    mixture runs its shipped profile (not the uniform default)."""
+    from transformers import AutoModelForCausalLM
+
+    from sparse_attn.integrations.hf import _patches
+    from sparse_attn.models import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    assert "SmolLM2-135M-Instruct" not in model.name_or_path
+    with caplog.at_level(logging.INFO, logger="sparse_attn"):
+        sparse_attn.patch(model, "minference")
+    try:
+        profile = _patches[model].profile
+        assert profile is not None and profile.model["name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        assert any("SmolLM2-135M-Instruct" in r.message for r in caplog.records)
+    finally:
+        sparse_attn.unpatch(model)
+
+
 def test_attention_hook_sees_every_layer_and_restores_the_model():
     """attention_hook (what patch and the profiler's capture install): every attention call goes to the given
     function while open; the previous implementation comes back on exit, also after an error."""
