@@ -8,6 +8,7 @@
 #       # the block-sparse kernel's own tests, then its tile configs timed against the default at 8K and 32K
 #       # (VARIANTS: block_m,block_n,warps,stages[,warp_specialize,tma,maxnreg]) and on 64-token layouts
 #       # (VARIANTS64); written to $OUT/sweep and $OUT/sweep64
+#   STEPS=memory bash bench/gpu_suite.sh   # one 1M-token layer's peak memory per method (not in the default steps)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
@@ -56,6 +57,8 @@ else
 fi
 step block_sparse_sweep block_sparse_sweep
 step bench_decode python3 bench/bench_decode.py ${DECODE_ARGS:-} --out "$OUT"
+# Peak memory of one 1M-token layer (32 / 8 heads, D=128, bf16) per method against its q, k, v and output (bar 1.5x).
+step memory python3 bench/probes/probe_memory.py --seqlens ${MEMORY_SEQLENS:-1048576} --out "$OUT"
 echo
 echo "==================== summary ($(date -u +%F), $(head -1 "$OUT/gpu.txt")) ===================="
 python3 bench/summarize.py "$OUT"

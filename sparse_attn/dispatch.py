@@ -29,6 +29,7 @@ __all__ = [
     "dense_attention",
     "run_head_config",
     "LayerLayouts",
+    "RowChunks",
 ]
 
 # Elements of one explicit causal mask chunk in dense_attention (rows x seqlen_k bools).
@@ -146,6 +147,35 @@ class LayerLayouts:
             r[:, heads] = attention_recall(_select(q, heads), _select(k, kv_heads), layout, causal=self.causal,
                                            scale=scale)
         return r
+
+
+@dataclass
+class RowChunks:
+    """What one layer call computed when its queries ran as consecutive row chunks (see
+    methods.sparse_attention): per chunk its query rows [r0, r1) and its LayerLayouts over those rows and the
+    keys they may see. Density and recall are the chunks', weighted by their causal entries."""
+
+    seqlen_k: int
+    chunks: List[tuple] = field(default_factory=list)  # (r0, r1, LayerLayouts)
+    seqlen_q: int = 0
+
+    def _weights(self) -> torch.Tensor:
+        from .layouts import causal_tile_entries
+
+        off = self.seqlen_k - self.seqlen_q
+        w = torch.tensor([float(causal_tile_entries(r0, r1, 0, self.seqlen_k, off)) for r0, r1, _ in self.chunks],
+                         dtype=torch.float64)
+        return w / w.sum()
+
+    def density(self) -> torch.Tensor:
+        parts = torch.stack([layouts.density() for _, _, layouts in self.chunks])
+        return (parts * self._weights().view(-1, 1, 1)).sum(0)
+
+    def recall(self, q, k, scale: Optional[float] = None) -> torch.Tensor:
+        off = self.seqlen_k - self.seqlen_q
+        parts = torch.stack([layouts.recall(q[:, :, r0:r1], k[:, :, : r1 + off], scale)
+                             for r0, r1, layouts in self.chunks])
+        return (parts * self._weights().view(-1, 1, 1)).sum(0)
 
 
 def run_head_config(q, k, v, head_config, *, causal: bool, scale: Optional[float], block_size: int = 64,

@@ -42,6 +42,12 @@ __all__ = [
 ]
 
 DEFAULT_MIN_SEQLEN = 1024
+# Sparse calls of more queries than ROW_CHUNKS_FROM run as consecutive chunks of about ROW_CHUNK query rows, each
+# the last rows of the keys it may see, estimated from its own queries (as a chunked prefill is): a layout, its
+# kernel plan (tile lists) and an estimator's per-block work grow with the query blocks they cover, and at 1M
+# tokens whole-call ones outweighed q, k and v (72.6 GiB for 20 GiB of q, k, v and output, H100).
+ROW_CHUNK = 1 << 16
+ROW_CHUNKS_FROM = 1 << 17
 # The per-head mixture method's name (MInference's: a profile chooses each head's pattern and budget).
 MIXTURE = "minference"
 
@@ -227,6 +233,33 @@ def check_model(name: str, kwargs: Dict[str, Any], num_heads: int, num_kv_heads:
         get_pattern(pattern).check_model(kwargs, num_heads, num_kv_heads)
 
 
+def _run_rows(m: Method, q, k, v, *, causal: bool, scale, head_config, **kwargs):
+    """m.run over the whole call, or (a causal sparse call of more than ROW_CHUNKS_FROM queries) over row chunks
+    of about ROW_CHUNK queries (multiples of 128 rows) against the keys each may see, written into one output."""
+    sq, sk = q.shape[2], k.shape[2]
+    if m.name == "dense" or not causal or sq <= ROW_CHUNKS_FROM:
+        return m.run(q, k, v, causal=causal, scale=scale, head_config=head_config, **kwargs)
+    n = -(-sq // ROW_CHUNK)
+    rows = -(-sq // (n * 128)) * 128
+    off = sk - sq
+    out = torch.empty_like(q)
+    record = dispatch.RowChunks(sk, seqlen_q=sq)
+    names = None
+    for r0 in range(0, sq, rows):
+        r1 = min(sq, r0 + rows)
+        if r1 + off <= 0:  # rows before the first key see nothing
+            out[:, :, r0:r1] = 0
+            continue
+        seen = slice(0, r1 + off)
+        o, layouts, chunk_names = m.run(q[:, :, r0:r1], k[:, :, seen], v[:, :, seen], causal=causal, scale=scale,
+                                        head_config=head_config, **kwargs)
+        out[:, :, r0:r1] = o
+        del o
+        record.chunks.append((r0, r1, layouts))
+        names = chunk_names if names is None else [a if a == b else f"{a}+{b}" for a, b in zip(names, chunk_names)]
+    return out, record, names
+
+
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -268,7 +301,7 @@ def sparse_attention(
         if not m.mixture:
             raise ValueError(f"head_config: only the {MIXTURE!r} method takes per-head configs, not {method!r}")
         head_config = check_head_config(head_config, shapes.num_heads)
-    out, layouts, names = m.run(q, k, v, causal=bool(causal), scale=scale, head_config=head_config, **kwargs)
+    out, layouts, names = _run_rows(m, q, k, v, causal=bool(causal), scale=scale, head_config=head_config, **kwargs)
     if stats is not None:
         stats["density"] = layouts.density().mean(0)
         stats["pattern"] = list(names)
