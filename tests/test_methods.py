@@ -157,6 +157,54 @@ def test_last_chunk_index_is_the_one_shot_index_rows(method):
     assert torch.equal(chunk.mask_rows(0, 0, SEQ_K - start) & causal, rows & causal)
 
 
+@pytest.fixture
+def small_row_chunks(monkeypatch):
+    """Long calls run in row chunks from 256 queries on, of about 128 rows (1M-token sizes scaled down)."""
+    from sparse_attn import methods
+
+    monkeypatch.setattr(methods, "ROW_CHUNK", 128)
+    monkeypatch.setattr(methods, "ROW_CHUNKS_FROM", 256)
+
+
+@pytest.mark.parametrize("method", PREFILL)
+@pytest.mark.parametrize("sq,sk", [(600, 600), (450, 700)])
+def test_long_calls_run_in_row_chunks_each_on_its_own_index(method, sq, sk, small_row_chunks):
+    """A call longer than ROW_CHUNKS_FROM queries runs as row chunks, each the last rows of the keys it may see,
+    with its own index: every chunk's rows of the output are the reference's over that chunk's layout, and the
+    call's density is the chunks', weighted by their causal entries."""
+    from sparse_attn import methods
+    from sparse_attn.dispatch import RowChunks
+    from sparse_attn.layouts import causal_tile_entries
+
+    q, k, v = _inputs(sq=sq, sk=sk, seed=7)
+    kwargs = {n: x for n, x in check_method_kwargs(method, dict(smallest_budget(method, sk), min_seqlen=0)).items()
+              if n not in ("decode", "decode_config")}
+    out, record, names = methods._run_rows(get_method(method), q, k, v, causal=True, scale=None, head_config=None,
+                                           **kwargs)
+    assert isinstance(record, RowChunks) and names == [method] * 4
+    off = sk - sq
+    assert [c[:2] for c in record.chunks] == [(r0, min(sq, r0 + 128)) for r0 in range(0, sq, 128)]
+    weights, densities = [], []
+    for r0, r1, layouts in record.chunks:
+        ((_, _, layout),) = layouts.parts
+        assert (layout.seqlen_q, layout.seqlen_k) == (r1 - r0, r1 + off)
+        ref = reference_attention(q[:, :, r0:r1], k[:, :, : r1 + off], v[:, :, : r1 + off], layout, causal=True)
+        assert_close(out[:, :, r0:r1], ref)
+        weights.append(float(causal_tile_entries(r0, r1, 0, sk, off)))
+        densities.append(layout.head_density(True))
+    expected = sum(w * d for w, d in zip(weights, densities)) / sum(weights)
+    assert torch.allclose(record.density(), expected)
+    stats = {}
+    again = sparse_attention(q, k, v, method, stats=stats, min_seqlen=0, **smallest_budget(method, sk))
+    assert torch.equal(again, out) and torch.allclose(stats["density"], expected.mean(0))
+
+
+@pytest.mark.parametrize("method", FULL)
+def test_row_chunks_at_full_budget_equal_dense(method, small_row_chunks):
+    q, k, v = _inputs(sq=450, sk=700, seed=8)
+    check_full_budget_is_dense(method, q, k, v)
+
+
 def test_mixture_of_every_pattern_equals_reference_with_its_own_index():
     """The mixture with each registered prefill pattern at its sparsest budget on some heads, and dense ones."""
     q, k, v = _inputs(b=2, hq=8, hkv=2, sq=SEQ, sk=SEQ, seed=4)
