@@ -102,6 +102,11 @@ def dense_attention(q, k, v, *, causal: bool, scale: Optional[float]):
         return sdpa(q, k, v, scale=scale)
     if sq == sk:
         return sdpa(q, k, v, is_causal=True, scale=scale)
+    if q.is_cuda and sq < sk and _flash_lower_right(q, k, v):
+        # A chunk of queries against a longer cache: the flash kernel's own bottom-right causal band.
+        from torch.nn.attention.bias import causal_lower_right
+
+        return sdpa(q, k, v, attn_mask=causal_lower_right(sq, sk), scale=scale)
     # Sq != Sk: SDPA's is_causal is top-left aligned, so pass the bottom-right band explicitly, by rows.
     out = torch.zeros_like(q)
     rows = max(1, _MASK_ELEMENTS // sk)
@@ -112,6 +117,17 @@ def dense_attention(q, k, v, *, causal: bool, scale: Optional[float]):
         band = torch.arange(sk, device=q.device)[None, :] <= i
         out[:, :, r0:r1] = sdpa(q[:, :, r0:r1], k, v, attn_mask=band, scale=scale)
     return out
+
+
+def _flash_lower_right(q, k, v) -> bool:
+    """Whether torch's flash kernel takes these inputs with a bottom-right causal bias (elsewhere torch would
+    build the Sq x Sk mask)."""
+    try:
+        from torch.backends.cuda import SDPAParams, can_use_flash_attention
+
+        return bool(can_use_flash_attention(SDPAParams(q, k, v, None, 0.0, True, q.shape[1] != k.shape[1])))
+    except (ImportError, TypeError, RuntimeError):
+        return False
 
 
 def _select(t: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:

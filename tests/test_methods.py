@@ -346,3 +346,17 @@ def test_opt_in_recall_matches_attention_recall():
     stats = {}
     sparse_attention(q, k, v, "a_shape", stats=stats, min_seqlen=0, sink=64, window=64)
     assert "recall" not in stats
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dense_chunk_on_cuda_is_bottom_right_causal(dtype):
+    """A chunk of queries against a longer cache (chunked prefill's dense calls) on CUDA: the reference's
+    bottom-right causal attention."""
+    from sparse_attn.dispatch import dense_attention
+
+    q, k, v = _inputs(hq=8, hkv=2, sq=300, sk=1000, d=64, dtype=dtype, seed=9, device="cuda")
+    out = dense_attention(q, k, v, causal=True, scale=None)
+    assert_close(out, reference_attention(q, k, v, causal=True), reference_attention(q, k, v, causal=True,
+                                                                                      upcast=False))
+
