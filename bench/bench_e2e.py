@@ -87,7 +87,7 @@ def synthetic_model(name: str, layers: int, *, dtype, device, seed: int = 0):
       repeating at the shorter periods (slashes);
     - "sink_band": the same with alpha x 0.7, plus a sink: the k projection maps s onto the lowest-frequency
       pair (which RoPE barely turns, so the BOS key has ~alpha there and other keys ~0) and the q bias has
-      0.6 alpha there: every query scores the BOS key ~8.4, above its band (~6.9 at distance 0);
+      0.75 alpha there: every query scores the BOS key ~10.5, above its band (~6.9 at distance 0);
     - "content": q and k projections are the same matrix A (N(0, 6 / h)) writing only the slowest quarter of
       the RoPE pairs, no biases: a query scores keys of the same token highly at any distance (columns at
       repeated tokens);
@@ -139,7 +139,7 @@ def synthetic_model(name: str, layers: int, *, dtype, device, seed: int = 0):
                 if kind == "sink_band":
                     wk[j * d + half - 1] = alpha * s / math.sqrt(h)  # the BOS key: ~alpha there, others ~0
                     for q in qs:
-                        bq[q.start + half - 1] = 0.6 * alpha
+                        bq[q.start + half - 1] = 0.75 * alpha
             elif kind == "content":
                 a_mat = torch.zeros(d, h, device=device)
                 rows = slow + [i + half for i in slow]
