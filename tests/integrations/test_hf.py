@@ -273,20 +273,20 @@ def test_chunked_prefill_dense_equals_one_shot(family, monkeypatch):
 def test_chunked_prefill_sparse_density_close_to_one_shot(method):
     """A sparse method prefilled in chunks (each estimated from its own queries) computes about the share of the
     causal entries that one pass does, on every layer, and the chunked run is really sparse."""
-    model, ids = tiny_model(), _ids(seq=640)
-    kwargs = smallest_budget(method, 640)
+    model, ids = tiny_model(), _ids(seq=448)
+    kwargs = smallest_budget(method, 448)
     densities = {}
-    for chunk in (None, 192):
+    for chunk in (None, 160):
         sparse_attn.patch(model, method, min_seqlen=1, prefill_chunk=chunk, **kwargs)
         try:
             logits(model, ids)
             stats = sparse_attn.get_stats(model)
         finally:
             sparse_attn.unpatch(model)
-        assert stats.fallbacks == 0 and stats.prefill[0].seqlen_q == 640
+        assert stats.fallbacks == 0 and stats.prefill[0].seqlen_q == 448
         densities[chunk] = torch.stack([s.density for s in stats.prefill.values()])
-    assert densities[192].mean() < 0.9
-    assert (densities[192] - densities[None]).abs().max() < 0.1, densities
+    assert densities[160].mean() < 0.9
+    assert (densities[160] - densities[None]).abs().max() < 0.1, densities
 
 
 def test_prefill_chunk_is_checked_and_refusals_run_in_one_pass(caplog):
