@@ -30,6 +30,7 @@ __all__ = [
     "run_head_config",
     "LayerLayouts",
     "RowChunks",
+    "group_estimates",
 ]
 
 # Elements of one explicit causal mask chunk in dense_attention (rows x seqlen_k bools).
@@ -194,20 +195,37 @@ class RowChunks:
         return (parts * self._weights().view(-1, 1, 1)).sum(0)
 
 
+def group_estimates(q, k, head_config, *, causal: bool, scale: Optional[float], block_size: int = 64,
+                    **options) -> Dict[int, Any]:
+    """{group index (head_groups order): its estimate} for the groups whose pattern restricts an estimate to
+    row chunks (Pattern.rows): what a call run in row chunks estimates once."""
+    out = {}
+    for i, g in enumerate(head_groups(head_config, k.shape[1])):
+        if g.pattern != DENSE and get_pattern(g.pattern).rows is not None:
+            out[i] = estimate_pattern(g.pattern, _select(q, g.heads), _select(k, g.kv_heads), g.configs,
+                                      causal=causal, scale=scale, block_size=block_size, **options)
+    return out
+
+
 def run_head_config(q, k, v, head_config, *, causal: bool, scale: Optional[float], block_size: int = 64,
-                    **options):
+                    estimates: Optional[Dict[int, Any]] = None, **options):
     """One layer with per-head configs (validated). options: per-call options of the patterns (each pattern
-    takes its own, defaults for the rest). Returns (out [B, Hq, Sq, D], LayerLayouts)."""
+    takes its own, defaults for the rest). estimates: {group index: estimate} made beforehand (group_estimates,
+    restricted to these rows), built from instead of estimating. Returns (out [B, Hq, Sq, D], LayerLayouts)."""
     b, hq = q.shape[:2]
     out = torch.empty_like(q)
     record = LayerLayouts(b, hq, causal)
-    for g in head_groups(head_config, k.shape[1]):
+    for i, g in enumerate(head_groups(head_config, k.shape[1])):
         qg, kg, vg = _select(q, g.heads), _select(k, g.kv_heads), _select(v, g.kv_heads)
         if g.pattern == DENSE:
             og = dense_attention(qg, kg, vg, causal=causal, scale=scale)
+        elif estimates and i in estimates:
+            layout = build_pattern(g.pattern, estimates[i], qg, kg, g.configs, causal=causal, block_size=block_size,
+                                   **options)
         else:
             layout = plan_pattern(g.pattern, qg, kg, g.configs, causal=causal, scale=scale,
                                   block_size=block_size, **options)
+        if g.pattern != DENSE:
             og = attend(qg, kg, vg, layout, causal=causal, scale=scale)
             record.parts.append((g.heads, g.kv_heads, layout))
         if list(g.heads) == list(range(hq)):

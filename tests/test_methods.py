@@ -199,6 +199,32 @@ def test_long_calls_run_in_row_chunks_each_on_its_own_index(method, sq, sk, smal
     assert torch.equal(again, out) and torch.allclose(stats["density"], expected.mean(0))
 
 
+@pytest.mark.parametrize("method", [p for p in PREFILL if get_pattern(p).rows is not None] + [MIXTURE])
+def test_row_chunks_of_patterns_that_estimate_once_equal_one_call(method, small_row_chunks, monkeypatch):
+    """A pattern that restricts its estimate to rows (Pattern.rows) estimates a row-chunked call once: each
+    chunk's index is the one-call index's rows, the output the one call's (the mixture: its heads of such
+    patterns, every pattern at its sparsest budget, and dense heads)."""
+    from sparse_attn import methods
+
+    q, k, v = _inputs(b=2, hq=8, sq=450, sk=700, seed=10)
+    kwargs, head_config = dict(min_seqlen=0), None
+    if method == MIXTURE:
+        entries = [{"pattern": p, **smallest_budget(p, 700)} for p in PREFILL] + [{"pattern": "dense"}]
+        head_config = [entries[h % len(entries)] for h in range(8)]
+    else:
+        kwargs.update(smallest_budget(method, 700))
+    chunked_stats, whole_stats = {}, {}
+    out = sparse_attention(q, k, v, method, head_config=head_config, stats=chunked_stats, **kwargs)
+    monkeypatch.setattr(methods, "ROW_CHUNKS_FROM", 10 ** 9)
+    one = sparse_attention(q, k, v, method, head_config=head_config, stats=whole_stats, **kwargs)
+    heads = [h for h in range(8) if head_config is None or head_config[h]["pattern"] == "dense"
+             or get_pattern(head_config[h]["pattern"]).rows is not None]
+    assert len(heads) >= 2
+    assert_close(out[:, heads], one[:, heads])
+    if method != MIXTURE:
+        assert torch.allclose(chunked_stats["density"], whole_stats["density"])
+
+
 @pytest.mark.parametrize("method", FULL)
 def test_row_chunks_at_full_budget_equal_dense(method, small_row_chunks):
     q, k, v = _inputs(sq=450, sk=700, seed=8)
