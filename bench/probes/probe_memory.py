@@ -6,8 +6,9 @@
 ratio = (bytes of q, k, v + the call's peak above them) / (bytes of q, k, v and output): the bar is <= 1.5 at
 1M tokens (32 / 8 heads, D=128, bf16). On CUDA the whole public call runs (`sparse_attention`, row chunks
 included). On the CPU, where the sparse methods attend by a dense masked reference, `--index-only` measures
-what grows with the query blocks instead: estimation and index per row chunk as the call makes them
-(`--row-chunk` scales the chunking down with the length), the peak from torch.profiler's allocation events.
+what grows with the query blocks instead: the call with its attention replaced by an empty output (estimation
+and index per row chunk as the call makes them; `--row-chunk` scales the chunking down with the length), the
+peak from torch.profiler's allocation events.
 """
 from __future__ import annotations
 
@@ -53,23 +54,17 @@ def _cuda_peak(fn) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def _index_only(name, kwargs, q, k):
-    """Estimation and index of a one-pattern method over the row chunks sparse_attention makes."""
-    from sparse_attn import dispatch, methods
-    from sparse_attn.patterns import get_pattern
+def _index_only(name, kwargs, q, k, v):
+    """The public call (row chunks, shared estimates and all) with the attention itself replaced by an
+    empty output of the chunk's shape: what estimation and index building hold."""
+    from sparse_attn import dispatch, sparse_attention
 
-    m = methods.get_method(name)
-    pattern = get_pattern(m.pattern)
-    merged = methods.check_method_kwargs(name, kwargs)
-    configs = [{"pattern": pattern.name, **{b: merged[b] for b in pattern.budget_names}}] * q.shape[1]
-    sq = q.shape[2]
-    n = -(-sq // methods.ROW_CHUNK) if sq > methods.ROW_CHUNKS_FROM else 1
-    rows = -(-sq // (n * 128)) * 128
-    for r0 in range(0, sq, rows):
-        r1 = min(sq, r0 + rows)
-        layout = dispatch.plan_pattern(pattern.name, q[:, :, r0:r1], k[:, :, :r1], configs, causal=True, scale=None,
-                                       block_size=merged["block_size"], **pattern.run_options(merged))
-        del layout
+    attend = dispatch.attend
+    dispatch.attend = lambda q, k, v, layout, **kw: torch.empty_like(q)
+    try:
+        sparse_attention(q, k, v, name, min_seqlen=0, **kwargs)
+    finally:
+        dispatch.attend = attend
 
 
 def main():
@@ -103,10 +98,10 @@ def main():
         base = inputs + q.numel() * q.element_size()  # q, k, v and the output
         for spec in specs:
             label, name, kwargs = (spec, "dense", {}) if spec == "dense" else parse_method_spec(spec)
-            if args.index_only and (name == "dense" or methods.get_method(name).pattern is None):
+            if args.index_only and name == "dense":
                 continue
             if args.index_only:
-                fn = lambda: _index_only(name, kwargs, q, k)  # noqa: E731
+                fn = lambda: _index_only(name, kwargs, q, k, v)  # noqa: E731
             else:
                 fn = lambda: sparse_attention(q, k, v, name, min_seqlen=0, **kwargs)  # noqa: E731
             try:
