@@ -304,6 +304,28 @@ def test_prefill_chunk_is_checked_and_refusals_run_in_one_pass(caplog):
     assert any("labels" in r.message for r in caplog.records)
 
 
+def test_fallback_for_a_chunk_without_mask_is_bottom_right_causal():
+    """A call handed to transformers' SDPA (here: attention with a softcap) for a chunk the mask builder gave no
+    mask: the bottom-right causal band, not SDPA's top-left one."""
+    from transformers import AttentionInterface
+
+    from sparse_attn.integrations.hf import _patches
+    from sparse_attn.ops.reference import reference_attention
+
+    model = tiny_model()
+    sparse_attn.patch(model, "dense")
+    try:
+        attention = AttentionInterface._global_mapping[_patches[model].name]
+        module = model.model.layers[0].self_attn
+        gen = torch.Generator().manual_seed(3)
+        q, k, v = (torch.randn(1, h, s, 16, generator=gen) for h, s in ((4, 5), (2, 9), (2, 9)))
+        out, _ = attention(module, q, k, v, None, scaling=0.25, softcap=None, sinks=None, position_bias=None,
+                           s_aux=torch.zeros(4))
+    finally:
+        sparse_attn.unpatch(model)
+    assert torch.allclose(out.transpose(1, 2), reference_attention(q, k, v, causal=True, scale=0.25), atol=1e-5)
+
+
 def test_padding_mask_falls_back_to_dense_with_one_warning(caplog):
     model, ids = tiny_model(), _ids(seq=96, batch=2)
     mask = torch.ones(2, 96, dtype=torch.long)
@@ -514,6 +536,33 @@ def test_gpu_full_budget_bf16_close_to_dense(family, method, monkeypatch):
     assert_close(patched.double(), exact, dense.double(), floor=1e-3)
     assert stats.fallbacks == 0 and stats.density() == pytest.approx(1.0)
     assert torch.equal(logits(model, ids), dense)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", PREFILL)
+def test_gpu_chunked_prefill_runs_on_the_kernels(method, monkeypatch):
+    """bf16 on CUDA, prefill in chunks (each the last rows of a longer key sequence): the kernels run every chunk,
+    the density is close to one pass's, dense chunks give one pass's logits within bf16's error."""
+    _no_reference_fallback(monkeypatch)
+    model, ids = _gpu_model().to(torch.bfloat16), _ids(seq=3611).cuda()  # chunks of 1500, 1500, 611
+    exact = logits(_gpu_model(), ids).double()
+    densities = {}
+    for chunk in (None, 1500):
+        sparse_attn.patch(model, method, prefill_chunk=chunk, min_seqlen=512, **smallest_budget(method, 3611))
+        try:
+            out = logits(model, ids)
+            densities[chunk] = sparse_attn.get_stats(model).density()
+        finally:
+            sparse_attn.unpatch(model)
+        assert torch.isfinite(out).all()
+    assert densities[1500] < 0.9 and abs(densities[1500] - densities[None]) < 0.1
+    dense = logits(model, ids)
+    sparse_attn.patch(model, "dense", prefill_chunk=1500)
+    try:
+        chunked = logits(model, ids)
+    finally:
+        sparse_attn.unpatch(model)
+    assert_close(chunked.double(), exact, dense.double(), floor=1e-3)
 
 
 @pytest.mark.gpu
