@@ -263,15 +263,15 @@ def _cudnn_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 
 @contextlib.contextmanager
 def configured(model, label, name, kwargs, prefill_chunk=None, stats=False, diagnostics=False):
-    """The model as run `label`: dense-cudnn (an attention hook), dense-sdpa (unpatched, or the package's dense
-    path when chunked), or a method patched with its kwargs."""
+    """The model as run `label`: dense-cudnn (an attention hook), dense-sdpa / unpatched (transformers' SDPA; with
+    prefill_chunk, the package's dense path), or a method patched with its kwargs."""
     from sparse_attn.integrations.hf import attention_hook
 
     if label == "dense-cudnn":
         with attention_hook(model, _cudnn_attention):
             yield
         return
-    if label == "dense-sdpa" and prefill_chunk is None:
+    if label in ("dense-sdpa", "unpatched") and prefill_chunk is None:
         yield
         return
     sparse_attn.patch(model, name, stats=stats, diagnostics=diagnostics, prefill_chunk=prefill_chunk, **kwargs)
@@ -348,7 +348,7 @@ def decode_rows(model, prompt, context, batch, configs, args):
     base = rows[0]["ms_per_token"]
     for r in rows:
         r["ratio"] = r["ms_per_token"] / base
-        r["slower"] = r["method"] != "dense" and r["ratio"] > 1 + args.noise
+        r["slower"] = r["method"] != "unpatched" and r["ratio"] > 1 + args.noise
     del cache, out
     return rows
 
@@ -424,7 +424,8 @@ def parse_args(argv=None):
     p.add_argument("--recall-max", type=int, default=131072, help="attention recall per layer up to this context")
     p.add_argument("--decode-contexts", type=int, nargs="*", default=[32768])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--decode-methods", nargs="*", default=None, help="decode method specs (default: every method)")
+    p.add_argument("--decode-methods", nargs="*", default=None,
+                   help="decode method specs, dense included (default: every method)")
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--noise", type=float, default=0.03, help="decode: a ratio above 1 + noise counts as slower")
     p.add_argument("--pictures", action="store_true", help="save per-head attention maps")
@@ -448,7 +449,7 @@ def main(argv=None):
         head_pictures(model, prompt(1, args.picture_length), out / f"heads_{tag}.png", f"{tag}")
     prefill_methods = _specs(args.methods, [m for m in list_methods() if m != "dense" and (
         get_method(m).mixture or get_pattern(m).prefill)])
-    decode_methods = _specs(args.decode_methods, [m for m in list_methods() if m != "dense"])
+    decode_methods = _specs(args.decode_methods, list_methods())  # "dense": the package's dense path, patched
     prefill, decode = [], []
     for context in args.contexts:
         ids = prompt(1, context)
@@ -474,7 +475,7 @@ def main(argv=None):
                 r["baseline"] = base["method"]
         write_json(out / f"e2e_{tag}.json", {"device": device_info(), "args": vars(args), "model": shape,
                                              "prefill": prefill, "decode": decode})
-    configs = [("dense", "dense", {})] + decode_methods
+    configs = [("unpatched", "dense", {})] + decode_methods
     for context in args.decode_contexts:
         for batch in args.batches:
             decode += decode_rows(model, prompt, context, batch, configs, args)
