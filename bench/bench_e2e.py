@@ -481,8 +481,9 @@ def main(argv=None):
             decode += decode_rows(model, prompt, context, batch, configs, args)
             write_json(out / f"e2e_{tag}.json", {"device": device_info(), "args": vars(args), "model": shape,
                                                  "prefill": prefill, "decode": decode})
-    print(f"\n== prefill, batch 1 ({tag}, {args.device})")
-    print_table(prefill, PREFILL_COLUMNS, FORMATS, left=("method",))
+    if prefill:
+        print(f"\n== prefill, batch 1 ({tag}, {args.device})")
+        print_table(prefill, PREFILL_COLUMNS, FORMATS, left=("method",))
     if decode:
         print(f"\n== decode ({tag}, {args.device}): ms per generated token; ratio = / unpatched")
         print_table(decode, ["context", "batch", "method", "ms_per_token", "ratio", "slower"], FORMATS, left=("method",))
