@@ -13,7 +13,8 @@ pattern) and decodes with it where it has a decode side (else dense); `decode="<
 with fewer queries than that the call is dense (torch SDPA), except for patterns that also serve decode,
 which go dense only when the keys are shorter; a decode call (one query) takes the decode side from
 min_seqlen keys on (a method without one runs its prefill rule, dense unless min_seqlen <= 1). On CUDA the sparse kernels run; elsewhere the fp32 reference with the same sparse index, so
-everything works without a GPU (slowly).
+everything works without a GPU (slowly). A causal sparse call of more than ROW_CHUNKS_FROM queries runs in
+row chunks (bounded index and plan memory; see _run_rows).
 """
 from __future__ import annotations
 
