@@ -150,6 +150,8 @@ def parse_args(argv=None):
                    help="pass-key prompts per length (one number, or one per length)")
     p.add_argument("--config", default=None, help="head profile for minference (default: patches/ lookup)")
     p.add_argument("--min-seqlen", type=int, default=None, help="passed to every method (default: its own)")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="methods prefill in chunks of this many tokens (patch(prefill_chunk=)); dense stays one pass")
     p.add_argument("--positions", type=int, default=256, help="positions spread over each prompt for top-1 / KL")
     p.add_argument("--tail", type=int, default=64, help="also the last this many positions ('top-1 end')")
     p.add_argument("--max-new-tokens", type=int, default=8)
@@ -213,7 +215,8 @@ def main(argv=None):
                                        "density": 1.0, "prefill_s": secs}
             for label, name, kwargs in methods:
                 extra = {} if args.min_seqlen is None else {"min_seqlen": args.min_seqlen}
-                sparse_attn.patch(model, name, config if name == MIXTURE else None, **kwargs, **extra)
+                sparse_attn.patch(model, name, config if name == MIXTURE else None, prefill_chunk=args.prefill_chunk,
+                                  **kwargs, **extra)
                 try:
                     logits, tokens, secs = run_prompt(model, ids, positions, args.max_new_tokens, eos)
                     density = sparse_attn.get_stats(model).density()

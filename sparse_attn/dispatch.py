@@ -29,6 +29,8 @@ __all__ = [
     "dense_attention",
     "run_head_config",
     "LayerLayouts",
+    "RowChunks",
+    "group_estimates",
 ]
 
 # Elements of one explicit causal mask chunk in dense_attention (rows x seqlen_k bools).
@@ -101,6 +103,11 @@ def dense_attention(q, k, v, *, causal: bool, scale: Optional[float]):
         return sdpa(q, k, v, scale=scale)
     if sq == sk:
         return sdpa(q, k, v, is_causal=True, scale=scale)
+    if q.is_cuda and sq < sk and _flash_lower_right(q, k, v):
+        # A chunk of queries against a longer cache: the flash kernel's own bottom-right causal band.
+        from torch.nn.attention.bias import causal_lower_right
+
+        return sdpa(q, k, v, attn_mask=causal_lower_right(sq, sk), scale=scale)
     # Sq != Sk: SDPA's is_causal is top-left aligned, so pass the bottom-right band explicitly, by rows.
     out = torch.zeros_like(q)
     rows = max(1, _MASK_ELEMENTS // sk)
@@ -111,6 +118,18 @@ def dense_attention(q, k, v, *, causal: bool, scale: Optional[float]):
         band = torch.arange(sk, device=q.device)[None, :] <= i
         out[:, :, r0:r1] = sdpa(q[:, :, r0:r1], k, v, attn_mask=band, scale=scale)
     return out
+
+
+def _flash_lower_right(q, k, v) -> bool:
+    """Whether torch's flash kernel takes these inputs with a bottom-right causal bias (elsewhere torch would
+    build the Sq x Sk mask)."""
+    try:
+        from torch.backends.cuda import SDPAParams, can_use_flash_attention
+
+        # The check torch.nn.attention.bias makes before it runs the flash kernel (is_causal False: the bias is it).
+        return bool(can_use_flash_attention(SDPAParams(q, k, v, None, 0.0, False, q.shape[1] != k.shape[1])))
+    except (ImportError, TypeError, RuntimeError):
+        return False
 
 
 def _select(t: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
@@ -148,20 +167,66 @@ class LayerLayouts:
         return r
 
 
+@dataclass
+class RowChunks:
+    """What one layer call computed when its queries ran as consecutive row chunks (see
+    methods.sparse_attention): per chunk its query rows [r0, r1) and its LayerLayouts over those rows and the
+    keys they may see. Density and recall are the chunks', weighted by their causal entries."""
+
+    seqlen_k: int
+    chunks: List[tuple] = field(default_factory=list)  # (r0, r1, LayerLayouts)
+    seqlen_q: int = 0
+
+    def _weights(self) -> torch.Tensor:
+        from .layouts import causal_tile_entries
+
+        off = self.seqlen_k - self.seqlen_q
+        w = torch.tensor([float(causal_tile_entries(r0, r1, 0, self.seqlen_k, off)) for r0, r1, _ in self.chunks],
+                         dtype=torch.float64)
+        return w / w.sum()
+
+    def density(self) -> torch.Tensor:
+        parts = torch.stack([layouts.density() for _, _, layouts in self.chunks])
+        return (parts * self._weights().view(-1, 1, 1)).sum(0)
+
+    def recall(self, q, k, scale: Optional[float] = None) -> torch.Tensor:
+        off = self.seqlen_k - self.seqlen_q
+        parts = torch.stack([layouts.recall(q[:, :, r0:r1], k[:, :, : r1 + off], scale)
+                             for r0, r1, layouts in self.chunks])
+        return (parts * self._weights().view(-1, 1, 1)).sum(0)
+
+
+def group_estimates(q, k, head_config, *, causal: bool, scale: Optional[float], block_size: int = 64,
+                    **options) -> Dict[int, Any]:
+    """{group index (head_groups order): its estimate} for the groups whose pattern restricts an estimate to
+    row chunks (Pattern.rows): what a call run in row chunks estimates once."""
+    out = {}
+    for i, g in enumerate(head_groups(head_config, k.shape[1])):
+        if g.pattern != DENSE and get_pattern(g.pattern).rows is not None:
+            out[i] = estimate_pattern(g.pattern, _select(q, g.heads), _select(k, g.kv_heads), g.configs,
+                                      causal=causal, scale=scale, block_size=block_size, **options)
+    return out
+
+
 def run_head_config(q, k, v, head_config, *, causal: bool, scale: Optional[float], block_size: int = 64,
-                    **options):
+                    estimates: Optional[Dict[int, Any]] = None, **options):
     """One layer with per-head configs (validated). options: per-call options of the patterns (each pattern
-    takes its own, defaults for the rest). Returns (out [B, Hq, Sq, D], LayerLayouts)."""
+    takes its own, defaults for the rest). estimates: {group index: estimate} made beforehand (group_estimates,
+    restricted to these rows), built from instead of estimating. Returns (out [B, Hq, Sq, D], LayerLayouts)."""
     b, hq = q.shape[:2]
     out = torch.empty_like(q)
     record = LayerLayouts(b, hq, causal)
-    for g in head_groups(head_config, k.shape[1]):
+    for i, g in enumerate(head_groups(head_config, k.shape[1])):
         qg, kg, vg = _select(q, g.heads), _select(k, g.kv_heads), _select(v, g.kv_heads)
         if g.pattern == DENSE:
             og = dense_attention(qg, kg, vg, causal=causal, scale=scale)
+        elif estimates and i in estimates:
+            layout = build_pattern(g.pattern, estimates[i], qg, kg, g.configs, causal=causal, block_size=block_size,
+                                   **options)
         else:
             layout = plan_pattern(g.pattern, qg, kg, g.configs, causal=causal, scale=scale,
                                   block_size=block_size, **options)
+        if g.pattern != DENSE:
             og = attend(qg, kg, vg, layout, causal=causal, scale=scale)
             record.parts.append((g.heads, g.kv_heads, layout))
         if list(g.heads) == list(range(hq)):

@@ -13,11 +13,13 @@ pattern) and decodes with it where it has a decode side (else dense); `decode="<
 with fewer queries than that the call is dense (torch SDPA), except for patterns that also serve decode,
 which go dense only when the keys are shorter; a decode call (one query) takes the decode side from
 min_seqlen keys on (a method without one runs its prefill rule, dense unless min_seqlen <= 1). On CUDA the sparse kernels run; elsewhere the fp32 reference with the same sparse index, so
-everything works without a GPU (slowly).
+everything works without a GPU (slowly). A causal sparse call of more than ROW_CHUNKS_FROM queries runs in
+row chunks (bounded index and plan memory; see _run_rows).
 """
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -42,6 +44,12 @@ __all__ = [
 ]
 
 DEFAULT_MIN_SEQLEN = 1024
+# Sparse calls of more queries than ROW_CHUNKS_FROM run as consecutive chunks of about ROW_CHUNK query rows, each
+# the last rows of the keys it may see (see _run_rows): a layout, its kernel plan (tile lists) and an estimator's
+# per-block work grow with the query blocks they cover, and at 1M tokens whole-call ones outweighed q, k and v
+# (72.6 GiB for 20 GiB of q, k, v and output, H100).
+ROW_CHUNK = 1 << 16
+ROW_CHUNKS_FROM = 1 << 17
 # The per-head mixture method's name (MInference's: a profile chooses each head's pattern and budget).
 MIXTURE = "minference"
 
@@ -93,18 +101,23 @@ def _run_dense(q, k, v, *, causal, scale, head_config, min_seqlen):
     return _dense_result(q, k, v, causal, scale)
 
 
-def _run_uniform(pattern: Pattern, q, k, v, *, causal, scale, head_config, block_size, min_seqlen, **kwargs):
-    """Every head with the pattern's budgets: one estimator call, one kernel launch, no head gathering."""
+def _uniform_configs(pattern: Pattern, kwargs, num_heads: int):
+    config = {"pattern": pattern.name, **{name: kwargs[name] for name in pattern.budget_names}}
+    return [config] * num_heads, {p.name: kwargs[p.name] for p in pattern.options}
+
+
+def _run_uniform(pattern: Pattern, q, k, v, *, causal, scale, head_config, block_size, min_seqlen, estimate=None,
+                 **kwargs):
+    """Every head with the pattern's budgets: one estimator call, one kernel launch, no head gathering.
+    estimate: made beforehand for these rows (a call run in row chunks), built from instead of estimating."""
     pattern.check_model(kwargs, q.shape[1], k.shape[1])  # a config that does not fit the model fails early
     if not pattern.prefill or (k.shape[2] if pattern.decode else q.shape[2]) < min_seqlen:
         return _dense_result(q, k, v, causal, scale)
     if not causal and pattern.causal_only:
         return _needs_causal(pattern.name, q, k, v, causal, scale)
-    config = {"pattern": pattern.name, **{name: kwargs[name] for name in pattern.budget_names}}
-    options = {p.name: kwargs[p.name] for p in pattern.options}
-    configs = [config] * q.shape[1]
-    est = dispatch.estimate_pattern(pattern.name, q, k, configs, causal=causal, scale=scale, block_size=block_size,
-                                    **options)
+    configs, options = _uniform_configs(pattern, kwargs, q.shape[1])
+    est = estimate if estimate is not None else dispatch.estimate_pattern(
+        pattern.name, q, k, configs, causal=causal, scale=scale, block_size=block_size, **options)
     layout = dispatch.build_pattern(pattern.name, est, q, k, configs, causal=causal, block_size=block_size,
                                     **options)
     out = dispatch.attend(q, k, v, layout, causal=causal, scale=scale)
@@ -112,18 +125,23 @@ def _run_uniform(pattern: Pattern, q, k, v, *, causal, scale, head_config, block
     return out, dispatch.LayerLayouts(q.shape[0], q.shape[1], causal, [every]), [pattern.name] * q.shape[1]
 
 
-def _run_mixture(q, k, v, *, causal, scale, head_config, block_size, min_seqlen, **options):
+def _mixture_heads(head_config, num_heads: int, seqlen_k: int):
+    if head_config is not None:
+        return head_config
+    default = mixture_default(seqlen_k)
+    warn_once("mixture-default", f"sparse_attn: {MIXTURE!r} without a head profile gives every head "
+                                 f"{default['pattern']!r} at a budget scaled with the length")
+    return [default] * num_heads
+
+
+def _run_mixture(q, k, v, *, causal, scale, head_config, block_size, min_seqlen, estimates=None, **options):
     if q.shape[2] < min_seqlen:
         return _dense_result(q, k, v, causal, scale)
     if not causal:
         return _needs_causal(MIXTURE, q, k, v, causal, scale)
-    if head_config is None:
-        default = mixture_default(k.shape[2])
-        warn_once("mixture-default", f"sparse_attn: {MIXTURE!r} without a head profile gives every head "
-                                     f"{default['pattern']!r} at a budget scaled with the length")
-        head_config = [default] * q.shape[1]
+    head_config = _mixture_heads(head_config, q.shape[1], k.shape[2])
     out, layouts = dispatch.run_head_config(q, k, v, head_config, causal=causal, scale=scale,
-                                            block_size=block_size, **options)
+                                            block_size=block_size, estimates=estimates, **options)
     return out, layouts, [h["pattern"] for h in head_config]
 
 
@@ -227,6 +245,70 @@ def check_model(name: str, kwargs: Dict[str, Any], num_heads: int, num_kv_heads:
         get_pattern(pattern).check_model(kwargs, num_heads, num_kv_heads)
 
 
+def _estimated_once(m: Method, q, k, *, causal: bool, scale, head_config, **kwargs):
+    """(head_config, {run kwarg: estimate of the whole call}) for a call run in row chunks: the estimates of the
+    patterns that restrict one to row chunks (Pattern.rows), made once; the mixture's default heads, fixed
+    by the whole call's length."""
+    sparse = causal and q.shape[2] >= kwargs["min_seqlen"]
+    if m.mixture:
+        head_config = _mixture_heads(head_config, q.shape[1], k.shape[2])
+        if not sparse:
+            return head_config, {}
+        options = {name: value for name, value in kwargs.items() if name not in ("block_size", "min_seqlen")}
+        return head_config, {"estimates": dispatch.group_estimates(q, k, head_config, causal=causal, scale=scale,
+                                                                   block_size=kwargs["block_size"], **options)}
+    pattern = get_pattern(m.pattern) if m.pattern is not None else None
+    if pattern is None or pattern.rows is None or not pattern.prefill or not sparse:
+        return head_config, {}
+    configs, options = _uniform_configs(pattern, kwargs, q.shape[1])
+    return head_config, {"estimate": dispatch.estimate_pattern(
+        pattern.name, q, k, configs, causal=causal, scale=scale, block_size=kwargs["block_size"], **options)}
+
+
+def _restrict(m: Method, shared: Dict[str, Any], head_config, r0: int, r1: int, sq: int, sk: int) -> Dict[str, Any]:
+    """The whole call's estimates for rows [r0, r1)."""
+    if "estimate" in shared:
+        return {"estimate": get_pattern(m.pattern).rows(shared["estimate"], r0, r1, sq, sk)}
+    if "estimates" in shared:
+        patterns_of = {i: g.pattern for i, g in enumerate(dispatch.head_groups(head_config, shared["kv_heads"]))}
+        return {"estimates": {i: get_pattern(patterns_of[i]).rows(e, r0, r1, sq, sk)
+                              for i, e in shared["estimates"].items()}}
+    return {}
+
+
+def _run_rows(m: Method, q, k, v, *, causal: bool, scale, head_config, **kwargs):
+    """m.run over the whole call, or (a causal sparse call of more than ROW_CHUNKS_FROM queries) over row chunks
+    of about ROW_CHUNK queries (multiples of 128 rows and of the block size) against the keys each may see,
+    written into one output. Patterns that restrict an estimate to rows (Pattern.rows) estimate once, so
+    their index is the one-call index's rows; the others estimate each chunk from its own queries."""
+    sq, sk = q.shape[2], k.shape[2]
+    if m.name == "dense" or not causal or sq <= ROW_CHUNKS_FROM:
+        return m.run(q, k, v, causal=causal, scale=scale, head_config=head_config, **kwargs)
+    head_config, shared = _estimated_once(m, q, k, causal=causal, scale=scale, head_config=head_config, **kwargs)
+    shared["kv_heads"] = k.shape[1]
+    n = -(-sq // ROW_CHUNK)
+    unit = math.lcm(128, kwargs.get("block_size", 64))
+    rows = -(-sq // (n * unit)) * unit
+    off = sk - sq
+    out = torch.empty_like(q)
+    record = dispatch.RowChunks(sk, seqlen_q=sq)
+    names = None
+    for r0 in range(0, sq, rows):
+        r1 = min(sq, r0 + rows)
+        if r1 + off <= 0:  # rows before the first key see nothing
+            out[:, :, r0:r1] = 0
+            continue
+        seen = slice(0, r1 + off)
+        o, layouts, chunk_names = m.run(q[:, :, r0:r1], k[:, :, seen], v[:, :, seen], causal=causal, scale=scale,
+                                        head_config=head_config, **kwargs,
+                                        **_restrict(m, shared, head_config, r0, r1, sq, sk))
+        out[:, :, r0:r1] = o
+        del o
+        record.chunks.append((r0, r1, layouts))
+        names = chunk_names if names is None else [a if a == b else f"{a}+{b}" for a, b in zip(names, chunk_names)]
+    return out, record, names
+
+
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -268,7 +350,7 @@ def sparse_attention(
         if not m.mixture:
             raise ValueError(f"head_config: only the {MIXTURE!r} method takes per-head configs, not {method!r}")
         head_config = check_head_config(head_config, shapes.num_heads)
-    out, layouts, names = m.run(q, k, v, causal=bool(causal), scale=scale, head_config=head_config, **kwargs)
+    out, layouts, names = _run_rows(m, q, k, v, causal=bool(causal), scale=scale, head_config=head_config, **kwargs)
     if stats is not None:
         stats["density"] = layouts.density().mean(0)
         stats["pattern"] = list(names)

@@ -117,6 +117,10 @@ class Pattern:
     normalize(kwargs) -> kwargs: resolve interdependent method kwargs (e.g. "one of top_k or density").
     layouts(q, k, configs, *, causal, scale, block_size, **options) -> one layout per budget dict, all
         heads sharing it: the profiler's batch of candidates (default: estimate + build per config).
+    rows(estimate, r0, r1, seqlen_q, seqlen_k) -> the estimate of a whole call (seqlen_q queries, seqlen_k keys)
+        for its query rows [r0, r1) as the last rows of keys [0, r1 + seqlen_k - seqlen_q): where a pattern
+        has it, a call run in row chunks estimates once and builds each chunk's index from this (the same
+        index rows as one call); else each chunk is estimated from its own queries.
     mixture_default(seqlen_k) -> a head dict: the head config the "minference" mixture uses without a
         profile (at most one pattern sets it).
     minference(name, vertical, slash) -> head dict: reading MInference's per-head config files
@@ -143,6 +147,7 @@ class Pattern:
     causal_only: bool = True
     normalize: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None
     layouts: Optional[Callable] = None
+    rows: Optional[Callable] = None
     mixture_default: Optional[Callable[[int], Dict[str, Any]]] = None
     minference_name: Optional[str] = None
     minference: Optional[Callable[[int, int], Dict[str, Any]]] = None

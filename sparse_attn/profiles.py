@@ -32,6 +32,7 @@ __all__ = [
     "load_profile",
     "save_profile",
     "find_profile",
+    "match_profile",
     "profile_filename",
     "from_minference_config",
     "PATCHES_DIR",
@@ -206,6 +207,57 @@ def find_profile(model_name: str, dirs: Optional[Sequence[Union[str, os.PathLike
             if name == str(model_name) or name.rstrip("/").split("/")[-1] == base:
                 return f
     return None
+
+
+# Words that name a variant of a checkpoint rather than the model (a GGUF's general.name often drops them).
+_VARIANT_WORDS = {"instruct", "chat", "base", "it", "hf", "gguf"}
+
+
+def _name_words(name: str) -> set:
+    """Lower-case words of a name: letters and digits split on anything else ("SmolLM2-135M" -> smollm2, 135m)."""
+    return {w for w in re.split(r"[^a-z0-9]+", str(name).lower()) if w}
+
+
+def _name_match(profile_name: str, names: Sequence[str]) -> int:
+    """2: a name is the profile's model name (or its last path component), case-insensitively; 1: every word of
+    the profile's last path component but variant words (instruct, chat, ...) is a word of one of the names
+    (a GGUF's "Smollm2 135M 8k ..." for "HuggingFaceTB/SmolLM2-135M-Instruct"); 0: no match."""
+    base = profile_name.rstrip("/").split("/")[-1].lower()
+    if not base:
+        return 0
+    for n in names:
+        n = str(n).rstrip("/").lower()
+        if n == profile_name.lower() or n.split("/")[-1] == base:
+            return 2
+    words = _name_words(base) - _VARIANT_WORDS
+    return int(bool(words) and any(words <= _name_words(n) for n in names))
+
+
+def match_profile(identity: Dict[str, Any], names: Sequence[str],
+                  dirs: Optional[Sequence[Union[str, os.PathLike]]] = None) -> Optional[Path]:
+    """The profile in patches/ (and $SPARSE_ATTN_PATCHES) made for this model, or None.
+
+    identity: the model's architecture (class name, e.g. "LlamaForCausalLM"), num_layers, num_heads,
+    num_kv_heads and head_dim; a profile must agree on all of them. names: what the checkpoint calls itself
+    (its path or hub id, the name stored in the checkpoint, e.g. a GGUF's general.name). Among the profiles of
+    that shape, one whose model name is one of the names wins, else one whose name's words all occur in one of
+    them (see _name_match); the shape alone never picks a profile."""
+    dirs = [Path(d) for d in dirs] if dirs is not None else _patch_dirs()
+    names = [str(n) for n in names if n]
+    best, best_score = None, 0
+    for d in dirs:
+        for f in sorted(d.glob("*.json")) if d.is_dir() else []:
+            try:
+                model = json.loads(f.read_text()).get("model", {})
+            except (ValueError, AttributeError, OSError):
+                continue
+            if not isinstance(model, dict) or any(model.get(k) != identity.get(k) for k in MODEL_KEYS[1:]):
+                continue
+            named = any(f.name.lower() == profile_filename(n).lower() for n in names)
+            score = 2 if named else _name_match(str(model.get("name", "")), names)
+            if score > best_score:
+                best, best_score = f, score
+    return best
 
 
 def _from_minference_head(entry, where: str) -> Dict[str, Any]:

@@ -5,8 +5,9 @@ live in tests/helpers.py, for tests that register patterns of their own)."""
 import pytest
 import torch
 
-from helpers import (DEV, assert_close, check_full_budget_is_dense, check_method_against_reference, full_budget,
-                     prefill_patterns, qkv, smallest_budget)
+from helpers import (DEV, assert_close, check_attention, check_full_budget_is_dense, check_method_against_reference,
+                     full_budget, prefill_patterns, qkv, smallest_budget)
+from sparse_attn import dispatch, ops
 from sparse_attn.dispatch import head_groups
 from sparse_attn.methods import MIXTURE, check_method_kwargs, get_method, list_methods, sparse_attention
 from sparse_attn.ops.reference import reference_attention
@@ -116,6 +117,118 @@ def test_sparse_path_equals_reference_with_its_own_index(method, kwargs):
     if kwargs.get("share_heads", 1) > 1:
         assert layout.shared_heads == 2 and torch.equal(layout.to_dense()[:, ::2], layout.to_dense()[:, 1::2])
         layout.check_values()  # includes the promise: identical entries within each pair
+
+
+# A prefill chunk: the last CHUNK queries of SEQ_K keys (bottom-right causal); its start is not block-aligned.
+CHUNK, SEQ_K = 150, 397
+
+
+@pytest.mark.parametrize("method", PREFILL)
+def test_chunk_of_queries_equals_reference_with_its_own_index(method):
+    """Chunked prefill: a call whose queries are the last rows of a longer key sequence, at the pattern's
+    sparsest budget for the keys, is the reference over the layout it reports, estimated from the chunk's own
+    queries (the layout spans the chunk's rows and every key); that layout runs on its kernel family (the
+    Triton kernels; the interpreter on the CPU) within the tolerance rule."""
+    q, k, v = _inputs(b=2, sq=CHUNK, sk=SEQ_K, seed=5)
+    kwargs = smallest_budget(method, SEQ_K)
+    _, layouts, stats = check_method_against_reference(method, q, k, v, **kwargs)
+    ((_, _, layout),) = layouts.parts
+    assert (layout.seqlen_q, layout.seqlen_k) == (CHUNK, SEQ_K)
+    assert 0 < stats["density"].mean() < 1
+    half = tuple(t.half() for t in (q, k, v))
+    check_attention(ops.attention, *half, layout)
+
+
+@pytest.mark.parametrize("method", PREFILL)
+def test_last_chunk_index_is_the_one_shot_index_rows(method):
+    """Each pattern estimates a chunk from its own queries and the keys so far: the last chunk of a prompt,
+    starting on a block boundary, gets exactly the last rows of the index of the whole prompt at once."""
+    q, k, v = _inputs(b=1, sq=SEQ_K, sk=SEQ_K, seed=6)
+    start = 256  # a multiple of the 64-token blocks
+    p = get_pattern(method)
+    merged = check_method_kwargs(method, smallest_budget(method, SEQ_K))
+    configs = [{"pattern": method, **{n: merged[n] for n in p.budget_names}}] * q.shape[1]
+    options = {o.name: merged[o.name] for o in p.options}
+    whole = dispatch.plan_pattern(method, q, k, configs, causal=True, scale=None, block_size=64, **options)
+    chunk = dispatch.plan_pattern(method, q[:, :, start:], k, configs, causal=True, scale=None, block_size=64,
+                                  **options)
+    rows = whole.mask_rows(0, start, SEQ_K)
+    causal = torch.arange(SEQ_K)[None, :] <= torch.arange(start, SEQ_K)[:, None]
+    assert torch.equal(chunk.mask_rows(0, 0, SEQ_K - start) & causal, rows & causal)
+
+
+@pytest.fixture
+def small_row_chunks(monkeypatch):
+    """Long calls run in row chunks from 256 queries on, of about 128 rows (1M-token sizes scaled down)."""
+    from sparse_attn import methods
+
+    monkeypatch.setattr(methods, "ROW_CHUNK", 128)
+    monkeypatch.setattr(methods, "ROW_CHUNKS_FROM", 256)
+
+
+@pytest.mark.parametrize("method", PREFILL)
+@pytest.mark.parametrize("sq,sk", [(600, 600), (450, 700)])
+def test_long_calls_run_in_row_chunks_each_on_its_own_index(method, sq, sk, small_row_chunks):
+    """A call longer than ROW_CHUNKS_FROM queries runs as row chunks, each the last rows of the keys it may see,
+    with its own index: every chunk's rows of the output are the reference's over that chunk's layout, and the
+    call's density is the chunks', weighted by their causal entries."""
+    from sparse_attn import methods
+    from sparse_attn.dispatch import RowChunks
+    from sparse_attn.layouts import causal_tile_entries
+
+    q, k, v = _inputs(sq=sq, sk=sk, seed=7)
+    kwargs = {n: x for n, x in check_method_kwargs(method, dict(smallest_budget(method, sk), min_seqlen=0)).items()
+              if n not in ("decode", "decode_config")}
+    out, record, names = methods._run_rows(get_method(method), q, k, v, causal=True, scale=None, head_config=None,
+                                           **kwargs)
+    assert isinstance(record, RowChunks) and names == [method] * 4
+    off = sk - sq
+    assert [c[:2] for c in record.chunks] == [(r0, min(sq, r0 + 128)) for r0 in range(0, sq, 128)]
+    weights, densities = [], []
+    for r0, r1, layouts in record.chunks:
+        ((_, _, layout),) = layouts.parts
+        assert (layout.seqlen_q, layout.seqlen_k) == (r1 - r0, r1 + off)
+        ref = reference_attention(q[:, :, r0:r1], k[:, :, : r1 + off], v[:, :, : r1 + off], layout, causal=True)
+        assert_close(out[:, :, r0:r1], ref)
+        weights.append(float(causal_tile_entries(r0, r1, 0, sk, off)))
+        densities.append(layout.head_density(True))
+    expected = sum(w * d for w, d in zip(weights, densities)) / sum(weights)
+    assert torch.allclose(record.density(), expected)
+    stats = {}
+    again = sparse_attention(q, k, v, method, stats=stats, min_seqlen=0, **smallest_budget(method, sk))
+    assert torch.equal(again, out) and torch.allclose(stats["density"], expected.mean(0))
+
+
+@pytest.mark.parametrize("method", [p for p in PREFILL if get_pattern(p).rows is not None] + [MIXTURE])
+def test_row_chunks_of_patterns_that_estimate_once_equal_one_call(method, small_row_chunks, monkeypatch):
+    """A pattern that restricts its estimate to rows (Pattern.rows) estimates a row-chunked call once: each
+    chunk's index is the one-call index's rows, the output the one call's (the mixture: its heads of such
+    patterns, every pattern at its sparsest budget, and dense heads)."""
+    from sparse_attn import methods
+
+    q, k, v = _inputs(b=2, hq=8, sq=450, sk=700, seed=10)
+    kwargs, head_config = dict(min_seqlen=0), None
+    if method == MIXTURE:
+        entries = [{"pattern": p, **smallest_budget(p, 700)} for p in PREFILL] + [{"pattern": "dense"}]
+        head_config = [entries[h % len(entries)] for h in range(8)]
+    else:
+        kwargs.update(smallest_budget(method, 700))
+    chunked_stats, whole_stats = {}, {}
+    out = sparse_attention(q, k, v, method, head_config=head_config, stats=chunked_stats, **kwargs)
+    monkeypatch.setattr(methods, "ROW_CHUNKS_FROM", 10 ** 9)
+    one = sparse_attention(q, k, v, method, head_config=head_config, stats=whole_stats, **kwargs)
+    heads = [h for h in range(8) if head_config is None or head_config[h]["pattern"] == "dense"
+             or get_pattern(head_config[h]["pattern"]).rows is not None]
+    assert len(heads) >= 2
+    assert_close(out[:, heads], one[:, heads])
+    if method != MIXTURE:
+        assert torch.allclose(chunked_stats["density"], whole_stats["density"])
+
+
+@pytest.mark.parametrize("method", FULL)
+def test_row_chunks_at_full_budget_equal_dense(method, small_row_chunks):
+    q, k, v = _inputs(sq=450, sk=700, seed=8)
+    check_full_budget_is_dense(method, q, k, v)
 
 
 def test_mixture_of_every_pattern_equals_reference_with_its_own_index():
@@ -259,3 +372,17 @@ def test_opt_in_recall_matches_attention_recall():
     stats = {}
     sparse_attention(q, k, v, "a_shape", stats=stats, min_seqlen=0, sink=64, window=64)
     assert "recall" not in stats
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dense_chunk_on_cuda_is_bottom_right_causal(dtype):
+    """A chunk of queries against a longer cache (chunked prefill's dense calls) on CUDA: the reference's
+    bottom-right causal attention."""
+    from sparse_attn.dispatch import dense_attention
+
+    q, k, v = _inputs(hq=8, hkv=2, sq=300, sk=1000, d=64, dtype=dtype, seed=9, device="cuda")
+    out = dense_attention(q, k, v, causal=True, scale=None)
+    assert_close(out, reference_attention(q, k, v, causal=True), reference_attention(q, k, v, causal=True,
+                                                                                      upcast=False))
+

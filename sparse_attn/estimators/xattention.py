@@ -120,12 +120,13 @@ def xattention_select(q: torch.Tensor, k: torch.Tensor, tau, *, block_size: int 
         before = F.pad(mass[..., :-1], (1, 0))  # mass kept before each entry
         take = ranked_visible & ((before < tau) | (tau >= 1) | torch.gather(forced.expand_as(key), -1, order))
         n = take.sum(-1)
-        chosen = torch.where(take, order, nk).sort(-1).values
+        # Kept as wide as this chunk's longest list (not nk): the whole call's lists stay O(kept blocks).
+        chosen = torch.where(take, order, nk).sort(-1).values[..., : max(1, int(n.max()))]
         counts.append(n.to(torch.int32))
-        ids.append(chosen)
-    width = max(1, max(int(n.max()) for n in counts))
+        ids.append(chosen.to(torch.int32))
+    width = max(c.shape[-1] for c in ids)
     counts_t = torch.cat(counts, 2)
-    ids_t = torch.cat([c[..., :width] for c in ids], 2)
+    ids_t = torch.cat([F.pad(c, (0, width - c.shape[-1]), value=nk) for c in ids], 2)
     ids_t = torch.where(ids_t < nk, ids_t, -1).to(torch.int32)
     return BlockLayout(counts_t.contiguous(), ids_t.contiguous(), block_size, block_size, sq, sk, validate=False)
 

@@ -220,6 +220,112 @@ def test_chunked_prefill_with_cache_stays_sparse(pattern):
     assert torch.allclose(second, dense[:, 130:], atol=1e-5)
 
 
+def _spy_masks(monkeypatch):
+    """The (q_length, kv_length) of every mask transformers builds for the patched model."""
+    import functools
+
+    import transformers.masking_utils as mu
+
+    built, real = [], mu.sdpa_mask
+
+    @functools.wraps(real)
+    def spy(*args, **kwargs):
+        mask = real(*args, **kwargs)
+        if mask is not None:
+            built.append(tuple(mask.shape[-2:]))
+        return mask
+
+    monkeypatch.setattr(mu, "sdpa_mask", spy)
+    return built
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_chunked_prefill_dense_equals_one_shot(family, monkeypatch):
+    """patch(prefill_chunk=N): the forward pass runs in chunks of N against the cache, with the same logits as one
+    pass (all positions, or the last one as generate keeps), the same generated tokens, no chunk x keys mask
+    built, and the prefill stats merged over the chunks."""
+    model, ids = tiny_model(family), _ids(seq=SEQ)
+    dense = logits(model, ids)
+    last = logits(model, ids, logits_to_keep=1)
+    generated = model.generate(ids, max_new_tokens=4, do_sample=False)
+    built = _spy_masks(monkeypatch)
+    calls = []
+    sparse_attn.patch(model, "dense", prefill_chunk=64)
+    forward = model.forward
+    model.forward = lambda *a, **kw: calls.append(1) or forward(*a, **kw)  # counts the caller's calls only
+    try:
+        chunked = logits(model, ids)
+        stats = sparse_attn.get_stats(model)
+        chunked_last = logits(model, ids, logits_to_keep=1)
+        chunked_generated = model.generate(ids, max_new_tokens=4, do_sample=False)
+    finally:
+        model.forward = forward
+        sparse_attn.unpatch(model)
+    assert chunked.shape == dense.shape and chunked_last.shape == last.shape == (1, 1, VOCAB)
+    assert_close(chunked.double(), logits(tiny_model(family).double(), ids), dense.double(), floor=1e-5)
+    assert torch.allclose(chunked_last, last, atol=1e-5) and torch.equal(chunked_generated, generated)
+    assert stats.fallbacks == 0 and stats.prefill[0].seqlen_q == SEQ and stats.prefill[0].seqlen_k == SEQ
+    assert all(q == k for q, k in built), f"a chunk x keys mask was built: {built}"
+    assert "forward" not in model.__dict__  # unpatch removed the chunking
+
+
+@pytest.mark.parametrize("method", PREFILL)
+def test_chunked_prefill_sparse_density_close_to_one_shot(method):
+    """A sparse method prefilled in chunks (each estimated from its own queries) computes about the share of the
+    causal entries that one pass does, on every layer, and the chunked run is really sparse."""
+    model, ids = tiny_model(), _ids(seq=448)
+    kwargs = smallest_budget(method, 448)
+    densities = {}
+    for chunk in (None, 160):
+        sparse_attn.patch(model, method, min_seqlen=1, prefill_chunk=chunk, **kwargs)
+        try:
+            logits(model, ids)
+            stats = sparse_attn.get_stats(model)
+        finally:
+            sparse_attn.unpatch(model)
+        assert stats.fallbacks == 0 and stats.prefill[0].seqlen_q == 448
+        densities[chunk] = torch.stack([s.density for s in stats.prefill.values()])
+    assert densities[160].mean() < 0.9
+    assert (densities[160] - densities[None]).abs().max() < 0.1, densities
+
+
+def test_prefill_chunk_is_checked_and_refusals_run_in_one_pass(caplog):
+    model, ids = tiny_model(), _ids(seq=200)
+    with pytest.raises(ValueError, match="prefill_chunk: expected None or a positive int"):
+        sparse_attn.patch(model, "dense", prefill_chunk=0)
+    sparse_attn.patch(model, "dense", prefill_chunk=64)
+    try:
+        with caplog.at_level(logging.WARNING, logger="sparse_attn"):
+            out = model(ids, labels=ids)
+        stats = sparse_attn.get_stats(model)
+    finally:
+        sparse_attn.unpatch(model)
+    assert out.loss is not None and stats.prefill[0].seqlen_q == 200  # one pass
+    assert any("labels" in r.message for r in caplog.records)
+
+
+def test_fallback_for_a_chunk_without_mask_is_bottom_right_causal():
+    """A call handed to transformers' SDPA (here: attention with a softcap) for a chunk the mask builder gave no
+    mask: the bottom-right causal band, not SDPA's top-left one."""
+    from transformers import AttentionInterface
+
+    from sparse_attn.integrations.hf import _patches
+    from sparse_attn.ops.reference import reference_attention
+
+    model = tiny_model()
+    sparse_attn.patch(model, "dense")
+    try:
+        attention = AttentionInterface._global_mapping[_patches[model].name]
+        module = model.model.layers[0].self_attn
+        gen = torch.Generator().manual_seed(3)
+        q, k, v = (torch.randn(1, h, s, 16, generator=gen) for h, s in ((4, 5), (2, 9), (2, 9)))
+        out, _ = attention(module, q, k, v, None, scaling=0.25, softcap=None, sinks=None, position_bias=None,
+                           s_aux=torch.zeros(4))
+    finally:
+        sparse_attn.unpatch(model)
+    assert torch.allclose(out.transpose(1, 2), reference_attention(q, k, v, causal=True, scale=0.25), atol=1e-5)
+
+
 def test_padding_mask_falls_back_to_dense_with_one_warning(caplog):
     model, ids = tiny_model(), _ids(seq=96, batch=2)
     mask = torch.ones(2, 96, dtype=torch.long)
@@ -248,6 +354,65 @@ def test_profile_found_in_patches_dir(tmp_path, monkeypatch):
     stats = sparse_attn.get_stats(model)
     sparse_attn.unpatch(model)
     assert stats.prefill[0].pattern == ["block_sparse"] * 4 and stats.density() < 1
+
+
+def test_profile_matched_by_identity_not_path(tmp_path, monkeypatch, caplog):
+    """A checkpoint loaded from a folder of another name (a GGUF file's) finds its profile by architecture, layer /
+    head shape and the name stored in the checkpoint; a profile of another shape or another model is not used,
+    and patch says which it uses (or that there is none)."""
+    from sparse_attn.integrations.hf import _patches
+
+    model = tiny_model()
+    profile = _full_profile(model)
+    profile["model"]["name"] = "org/Tiny-Test-7M-Instruct"
+    profile["layers"] = [[{"pattern": "block_sparse", "top_k": 1}] * 4] * 2
+    sparse_attn.save_profile(profile, tmp_path / "Tiny-Test-7M-Instruct.json")
+    other_shape = dict(profile, model=dict(profile["model"], num_layers=3), layers=profile["layers"] * 2)
+    other_shape["layers"] = other_shape["layers"][:3]
+    sparse_attn.save_profile(other_shape, tmp_path / "a-Tiny-Test-7M-3-layers.json")
+    sparse_attn.save_profile(dict(profile, model=dict(profile["model"], name="org/Other-Model-7M")),
+                             tmp_path / "b-other.json")
+    monkeypatch.setenv("SPARSE_ATTN_PATCHES", str(tmp_path))
+    model.name_or_path = model.config._name_or_path = "/site-packages/llm_tiny"
+    model.config._model_name_or_path = "Tiny Test 7M 8k Ep2"  # what a GGUF's general.name becomes
+    with caplog.at_level(logging.INFO, logger="sparse_attn"):
+        sparse_attn.patch(model, "minference", min_seqlen=1)
+    try:
+        assert _patches[model].profile.model["name"] == "org/Tiny-Test-7M-Instruct"
+        assert sum("org/Tiny-Test-7M-Instruct" in r.message for r in caplog.records) == 1
+        logits(model, _ids())
+        assert sparse_attn.get_stats(model).prefill[0].pattern == ["block_sparse"] * 4
+    finally:
+        sparse_attn.unpatch(model)
+    caplog.clear()
+    model.config._model_name_or_path = "Unrelated 7M"
+    with caplog.at_level(logging.INFO, logger="sparse_attn"):
+        sparse_attn.patch(model, "minference", min_seqlen=1)
+    assert _patches[model].profile is None
+    assert sum("no profile" in r.message and r.levelno == logging.WARNING for r in caplog.records) == 1
+    sparse_attn.unpatch(model)
+
+
+@pytest.mark.slow
+def test_smollm2_from_gguf_finds_its_profile(caplog):
+    """SmolLM2 loaded as a new user would, with plain from_pretrained(dir, gguf_file=...), and patched with the
+    mixture runs its shipped profile (not the uniform default)."""
+    from transformers import AutoModelForCausalLM
+
+    from sparse_attn.integrations.hf import _patches
+    from sparse_attn.models import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    assert "SmolLM2-135M-Instruct" not in model.name_or_path
+    with caplog.at_level(logging.INFO, logger="sparse_attn"):
+        sparse_attn.patch(model, "minference")
+    try:
+        profile = _patches[model].profile
+        assert profile is not None and profile.model["name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        assert any("SmolLM2-135M-Instruct" in r.message for r in caplog.records)
+    finally:
+        sparse_attn.unpatch(model)
 
 
 def test_attention_hook_sees_every_layer_and_restores_the_model():
@@ -371,6 +536,33 @@ def test_gpu_full_budget_bf16_close_to_dense(family, method, monkeypatch):
     assert_close(patched.double(), exact, dense.double(), floor=1e-3)
     assert stats.fallbacks == 0 and stats.density() == pytest.approx(1.0)
     assert torch.equal(logits(model, ids), dense)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", PREFILL)
+def test_gpu_chunked_prefill_runs_on_the_kernels(method, monkeypatch):
+    """bf16 on CUDA, prefill in chunks (each the last rows of a longer key sequence): the kernels run every chunk,
+    the density is close to one pass's, dense chunks give one pass's logits within bf16's error."""
+    _no_reference_fallback(monkeypatch)
+    model, ids = _gpu_model().to(torch.bfloat16), _ids(seq=3611).cuda()  # chunks of 1500, 1500, 611
+    exact = logits(_gpu_model(), ids).double()
+    densities = {}
+    for chunk in (None, 1500):
+        sparse_attn.patch(model, method, prefill_chunk=chunk, min_seqlen=512, **smallest_budget(method, 3611))
+        try:
+            out = logits(model, ids)
+            densities[chunk] = sparse_attn.get_stats(model).density()
+        finally:
+            sparse_attn.unpatch(model)
+        assert torch.isfinite(out).all()
+    assert densities[1500] < 0.9 and abs(densities[1500] - densities[None]) < 0.1
+    dense = logits(model, ids)
+    sparse_attn.patch(model, "dense", prefill_chunk=1500)
+    try:
+        chunked = logits(model, ids)
+    finally:
+        sparse_attn.unpatch(model)
+    assert_close(chunked.double(), exact, dense.double(), floor=1e-3)
 
 
 @pytest.mark.gpu

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Sequence
 
+import torch
+
 from ...layouts import VerticalSlashLayout
 from ...patterns import Param, Pattern, register_pattern
 from .estimate import (FORCED_COLUMNS, FORCED_SLASHES, VerticalSlashChoice, check_share_heads, diagonal_sums,
@@ -50,6 +52,16 @@ def _build(estimate, q, k, budgets, *, causal: bool, block_size: int, last_q: in
         return layout
     return VerticalSlashLayout(*layout._parts(), layout.block_size_q, layout.seqlen_q, layout.seqlen_k,
                                validate=False, shared_heads=n)
+
+
+def _rows(estimate, r0: int, r1: int, seqlen_q: int, seqlen_k: int):
+    """The columns and diagonals chosen for a whole call, for its rows [r0, r1): the same offsets (diagonal o
+    keeps j = i + off - o in both geometries); ids past the chunk's last key, which none of its rows sees,
+    become copies of the row's first id (column 0 / the main diagonal, always chosen). No longer sorted."""
+    vertical, slash = estimate
+    keys = r1 + seqlen_k - seqlen_q
+    return (torch.where(vertical < keys, vertical, vertical[..., :1]),
+            torch.where(slash < keys, slash, slash[..., :1]))
 
 
 def _layouts(q, k, configs: Sequence[Dict[str, Any]], *, causal: bool, scale, block_size: int, last_q: int,
@@ -131,6 +143,7 @@ PATTERN = register_pattern(Pattern(
     speed_tflops=393.0,
     check_model=_check_model,
     layouts=_layouts,
+    rows=_rows,
     mixture_default=_mixture_default,
     minference_name="vertical_and_slash",
     minference=lambda vertical, slash: {"vertical_size": vertical, "slash_size": slash},
