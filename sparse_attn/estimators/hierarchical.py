@@ -70,7 +70,7 @@ def search_plan(n: int, top_k: int):
 def _branch_keys(score, start, live):
     """int64 sort keys: the score's order-preserving bits above, (2^32 - 1 - start) below, so a descending
     sort puts higher scores first and, among equal scores, lower starts first; dead branches lowest."""
-    bits = score.to(tl.int32, bitcast=True)
+    bits = tl.where(score == 0.0, 0.0, score).to(tl.int32, bitcast=True)  # -0.0 ties with 0.0
     bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
     key = (bits.to(tl.int64) << 32) | (0xFFFFFFFF - start.to(tl.int64))
     return tl.where(live, key, -9223372036854775808)
@@ -233,7 +233,7 @@ def _decode_kernel(Q, KMIN, KMAX, STABLE, SEQLENS, PAGES, CNT, s_qb, s_qh, s_mp,
 # ------------------------------------------------------------------------------------------------- torch
 
 def _keys(score: torch.Tensor, start: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
-    bits = score.float().contiguous().view(torch.int32)
+    bits = torch.where(score == 0, 0.0, score.float()).contiguous().view(torch.int32)  # -0.0 ties with 0.0
     bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
     key = (bits.long() << 32) | (_LOW32 - start.long())
     return torch.where(live, key, torch.full_like(key, _NONE))
