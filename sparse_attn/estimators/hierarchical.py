@@ -335,7 +335,7 @@ def _use_triton(x: torch.Tensor, pow2_dim: bool = True) -> bool:
     return (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and pow2_dim
 
 
-def hierarchical_layout(q: torch.Tensor, k: torch.Tensor, top_k: PerHead, *, block_size: int = 64, local: int = 2,
+def hierarchical_layout(q: torch.Tensor, k: torch.Tensor, top_k: PerHead, *, block_size: int = 64, local: int = 1,
                         use_triton: Optional[bool] = None) -> BlockLayout:
     """The hierarchical BlockLayout (see the module docstring) of q [B, Hq, Sq, D] against k [B, Hkv, Sk, D],
     causal bottom-right (the queries are the last Sq of Sk positions). top_k: key blocks the search picks per
@@ -365,7 +365,7 @@ def hierarchical_layout(q: torch.Tensor, k: torch.Tensor, top_k: PerHead, *, blo
 
 
 def hierarchical_pages(q: torch.Tensor, cache: PagedKVCache, summaries: PageSummaries, *, top_k: int,
-                       local: int = 2, use_triton: Optional[bool] = None) -> PageSelection:
+                       local: int = 1, use_triton: Optional[bool] = None) -> PageSelection:
     """Decode's side: per (sequence, kv head) the page 0, the `local` last pages and `top_k` pages found by
     the search over the pages between them, scored by Quest's key min / max bound summed over the kv head's
     query heads (one selection per GQA group). q [B, Hq, D] (or [B, Hq, 1, D]). A sequence with at most
@@ -415,11 +415,11 @@ def _decode_torch(q, cache: PagedKVCache, summaries: PageSummaries, m: int, loca
 
 # -------------------------------------------------------------------------------------------- registry
 
-def _estimate(q, k, budgets, *, causal: bool, scale, block_size: int, local: int = 2) -> BlockLayout:
+def _estimate(q, k, budgets, *, causal: bool, scale, block_size: int, local: int = 1) -> BlockLayout:
     return hierarchical_layout(q, k, budgets["top_k"], block_size=block_size, local=local)
 
 
-def _build(layout, q, k, budgets, *, causal: bool, block_size: int, local: int = 2) -> BlockLayout:
+def _build(layout, q, k, budgets, *, causal: bool, block_size: int, local: int = 1) -> BlockLayout:
     return layout
 
 
@@ -444,7 +444,7 @@ PATTERN = register_pattern(Pattern(
     layout=BlockLayout,
     budgets=(Param("top_k", int, 32, 1, doc="key blocks per query block (decode: pages) the search picks, besides "
                                             "the first and the `local` last visible ones"),),
-    options=(Param("local", int, 2, 1, doc="last visible key blocks (decode: pages) always kept"),),
+    options=(Param("local", int, 1, 1, doc="last visible key blocks (decode: pages) always kept"),),
     estimate=_estimate,
     build=_build,
     # top_k as large as the key blocks or pages of any size the kernels take (16 tokens and up): dense.
