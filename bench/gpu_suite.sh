@@ -8,6 +8,9 @@
 #       # the block-sparse kernel's own tests, then its tile configs timed against the default at 8K and 32K
 #       # (VARIANTS: block_m,block_n,warps,stages[,warp_specialize,tma,maxnreg]) and on 64-token layouts
 #       # (VARIANTS64); written to $OUT/sweep and $OUT/sweep64
+#   STEPS="gpu_tests bench_hier" TESTS="tests -k hierarchical" bash bench/gpu_suite.sh
+#       # the hierarchical pattern: its GPU tests, then selection scaling 32K-1M, the call at 128K vs cuDNN with
+#       # recall, decode at 128K batch 8 vs SDPA and quest (bench/bench_hier.py; HIER_ARGS to change sizes)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
@@ -56,6 +59,7 @@ else
 fi
 step block_sparse_sweep block_sparse_sweep
 step bench_decode python3 bench/bench_decode.py ${DECODE_ARGS:-} --out "$OUT"
+step bench_hier python3 bench/bench_hier.py ${HIER_ARGS:-} --out "$OUT"
 echo
 echo "==================== summary ($(date -u +%F), $(head -1 "$OUT/gpu.txt")) ===================="
 python3 bench/summarize.py "$OUT"
