@@ -7,22 +7,22 @@ The search, for one query block (a "unit" is a key block in prefill, a page in d
   with N = hi - 1 of them and N <= top_k, all are taken;
 - otherwise the candidates are cut into roots of W units, W the smallest power of two with
   N <= 2 * top_k * W (so between top_k + 1 and 2 * top_k roots, the last one cut at hi);
-- each level scores every live branch [s, min(s + size, hi)) by its representative: the best unit score
-  among SAMPLES units at fixed positions s + (j * size) // SAMPLES (j < SAMPLES, those < hi); keeps the
-  top_k best branches (tie rule: equal scores go to the branch with the lower first unit); and splits each
-  kept branch in two halves (a half that starts at or past hi is dropped). After log2(W) splits every
-  branch is one unit and a last scoring keeps the top_k units.
+- each level scores every live branch [s, min(s + size, hi)) by its representative, its first unit s (HiP's
+  fixed position: a kept branch's left half inherits its score, so a level after the first scores only the
+  right halves); keeps the top_k best branches (tie rule: equal scores go to the branch with the lower
+  first unit); and splits each kept branch in two halves (a half that starts at or past hi is dropped).
+  After log2(W) splits every branch is one unit and a last selection keeps the top_k units.
 Unit scores: prefill, the block-mean query of the query block . the block-mean key of the key block (per
 query head, its kv head's keys: GQA without copying); decode, Quest's bound from the page's key min / max,
 summed over the query heads of the GQA group (sparse_attn.estimators.quest), so one selection per kv head
 serves the group and each page is read once.
 
-Work: each level scores at most 2 * top_k branches per query block, so the search costs
-O(nq * top_k * SAMPLES * D * log(S / top_k)) after the O(S * D) pooling; it never builds a S x S (or
+Work: 2 * top_k unit scores per query block at the first level, top_k at each of the log2(W) others, so the
+search costs O(nq * top_k * D * log(S / top_k)) after the O(S * D) block means; it never builds a S x S (or
 nq x nk) tensor on the GPU. The whole search of all query blocks and heads is one Triton launch (a program
-per query block and head walks the levels in registers, a bitonic sort per level), decode one launch
-over (sequence, kv head). Without CUDA or the Triton interpreter the same search runs in torch, vectorized
-over rows (query blocks x heads), with each row's unit scores computed by row chunks.
+per query block and head walks the levels in registers, a bitonic sort of 2 * top_k keys per level),
+decode one launch over (sequence, kv head). Without CUDA or the Triton interpreter the same search runs in
+torch, vectorized over rows (query blocks x heads), with each row's unit scores computed by row chunks.
 """
 from __future__ import annotations
 
@@ -43,8 +43,9 @@ from .block_sparse import pool_blocks
 
 __all__ = ["hierarchical_layout", "hierarchical_pages", "search_plan", "SAMPLES", "PATTERN"]
 
-# Units sampled per branch for its representative score (the best of them).
-SAMPLES = 2
+# A branch's representative: the best of SAMPLES units at fixed positions s + (j * size) // SAMPLES. The
+# kernels use 1 (the first unit, see the module docstring); the torch search takes others for comparison.
+SAMPLES = 1
 _NONE = -(1 << 63)  # the sort key of a dead branch (below every live key)
 _LOW32 = 0xFFFFFFFF
 # Unit-score elements of one chunk of the torch path (float32): 2**25 is 128 MiB.
@@ -78,44 +79,48 @@ def _branch_keys(score, start, live):
 
 @triton.jit
 def _keep_best(score, start, live, m, M: tl.constexpr):
-    """The best m of the 2M branches ([M] starts in key order, [M] kept), by _branch_keys."""
+    """The best m of the 2M branches by _branch_keys: [M] starts in key order, kept, and their scores (read
+    back from the keys, so a kept branch's left half needs no new score)."""
     srt = tl.sort(_branch_keys(score, start, live), descending=True)
     top, _ = tl.split(tl.permute(tl.reshape(srt, [2, M]), [1, 0]))
     keep = (tl.arange(0, M) < m) & (top != -9223372036854775808)
-    return (0xFFFFFFFF - (top & 0xFFFFFFFF)).to(tl.int32), keep
+    bits = (top >> 32).to(tl.int32)
+    best = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.float32, bitcast=True)
+    return (0xFFFFFFFF - (top & 0xFFFFFFFF)).to(tl.int32), keep, best
 
 
 @triton.jit
-def _split(start, keep, size, hi):
-    """Each kept branch as its two halves (a half from hi on is dropped): [2M] starts and live."""
-    half = size // 2
-    right = start + half
-    return tl.interleave(start, right), tl.interleave(keep, keep & (right < hi))
+def _block_units(QB, KB, p, ok, s_kn, D: tl.constexpr, BD: tl.constexpr):
+    """qbar . kbar[p] where ok (else -inf): the score of the branches starting at key blocks p."""
+    acc = tl.zeros(p.shape, tl.float32)
+    for c in tl.static_range(D // BD):
+        d = c * BD + tl.arange(0, BD)
+        qc = tl.load(QB + d)
+        kc = tl.load(KB + p.to(tl.int64)[:, None] * s_kn + d[None, :], mask=ok[:, None], other=0.0)
+        acc += tl.sum(kc.to(tl.float32) * qc[None, :], 1)
+    return tl.where(ok, acc, float("-inf"))
 
 
 @triton.jit
-def _block_scores(QB, KB, start, live, size, hi, D: tl.constexpr, BD: tl.constexpr, SAMPLES: tl.constexpr,
-                  s_kn):
-    """Representative score of each branch: the best qbar . kbar of its sampled key blocks."""
-    best = tl.full(start.shape, float("-inf"), tl.float32)
-    for j in tl.static_range(SAMPLES):
-        p = start + (j * size) // SAMPLES
-        ok = live & (p < hi)
-        acc = tl.zeros(start.shape, tl.float32)
-        for c in tl.static_range(D // BD):
-            d = c * BD + tl.arange(0, BD)
-            qc = tl.load(QB + d)
-            kc = tl.load(KB + p.to(tl.int64)[:, None] * s_kn + d[None, :], mask=ok[:, None], other=0.0)
-            acc += tl.sum(kc * qc[None, :], 1)
-        best = tl.maximum(best, tl.where(ok, acc, float("-inf")))
-    return best
+def _roots(n, m, hi, M: tl.constexpr):
+    """The first level: root width w (the smallest power of two with n <= 2 m w), the number of splits
+    log2(w), and the roots' starts and liveness (none unless there are more than m candidates)."""
+    per = (n + 2 * m - 1) // (2 * m)
+    w = 1
+    splits = 0
+    for _ in tl.static_range(31):
+        grow = w < per
+        w = tl.where(grow, w * 2, w)
+        splits += grow.to(tl.int32)
+    j = tl.arange(0, 2 * M)
+    start = 1 + j * w
+    return w, splits, start, (n > m) & (j < 2 * m) & (start < hi)
 
 
 @triton.jit
 def _prefill_kernel(QBAR, KBAR, TOPK, IDX, CNT, s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_ib, s_ih, s_in,
                     Hq, G, sq, sk, nk, bs, local,
-                    M: tl.constexpr, LOCAL: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                    SAMPLES: tl.constexpr):
+                    M: tl.constexpr, LOCAL: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
     i = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -127,26 +132,18 @@ def _prefill_kernel(QBAR, KBAR, TOPK, IDX, CNT, s_qb, s_qh, s_qn, s_kb, s_kh, s_
     n = tl.where(diag >= 1, hi - 1, 0)
     QB = QBAR + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + i.to(tl.int64) * s_qn
     KB = KBAR + b.to(tl.int64) * s_kb + (h // G).to(tl.int64) * s_kh
-    # Root width: the smallest power of two w with n <= 2 m w; levels = log2(w) splits.
-    per = (n + 2 * m - 1) // (2 * m)
-    w = 1
-    splits = 0
-    for _ in tl.static_range(31):
-        grow = w < per
-        w = tl.where(grow, w * 2, w)
-        splits += grow.to(tl.int32)
-    search = n > m
-    j = tl.arange(0, 2 * M)
-    start = 1 + j * w
-    live = search & (j < 2 * m) & (start < hi)
-    size = w
+    size, splits, start, live = _roots(n, m, hi, M)
+    score = _block_units(QB, KB, start, live, s_kn, D, BD)
     for _ in range(splits):
-        score = _block_scores(QB, KB, start, live, size, hi, D, BD, SAMPLES, s_kn)
-        top, keep = _keep_best(score, start, live, m, M)
-        start, live = _split(top, keep, size, hi)
+        top, keep, best = _keep_best(score, start, live, m, M)
         size = size // 2
-    score = _block_scores(QB, KB, start, live, size, hi, D, BD, SAMPLES, s_kn)
-    top, keep = _keep_best(score, start, live, m, M)
+        right = top + size
+        right_live = keep & (right < hi)
+        start = tl.interleave(top, right)
+        live = tl.interleave(keep, right_live)
+        score = tl.interleave(best, _block_units(QB, KB, right, right_live, s_kn, D, BD))
+    top, keep, _ = _keep_best(score, start, live, m, M)
+    search = n > m
     r = tl.arange(0, M)
     chosen = tl.where(search, tl.where(keep, top, 2147483647), tl.where(r < n, 1 + r, 2147483647))
     chosen = tl.sort(chosen)
@@ -161,28 +158,20 @@ def _prefill_kernel(QBAR, KBAR, TOPK, IDX, CNT, s_qb, s_qh, s_qn, s_kb, s_kh, s_
 
 
 @triton.jit
-def _page_scores(KMIN, KMAX, SLOTS, qpos, qneg, start, live, size, hi, s_mp, D: tl.constexpr,
-                 SAMPLES: tl.constexpr):
-    """Representative score of each branch: the best Quest bound of its sampled pages."""
-    best = tl.full(start.shape, float("-inf"), tl.float32)
+def _page_units(KMIN, KMAX, SLOTS, qpos, qneg, p, ok, s_mp, D: tl.constexpr):
+    """Quest's bound of pages p where ok (else -inf): the score of the branches starting there."""
     d = tl.arange(0, D)
-    for j in tl.static_range(SAMPLES):
-        p = start + (j * size) // SAMPLES
-        ok = live & (p < hi)
-        slot = tl.load(SLOTS + p, mask=ok, other=0).to(tl.int64)
-        at = slot[:, None] * s_mp + d[None, :]
-        mn = tl.load(KMIN + at, mask=ok[:, None], other=0.0).to(tl.float32)
-        mx = tl.load(KMAX + at, mask=ok[:, None], other=0.0).to(tl.float32)
-        acc = tl.sum(mx * qpos[None, :] + mn * qneg[None, :], 1)
-        best = tl.maximum(best, tl.where(ok, acc, float("-inf")))
-    return best
+    slot = tl.load(SLOTS + p, mask=ok, other=0).to(tl.int64)
+    at = slot[:, None] * s_mp + d[None, :]
+    mn = tl.load(KMIN + at, mask=ok[:, None], other=0.0).to(tl.float32)
+    mx = tl.load(KMAX + at, mask=ok[:, None], other=0.0).to(tl.float32)
+    return tl.where(ok, tl.sum(mx * qpos[None, :] + mn * qneg[None, :], 1), float("-inf"))
 
 
 @triton.jit
 def _decode_kernel(Q, KMIN, KMAX, STABLE, SEQLENS, PAGES, CNT, s_qb, s_qh, s_mp, s_mh, s_sb, s_pb, s_ph,
                    Hkv, m, local, ps,
-                   G: tl.constexpr, M: tl.constexpr, LOCAL: tl.constexpr, D: tl.constexpr,
-                   SAMPLES: tl.constexpr):
+                   G: tl.constexpr, M: tl.constexpr, LOCAL: tl.constexpr, D: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // Hkv
     h = bh % Hkv
@@ -199,25 +188,18 @@ def _decode_kernel(Q, KMIN, KMAX, STABLE, SEQLENS, PAGES, CNT, s_qb, s_qh, s_mp,
     SLOTS = STABLE + b.to(tl.int64) * s_sb
     KN = KMIN + h.to(tl.int64) * s_mh
     KX = KMAX + h.to(tl.int64) * s_mh
-    per = (n + 2 * m - 1) // (2 * m)
-    w = 1
-    splits = 0
-    for _ in tl.static_range(31):
-        grow = w < per
-        w = tl.where(grow, w * 2, w)
-        splits += grow.to(tl.int32)
-    search = n > m
-    j = tl.arange(0, 2 * M)
-    start = 1 + j * w
-    live = search & (j < 2 * m) & (start < hi)
-    size = w
+    size, splits, start, live = _roots(n, m, hi, M)
+    score = _page_units(KN, KX, SLOTS, qpos, qneg, start, live, s_mp, D)
     for _ in range(splits):
-        score = _page_scores(KN, KX, SLOTS, qpos, qneg, start, live, size, hi, s_mp, D, SAMPLES)
-        top, keep = _keep_best(score, start, live, m, M)
-        start, live = _split(top, keep, size, hi)
+        top, keep, best = _keep_best(score, start, live, m, M)
         size = size // 2
-    score = _page_scores(KN, KX, SLOTS, qpos, qneg, start, live, size, hi, s_mp, D, SAMPLES)
-    top, keep = _keep_best(score, start, live, m, M)
+        right = top + size
+        right_live = keep & (right < hi)
+        start = tl.interleave(top, right)
+        live = tl.interleave(keep, right_live)
+        score = tl.interleave(best, _page_units(KN, KX, SLOTS, qpos, qneg, right, right_live, s_mp, D))
+    top, keep, _ = _keep_best(score, start, live, m, M)
+    search = n > m
     r = tl.arange(0, M)
     chosen = tl.where(search, tl.where(keep, top, 2147483647), tl.where(r < n, 1 + r, 2147483647))
     n_chosen = tl.where(search, m, n)
@@ -316,7 +298,7 @@ def _prefill_torch(qbar, kbar, m, sq: int, sk: int, bs: int, local: int, width: 
     q_rows = qbar.reshape(-1, d)
     k_rows = kbar.reshape(b * hkv, nk, d)
     kv_of = torch.arange(b * hq * nq, device=dev) // (nq * (hq // hkv))
-    scores = lambda rr, uu: _dots(lambda r_: q_rows[r_], lambda r_, u_: k_rows[kv_of[r_, None], u_], rr, uu, d)  # noqa: E731
+    scores = lambda rr, uu: _dots(lambda r_: q_rows[r_], lambda r_, u_: k_rows[kv_of[r_, None], u_].float(), rr, uu, d)  # noqa: E731
     chosen = search_torch(scores, torch.where(diag >= 1, hi, 1), m.to(dev).repeat_interleave(nq).repeat(b))
     n_local = torch.where(diag >= 1, diag - hi + 1, 0)
     ids, counts = _rows_out(chosen, diag + 1, hi, n_local, width)
@@ -351,7 +333,8 @@ def hierarchical_layout(q: torch.Tensor, k: torch.Tensor, top_k: PerHead, *, blo
     m = per_head("top_k", top_k, hq, minimum=1).clamp(max=nk)
     width = max(1, min(nk, 1 + int(m.max()) + local))
     qbar = pool_blocks(q, bs)  # [B, Hq, nq, D] float32
-    kbar = pool_blocks(k, bs)  # [B, Hkv, nk, D]
+    # The block-mean keys in k's dtype on the GPU (half the bytes the search gathers), float32 on the CPU.
+    kbar = pool_blocks(k, bs).to(k.dtype if k.is_cuda else torch.float32)  # [B, Hkv, nk, D]
     if not (_use_triton(q) if use_triton is None else use_triton):
         idx, counts = _prefill_torch(qbar, kbar, m, sq, sk, bs, local, width)
         return BlockLayout(counts, idx, bs, bs, sq, sk, validate=False)
@@ -360,7 +343,7 @@ def hierarchical_layout(q: torch.Tensor, k: torch.Tensor, top_k: PerHead, *, blo
     _prefill_kernel[(nq, b * hq)](
         qbar, kbar, m.to(torch.int32).to(q.device), idx, counts, *qbar.stride()[:3], *kbar.stride()[:3],
         *idx.stride()[:3], hq, hq // hkv, sq, sk, nk, bs, local,
-        M=_pow2(int(m.max())), LOCAL=_pow2(local), D=d, BD=math.gcd(d, 32), SAMPLES=SAMPLES, num_warps=4)
+        M=_pow2(int(m.max())), LOCAL=_pow2(local), D=d, BD=math.gcd(d, 32), num_warps=4)
     return BlockLayout(counts, idx, bs, bs, sq, sk, validate=False)
 
 
@@ -387,7 +370,7 @@ def hierarchical_pages(q: torch.Tensor, cache: PagedKVCache, summaries: PageSumm
         q, summaries.kmin, summaries.kmax, summaries.table, cache.seqlens, pages, counts, q.stride(0), q.stride(1),
         summaries.kmin.stride(0), summaries.kmin.stride(1), summaries.table.stride(0), pages.stride(0),
         pages.stride(1), hkv, m, local, ps,
-        G=hq // hkv, M=_pow2(m), LOCAL=_pow2(local), D=d, SAMPLES=SAMPLES, num_warps=4)
+        G=hq // hkv, M=_pow2(m), LOCAL=_pow2(local), D=d, num_warps=4)
     return PageSelection(pages, counts, ps)
 
 
@@ -430,11 +413,11 @@ def _top_ks(seqlen: int, block_size: int) -> List[Dict[str, int]]:
 
 
 def _cost(seqlen: int, *, block_size: int, **options) -> float:
-    """The search's FLOPs relative to dense causal attention's 2 * D * seqlen^2: per query block and level
-    2 * top_k branches x SAMPLES dot products of D (top_k 64 taken here), over log2(nk / top_k) + 1 levels."""
+    """The search's FLOPs relative to dense causal attention's 2 * D * seqlen^2: per query block 2 * top_k
+    dot products of D, then top_k per level over log2(nk / top_k) levels (top_k 64 taken here)."""
     nq = -(-seqlen // block_size)
-    levels = math.log2(max(1.0, nq / 64)) + 1
-    return nq * levels * 2 * 64 * SAMPLES / seqlen ** 2
+    dots = 64 * (2 + math.log2(max(1.0, nq / 128)))
+    return nq * dots / seqlen ** 2
 
 
 PATTERN = register_pattern(Pattern(
