@@ -223,3 +223,40 @@ def test_gpu_kernels_equal_the_torch_search_and_decode_captures_in_a_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(again.counts, sel.counts) and torch.equal(again.pages, sel.pages)
+
+
+@pytest.mark.parametrize("top_k,sparse", [(1, True), (64, False)], ids=["tiny", "full"])
+def test_hf_generate_decodes_through_the_search(top_k, sparse):
+    """A patched tiny Llama (dense prefill, hierarchical decode over 64-token pages of its cache): a tiny
+    top_k changes the decode logits and reads a fraction of the cache; a top_k past the pages is dense."""
+    transformers = pytest.importorskip("transformers")
+    import sparse_attn
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=128,
+                                      max_position_embeddings=1024)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 128, (1, 600), generator=torch.Generator().manual_seed(1))
+
+    @torch.no_grad()
+    def decode_logits(steps=2):
+        cache = transformers.DynamicCache()
+        model(ids[:, :-steps], past_key_values=cache, use_cache=True)
+        return torch.stack([model(ids[:, -steps + i:][:, :1], past_key_values=cache, use_cache=True).logits[:, -1]
+                            for i in range(steps)], 1)
+
+    dense = decode_logits()
+    sparse_attn.patch(model, "quest", min_seqlen=0, decode="hierarchical", decode_config={"top_k": top_k})
+    try:
+        got = decode_logits()
+        stats = sparse_attn.get_stats(model)
+        generated = model.generate(ids[:, :500], max_new_tokens=2, do_sample=False, pad_token_id=0)
+    finally:
+        sparse_attn.unpatch(model)
+    assert stats.decode[1].pattern == ["hierarchical"] * 4 and generated.shape == (1, 502)
+    if sparse:
+        assert (got - dense).abs().max() > 1e-3 and 0 < stats.density("decode") < 0.5
+    else:
+        assert_close(got, dense, floor=1e-4)
+        assert stats.density("decode") == pytest.approx(1.0)
