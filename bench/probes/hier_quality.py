@@ -152,7 +152,8 @@ def evaluate(q, k, args, s, label):
                          "overlap": mean((lay & exact_sel).sum(-1).double() / top_k),
                          "pooled_overlap": mean((pooled & exact_sel).sum(-1).double() / top_k),
                          "search_vs_pooled": mean((lay & pooled).sum(-1).double() / top_k),
-                         "miss": 1 - float(kept(lay)[h].mean()), "exact_miss": 1 - float(kept(exact_sel | forced)[h].mean()),
+                         "miss": 1 - float(kept(lay)[h].mean()),
+                         "exact_miss": 1 - float(kept(exact_sel | forced)[h].mean()),
                          "pooled_miss": 1 - float(kept(pooled | forced)[h].mean()),
                          "block_sparse_miss": 1 - float(kept(bsp)[h].mean()),
                          **{f"overlap_s{n}": mean((sel & exact_sel).sum(-1).double() / top_k)

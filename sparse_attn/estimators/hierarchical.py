@@ -298,7 +298,9 @@ def _prefill_torch(qbar, kbar, m, sq: int, sk: int, bs: int, local: int, width: 
     q_rows = qbar.reshape(-1, d)
     k_rows = kbar.reshape(b * hkv, nk, d)
     kv_of = torch.arange(b * hq * nq, device=dev) // (nq * (hq // hkv))
-    scores = lambda rr, uu: _dots(lambda r_: q_rows[r_], lambda r_, u_: k_rows[kv_of[r_, None], u_].float(), rr, uu, d)  # noqa: E731
+    def scores(rows, units):
+        return _dots(lambda r: q_rows[r], lambda r, u: k_rows[kv_of[r, None], u].float(), rows, units, d)
+
     chosen = search_torch(scores, torch.where(diag >= 1, hi, 1), m.to(dev).repeat_interleave(nq).repeat(b))
     n_local = torch.where(diag >= 1, diag - hi + 1, 0)
     ids, counts = _rows_out(chosen, diag + 1, hi, n_local, width)
