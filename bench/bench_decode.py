@@ -23,7 +23,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import bench_graph_ms, bench_ms, device_info, out_dir, print_table, write_json  # noqa: E402
+from common import (bench_graph_ms, bench_ms, device_info, out_dir, parse_method_spec, print_table,  # noqa: E402
+                    write_json)
 from sparse_attn.estimators.a_shape import a_shape_pages  # noqa: E402
 from sparse_attn.estimators.quest import quest_select  # noqa: E402
 from sparse_attn.kvcache import PagedKVCache, PageSummaries  # noqa: E402
@@ -46,6 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--sink", type=int, default=64, help="quest / a_shape: first tokens always read")
     p.add_argument("--window", type=int, default=64, help="quest: last tokens always read")
     p.add_argument("--a-shape-window", type=int, default=4096, help="a_shape: last tokens read")
+    p.add_argument("--decoders", nargs="*", default=[],
+                   help="more decode sides, registry specs NAME:key=value,... (e.g. hierarchical:top_k=61): "
+                        "each pattern's select with those budgets (its defaults for the rest), then the attention")
     p.add_argument("--max-cache-gib", type=float, default=24.0, help="skip (context, batch) with a larger KV")
     p.add_argument("--rep-ms", type=int, default=50)
     p.add_argument("--out", default=None)
@@ -71,6 +75,20 @@ def make_cache(b: int, s: int, args, dtype, gen):
 
 def timed(fn, args) -> dict:
     return {"us": 1e3 * bench_ms(fn, rep_ms=args.rep_ms), "gpu_us": 1e3 * bench_graph_ms(fn)}
+
+
+def decoder_step(spec: str, q, cache, summaries):
+    """(label, step fn, density) of a registry decode pattern given as a method spec: its select with the
+    spec's budgets over the defaults, then the paged attention."""
+    from sparse_attn.patterns import get_pattern
+
+    label, name, kwargs = parse_method_spec(spec)
+    pattern = get_pattern(name)
+    if not pattern.decode:
+        raise SystemExit(f"--decoders: {name!r} has no decode side")
+    budgets = {p.name: kwargs.get(p.name, p.default) for p in pattern.budgets + pattern.options}
+    select = lambda: pattern.select(q, cache, summaries if pattern.summaries else None, **budgets)  # noqa: E731
+    return label, lambda: paged_decode_attention(q, cache, select()), float(select().density(cache.seqlens).mean())
 
 
 def run(args):
@@ -126,6 +144,9 @@ def run(args):
                 lambda: paged_decode_attention(q, cache, a_shape_pages(cache, sink=args.sink,
                                                                         window=args.a_shape_window)),
                 dens * kv_bytes, dens, False)
+            for spec in args.decoders:
+                label, fn, dens = decoder_step(spec, q, cache, summaries)
+                add(label, None, fn, dens * kv_bytes + summary_bytes, dens, False)
             del k, v, cache, summaries
             torch.cuda.empty_cache()
     return rows

@@ -13,6 +13,9 @@
 #       # (PYTHONPATH; the device calls are in bench/bench_vllm.py), not in the default STEPS
 #   STEPS=memory bash bench/gpu_suite.sh   # one 1M-token layer's peak memory per method (not in the default steps)
 #   STEPS=bench_e2e bash bench/gpu_suite.sh   # whole models end to end (also bench_e2e_512k, bench_e2e_1m, ...)
+#   STEPS="gpu_tests bench_hier" TESTS="tests -k hierarchical" bash bench/gpu_suite.sh
+#       # the hierarchical pattern: its GPU tests, then selection scaling 32K-1M, the call at 128K vs cuDNN with
+#       # recall, decode at 128K batch 8 vs SDPA and quest (bench/bench_hier.py; HIER_ARGS to change sizes)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
@@ -82,6 +85,7 @@ step bench_e2e_smollm2 python3 bench/bench_e2e.py --model ${SMOLLM2:-smollm2} --
     --decode-contexts 8192 --batches 1 8 --pictures --out "$OUT/e2esmol"
 # Peak memory of one 1M-token layer (32 / 8 heads, D=128, bf16) per method against its q, k, v and output (bar 1.5x).
 step memory python3 bench/probes/probe_memory.py --seqlens ${MEMORY_SEQLENS:-1048576} --out "$OUT"
+step bench_hier python3 bench/bench_hier.py ${HIER_ARGS:-} --out "$OUT"
 echo
 echo "==================== summary ($(date -u +%F), $(head -1 "$OUT/gpu.txt")) ===================="
 python3 bench/summarize.py "$OUT"

@@ -131,5 +131,5 @@ PATTERN = register_pattern(Pattern(
     full_budget=lambda seqlen_q, seqlen_k, block_size: {"budget": seqlen_k + 64, "sink": 0, "window": 0},
     sweep=lambda seqlen, block_size: [{"budget": b, "sink": 64, "window": 64}
                                       for b in (256 << i for i in range(32)) if b < seqlen],
-    color="tab:olive",
+    color="tab:cyan",
 ))

@@ -1,0 +1,446 @@
+"""Hierarchical pattern (HiP-style coarse-to-fine top-k): per query block (prefill) or per decode query
+(pages of a paged KV cache), `top_k` key blocks found by a branch-and-prune search in O(S log S), plus the
+sink block and the `local` last visible blocks, always kept.
+
+The search, for one query block (a "unit" is a key block in prefill, a page in decode):
+- candidates: the units strictly between the sink unit 0 and the `local` last visible units, [1, hi);
+  with N = hi - 1 of them and N <= top_k, all are taken;
+- otherwise the candidates are cut into roots of W units, W the smallest power of two with
+  N <= 2 * top_k * W (so between top_k + 1 and 2 * top_k roots, the last one cut at hi);
+- each level scores every live branch [s, min(s + size, hi)) by its representative, its first unit s (HiP's
+  fixed position: a kept branch's left half inherits its score, so a level after the first scores only the
+  right halves); keeps the top_k best branches (tie rule: equal scores go to the branch with the lower
+  first unit); and splits each kept branch in two halves (a half that starts at or past hi is dropped).
+  After log2(W) splits every branch is one unit and a last selection keeps the top_k units.
+Unit scores: prefill, the block-mean query of the query block . the block-mean key of the key block (per
+query head, its kv head's keys: GQA without copying); decode, Quest's bound from the page's key min / max,
+summed over the query heads of the GQA group (sparse_attn.estimators.quest), so one selection per kv head
+serves the group and each page is read once.
+
+Work: 2 * top_k unit scores per query block at the first level, top_k at each of the log2(W) others, so the
+search costs O(nq * top_k * D * log(S / top_k)) after the O(S * D) block means; it never builds a S x S (or
+nq x nk) tensor on the GPU. The whole search of all query blocks and heads is one Triton launch (a program
+per query block and head walks the levels in registers, a bitonic sort of 2 * top_k keys per level),
+decode one launch over (sequence, kv head). Without CUDA or the Triton interpreter the same search runs in
+torch, vectorized over rows (query blocks x heads), with each row's unit scores computed by row chunks.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, Dict, List, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .._triton import INTERPRETED  # noqa: F401  (importing it applies the interpreter fix)
+from ..kvcache import PagedKVCache, PageSummaries
+from ..layouts import BlockLayout, PageSelection
+from ..patterns import Param, Pattern, register_pattern
+from .a_shape import PerHead, per_head
+from .block_sparse import pool_blocks
+
+__all__ = ["hierarchical_layout", "hierarchical_pages", "search_plan", "SAMPLES", "PATTERN"]
+
+# A branch's representative: the best of SAMPLES units at fixed positions s + (j * size) // SAMPLES. The
+# kernels use 1 (the first unit, see the module docstring); the torch search takes others for comparison.
+SAMPLES = 1
+_NONE = -(1 << 63)  # the sort key of a dead branch (below every live key)
+_LOW32 = 0xFFFFFFFF
+# Unit-score elements of one chunk of the torch path (float32): 2**25 is 128 MiB.
+_CHUNK_ELEMENTS = 1 << 25
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def search_plan(n: int, top_k: int):
+    """(root width W, levels) of the search over n candidates keeping top_k (levels = scorings: log2(W) + 1;
+    0 where every candidate is taken)."""
+    if n <= top_k:
+        return 0, 0
+    w = _pow2(-(-n // (2 * top_k)))
+    return w, w.bit_length()
+
+
+# ------------------------------------------------------------------------------------------------ Triton
+
+@triton.jit
+def _branch_keys(score, start, live):
+    """int64 sort keys: the score's order-preserving bits above, (2^32 - 1 - start) below, so a descending
+    sort puts higher scores first and, among equal scores, lower starts first; dead branches lowest."""
+    bits = tl.where(score == 0.0, 0.0, score).to(tl.int32, bitcast=True)  # -0.0 ties with 0.0
+    bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    key = (bits.to(tl.int64) << 32) | (0xFFFFFFFF - start.to(tl.int64))
+    return tl.where(live, key, -9223372036854775808)
+
+
+@triton.jit
+def _keep_best(score, start, live, m, M: tl.constexpr):
+    """The best m of the 2M branches by _branch_keys: [M] starts in key order, kept, and their scores (read
+    back from the keys, so a kept branch's left half needs no new score)."""
+    srt = tl.sort(_branch_keys(score, start, live), descending=True)
+    top, _ = tl.split(tl.permute(tl.reshape(srt, [2, M]), [1, 0]))
+    keep = (tl.arange(0, M) < m) & (top != -9223372036854775808)
+    bits = (top >> 32).to(tl.int32)
+    best = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.float32, bitcast=True)
+    return (0xFFFFFFFF - (top & 0xFFFFFFFF)).to(tl.int32), keep, best
+
+
+@triton.jit
+def _block_units(QB, KB, p, ok, s_kn, D: tl.constexpr, BD: tl.constexpr):
+    """qbar . kbar[p] where ok (else -inf): the score of the branches starting at key blocks p."""
+    acc = tl.zeros(p.shape, tl.float32)
+    for c in tl.static_range(D // BD):
+        d = c * BD + tl.arange(0, BD)
+        qc = tl.load(QB + d)
+        kc = tl.load(KB + p.to(tl.int64)[:, None] * s_kn + d[None, :], mask=ok[:, None], other=0.0)
+        acc += tl.sum(kc.to(tl.float32) * qc[None, :], 1)
+    return tl.where(ok, acc, float("-inf"))
+
+
+@triton.jit
+def _roots(n, m, hi, M: tl.constexpr):
+    """The first level: root width w (the smallest power of two with n <= 2 m w), the number of splits
+    log2(w), and the roots' starts and liveness (none unless there are more than m candidates)."""
+    per = (n + 2 * m - 1) // (2 * m)
+    w = 1
+    splits = 0
+    for _ in tl.static_range(31):
+        grow = w < per
+        w = tl.where(grow, w * 2, w)
+        splits += grow.to(tl.int32)
+    j = tl.arange(0, 2 * M)
+    start = 1 + j * w
+    return w, splits, start, (n > m) & (j < 2 * m) & (start < hi)
+
+
+@triton.jit
+def _prefill_kernel(QBAR, KBAR, TOPK, IDX, CNT, s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_ib, s_ih, s_in,
+                    Hq, G, sq, sk, nk, bs, local,
+                    M: tl.constexpr, LOCAL: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+    i = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    m = tl.load(TOPK + h)
+    last = tl.minimum(i * bs + bs, sq) - 1 + (sk - sq)  # last key the block's rows may see
+    diag = tl.minimum(tl.where(last >= 0, last // bs, -1), nk - 1)
+    hi = tl.maximum(diag - local + 1, 1)  # candidates [1, hi); local blocks [hi, diag]
+    n = tl.where(diag >= 1, hi - 1, 0)
+    QB = QBAR + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + i.to(tl.int64) * s_qn
+    KB = KBAR + b.to(tl.int64) * s_kb + (h // G).to(tl.int64) * s_kh
+    size, splits, start, live = _roots(n, m, hi, M)
+    score = _block_units(QB, KB, start, live, s_kn, D, BD)
+    for _ in range(splits):
+        top, keep, best = _keep_best(score, start, live, m, M)
+        size = size // 2
+        right = top + size
+        right_live = keep & (right < hi)
+        start = tl.interleave(top, right)
+        live = tl.interleave(keep, right_live)
+        score = tl.interleave(best, _block_units(QB, KB, right, right_live, s_kn, D, BD))
+    top, keep, _ = _keep_best(score, start, live, m, M)
+    search = n > m
+    r = tl.arange(0, M)
+    chosen = tl.where(search, tl.where(keep, top, 2147483647), tl.where(r < n, 1 + r, 2147483647))
+    chosen = tl.sort(chosen)
+    n_chosen = tl.where(search, m, n)
+    row = IDX + b.to(tl.int64) * s_ib + h.to(tl.int64) * s_ih + i.to(tl.int64) * s_in
+    tl.store(row, 0, mask=diag >= 0)
+    tl.store(row + 1 + r, chosen, mask=r < n_chosen)
+    t = tl.arange(0, LOCAL)
+    n_local = tl.where(diag >= 1, diag - hi + 1, 0)
+    tl.store(row + 1 + n_chosen + t, hi + t, mask=t < n_local)
+    tl.store(CNT + bh * tl.num_programs(0) + i, tl.where(diag >= 0, 1 + n_chosen + n_local, 0))
+
+
+@triton.jit
+def _page_units(KMIN, KMAX, SLOTS, qpos, qneg, p, ok, s_mp, D: tl.constexpr):
+    """Quest's bound of pages p where ok (else -inf): the score of the branches starting there."""
+    d = tl.arange(0, D)
+    slot = tl.load(SLOTS + p, mask=ok, other=0).to(tl.int64)
+    at = slot[:, None] * s_mp + d[None, :]
+    mn = tl.load(KMIN + at, mask=ok[:, None], other=0.0).to(tl.float32)
+    mx = tl.load(KMAX + at, mask=ok[:, None], other=0.0).to(tl.float32)
+    return tl.where(ok, tl.sum(mx * qpos[None, :] + mn * qneg[None, :], 1), float("-inf"))
+
+
+@triton.jit
+def _decode_kernel(Q, KMIN, KMAX, STABLE, SEQLENS, PAGES, CNT, s_qb, s_qh, s_mp, s_mh, s_sb, s_pb, s_ph,
+                   Hkv, m, local, ps,
+                   G: tl.constexpr, M: tl.constexpr, LOCAL: tl.constexpr, D: tl.constexpr):
+    bh = tl.program_id(0)
+    b = bh // Hkv
+    h = bh % Hkv
+    d = tl.arange(0, D)
+    qpos = tl.zeros([D], tl.float32)
+    qneg = tl.zeros([D], tl.float32)
+    for g in tl.static_range(G):
+        q = tl.load(Q + b.to(tl.int64) * s_qb + (h * G + g).to(tl.int64) * s_qh + d).to(tl.float32)
+        qpos += tl.maximum(q, 0.0)
+        qneg += tl.minimum(q, 0.0)
+    npages = (tl.load(SEQLENS + b) + ps - 1) // ps
+    hi = tl.maximum(npages - local, 1)  # candidates [1, hi); local pages [hi, npages)
+    n = tl.where(npages >= 2, hi - 1, 0)
+    SLOTS = STABLE + b.to(tl.int64) * s_sb
+    KN = KMIN + h.to(tl.int64) * s_mh
+    KX = KMAX + h.to(tl.int64) * s_mh
+    size, splits, start, live = _roots(n, m, hi, M)
+    score = _page_units(KN, KX, SLOTS, qpos, qneg, start, live, s_mp, D)
+    for _ in range(splits):
+        top, keep, best = _keep_best(score, start, live, m, M)
+        size = size // 2
+        right = top + size
+        right_live = keep & (right < hi)
+        start = tl.interleave(top, right)
+        live = tl.interleave(keep, right_live)
+        score = tl.interleave(best, _page_units(KN, KX, SLOTS, qpos, qneg, right, right_live, s_mp, D))
+    top, keep, _ = _keep_best(score, start, live, m, M)
+    search = n > m
+    r = tl.arange(0, M)
+    chosen = tl.where(search, tl.where(keep, top, 2147483647), tl.where(r < n, 1 + r, 2147483647))
+    n_chosen = tl.where(search, m, n)
+    row = PAGES + b.to(tl.int64) * s_pb + h.to(tl.int64) * s_ph
+    tl.store(row, 0, mask=npages >= 1)
+    tl.store(row + 1 + r, chosen, mask=r < n_chosen)
+    t = tl.arange(0, LOCAL)
+    n_local = tl.where(npages >= 2, npages - hi, 0)
+    tl.store(row + 1 + n_chosen + t, hi + t, mask=t < n_local)
+    tl.store(CNT + bh, tl.minimum(npages, 1) + n_chosen + n_local)
+
+
+# ------------------------------------------------------------------------------------------------- torch
+
+def _keys(score: torch.Tensor, start: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    bits = torch.where(score == 0, 0.0, score.float()).contiguous().view(torch.int32)  # -0.0 ties with 0.0
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    key = (bits.long() << 32) | (_LOW32 - start.long())
+    return torch.where(live, key, torch.full_like(key, _NONE))
+
+
+def search_torch(unit_scores: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], hi: torch.Tensor,
+                 m: torch.Tensor, *, samples: int = SAMPLES) -> torch.Tensor:
+    """The search of the module docstring for many rows at once, vectorized over them: row r's candidates
+    are the units [1, hi[r]), m[r] >= 1 are kept. unit_scores(rows [R'], units [R', X]) -> float32 [R', X],
+    the scores of those units (all < hi) for those rows. Returns int64 [R, max m]: each row's chosen units
+    ascending (every candidate where there are at most m), padded with int64 max."""
+    dev = hi.device
+    n = (hi - 1).clamp(min=0)
+    width = max(1, int(m.max()) if m.numel() else 1)
+    r = torch.arange(width, device=dev)
+    out = torch.where(r < n[:, None], 1 + r, torch.iinfo(torch.int64).max)
+    rows = (n > m).nonzero().flatten()
+    if rows.numel() == 0:
+        return out
+    n, hi, m = n[rows], hi[rows, None], m[rows, None]
+    per = -(-n // (2 * m[:, 0]))
+    size = torch.ones_like(per)
+    while bool((size < per).any()):
+        size = torch.where(size < per, size * 2, size)
+    j = torch.arange(2 * width, device=dev)
+    start = 1 + j * size[:, None]
+    live = (j < 2 * m) & (start < hi)
+    size = size[:, None]
+    while True:
+        score = torch.full(start.shape, float("-inf"), device=dev)
+        for s in range(samples):
+            p = start + (s * size) // samples
+            ok = live & (p < hi)
+            score = torch.maximum(score, torch.where(ok, unit_scores(rows, torch.where(ok, p, 0)), float("-inf")))
+        top = _keys(score, start, live).sort(dim=-1, descending=True).values[:, :width]
+        keep = (r < m) & (top != _NONE)
+        top = _LOW32 - (top & _LOW32)
+        if bool((size == 1).all()):
+            break
+        # Rows already at single units keep their choice (scoring it again chooses it again).
+        right = top + size // 2
+        start = torch.stack([top, right], -1).flatten(1)
+        live = torch.stack([keep, keep & (size > 1) & (right < hi)], -1).flatten(1)
+        size = torch.where(size > 1, size // 2, size)
+    out[rows] = torch.where(keep, top, torch.iinfo(torch.int64).max).sort(-1).values
+    return out
+
+
+def _dots(vectors: Callable, keys: Callable, rows: torch.Tensor, units: torch.Tensor, d: int) -> torch.Tensor:
+    """sum_d vectors(rows)[r, d] * keys(rows, units)[r, x, d] (float32 [R, X]), a chunk of rows at a time."""
+    out = torch.empty(units.shape, device=units.device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, units.shape[1] * d))
+    for c0 in range(0, rows.numel(), step):
+        rr, uu = rows[c0:c0 + step], units[c0:c0 + step]
+        out[c0:c0 + step] = torch.einsum("rd,rxd->rx", vectors(rr), keys(rr, uu))
+    return out
+
+
+def _rows_out(chosen: torch.Tensor, total_units: torch.Tensor, hi: torch.Tensor, n_local: torch.Tensor,
+              width: int) -> tuple:
+    """Per row [sink 0, chosen..., local hi..] as int32 [R, width] padded with -1, and the counts."""
+    big = torch.iinfo(torch.int64).max
+    n_chosen = (chosen != big).sum(-1, keepdim=True)
+    slot = torch.arange(width, device=chosen.device)
+    picked = chosen.gather(1, (slot - 1).clamp(0, chosen.shape[1] - 1).expand(chosen.shape[0], -1))
+    local = hi[:, None] + slot - 1 - n_chosen
+    total = torch.where(total_units >= 1, 1 + n_chosen[:, 0] + n_local, 0)
+    ids = torch.where(slot == 0, 0, torch.where(slot <= n_chosen, picked, local))
+    ids = torch.where(slot < total[:, None], ids, -1)
+    return ids.to(torch.int32), total.to(torch.int32)
+
+
+def _prefill_torch(qbar, kbar, m, sq: int, sk: int, bs: int, local: int, width: int):
+    b, hq, nq, d = qbar.shape
+    hkv, nk = kbar.shape[1], kbar.shape[2]
+    dev = qbar.device
+    last = (torch.arange(nq, device=dev) * bs + bs).clamp(max=sq) - 1 + (sk - sq)
+    diag = torch.where(last >= 0, torch.div(last, bs, rounding_mode="floor"), -1).clamp(max=nk - 1).repeat(b * hq)
+    hi = (diag - local + 1).clamp(min=1)  # rows (b, h, i), i fastest
+    q_rows = qbar.reshape(-1, d)
+    k_rows = kbar.reshape(b * hkv, nk, d)
+    kv_of = torch.arange(b * hq * nq, device=dev) // (nq * (hq // hkv))
+    def scores(rows, units):
+        return _dots(lambda r: q_rows[r], lambda r, u: k_rows[kv_of[r, None], u].float(), rows, units, d)
+
+    chosen = search_torch(scores, torch.where(diag >= 1, hi, 1), m.to(dev).repeat_interleave(nq).repeat(b))
+    n_local = torch.where(diag >= 1, diag - hi + 1, 0)
+    ids, counts = _rows_out(chosen, diag + 1, hi, n_local, width)
+    return ids.view(b, hq, nq, width), counts.view(b, hq, nq)
+
+
+# ------------------------------------------------------------------------------------------ the two sides
+
+def _check_local(local) -> int:
+    if isinstance(local, bool) or not isinstance(local, int) or local < 1:
+        raise ValueError(f"local: expected an int >= 1 (the last visible blocks, always kept), got {local!r}")
+    return local
+
+
+def _use_triton(x: torch.Tensor, pow2_dim: bool = True) -> bool:
+    return (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and pow2_dim
+
+
+def hierarchical_layout(q: torch.Tensor, k: torch.Tensor, top_k: PerHead, *, block_size: int = 64, local: int = 1,
+                        use_triton: Optional[bool] = None) -> BlockLayout:
+    """The hierarchical BlockLayout (see the module docstring) of q [B, Hq, Sq, D] against k [B, Hkv, Sk, D],
+    causal bottom-right (the queries are the last Sq of Sk positions). top_k: key blocks the search picks per
+    query block besides the sink block and the `local` last visible ones (an int or one per query head,
+    >= 1). use_triton: None takes the Triton kernel on CUDA or under TRITON_INTERPRET=1, else torch."""
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    if hq % hkv:
+        raise ValueError(f"q: expected a multiple of k's {hkv} heads, got {hq}")
+    local = _check_local(local)
+    bs = block_size
+    nq, nk = -(-sq // bs), -(-sk // bs)
+    m = per_head("top_k", top_k, hq, minimum=1).clamp(max=nk)
+    width = max(1, min(nk, 1 + int(m.max()) + local))
+    qbar = pool_blocks(q, bs)  # [B, Hq, nq, D] float32
+    # The block-mean keys in k's dtype on the GPU (half the bytes the search gathers), float32 on the CPU.
+    kbar = pool_blocks(k, bs).to(k.dtype if k.is_cuda else torch.float32)  # [B, Hkv, nk, D]
+    if not (_use_triton(q) if use_triton is None else use_triton):
+        idx, counts = _prefill_torch(qbar, kbar, m, sq, sk, bs, local, width)
+        return BlockLayout(counts, idx, bs, bs, sq, sk, validate=False)
+    idx = torch.full((b, hq, nq, width), -1, dtype=torch.int32, device=q.device)
+    counts = torch.empty(b, hq, nq, dtype=torch.int32, device=q.device)
+    _prefill_kernel[(nq, b * hq)](
+        qbar, kbar, m.to(torch.int32).to(q.device), idx, counts, *qbar.stride()[:3], *kbar.stride()[:3],
+        *idx.stride()[:3], hq, hq // hkv, sq, sk, nk, bs, local,
+        M=_pow2(int(m.max())), LOCAL=_pow2(local), D=d, BD=math.gcd(d, 32), num_warps=4)
+    return BlockLayout(counts, idx, bs, bs, sq, sk, validate=False)
+
+
+def hierarchical_pages(q: torch.Tensor, cache: PagedKVCache, summaries: PageSummaries, *, top_k: int,
+                       local: int = 1, use_triton: Optional[bool] = None) -> PageSelection:
+    """Decode's side: per (sequence, kv head) the page 0, the `local` last pages and `top_k` pages found by
+    the search over the pages between them, scored by Quest's key min / max bound summed over the kv head's
+    query heads (one selection per GQA group). q [B, Hq, D] (or [B, Hq, 1, D]). A sequence with at most
+    1 + top_k + local pages reads all of them. One launch, static shapes, no host sync."""
+    if q.dim() == 4:
+        q = q[:, :, 0]
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k: expected an int >= 1 (pages the search picks), got {top_k!r}")
+    local = _check_local(local)
+    b, hq, d = q.shape
+    hkv, ps = cache.num_kv_heads, cache.page_size
+    m = min(top_k, cache.max_pages)
+    width = max(1, min(cache.max_pages, 1 + m + local))
+    if not (_use_triton(q, d & (d - 1) == 0) if use_triton is None else use_triton):
+        return _decode_torch(q, cache, summaries, m, local, width)
+    pages = torch.empty(b, hkv, width, dtype=torch.int32, device=q.device)
+    counts = torch.empty(b, hkv, dtype=torch.int32, device=q.device)
+    _decode_kernel[(b * hkv,)](
+        q, summaries.kmin, summaries.kmax, summaries.table, cache.seqlens, pages, counts, q.stride(0), q.stride(1),
+        summaries.kmin.stride(0), summaries.kmin.stride(1), summaries.table.stride(0), pages.stride(0),
+        pages.stride(1), hkv, m, local, ps,
+        G=hq // hkv, M=_pow2(m), LOCAL=_pow2(local), D=d, num_warps=4)
+    return PageSelection(pages, counts, ps)
+
+
+def _decode_torch(q, cache: PagedKVCache, summaries: PageSummaries, m: int, local: int, width: int):
+    b, hq, d = q.shape
+    hkv = cache.num_kv_heads
+    qg = q.float().view(b, hkv, hq // hkv, d)
+    vec = torch.cat([qg.clamp(min=0).sum(2), qg.clamp(max=0).sum(2)], -1).view(b * hkv, 2 * d)  # rows (b, h)
+    bounds = torch.cat([summaries.kmax, summaries.kmin], -1).float()  # [slots, Hkv, 2D]
+    table = summaries.table.long()
+    seq_of = torch.arange(b * hkv, device=q.device) // hkv
+    head_of = torch.arange(b * hkv, device=q.device) % hkv
+
+    def keys(rows, units):
+        return bounds[table[seq_of[rows, None], units], head_of[rows, None]]
+
+    npages = cache.num_pages_of().long().repeat_interleave(hkv)
+    hi = (npages - local).clamp(min=1)
+    chosen = search_torch(lambda rr, uu: _dots(lambda r_: vec[r_], keys, rr, uu, 2 * d),
+                          torch.where(npages >= 2, hi, 1), torch.full_like(npages, m))
+    n_local = torch.where(npages >= 2, npages - hi, 0)
+    ids, counts = _rows_out(chosen, npages, hi, n_local, width)
+    return PageSelection(ids.view(b, hkv, width), counts.view(b, hkv), cache.page_size)
+
+
+# -------------------------------------------------------------------------------------------- registry
+
+def _estimate(q, k, budgets, *, causal: bool, scale, block_size: int, local: int = 1) -> BlockLayout:
+    return hierarchical_layout(q, k, budgets["top_k"], block_size=block_size, local=local)
+
+
+def _build(layout, q, k, budgets, *, causal: bool, block_size: int, local: int = 1) -> BlockLayout:
+    return layout
+
+
+def _top_ks(seqlen: int, block_size: int) -> List[Dict[str, int]]:
+    """top_k 1, then powers of two up to a quarter of the key blocks."""
+    nk = -(-seqlen // block_size)
+    return [{"top_k": 1}] + [{"top_k": 2 << i} for i in range(64) if 2 << i <= max(2, nk // 4)]
+
+
+def _cost(seqlen: int, *, block_size: int, **options) -> float:
+    """The search's FLOPs relative to dense causal attention's 2 * D * seqlen^2: per query block 2 * top_k
+    dot products of D, then top_k per level over log2(nk / top_k) levels (top_k 64 taken here)."""
+    nq = -(-seqlen // block_size)
+    dots = 64 * (2 + math.log2(max(1.0, nq / 128)))
+    return nq * dots / seqlen ** 2
+
+
+PATTERN = register_pattern(Pattern(
+    name="hierarchical",
+    summary="HiP-style coarse-to-fine top-k: top_k key blocks per query block (pages in decode) by a "
+            "branch-and-prune search, O(S log S), plus the first and the last local ones",
+    layout=BlockLayout,
+    budgets=(Param("top_k", int, 32, 1, doc="key blocks per query block (decode: pages) the search picks, besides "
+                                            "the first and the `local` last visible ones"),),
+    options=(Param("local", int, 1, 1, doc="last visible key blocks (decode: pages) always kept"),),
+    estimate=_estimate,
+    build=_build,
+    # top_k as large as the key blocks or pages of any size the kernels take (16 tokens and up): dense.
+    full_budget=lambda seqlen_q, seqlen_k, block_size: {"top_k": -(-seqlen_k // min(block_size, 16))},
+    candidates=_top_ks,
+    sweep=_top_ks,
+    estimator_cost=_cost,
+    speed_tflops=467.0,  # the block-sparse kernel's measured rate
+    select=lambda q, cache, summaries, *, scale=None, top_k, local: hierarchical_pages(
+        q, cache, summaries, top_k=top_k, local=local),
+    summaries=True,
+    decode_page_size=64,
+    color="tab:olive",
+))

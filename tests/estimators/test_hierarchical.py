@@ -1,0 +1,262 @@
+"""Hierarchical (coarse-to-fine top-k) pattern: the Triton search and the torch search against a plain Python
+statement of the same search (tie rule: equal representative scores go to the branch with the lower first
+unit), for prefill (key blocks per query block, GQA, bottom-right causal) and decode (pages of a paged
+cache, varlen, partial last page); attention over the chosen layout against the fp32 reference; bad budgets.
+The registry-parametrized tests (test_methods, test_hf*, the profiler) cover the pattern's method."""
+import math
+
+import pytest
+import torch
+
+from helpers import DEV, assert_close, generator, qkv, randn
+from sparse_attn.estimators.hierarchical import SAMPLES, hierarchical_layout, hierarchical_pages
+from sparse_attn.kvcache import PagedKVCache, PageSummaries
+from sparse_attn.methods import sparse_attention
+from sparse_attn.ops import attention
+from sparse_attn.ops.reference import reference_attention
+
+
+def reference_search(score, hi, m, samples=SAMPLES):
+    """The search written out for one query block: candidates 1 .. hi - 1, `score(unit)` a float."""
+    n = max(hi - 1, 0)
+    if n <= m:
+        return list(range(1, hi))
+    width = 1
+    while n > 2 * m * width:
+        width *= 2
+    branches = [(s, width) for s in range(1, hi, width)]
+    while True:
+        def rep(branch):
+            s, size = branch
+            return max(score(s + (j * size) // samples) for j in range(samples) if s + (j * size) // samples < hi)
+        kept = sorted(branches, key=lambda br: (-rep(br), br[0]))[:m]
+        size = kept[0][1]
+        if size == 1:
+            return sorted(s for s, _ in kept)
+        branches = [(c, size // 2) for s, _ in kept for c in (s, s + size // 2) if c < hi]
+
+
+def reference_layout_blocks(q, k, top_k, block_size, local):
+    """Per (batch, head, query block) the kept key blocks: [0] + searched + the `local` last visible ones."""
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    nq, nk = -(-sq // block_size), -(-sk // block_size)
+    qbar = torch.stack([q[:, :, i * block_size:(i + 1) * block_size].double().mean(2) for i in range(nq)], 2)
+    kbar = torch.stack([k[:, :, i * block_size:(i + 1) * block_size].double().mean(2) for i in range(nk)], 2)
+    out = {}
+    for bi in range(b):
+        for h in range(hq):
+            for i in range(nq):
+                last = min(i * block_size + block_size, sq) - 1 + sk - sq
+                diag = min(last // block_size, nk - 1) if last >= 0 else -1
+                if diag < 0:
+                    out[bi, h, i] = []
+                    continue
+                hi = max(diag - local + 1, 1)
+                unit = lambda u: float(qbar[bi, h, i] @ kbar[bi, h // (hq // hkv), u])  # noqa: E731
+                out[bi, h, i] = [0] + reference_search(unit, hi, top_k[h]) + list(range(hi, diag + 1))
+    return out
+
+
+def layout_blocks(layout):
+    c, idx = layout.counts.cpu(), layout.indices.cpu()
+    return {key: idx[key][: int(c[key])].tolist() for key in ((b, h, i) for b in range(c.shape[0])
+                                                            for h in range(c.shape[1]) for i in range(c.shape[2]))}
+
+
+def integer_qkv(seed, b, hq, hkv, sq, sk, d):
+    """Small integers: every block mean and dot product is exact in float32, so equal scores tie exactly."""
+    gen = generator(seed)
+    q, k = (torch.randint(-2, 3, shape, generator=gen).float().to(DEV)
+            for shape in ((b, hq, sq, d), (b, hkv, sk, d)))
+    return q, k
+
+
+CASES = [  # b, hq, hkv, sq, sk, d, block_size, top_k per head, local
+    (1, 4, 2, 200, 200, 32, 16, [1, 2, 3, 5], 1),
+    (2, 2, 1, 70, 520, 64, 16, [4, 2], 2),
+    (1, 2, 2, 40, 1000, 16, 32, [3, 6], 3),
+]
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["gaussian", "integer-ties"])
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[3]}x{c[4]}" for c in CASES])
+@pytest.mark.parametrize("use_triton", [True, False], ids=["triton", "torch"])
+def test_prefill_selection_equals_the_written_out_search(case, exact, use_triton):
+    b, hq, hkv, sq, sk, d, bs, top_k, local = case
+    if exact:  # whole blocks: means of integers over a power of two are exact
+        sq, sk = sq // bs * bs, sk // bs * bs
+        q, k = integer_qkv(sq + sk, b, hq, hkv, sq, sk, d)
+    else:
+        q, k, _ = qkv(sq + sk, b, hq, hkv, sq, sk, d)
+    layout = hierarchical_layout(q, k, top_k, block_size=bs, local=local, use_triton=use_triton)
+    layout.check_values()
+    assert layout.indices.shape[-1] == min(-(-sk // bs), 1 + max(top_k) + local)
+    assert layout_blocks(layout) == reference_layout_blocks(q, k, top_k, bs, local)
+
+
+def test_prefill_search_prunes_when_it_should():
+    """Enough blocks that every query block in the second half searches several levels: counts are exactly
+    1 + top_k + local there, and the chosen blocks are not simply the first or last ones."""
+    q, k, _ = qkv(5, 1, 2, 1, 1024, 1024, 16)
+    layout = hierarchical_layout(q, k, 3, block_size=16, local=1, use_triton=False)
+    assert (layout.counts[..., 32:] == 5).all()
+    chosen = layout.indices[..., 32:, 1:4]
+    assert chosen.float().std() > 4
+
+
+@pytest.mark.parametrize("sq,sk,d,hq,hkv", [(192, 192, 64, 4, 2), (130, 400, 32, 2, 1)])
+def test_attention_over_the_layout_equals_the_fp32_reference(poisoned_outputs, sq, sk, d, hq, hkv):
+    q, k, v = qkv(sq * d, 2, hq, hkv, sq, sk, d)
+    layout = hierarchical_layout(q, k, [2, 1, 3, 2][:hq], block_size=16, local=1, use_triton=False)
+    assert layout.density() < 1
+    out = attention(q, k, v, layout, causal=True)
+    assert_close(out, reference_attention(q, k, v, layout, causal=True))
+
+
+def _paged_cache(seed, b, hkv, d, ps, lengths, dtype=torch.float32):
+    """A paged cache with its pages scattered over the storage (shuffled table) and spare pages."""
+    gen = generator(seed)
+    per = -(-max(lengths) // ps)
+    n_pages = b * per + 3
+    k = randn(gen, n_pages, ps, hkv, d, dtype=dtype)
+    v = randn(gen, n_pages, ps, hkv, d, dtype=dtype)
+    table = torch.randperm(n_pages, generator=gen)[: b * per].view(b, per).to(torch.int32).to(DEV)
+    cache = PagedKVCache(k, v, table, torch.tensor(lengths, dtype=torch.int32, device=DEV), ps)
+    return cache, PageSummaries.build(cache)
+
+
+def reference_pages(q, cache, summaries, top_k, local):
+    """Per (sequence, kv head) the set of pages: 0, searched, the `local` last; Quest bounds summed over
+    the group."""
+    b, hq, d = q.shape
+    hkv = cache.num_kv_heads
+    g = hq // hkv
+    out = {}
+    for bi in range(b):
+        n = -(-int(cache.seqlens[bi]) // cache.page_size)
+        for h in range(hkv):
+            qs = q[bi, h * g:(h + 1) * g].double()
+
+            def unit(p):
+                slot = int(summaries.table[bi, p])
+                mn, mx = summaries.kmin[slot, h].double(), summaries.kmax[slot, h].double()
+                return float(torch.maximum(qs * mn, qs * mx).sum())
+
+            if n == 0:
+                out[bi, h] = []
+                continue
+            hi = max(n - local, 1)
+            out[bi, h] = sorted([0] + reference_search(unit, hi, top_k) + list(range(hi, n)))
+    return out
+
+
+@pytest.mark.parametrize("use_triton", [True, False], ids=["triton", "torch"])
+@pytest.mark.parametrize("ps,lengths,top_k,local,g", [(16, [900, 333, 20, 1], 3, 2, 2), (32, [1000, 545], 5, 1, 3),
+                                                     (16, [700, 64], 40, 2, 1)])
+def test_decode_selection_equals_the_written_out_search(use_triton, ps, lengths, top_k, local, g):
+    hkv, d = 2, 32
+    cache, summaries = _paged_cache(ps + top_k, len(lengths), hkv, d, ps, lengths)
+    q = randn(generator(top_k), len(lengths), hkv * g, d)
+    sel = hierarchical_pages(q, cache, summaries, top_k=top_k, local=local, use_triton=use_triton)
+    assert sel.width == min(cache.max_pages, 1 + top_k + local) and sel.pages.shape[1] == hkv
+    got = {(bi, h): sorted(sel.pages[bi, h, : int(sel.counts[bi, h])].tolist())
+           for bi in range(len(lengths)) for h in range(hkv)}
+    assert got == reference_pages(q, cache, summaries, top_k, local)
+
+
+def test_decode_through_the_method_reads_the_selected_pages():
+    """The method's decode side (a contiguous cache read as 64-token pages) equals the reference over the tokens
+    of the pages it reports; its density is theirs."""
+    q, k, v = qkv(11, 1, 4, 2, 1, 2000, 32)
+    stats = {}
+    out = sparse_attention(q, k, v, "hierarchical", top_k=4, local=2, min_seqlen=512, stats=stats)
+    cache = PagedKVCache.from_contiguous(k, v, page_size=64)
+    sel = hierarchical_pages(q, cache, PageSummaries.build(cache), top_k=4, local=2)
+    mask = sel.token_mask(cache.seqlens, 2000).repeat_interleave(2, 1)[:, :, None]  # [B, Hq, 1, S]
+    assert_close(out, reference_attention(q, k, v, mask, causal=True))
+    # Page 0, 4 searched pages and the last two (page 31 holds 2000 - 31 * 64 = 16 tokens).
+    assert torch.allclose(stats["density"], torch.full((4,), (6 * 64 + 16) / 2000, dtype=torch.float64))
+
+
+def test_bad_budgets_are_named():
+    q, k, v = qkv(1, 1, 2, 1, 128, 128, 16)
+    with pytest.raises(ValueError, match=r"top_k: expected values >= 1"):
+        hierarchical_layout(q, k, 0, block_size=16)
+    with pytest.raises(ValueError, match=r"top_k: expected an int or 2 values"):
+        hierarchical_layout(q, k, [1, 2, 3], block_size=16)
+    with pytest.raises(ValueError, match=r"local: expected an int >= 1"):
+        hierarchical_layout(q, k, 2, block_size=16, local=0)
+    with pytest.raises(ValueError, match=r"method 'hierarchical': 'top_k' must be an int >= 1, got 0"):
+        sparse_attention(q, k, v, "hierarchical", top_k=0, min_seqlen=0)
+    cache = PagedKVCache.from_contiguous(k, v, page_size=16)
+    with pytest.raises(ValueError, match=r"top_k: expected an int >= 1 \(pages the search picks\), got 2.5"):
+        hierarchical_pages(q[:, :, 0], cache, PageSummaries.build(cache), top_k=2.5)
+
+
+def test_search_levels_grow_with_the_log_of_the_length():
+    """The number of scorings per query block is log2(root width) + 1: one more per doubling of the keys."""
+    from sparse_attn.estimators.hierarchical import search_plan
+
+    assert search_plan(10, 16) == (0, 0)
+    levels = [search_plan(n, 64)[1] for n in (2 ** 13, 2 ** 14, 2 ** 15)]
+    assert levels == [7, 8, 9] and search_plan(8193, 64) == (128, 8)
+    assert all(math.ceil(n / search_plan(n, 64)[0]) in range(65, 129) for n in (129, 1000, 5000, 2 ** 14 + 3))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_kernels_equal_the_torch_search_and_decode_captures_in_a_graph():
+    q, k, _ = qkv(3, 1, 8, 2, 4096, 4096, 128, dtype=torch.bfloat16, device="cuda")
+    a = hierarchical_layout(q, k, 16, block_size=64, use_triton=True)
+    b = hierarchical_layout(q, k, 16, block_size=64, use_triton=False)
+    same = (a.indices == b.indices).all(-1).float().mean()
+    assert torch.equal(a.counts, b.counts) and same > 0.99  # float order may flip near-ties
+    cache, summaries = _paged_cache(4, 4, 2, 128, 64, [5000, 3001, 64, 7777], dtype=torch.bfloat16)
+    cache = PagedKVCache(cache.k.cuda(), cache.v.cuda(), cache.page_table.cuda(), cache.seqlens.cuda(), 64)
+    summaries = PageSummaries.build(cache)
+    qd = torch.randn(4, 8, 128, device="cuda", dtype=torch.bfloat16)
+    sel = hierarchical_pages(qd, cache, summaries, top_k=16)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        again = hierarchical_pages(qd, cache, summaries, top_k=16)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(again.counts, sel.counts) and torch.equal(again.pages, sel.pages)
+
+
+@pytest.mark.parametrize("top_k,sparse", [(1, True), (64, False)], ids=["tiny", "full"])
+def test_hf_generate_decodes_through_the_search(top_k, sparse):
+    """A patched tiny Llama (dense prefill, hierarchical decode over 64-token pages of its cache): a tiny
+    top_k changes the decode logits and reads a fraction of the cache; a top_k past the pages is dense."""
+    transformers = pytest.importorskip("transformers")
+    import sparse_attn
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=128,
+                                      max_position_embeddings=1024)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 128, (1, 600), generator=torch.Generator().manual_seed(1))
+
+    @torch.no_grad()
+    def decode_logits(steps=2):
+        cache = transformers.DynamicCache()
+        model(ids[:, :-steps], past_key_values=cache, use_cache=True)
+        return torch.stack([model(ids[:, -steps + i:][:, :1], past_key_values=cache, use_cache=True).logits[:, -1]
+                            for i in range(steps)], 1)
+
+    dense = decode_logits()
+    sparse_attn.patch(model, "quest", min_seqlen=0, decode="hierarchical", decode_config={"top_k": top_k})
+    try:
+        got = decode_logits()
+        stats = sparse_attn.get_stats(model)
+        generated = model.generate(ids[:, :500], max_new_tokens=2, do_sample=False, pad_token_id=0)
+    finally:
+        sparse_attn.unpatch(model)
+    assert stats.decode[1].pattern == ["hierarchical"] * 4 and generated.shape == (1, 502)
+    if sparse:
+        assert (got - dense).abs().max() > 1e-3 and 0 < stats.density("decode") < 0.5
+    else:
+        assert_close(got, dense, floor=1e-4)
+        assert stats.density("decode") == pytest.approx(1.0)
