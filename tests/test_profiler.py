@@ -144,7 +144,7 @@ def test_tail_recall_keeps_a_retrieval_head_off_a_shape():
     mean_only = LayerScores(scores.candidates, scores.recall, scores.density)
     assert scores.candidates[select_heads(mean_only, 0.95, cost)[0]]["pattern"] == "a_shape"
     chosen = select_heads(scores, 0.95, cost)[0]
-    assert scores.candidates[chosen]["pattern"] == "vertical_slash"
+    assert scores.candidates[chosen]["pattern"] not in ("a_shape", "dense")  # a pattern that reads the far key
     assert scores.tail_recall[chosen, 0] >= 0.95
     # A-shape loses the far key's mass; a tail target below what it keeps lets it back in.
     a_shape = [i for i, c in enumerate(scores.candidates) if c["pattern"] == "a_shape"]
