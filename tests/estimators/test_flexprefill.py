@@ -72,8 +72,11 @@ def reference_choice(q, k, gamma, tau, bs, min_budget):
                     sets[qb] = _take(scores, visible, sorted({0, visible[-1]}), gamma[h], math.ceil(min_budget / bs))
                 out[bi, h] = ("qa", sets)
             else:
-                both = _take(dict(enumerate(col + slash)), range(2 * sk), [0, sk], gamma[h], min_budget)
-                out[bi, h] = ("vs", {e for e in both if e < sk}, {e - sk for e in both if e >= sk})
+                both = _take(dict(enumerate(col + slash)), range(2 * sk), [0, sk], gamma[h], 0)
+                cols, diags = {e for e in both if e < sk}, {e - sk for e in both if e >= sk}
+                ranked = [0] + sorted(range(1, sk), key=lambda j: (-col[j], j))
+                cols |= set(ranked[:max(0, min_budget - len(diags))])
+                out[bi, h] = ("vs", cols, diags)
     return out
 
 

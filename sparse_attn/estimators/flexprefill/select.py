@@ -17,10 +17,12 @@ j <= i + off), L = min(bs, Sq, Sk) the last queries, p the softmax of those L ro
    over the pairs on diagonal o (j = i + off - o), both divided by L (each sums to 1). Columns and
    diagonals are ranked together, one list of 2 Sk entries (column j, then diagonal o at Sk + o): column
    0 and diagonal 0 are kept, the others taken by decreasing mass (ties: lower entry) while the kept mass
-   is below gamma, topped up to at least min_budget entries. The estimated mass of a set is the sum of
-   its members' (a column and a diagonal share one pair per row at most): ranked together, a head whose
-   mass sits in a few columns takes those and no diagonals, where two separate lists would each have to
-   reach gamma and the diagonals would cover the columns' mass a second time, at a block-wide band each.
+   is below gamma. Then, while columns + diagonals < min_budget, the next best column is added (by
+   decreasing v, ties: lower id). The estimated mass of a set is the sum of its members' (a column and a
+   diagonal share one pair per row at most): ranked together, a head whose mass sits in a few columns
+   takes those and no diagonals, where two separate lists would each have to reach gamma and the
+   diagonals would cover the columns' mass a second time. The top-up takes columns only: a column costs a
+   key per row, a lone diagonal a block-wide band of keys in the layout.
 4. Layout: query-aware heads' blocks become key ranges (runs of consecutive blocks merged) with no
    columns; vertical-slash heads' columns and diagonals go through the vertical-slash index builder.
 
@@ -189,14 +191,18 @@ def select_vertical_slash(column_mass, slash_mass, gamma: torch.Tensor, *, min_b
     mass = torch.cat([column_mass, slash_mass], -1)  # entry sk + o is diagonal o
     idx = torch.arange(2 * sk, device=mass.device)
     forced = ((idx == 0) | (idx == sk)).expand_as(mass)
-    order, count = take_until(mass, torch.ones_like(forced), forced, gamma.view(1, -1), min_budget)
-    live = torch.arange(2 * sk, device=mass.device) < count.unsqueeze(-1)
-    chosen = torch.where(live, order, 2 * sk)
+    order, count = take_until(mass, torch.ones_like(forced), forced, gamma.view(1, -1), 0)
+    taken = torch.arange(2 * sk, device=mass.device) < count.unsqueeze(-1)
+    n_slash = (taken & (order >= sk)).sum(-1)
+    # The top-up: the best columns (the taken ones are the first of this order), to min_budget entries.
+    n_cols = torch.maximum(count - n_slash, (min_budget - n_slash).clamp(max=sk))
+    col_order, _ = take_until(column_mass, torch.ones_like(forced[..., :sk]), forced[..., :sk], gamma.new_zeros(1), 0)
     out = []
-    for lo in (0, sk):
-        inside = (chosen >= lo) & (chosen < lo + sk)
-        width = max(1, int(inside.sum(-1).max()))
-        ids = torch.where(inside, chosen - lo, sk).sort(-1).values[..., :width]
+    for ids, n in ((col_order, n_cols), (torch.where(taken & (order >= sk), order - sk, sk), None)):
+        if n is not None:
+            ids = torch.where(torch.arange(sk, device=mass.device) < n.unsqueeze(-1), ids, sk)
+        width = max(1, int((ids < sk).sum(-1).max()))
+        ids = ids.sort(-1).values[..., :width]
         out.append(torch.where(ids < sk, ids, ids[..., :1]).sort(-1).values.to(torch.int32))
     return tuple(out)
 
