@@ -8,6 +8,8 @@
 #       # the block-sparse kernel's own tests, then its tile configs timed against the default at 8K and 32K
 #       # (VARIANTS: block_m,block_n,warps,stages[,warp_specialize,tma,maxnreg]) and on 64-token layouts
 #       # (VARIANTS64); written to $OUT/sweep and $OUT/sweep64
+#   STEPS="frontier" bash bench/gpu_suite.sh    # speed-recall frontier at 128K ($OUT/frontier/frontier.{md,png})
+#   STEPS="flex_bars" bash bench/gpu_suite.sh   # flexprefill / xattention at 128K (mixed, structured) and 1M
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
@@ -55,6 +57,13 @@ else
         --dense-max ${DENSE_MAX:-1048576} --methods $METHODS --out "$OUT"
 fi
 step block_sparse_sweep block_sparse_sweep
+# Speed-recall frontier: every prefill pattern over its registry sweep at 128K, structured and mixed inputs.
+step frontier python3 bench/bench_methods.py --frontier --seqlens ${FRONTIER_SEQLENS:-131072} \
+    --data structured mixed --dense-max 131072 --warmup 1 --repeats 2 --out "$OUT/frontier"
+# FlexPrefill's bars (gamma 0.9: >= 5x on mixed with recall >= 0.9, >= 6x structured, est+idx <= 10 %, 1M
+# runs; dense at 1M extrapolated from 128K) and XAttention (tau 0.9) at the same points.
+step flex_bars python3 bench/bench_methods.py --seqlens 131072 1048576 --dense-max 131072 --data mixed structured \
+    --methods flexprefill:gamma=0.9 xattention:tau=0.9 --recall-bands 8 --out "$OUT/flex_bars"
 step bench_decode python3 bench/bench_decode.py ${DECODE_ARGS:-} --out "$OUT"
 echo
 echo "==================== summary ($(date -u +%F), $(head -1 "$OUT/gpu.txt")) ===================="
