@@ -104,14 +104,18 @@ def reference_mask(ref, b, hq, sq, sk, bs):
     return mask
 
 
-def _choice_sets(choice):
+def _choice_sets(choice, bs):
     out = {}
     b, h = choice.query_aware.shape
     for bi in range(b):
         for hi in range(h):
             if bool(choice.query_aware[bi, hi]):
-                blocks = choice.blocks[bi, hi]
-                out[bi, hi] = ("qa", {qb: {int(x) for x in row if x >= 0} for qb, row in enumerate(blocks)})
+                sets = {}
+                for qb in range(choice.range_counts.shape[2]):
+                    n = int(choice.range_counts[bi, hi, qb])
+                    ranges = zip(choice.range_starts[bi, hi, qb, :n].tolist(), choice.range_ends[bi, hi, qb, :n].tolist())
+                    sets[qb] = {j // bs for a, z in ranges for j in range(a, z)}
+                out[bi, hi] = ("qa", sets)
             else:
                 out[bi, hi] = ("vs", {int(x) for x in choice.columns[bi, hi]}, {int(x) for x in choice.slashes[bi, hi]})
     return out
@@ -134,7 +138,7 @@ def test_choice_and_layout_equal_the_written_out_rules(seed, b, hq, hkv, sq, sk,
     tau = [0.0, 1.0, 0.05, 0.3, 1.0, 0.0][:hq]
     choice = flexprefill_choice(q, k, gamma, tau, block_size=bs, min_budget=min_budget, backend="torch")
     ref = reference_choice(q, k, gamma, tau, bs, min_budget)
-    assert _choice_sets(choice) == ref
+    assert _choice_sets(choice, bs) == ref
     layout = flexprefill_layout(choice, sq, sk, block_size=bs, backend="torch")
     layout.check_values()
     off = sk - sq
@@ -149,7 +153,7 @@ def test_fused_scoring_and_builders_give_the_torch_layout(seed, b, hq, hkv, sq, 
     gamma, tau = [0.9, 0.7, 0.95, 0.99][:hq], [1.0, 1.0, 0.0, 0.1][:hq]
     ref = flexprefill_choice(q, k, gamma, tau, block_size=bs, min_budget=min_budget, backend="torch")
     got = flexprefill_choice(q, k, gamma, tau, block_size=bs, min_budget=min_budget, backend="triton")
-    assert _choice_sets(got) == _choice_sets(ref)
+    assert _choice_sets(got, bs) == _choice_sets(ref, bs)
     a = flexprefill_layout(ref, sq, sk, block_size=bs, backend="torch")
     c = flexprefill_layout(got, sq, sk, block_size=bs, backend="triton")
     assert torch.equal(a.to_dense(), c.to_dense())
@@ -236,3 +240,26 @@ def test_block_size_the_kernels_do_not_take_is_refused():
         sparse_attention(q, k, v, "flexprefill", block_size=48, min_seqlen=0)
     with pytest.raises(ValueError, match="gamma"):
         flexprefill_choice(q, k, [0.9, 0.0], 0.1, block_size=32)
+
+
+@pytest.mark.parametrize("min_blocks", [0, 3, 40])
+def test_sort_free_selection_kernel_equals_the_sorted_rule_with_ties(min_blocks):
+    """Probabilities on a grid of 1/64 (sums exact): many exact ties, and gammas that land on a tie, below
+    the forced mass, past the visible mass, and at 1."""
+    from sparse_attn.estimators.flexprefill.probs_triton import keep_mask_triton
+    from sparse_attn.estimators.flexprefill.select import keep_mask
+
+    gen = generator(9)
+    b, h, rows, nk, bs, sq, sk = 1, 5, 6, 37, 16, 400, 590
+    row0 = 10
+    last = (torch.arange(row0, row0 + rows) * bs + bs).clamp(max=sq) - 1 + (sk - sq)
+    blocks = torch.arange(nk)
+    visible = blocks[None, :] * bs <= last[:, None]
+    weights = torch.randint(0, 4, (b, h, rows, nk), generator=gen).float() * visible
+    p = weights / 64  # exact multiples of 1/64, not normalized: visible mass may fall short of gamma
+    diag = torch.div(last, bs, rounding_mode="floor").clamp(max=nk - 1)
+    forced = visible & ((blocks[None, :] == 0) | (blocks[None, :] == diag[:, None]))
+    gamma = torch.tensor([0.5, 1 / 64, 1.0, 0.75, 2 / 64])
+    ref = keep_mask(p, visible, forced, gamma.view(1, h, 1), min_blocks)
+    got = keep_mask_triton(p, gamma, row0, block_size=bs, seqlen_q=sq, seqlen_k=sk, min_blocks=min_blocks)
+    assert torch.equal(got, ref)

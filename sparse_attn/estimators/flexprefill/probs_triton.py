@@ -1,10 +1,15 @@
-"""Fused Triton scoring of pooled query blocks against pooled key blocks: one launch computes, for a band of
-query blocks, the scaled dot products with every key block, the causal (bottom-right) block mask and the
-softmax over the visible key blocks, and stores the normalized probabilities. No logits tensor is written.
+"""Triton kernels of the query-aware side, for a band of query blocks at a time:
 
-Two passes over the key blocks per program (they are small: Sk / block_size rows of D): the running max and
-sum, then the probabilities. Scores are in the log2 domain (exp2); accumulation is float32. GQA: each
-query head reads its kv head's pooled keys through `kv_of` (nothing is repeated).
+- `pooled_probs_triton`: the scaled dot products of pooled query blocks with every pooled key block, the
+  causal (bottom-right) block mask and the softmax over the visible key blocks, in one launch (no logits
+  tensor is written). Two passes over the key blocks per program (they are small: Sk / block_size rows of
+  D): the running max and sum, then the probabilities, in the log2 domain (exp2), float32 accumulation.
+  GQA: each query head reads its kv head's pooled keys through `kv_of` (nothing is repeated).
+- `keep_mask_triton`: the selection rule on those probabilities without sorting, one row per program held
+  in registers. The number of blocks the gamma rule takes is found by bisection over the float bits of a
+  threshold t (the largest t whose blocks with P >= t reach the mass still needed; ties at t taken by the
+  fewest that reach it), raised to the minimum budget, and that many blocks (the K largest, ties to the
+  lower id) are found by a second bisection on counts. 31 steps each; probabilities lie in [0, 1].
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import triton.language as tl
 
 from ..._triton import LOG2E
 
-__all__ = ["pooled_probs_triton"]
+__all__ = ["pooled_probs_triton", "keep_mask_triton"]
 
 _BM = 16  # query blocks per program
 _BN = 64  # key blocks per tile
@@ -83,3 +88,73 @@ def pooled_probs_triton(qp: torch.Tensor, kp: torch.Tensor, kv_of: torch.Tensor,
         qp.stride(0), qp.stride(1), qp.stride(2), kp.stride(0), kp.stride(1), kp.stride(2),
         out.stride(0), out.stride(1), out.stride(2), h, BM=_BM, BN=_BN, D=dp)
     return out
+
+
+@triton.jit
+def _keep_kernel(P, KEEP, GAMMA, row0, nk, block_size, seqlen_q, offset, min_blocks,
+                 s_pb, s_ph, s_pm, s_kb, s_kh, s_km, num_heads, BLOCK: tl.constexpr):
+    r = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
+    j = tl.arange(0, BLOCK)
+    last = tl.minimum((row0 + r) * block_size + block_size, seqlen_q) - 1 + offset
+    vis = (j < nk) & (j * block_size <= last)
+    diag = tl.minimum(tl.maximum(last, 0) // block_size, nk - 1)
+    forced = vis & ((j == 0) | (j == diag))
+    p = tl.load(P + b * s_pb + h * s_ph + r.to(tl.int64) * s_pm + j, mask=vis, other=0.0)
+    gamma = tl.load(GAMMA + h)
+    need = gamma - tl.sum(tl.where(forced, p, 0.0), 0)
+    cand = vis & (forced == 0)
+    c = tl.where(cand, p, -1.0)
+    n_cand = tl.sum(cand.to(tl.int32), 0)
+    n_forced = tl.sum(forced.to(tl.int32), 0)
+    # t: the largest threshold whose candidates at or above it still reach `need`
+    lo = tl.zeros((), tl.int32)
+    hi = tl.full((), 0x3F800001, tl.int32)  # just above the bits of 1.0
+    for _ in range(31):
+        mid = lo + (hi - lo) // 2
+        v = mid.to(tl.float32, bitcast=True)
+        ok = tl.sum(tl.where(c >= v, c, 0.0), 0) >= need
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid)
+    t = lo.to(tl.float32, bitcast=True)
+    above = c > t
+    mass_above = tl.sum(tl.where(above, c, 0.0), 0)
+    n_above = tl.sum(above.to(tl.int32), 0)
+    n_tie = tl.sum((cand & (c == t)).to(tl.int32), 0)
+    # ties at t are taken one by one while the kept mass is below `need`
+    ties = tl.where(t > 0, (need - mass_above) / tl.where(t > 0, t, 1.0), 1.0)
+    by_gamma = n_above + tl.minimum(tl.maximum(tl.ceil(ties).to(tl.int32), 1), n_tie)
+    reached = tl.sum(tl.where(cand, c, 0.0), 0) >= need
+    by_gamma = tl.where(need <= 0, 0, tl.where((gamma >= 1) | (reached == 0), n_cand, by_gamma))
+    k = tl.minimum(tl.maximum(by_gamma, min_blocks - n_forced), n_cand)
+    # the k largest candidates: the largest v with at least k candidates >= v, then ties to the lower id
+    lo = tl.zeros((), tl.int32)
+    hi = tl.full((), 0x3F800001, tl.int32)
+    for _ in range(31):
+        mid = lo + (hi - lo) // 2
+        v = mid.to(tl.float32, bitcast=True)
+        ok = tl.sum((c >= v).to(tl.int32), 0) >= k
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid)
+    t = lo.to(tl.float32, bitcast=True)
+    above = c > t
+    tie = cand & (c == t)
+    rank = tl.cumsum(tie.to(tl.int32), 0) - tie.to(tl.int32)  # ties before this one, in id order
+    keep = forced | above | (tie & (rank < k - tl.sum(above.to(tl.int32), 0)))
+    tl.store(KEEP + b * s_kb + h * s_kh + r.to(tl.int64) * s_km + j, keep.to(tl.int8), mask=j < nk)
+
+
+def keep_mask_triton(p: torch.Tensor, gamma: torch.Tensor, row0: int, *, block_size: int, seqlen_q: int,
+                     seqlen_k: int, min_blocks: int) -> torch.Tensor:
+    """bool [B, H, rows, nk]: the key blocks query blocks [row0, row0 + rows) keep, from their probabilities
+    p [B, H, rows, nk] (pooled_probs_triton's) and gamma [H] (float32)."""
+    b, h, rows, nk = p.shape
+    keep = torch.empty(b, h, rows, nk, dtype=torch.int8, device=p.device)
+    block = max(16, triton.next_power_of_2(nk))
+    _keep_kernel[(rows, b * h)](
+        p, keep, gamma.to(device=p.device, dtype=torch.float32).contiguous(), row0, nk, block_size, seqlen_q,
+        seqlen_k - seqlen_q, min_blocks, p.stride(0), p.stride(1), p.stride(2), keep.stride(0), keep.stride(1),
+        keep.stride(2), h, BLOCK=block, num_warps=4 if block <= 4096 else 8)
+    return keep.view(torch.bool)

@@ -48,8 +48,8 @@ from ..vertical_slash import build_vertical_slash_index, vertical_slash_scores
 from ...layouts import VerticalSlashLayout
 
 __all__ = ["FlexChoice", "BLOCK_SIZES", "check_budgets", "last_block_scores", "decide_query_aware",
-           "pooled_block_probs", "take_until", "select_query_aware", "select_vertical_slash", "flexprefill_choice",
-           "flexprefill_layout"]
+           "pooled_block_probs", "take_until", "keep_mask", "mask_ranges", "select_query_aware",
+           "select_vertical_slash", "flexprefill_choice", "flexprefill_layout"]
 
 # The vertical-slash kernel's query block sizes (the layout's block size is this pattern's block size).
 BLOCK_SIZES = (16, 32, 64, 128)
@@ -60,13 +60,16 @@ _CHUNK_ELEMENTS = 1 << 26
 class FlexChoice(NamedTuple):
     """What the estimator decides (the index builder turns it into a layout).
 
-    query_aware: bool [B, Hq]. blocks: int32 [B, Hq, nq, W] kept key blocks per query block, ascending,
-    -1 past the count (query-aware heads; other heads' rows are empty). columns / slashes: int32
-    [B, Hq, NV] / [B, Hq, NS] kept column ids / diagonal offsets, ascending, padded with repeats of the
-    first entry (vertical-slash heads; query-aware heads hold column 0 and diagonal 0)."""
+    query_aware: bool [B, Hq]. range_counts int32 [B, Hq, nq], range_starts / range_ends int32
+    [B, Hq, nq, R]: the kept key blocks of each query block as key ranges (runs of blocks; query-aware
+    heads, other heads have none). columns / slashes: int32 [B, Hq, NV] / [B, Hq, NS] kept column ids /
+    diagonal offsets, ascending, padded with repeats of the first entry (vertical-slash heads; query-aware
+    heads hold column 0 and diagonal 0)."""
 
     query_aware: torch.Tensor
-    blocks: torch.Tensor
+    range_counts: torch.Tensor
+    range_starts: torch.Tensor
+    range_ends: torch.Tensor
     columns: torch.Tensor
     slashes: torch.Tensor
 
@@ -158,31 +161,62 @@ def take_until(score: torch.Tensor, visible: torch.Tensor, forced: torch.Tensor,
     return order, count
 
 
+def keep_mask(p, visible, forced, gamma: torch.Tensor, minimum: int) -> torch.Tensor:
+    """bool, p's shape: the entries take_until keeps (the torch statement of the rule)."""
+    order, count = take_until(p, visible, forced, gamma, minimum)
+    taken = torch.arange(p.shape[-1], device=p.device) < count.unsqueeze(-1)
+    return torch.zeros(order.shape, dtype=torch.bool, device=p.device).scatter_(-1, order, taken)
+
+
+def mask_ranges(keep: torch.Tensor, block_size: int, seqlen_k: int):
+    """Runs of kept key blocks (bool [..., nk]) as key ranges: (counts int32 [...], starts, ends int32
+    [..., R]), R the most runs of a row (one sync); no sort: each run's slot is a running count."""
+    prev = F.pad(keep[..., :-1], (1, 0))
+    nxt = F.pad(keep[..., 1:], (0, 1))
+    first, last = keep & ~prev, keep & ~nxt
+    counts = first.sum(-1, dtype=torch.int32)
+    width = max(1, int(counts.max()))
+    keys = torch.arange(keep.shape[-1], device=keep.device, dtype=torch.int32) * block_size
+    out = []
+    for flags, value in ((first, keys), (last, (keys + block_size).clamp(max=seqlen_k))):
+        slot = torch.where(flags, flags.cumsum(-1, dtype=torch.int32) - 1, width).long()
+        t = torch.zeros(*keep.shape[:-1], width + 1, dtype=torch.int32, device=keep.device)
+        out.append(t.scatter_(-1, slot, value.expand_as(flags).contiguous())[..., :width])
+    return counts, out[0], out[1]
+
+
 def select_query_aware(qp, kp, kv_of, gamma: torch.Tensor, *, block_size: int, seqlen_q: int, seqlen_k: int,
-                       scale: float, min_blocks: int, backend: str) -> torch.Tensor:
-    """Rule 2 for the heads of qp (gamma [H]): int32 [B, H, nq, W], kept block ids ascending, -1 after."""
+                       scale: float, min_blocks: int, backend: str):
+    """Rule 2 for the heads of qp (gamma [H]), as key ranges (see mask_ranges), a band of query blocks at a
+    time. backend "triton": the fused scoring and the sort-free selection kernel; "torch": the rule as
+    take_until states it."""
     b, h, nq, _ = qp.shape
     nk = kp.shape[2]
     blocks = torch.arange(nk, device=qp.device)
     rows = max(1, _CHUNK_ELEMENTS // max(1, b * h * nk))
-    counts, ids = [], []
+    parts = []
     for r0 in range(0, nq, rows):
         r1 = min(nq, r0 + rows)
         p = pooled_block_probs(qp, kp, kv_of, r0, r1, block_size=block_size, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
                                scale=scale, backend=backend)
-        last = (torch.arange(r0, r1, device=qp.device) * block_size + block_size).clamp(max=seqlen_q) - 1
-        last = last + (seqlen_k - seqlen_q)
-        visible = blocks[None, :] * block_size <= last[:, None]
-        diag = torch.div(last.clamp(min=0), block_size, rounding_mode="floor").clamp(max=nk - 1)
-        forced = visible & ((blocks[None, :] == 0) | (blocks[None, :] == diag[:, None]))
-        order, n = take_until(p, visible, forced, gamma.view(1, h, 1), min_blocks)
-        width = max(1, int(n.max()))
-        live = torch.arange(width, device=qp.device) < n.unsqueeze(-1)
-        chosen = torch.where(live, order[..., :width], nk).sort(-1).values
-        counts.append(width)
-        ids.append(torch.where(chosen < nk, chosen, -1).to(torch.int32))
-    width = max(counts)
-    return torch.cat([F.pad(x, (0, width - x.shape[-1]), value=-1) for x in ids], 2)
+        if backend == "triton":
+            from .probs_triton import keep_mask_triton
+
+            keep = keep_mask_triton(p, gamma, r0, block_size=block_size, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+                                    min_blocks=min_blocks)
+        else:
+            last = (torch.arange(r0, r1, device=qp.device) * block_size + block_size).clamp(max=seqlen_q) - 1
+            last = last + (seqlen_k - seqlen_q)
+            visible = blocks[None, :] * block_size <= last[:, None]
+            diag = torch.div(last.clamp(min=0), block_size, rounding_mode="floor").clamp(max=nk - 1)
+            forced = visible & ((blocks[None, :] == 0) | (blocks[None, :] == diag[:, None]))
+            keep = keep_mask(p, visible, forced, gamma.view(1, h, 1), min_blocks)
+        del p
+        parts.append(mask_ranges(keep, block_size, seqlen_k))
+    width = max(x[1].shape[-1] for x in parts)
+    return (torch.cat([x[0] for x in parts], 2),
+            torch.cat([_pad_last(x[1], width) for x in parts], 2),
+            torch.cat([_pad_last(x[2], width) for x in parts], 2))
 
 
 def select_vertical_slash(column_mass, slash_mass, gamma: torch.Tensor, *, min_budget: int):
@@ -228,41 +262,26 @@ def flexprefill_choice(q, k, gamma, tau, *, block_size: int = 64, min_budget: Op
     column_mass, slash_mass = last_block_scores(q, k, block_size=block_size, scale=scale, backend=backend)
     query_aware = decide_query_aware(q, k, column_mass, tau, block_size=block_size, scale=scale)
     heads = query_aware.any(0).nonzero().flatten().tolist()  # one sync: which heads need rule 2
-    blocks = torch.full((b, hq, nq, 1), -1, dtype=torch.int32, device=q.device)
+    counts = torch.zeros(b, hq, nq, dtype=torch.int32, device=q.device)
+    starts = ends = torch.zeros(b, hq, nq, 1, dtype=torch.int32, device=q.device)
     if heads:
         sel = torch.tensor(heads, device=q.device)
         # On the GPU the pooled scores run in q's dtype (tensor cores); the CPU keeps float32.
         cdt = q.dtype if q.is_cuda else torch.float32
-        qp = pool_blocks(q.index_select(1, sel), block_size).to(cdt)
+        qp = pool_blocks(q, block_size).to(cdt)  # every head (small), no copy of q's selected heads
+        qp = qp if len(heads) == hq else qp.index_select(1, sel)
         kp = pool_blocks(k, block_size).to(cdt)
-        chosen = select_query_aware(qp, kp, sel // (hq // hkv), gamma[sel], block_size=block_size, seqlen_q=sq,
-                                    seqlen_k=sk, scale=scale, min_blocks=-(-min_budget // block_size),
-                                    backend=backend)
-        blocks = torch.full((b, hq, nq, chosen.shape[-1]), -1, dtype=torch.int32, device=q.device)
-        blocks[:, sel] = torch.where(query_aware[:, sel, None, None], chosen, -1)
+        rc, rs, re = select_query_aware(qp, kp, sel // (hq // hkv), gamma[sel], block_size=block_size, seqlen_q=sq,
+                                        seqlen_k=sk, scale=scale, min_blocks=-(-min_budget // block_size),
+                                        backend=backend)
+        counts[:, sel] = torch.where(query_aware[:, sel, None], rc, 0)
+        starts = torch.zeros(b, hq, nq, rs.shape[-1], dtype=torch.int32, device=q.device)
+        ends = torch.zeros_like(starts)
+        starts[:, sel], ends[:, sel] = rs, re
     columns, slashes = select_vertical_slash(column_mass, slash_mass, gamma, min_budget=min_budget)
     qa = query_aware[..., None]
     columns, slashes = torch.where(qa, 0, columns), torch.where(qa, 0, slashes)
-    return FlexChoice(query_aware, blocks, columns, slashes)
-
-
-def _block_ranges(blocks: torch.Tensor, block_size: int, seqlen_k: int):
-    """Runs of consecutive ids of ascending block lists (-1 padded) as key ranges:
-    (counts int32 [...], starts, ends int32 [..., R])."""
-    live = blocks >= 0
-    prev = F.pad(blocks[..., :-1], (1, 0), value=-2)
-    nxt = F.pad(blocks[..., 1:], (0, 1), value=-2)
-    first = live & (blocks != prev + 1)
-    last = live & (nxt != blocks + 1)
-    counts = first.sum(-1, dtype=torch.int32)
-    width = max(1, int(counts.max()))
-    big = torch.iinfo(torch.int32).max
-    starts = torch.where(first, blocks, big).sort(-1).values[..., :width]
-    ends = torch.where(last, blocks, big).sort(-1).values[..., :width]
-    valid = starts != big
-    starts = torch.where(valid, starts * block_size, 0)
-    ends = torch.where(valid, ((ends + 1) * block_size).clamp(max=seqlen_k), 0)
-    return counts, starts.to(torch.int32), ends.to(torch.int32)
+    return FlexChoice(query_aware, counts, starts, ends, columns, slashes)
 
 
 def _pad_last(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -278,7 +297,7 @@ def flexprefill_layout(choice: FlexChoice, seqlen_q: int, seqlen_k: int, *, bloc
     qa = choice.query_aware[..., None]
     if not bool(choice.query_aware.any()):
         return vs
-    rc, rs, re = _block_ranges(choice.blocks, block_size, seqlen_k)
+    rc, rs, re = choice.range_counts, choice.range_starts, choice.range_ends
     width = max(rs.shape[-1], vs.max_ranges)
     range_counts = torch.where(qa, rc, vs.range_counts)
     starts = torch.where(qa[..., None], _pad_last(rs, width), _pad_last(vs.range_starts, width))
