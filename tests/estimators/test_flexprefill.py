@@ -263,3 +263,45 @@ def test_sort_free_selection_kernel_equals_the_sorted_rule_with_ties(min_blocks)
     ref = keep_mask(p, visible, forced, gamma.view(1, h, 1), min_blocks)
     got = keep_mask_triton(p, gamma, row0, block_size=bs, seqlen_q=sq, seqlen_k=sk, min_blocks=min_blocks)
     assert torch.equal(got, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sq,sk", [(4096, 4096), (3001, 5003)])
+def test_gpu_choice_equals_the_torch_rule_and_attention_its_reference(sq, sk):
+    """On CUDA (fused scoring, sort-free selection, Triton / CUDA index builders) in fp32: the layout the
+    torch rule gives on the CPU; in bf16 the method's output equals the reference over its layout."""
+    from helpers import assert_close
+    from sparse_attn.ops.reference import reference_attention
+
+    q, k, v = qkv(sq, 1, 8, 2, sq, sk, 128, device="cpu")
+    q = q * 2
+    gamma, tau = [0.9, 0.8, 0.95, 0.9, 0.7, 0.9, 0.99, 0.9], [1.0, 1.0, 0.0, 0.1, 1.0, 0.0, 0.1, 0.1]
+    ref = flexprefill_choice(q, k, gamma, tau, block_size=64, backend="torch")
+    got = flexprefill_choice(q.cuda(), k.cuda(), gamma, tau, block_size=64)
+    assert torch.equal(got.query_aware.cpu(), ref.query_aware)
+    a = flexprefill_layout(ref, sq, sk, block_size=64, backend="torch")
+    c = flexprefill_layout(got, sq, sk, block_size=64).to("cpu")
+    assert a.density() == pytest.approx(c.density(), abs=1e-3)  # fp32 rounding may move a block at gamma
+    qb, kb, vb = (x.cuda().to(torch.bfloat16) for x in (q, k, v))
+    stats = {}
+    out = sparse_attention(qb, kb, vb, "flexprefill", min_seqlen=0, stats=stats)
+    choice = flexprefill_choice(qb, kb, 0.9, 0.1, block_size=64)
+    layout = flexprefill_layout(choice, sq, sk, block_size=64)
+    assert_close(out, reference_attention(qb, kb, vb, layout, causal=True),
+                 reference_attention(qb, kb, vb, layout, causal=True, upcast=False))
+
+
+@pytest.mark.gpu
+def test_gpu_one_million_tokens_fit():
+    """1M tokens, 4 query / 1 kv heads of D=128 in bf16 on structured-like inputs: the estimator and the
+    index fit (nothing Sq x Sk) and the layout is sparse."""
+    s = 1 << 20
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 4, s, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(1, 1, s, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q[:, :, -64:] += 3 * k[:, :, :64].mean(2, keepdim=True)  # a pass-key-like pull to the start
+    torch.cuda.reset_peak_memory_stats()
+    choice = flexprefill_choice(q, k, 0.9, 0.1, block_size=64)
+    layout = flexprefill_layout(choice, s, s, block_size=64)
+    assert layout.density() < 0.1
+    assert torch.cuda.max_memory_allocated() < 40 * 2**30

@@ -28,7 +28,7 @@ _BN = 64  # key blocks per tile
 @triton.jit
 def _pooled_probs_kernel(QP, KP, KV_OF, OUT, row0, rows, nk, block_size, seqlen_q, offset, scale_log2,
                          s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_ob, s_oh, s_om,
-                         num_heads, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr):
+                         num_heads, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // num_heads).to(tl.int64)
@@ -47,7 +47,7 @@ def _pooled_probs_kernel(QP, KP, KV_OF, OUT, row0, rows, nk, block_size, seqlen_
         j = j0 + tl.arange(0, BN)
         k = tl.load(KP + b * s_kb + hk * s_kh + j[:, None].to(tl.int64) * s_kn + d[None, :], mask=(j < nk)[:, None],
                     other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
         ok = (j[None, :] < nk) & (j[None, :] * block_size <= last[:, None])
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -60,7 +60,7 @@ def _pooled_probs_kernel(QP, KP, KV_OF, OUT, row0, rows, nk, block_size, seqlen_
         j = j0 + tl.arange(0, BN)
         k = tl.load(KP + b * s_kb + hk * s_kh + j[:, None].to(tl.int64) * s_kn + d[None, :], mask=(j < nk)[:, None],
                     other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
         ok = (j[None, :] < nk) & (j[None, :] * block_size <= last[:, None])
         p = tl.where(ok, tl.exp2(s - safe[:, None]) * inv[:, None], 0.0)
         tl.store(OUT + b * s_ob + h * s_oh + r[:, None].to(tl.int64) * s_om + j[None, :], p,
@@ -86,7 +86,8 @@ def pooled_probs_triton(qp: torch.Tensor, kp: torch.Tensor, kv_of: torch.Tensor,
         qp, kp, kv_of.to(device=qp.device, dtype=torch.int32).contiguous(), out, row0, rows, nk, block_size,
         seqlen_q, seqlen_k - seqlen_q, scale * LOG2E,
         qp.stride(0), qp.stride(1), qp.stride(2), kp.stride(0), kp.stride(1), kp.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), h, BM=_BM, BN=_BN, D=dp)
+        out.stride(0), out.stride(1), out.stride(2), h, BM=_BM, BN=_BN, D=dp,
+        PREC="ieee" if qp.dtype == torch.float32 else "tf32")  # fp32: exact products (the tests' torch twin)
     return out
 
 
