@@ -146,6 +146,12 @@ def _run_all() -> None:
         keep_mask_triton(torch.rand(1, h, 4, nk), torch.full((h,), 0.9), 0, block_size=64, seqlen_q=nk * 64,
                          seqlen_k=nk * 64, min_blocks=4)
 
+    # xattention's fused antidiagonal scoring (bf16, strides 8 and 16)
+    from sparse_attn.estimators.xattention import antidiagonal_block_scores
+    q, k, v = qkv(128, torch.bfloat16)
+    for stride in (8, 16):
+        antidiagonal_block_scores(q, k, block_size=64, stride=stride, backend="triton")
+
     # the experimental Gluon Hopper kernels (SPARSE_ATTN_VS_BACKEND=gluon): warp-specialised with a TMA loader
     # (bf16 D=128 with lse, fp16 D=64, bf16 packed) and every tile through cp.async (bf16 D=128);
     # hopper.supported refuses CPU tensors, so it is bypassed here

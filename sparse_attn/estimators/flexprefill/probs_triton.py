@@ -55,7 +55,7 @@ def _pooled_probs_kernel(QP, KP, KV_OF, OUT, row0, rows, nk, block_size, seqlen_
         l_i = l_i * tl.exp2(m_i - safe) + tl.sum(tl.exp2(s - safe[:, None]), 1)
         m_i = m_new
     safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-    inv = tl.where(l_i > 0, 1.0 / l_i, 0.0)
+    inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
     for j0 in range(0, nk, BN):
         j = j0 + tl.arange(0, BN)
         k = tl.load(KP + b * s_kb + hk * s_kh + j[:, None].to(tl.int64) * s_kn + d[None, :], mask=(j < nk)[:, None],
