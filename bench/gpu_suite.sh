@@ -64,6 +64,8 @@ step frontier python3 bench/bench_methods.py --frontier --seqlens ${FRONTIER_SEQ
 # runs; dense at 1M extrapolated from 128K) and XAttention (tau 0.9) at the same points.
 step flex_bars python3 bench/bench_methods.py --seqlens 131072 1048576 --dense-max 131072 --data mixed structured \
     --methods flexprefill:gamma=0.9 xattention:tau=0.9 --recall-bands 8 --out "$OUT/flex_bars"
+# XAttention's fused scoring against its chunked torch reference (GPU ms, alternated).
+step xattention_scores python3 bench/probes/probe_xattention_scores.py --seqlens 32768 131072
 step bench_decode python3 bench/bench_decode.py ${DECODE_ARGS:-} --out "$OUT"
 echo
 echo "==================== summary ($(date -u +%F), $(head -1 "$OUT/gpu.txt")) ===================="
