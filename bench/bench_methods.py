@@ -16,11 +16,23 @@ see the same power state of the GPU. Per-head mixtures are timed as the call alo
 --dense-max tokens is not run: it is extrapolated from the largest measured length by the quadratic law and
 marked "(extrap.)" in the table. Prints a table and writes bench_methods.json under --out. Needs CUDA.
 
-Inputs (--data): "structured" (default) gives attention the shapes real heads have, so the estimators'
+Recall: beside each speed-up, the share of the dense attention mass the method's index keeps, on
+--recall-bands bands of --recall-rows query rows spread over the sequence (0 bands: not measured); the
+attention is scored densely on those rows only (sparse_attn.recall), so it costs a small part of a call.
+
+Frontier (--frontier): every registered prefill pattern at each budget of its registry sweep (its own
+defaults otherwise), timed as one call, with recall and density, against cuDNN in the same run, on each
+--data input; writes frontier.json, frontier.md (the table) and frontier.png (x: speed-up vs cuDNN, y:
+recall, one line per pattern through its budgets, one panel per input):
+
+    python bench/bench_methods.py --frontier --seqlens 131072 --data structured mixed
+
+Inputs (--data, one or several): "structured" (default) gives attention the shapes real heads have, so the estimators'
 choices and the resulting densities are realistic: every query and key is a shared direction (4x the noise)
 plus Gaussian noise, rotated by RoPE (base 10000), which makes a local band with periodic slashes; the
 first 4 keys are sinks. "random" is plain Gaussian q, k, v: no structure, so estimators that look for
-structure find little and their indices approach dense.
+structure find little and their indices approach dense. "mixed": half the kv heads (and their query heads)
+structured, half attending to 200 scattered keys with no positional structure (bench/common.py).
 """
 from __future__ import annotations
 
@@ -38,7 +50,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import method_call, method_phases, methods_inputs, parse_method_spec, time_phases  # noqa: E402
+from common import (DATA, method_call, method_phases, method_recall, methods_inputs, parse_method_spec,  # noqa: E402
+                    plot_frontier, time_phases)
 
 
 def parse_spec(text: str):
@@ -63,7 +76,11 @@ def parse_args(argv=None):
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
-    p.add_argument("--data", choices=("structured", "random"), default="structured")
+    p.add_argument("--data", choices=DATA, nargs="+", default=["structured"])
+    p.add_argument("--recall-bands", type=int, default=16, help="bands of query rows recall is measured on (0: off)")
+    p.add_argument("--recall-rows", type=int, default=64, help="query rows per recall band")
+    p.add_argument("--frontier", action="store_true",
+                   help="every prefill pattern over its registry sweep: speed-up and recall (see above)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dense-max", type=int, default=524288,
@@ -71,8 +88,23 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "bench" / "results")))
     args = p.parse_args(argv)
     if args.methods is None:
-        args.methods = default_specs()
+        args.methods = frontier_specs(args.seqlens) if args.frontier else default_specs()
     return args
+
+
+def frontier_specs(seqlens):
+    """Per registered prefill pattern, a spec per budget of its sweep at the longest length (its defaults
+    where it has no sweep)."""
+    from sparse_attn.patterns import patterns
+
+    specs = []
+    for p in patterns():
+        if not p.prefill:
+            continue
+        grid = p.sweep(max(seqlens), 64) if p.sweep is not None else [{}]
+        for budget in grid:
+            specs.append(parse_spec(p.name + (":" if budget else "") + ",".join(f"{k}={v}" for k, v in budget.items())))
+    return specs
 
 
 def dense_baseline(q, k, v):
@@ -99,9 +131,14 @@ def dense_baseline(q, k, v):
     raise RuntimeError("no SDPA cuDNN or flash backend runs these inputs")
 
 
-def bench_length(s, args, dtype, dense_ref):
+def bench_length(s, data, args, dtype, dense_ref):
     q, k, v = methods_inputs(s, dtype, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
-                             data=args.data)
+                             data=data)
+    recall_rows = None
+    if args.recall_bands:
+        from sparse_attn.recall import sampled_rows
+
+        recall_rows = sampled_rows(s, args.recall_bands, args.recall_rows)
     rows = []
     flops = 4 * args.heads * args.head_dim * s * (s + 1) / 2  # causal dense: QK^T and PV
     if s <= args.dense_max:
@@ -116,14 +153,14 @@ def bench_length(s, args, dtype, dense_ref):
             raise SystemExit(f"--dense-max {args.dense_max} < {s}: no measured dense length to extrapolate from")
         ms = dense_ref["ms"] * (s / dense_ref["s"]) ** 2
         dense = {"ms": ms, "label": dense_ref["label"], "extrapolated": True, "from_seqlen": dense_ref["s"]}
-    rows.append({"seqlen": s, "method": "dense", "total_ms": dense["ms"], "density": 1.0,
-                 "tflops": flops / dense["ms"] / 1e9, **dense})
+    rows.append({"seqlen": s, "data": data, "method": "dense", "total_ms": dense["ms"], "density": 1.0,
+                 "recall": 1.0, "tflops": flops / dense["ms"] / 1e9, **dense})
     for label, name, kwargs in args.methods:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        row = {"seqlen": s, "method": label}
+        row = {"seqlen": s, "data": data, "method": label, "pattern": name}
         try:
-            phases = method_phases(name, kwargs, q, k, v)
+            phases = None if args.frontier else method_phases(name, kwargs, q, k, v)
             call = method_call(name, kwargs, q, k, v)
             if phases is None:
                 t = time_phases([("call", call)], args.warmup, args.repeats)[0]
@@ -139,6 +176,8 @@ def bench_length(s, args, dtype, dense_ref):
             if "estimate_ms" in row:
                 row["est_index_frac"] = (row["estimate_ms"] + row["index_ms"]) / row["total_ms"]
             row["effective_tflops"] = flops * row["density"] / row["total_ms"] / 1e9
+            if recall_rows is not None:
+                row["recall"] = method_recall(name, kwargs, q, k, v, recall_rows)["recall"]
         except torch.cuda.OutOfMemoryError as e:
             row["error"] = "OOM: " + str(e).split("\n")[0][:200]
         except Exception as e:  # a method failing must not hide the others' numbers
@@ -157,23 +196,24 @@ def _fmt(x, spec):
 
 def print_table(rows, device, args):
     print(f"\nMethods benchmark on {device}, {time.strftime('%Y-%m-%d')}: 1 layer, B=1, {args.heads} q / {args.kv_heads} kv heads, "
-          f"D={args.head_dim}, {args.dtype}, {args.data} inputs; median ms; speedup vs dense in the same run")
-    head = (f"{'seqlen':>8} {'method':>15} {'estimate':>9} {'index':>8} {'attention':>10} {'total':>10} "
-            f"{'est+idx':>8} {'speedup':>8} {'call':>8} {'x call':>7} {'density':>8} {'peakGiB':>8}")
+          f"D={args.head_dim}, {args.dtype}, {' / '.join(args.data)} inputs; median ms; speedup vs dense in the same run")
+    head = (f"{'data':>10} {'seqlen':>8} {'method':>15} {'estimate':>9} {'index':>8} {'attention':>10} {'total':>10} "
+            f"{'est+idx':>8} {'speedup':>8} {'call':>8} {'x call':>7} {'density':>8} {'recall':>7} {'peakGiB':>8}")
     width = max([15] + [len(r["method"]) for r in rows])
     print(head)
     print("-" * len(head))
     for r in rows:
         if "error" in r:
-            print(f"{r['seqlen']:>8} {r['method']:>{width}}  {r['error']}")
+            print(f"{r['data']:>10} {r['seqlen']:>8} {r['method']:>{width}}  {r['error']}")
             continue
         total = _fmt(r["total_ms"], ".2f") + (" (extrap.)" if r.get("extrapolated") else "")
         frac = _fmt(r.get("est_index_frac") and 100 * r["est_index_frac"], ".1f")
         name = r["method"] + (f" [{r['label']}]" if r["method"] == "dense" else "")
-        print(f"{r['seqlen']:>8} {name:>{width}} {_fmt(r.get('estimate_ms'), '.2f'):>9} {_fmt(r.get('index_ms'), '.2f'):>8} "
+        print(f"{r['data']:>10} {r['seqlen']:>8} {name:>{width}} {_fmt(r.get('estimate_ms'), '.2f'):>9} {_fmt(r.get('index_ms'), '.2f'):>8} "
               f"{_fmt(r.get('attention_ms'), '.2f'):>10} {total:>10} {frac + '%' if frac != '-' else '-':>8} "
               f"{_fmt(r.get('speedup'), '.1f'):>8} {_fmt(r.get('call_ms'), '.2f'):>8} "
               f"{_fmt(r.get('call_speedup'), '.2f'):>7} {_fmt(r.get('density'), '.3f'):>8} "
+              f"{_fmt(r.get('recall'), '.3f'):>7} "
               f"{_fmt(r.get('peak_gib'), '.1f'):>8}")
     if any(r.get("extrapolated") for r in rows):
         print("dense '(extrap.)': not run; the largest measured dense time scaled by (seqlen / measured)^2")
@@ -188,19 +228,44 @@ def main(argv=None):
         return 2
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     device = torch.cuda.get_device_name()
-    rows, dense_ref = [], {}
+    rows = []
     t0 = time.time()
-    for s in sorted(args.seqlens):
-        rows += bench_length(s, args, dtype, dense_ref)
+    for data in args.data:
+        dense_ref = {}
+        for s in sorted(args.seqlens):
+            rows += bench_length(s, data, args, dtype, dense_ref)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": device, "torch": torch.__version__, "dtype": args.dtype, "heads": args.heads,
             "kv_heads": args.kv_heads, "head_dim": args.head_dim, "warmup": args.warmup, "repeats": args.repeats,
             "date": time.strftime("%Y-%m-%d"), "wall_s": time.time() - t0,
             "args": {**vars(args), "methods": [label for label, _, _ in args.methods]}}
-    (out / "bench_methods.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    name = "frontier" if args.frontier else "bench_methods"
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print_table(rows, device, args)
+    if args.frontier:
+        write_frontier(rows, out, device, args)
     return 0
+
+
+def write_frontier(rows, out: Path, device: str, args) -> None:
+    """frontier.md (per input and length: pattern, budget, speed-up, recall, density) and frontier.png."""
+    from common import format_table
+
+    lines = [f"Speed-up vs cuDNN (one sparse_attention call) and recall on {device}, {time.strftime('%Y-%m-%d')}: "
+             f"1 layer, B=1, {args.heads} q / {args.kv_heads} kv heads, D={args.head_dim}, {args.dtype}; recall on "
+             f"{args.recall_bands} bands of {args.recall_rows} query rows", ""]
+    for data in args.data:
+        for s in sorted(args.seqlens):
+            table = [dict(r, budget=r["method"].partition(":")[2] or "defaults") for r in rows
+                     if r["data"] == data and r["seqlen"] == s and r["method"] != "dense" and "error" not in r]
+            lines += [f"{data}, {s} tokens:", "", format_table(
+                table, ["pattern", "budget", "call_speedup", "recall", "density"],
+                {"call_speedup": "{:.2f}", "recall": "{:.3f}", "density": "{:.3f}"},
+                {"call_speedup": "speed-up"}, markdown=True, left=("pattern", "budget")), ""]
+    (out / "frontier.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    plot_frontier(out / "frontier.png", rows, f"speed-up vs cuDNN and recall, {device}")
 
 
 if __name__ == "__main__":

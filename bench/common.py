@@ -308,6 +308,8 @@ def flex_attention_fn(q, k, v, block_mask) -> Callable[[], torch.Tensor]:
 # One layer, B=1, 32 query / 8 kv heads, D=128, bf16, causal; vertical-slash budgets as MInference's
 # (1000 vertical / 6096 slash), 64-row blocks, last_q 64; A-shape 128 sink + 4096 window; block_sparse 5 %.
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+DATA = ("structured", "random", "mixed")
+SCATTERED = 200  # keys per scattered head of the "mixed" input
 VERTICAL_SIZE, SLASH_SIZE = 1000, 6096
 
 
@@ -327,17 +329,33 @@ def methods_inputs(seqlen: int, dtype=torch.bfloat16, *, heads: int = HEADS, kv_
                    head_dim: int = HEAD_DIM, data: str = "structured", device: str = "cuda"):
     """(q [1, heads, S, D], k, v [1, kv_heads, S, D]): the methods benchmark's inputs (seed 0). "structured":
     every query and key is a shared direction per kv head (4x the noise) plus Gaussian noise, rotated by RoPE
-    (a local band with periodic slashes), the first 4 keys sinks; "random": plain Gaussian q, k, v."""
+    (a local band with periodic slashes), the first 4 keys sinks; "random": plain Gaussian q, k, v;
+    "mixed": the first half of the kv heads (and their query heads) structured, the other half attending
+    to SCATTERED keys at random positions with no positional structure: those keys and every query carry
+    a shared direction (norm 12, against the noise's ~11), so a query that sees them gives them nearly all
+    its mass (no RoPE on these heads: no local band, no diagonals)."""
+    if data not in DATA:
+        raise ValueError(f"data: expected one of {DATA}, got {data!r}")
     g = torch.Generator(device=device).manual_seed(0)
     q = torch.randn((heads, seqlen, head_dim), device=device, dtype=dtype, generator=g)
     k = torch.randn((kv_heads, seqlen, head_dim), device=device, dtype=dtype, generator=g)
     v = torch.randn((kv_heads, seqlen, head_dim), device=device, dtype=dtype, generator=g)
-    if data == "structured":
-        u = torch.randn(kv_heads, 1, head_dim, device=device, generator=g) * 4
-        k += u.to(dtype)
-        k[:, :4] += u.to(dtype)  # sinks
-        q += u.repeat_interleave(heads // kv_heads, 0).to(dtype)
-        rope_(q), rope_(k)
+    local = kv_heads // 2 if data == "mixed" else (kv_heads if data == "structured" else 0)
+    if local:
+        group = heads // kv_heads
+        u = torch.randn(local, 1, head_dim, device=device, generator=g) * 4
+        k[:local] += u.to(dtype)
+        k[:local, :4] += u.to(dtype)  # sinks
+        q[:local * group] += u.repeat_interleave(group, 0).to(dtype)
+        rope_(q[:local * group]), rope_(k[:local])
+    if data == "mixed":
+        group = heads // kv_heads
+        w = torch.randn(kv_heads - local, 1, head_dim, device=device, generator=g)
+        w = w / w.norm(dim=-1, keepdim=True) * 12
+        for i, h in enumerate(range(local, kv_heads)):
+            targets = torch.randperm(seqlen, device=device, generator=g)[:SCATTERED]
+            k[h, targets] += w[i].to(dtype)
+        q[local * group:] += w.repeat_interleave(group, 0).to(dtype)
     return q[None], k[None], v[None]
 
 
@@ -413,6 +431,26 @@ def method_call(name: str, kwargs: dict, q, k, v, stats: Optional[dict] = None) 
     return lambda _: sparse_attention(q, k, v, name, causal=True, min_seqlen=0, stats=stats, **kwargs)
 
 
+def method_recall(name: str, kwargs: dict, q, k, v, rows) -> Dict[str, float]:
+    """{"recall": the share of the dense attention mass the method's sparse index keeps, mean over query
+    heads and the sampled rows (sparse_attn.recall.sampled_rows); dense heads count 1, "density": the
+    index's computed / causal entries}. Runs the method once (min_seqlen 0) to get its layouts."""
+    from sparse_attn.methods import check_method_kwargs, get_method
+    from sparse_attn.recall import attention_recall
+
+    method = get_method(name)
+    merged = check_method_kwargs(name, {**kwargs, "min_seqlen": 0})
+    merged.pop("decode", None), merged.pop("decode_config", None)
+    _, layouts, _ = method.run(q, k, v, causal=True, scale=None, head_config=None, **merged)
+    def select(t, ids):
+        return t if list(ids) == list(range(t.shape[1])) else t.index_select(1, torch.tensor(ids, device=t.device))
+
+    recall = torch.ones(q.shape[1], dtype=torch.float64)
+    for heads, kv_heads, layout in layouts.parts:
+        recall[heads] = attention_recall(select(q, heads), select(k, kv_heads), layout, rows=rows).mean(0)
+    return {"recall": float(recall.mean()), "density": float(layouts.density().mean())}
+
+
 # ---------------------------------------------------------------------------------------------- output
 
 def write_json(path: Path, payload: dict) -> None:
@@ -445,6 +483,38 @@ def print_table(rows: List[dict], columns: List[str], formats: Optional[Dict[str
     text = format_table(rows, columns, formats, **kw)
     print(text, flush=True)
     return text
+
+
+def plot_frontier(path: Path, rows: List[dict], title: str) -> None:
+    """One panel per (input, length): x speed-up vs dense, y recall, one line per pattern through its budgets
+    (rows as bench_methods.py --frontier writes them: data, seqlen, pattern, call_speedup, recall)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("pattern") and "error" not in r and r.get("recall") is not None]
+    panels = sorted({(r["data"], r["seqlen"]) for r in rows})
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (data, s) in zip(axes[0], panels):
+        for i, name in enumerate(sorted({r["pattern"] for r in rows})):
+            pts = sorted((r["call_speedup"], r["recall"]) for r in rows
+                         if r["pattern"] == name and r["data"] == data and r["seqlen"] == s)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name, color=f"C{i}")
+        ax.axvline(1.0, color="gray", linestyle=":", label="cuDNN dense")
+        ax.set_xscale("log")
+        ax.set_title(f"{data}, {s // 1024}K tokens")
+        ax.set_xlabel("speed-up vs cuDNN (one call)")
+        ax.set_ylabel("recall (dense attention mass kept)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_panels(path: Path, panels: Dict[str, Dict[str, tuple]], hlines: Dict[str, Dict[str, float]],

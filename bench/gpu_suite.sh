@@ -16,6 +16,8 @@
 #   STEPS="gpu_tests bench_hier" TESTS="tests -k hierarchical" bash bench/gpu_suite.sh
 #       # the hierarchical pattern: its GPU tests, then selection scaling 32K-1M, the call at 128K vs cuDNN with
 #       # recall, decode at 128K batch 8 vs SDPA and quest (bench/bench_hier.py; HIER_ARGS to change sizes)
+#   STEPS="frontier" bash bench/gpu_suite.sh    # speed-recall frontier at 128K ($OUT/frontier/frontier.{md,png})
+#   STEPS="flex_bars" bash bench/gpu_suite.sh   # flexprefill / xattention at 128K (mixed, structured) and 1M
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
@@ -63,6 +65,15 @@ else
         --dense-max ${DENSE_MAX:-1048576} --methods $METHODS --out "$OUT"
 fi
 step block_sparse_sweep block_sparse_sweep
+# Speed-recall frontier: every prefill pattern over its registry sweep at 128K, structured and mixed inputs.
+step frontier python3 bench/bench_methods.py --frontier --seqlens ${FRONTIER_SEQLENS:-131072} \
+    --data structured mixed --dense-max 131072 --warmup 1 --repeats 2 --out "$OUT/frontier"
+# FlexPrefill's bars (gamma 0.9: >= 5x on mixed with recall >= 0.9, >= 6x structured, est+idx <= 10 %, 1M
+# runs; dense at 1M extrapolated from 128K) and XAttention (tau 0.9) at the same points.
+step flex_bars python3 bench/bench_methods.py --seqlens 131072 1048576 --dense-max 131072 --data mixed structured \
+    --methods flexprefill:gamma=0.9 xattention:tau=0.9 --recall-bands 8 --out "$OUT/flex_bars"
+# XAttention's fused scoring against its chunked torch reference (GPU ms, alternated).
+step xattention_scores python3 bench/probes/probe_xattention_scores.py --seqlens 32768 131072
 step bench_decode python3 bench/bench_decode.py ${DECODE_ARGS:-} --out "$OUT"
 for part in logits smollm2 ttft decode; do
     step vllm_$part python3 bench/bench_vllm.py suite --steps $part --out "$OUT/vllm" ${VLLM_ARGS:-}

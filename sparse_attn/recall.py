@@ -6,14 +6,14 @@ grows with chunk x seqlen_k, never seqlen_q x seqlen_k.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ._checks import FLOAT_DTYPES, check_positive_int, check_tensor
 from .layouts import Layout
 
-__all__ = ["attention_recall"]
+__all__ = ["attention_recall", "sampled_rows"]
 
 # Elements of one chunk's score matrix (heads x rows x keys, float32): 2**25 is 128 MiB.
 _CHUNK_ELEMENTS = 1 << 25
@@ -42,6 +42,26 @@ def _check(q, k, layout):
         raise TypeError(f"layout: expected a sparse_attn Layout or a bool mask, got {type(layout).__name__}")
 
 
+def sampled_rows(seqlen_q: int, bands: int = 16, band_rows: int = 64) -> List[Tuple[int, int]]:
+    """`bands` row ranges of `band_rows` rows spread evenly over [0, seqlen_q), the last one ending at
+    seqlen_q (overlapping ranges merged): attention_recall(rows=...) on long inputs, where scoring every
+    row would cost a dense pass."""
+    check_positive_int("bands", bands)
+    check_positive_int("band_rows", band_rows)
+    if bands * band_rows >= seqlen_q:
+        return [(0, seqlen_q)]
+    step = (seqlen_q - band_rows) / max(1, bands - 1)
+    starts = sorted({round(i * step) for i in range(bands)})
+    out: List[Tuple[int, int]] = []
+    for r0 in starts:
+        r1 = min(seqlen_q, r0 + band_rows)
+        if out and r0 <= out[-1][1]:
+            out[-1] = (out[-1][0], r1)
+        else:
+            out.append((r0, r1))
+    return out
+
+
 def _kept_mass(layout: AnyLayout, p: torch.Tensor, b: int, r0: int) -> torch.Tensor:
     """Per (head, row) the probability mass of p [Hq, rows, keys] that the layout keeps."""
     if isinstance(layout, torch.Tensor):
@@ -59,13 +79,15 @@ def attention_recall(
     causal: bool = True,
     scale: Optional[float] = None,
     chunk_size: Optional[int] = None,
+    rows: Optional[Sequence[Tuple[int, int]]] = None,
 ) -> torch.Tensor:
     """Fraction of the dense softmax attention mass the layout's entries capture, per (batch, query head).
 
     q [B, Hq, Sq, D], k [B, Hkv, Sk, D]; layout: a sparse_attn Layout or a bool mask
     [B or 1, Hq or 1, Sq, Sk], or a list of them (the softmax is computed once for all: the profiler's
     candidates). causal: bottom-right aligned (query i sees keys j <= i + Sk - Sq).
-    chunk_size: query rows per chunk (default: as many as fit 2**25 scores). Returns float64 [B, Hq]
+    chunk_size: query rows per chunk (default: as many as fit 2**25 scores). rows: (start, end) ranges of
+    query rows to measure on (default every row; see sampled_rows). Returns float64 [B, Hq]
     on the CPU, or [len(layouts), B, Hq] for a list; a head none of whose rows sees a key gets recall 1.
     """
     many = isinstance(layout, (list, tuple))
@@ -77,13 +99,14 @@ def attention_recall(
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     scale = d ** -0.5 if scale is None else float(scale)
-    rows = chunk_size or max(1, _CHUNK_ELEMENTS // max(1, hq * sk))
+    step = chunk_size or max(1, _CHUNK_ELEMENTS // max(1, hq * sk))
+    ranges = [(0, sq)] if rows is None else [(max(0, int(a)), min(sq, int(z))) for a, z in rows]
+    chunks = [(r0, min(z, r0 + step)) for a, z in ranges for r0 in range(a, z, step)]
     total = torch.zeros(len(layouts), b, hq, dtype=torch.float64, device=q.device)
     counted = torch.zeros(b, dtype=torch.float64, device=q.device)
     for bi in range(b):
         kb = k[bi].float().unsqueeze(1)  # [Hkv, 1, Sk, D]
-        for r0 in range(0, sq, rows):
-            r1 = min(sq, r0 + rows)
+        for r0, r1 in chunks:
             # Causal: keys past the chunk's last row carry no mass, so they are not scored at all.
             keys = min(sk, max(0, r1 - 1 + sk - sq + 1)) if causal else sk
             seen = torch.arange(r0, r1, device=q.device) + (sk - sq if causal else sk) >= 0

@@ -102,7 +102,9 @@ def planted():
     heads = [_local_head(), _vertical_head(g), _slash_head(g), _block_head(g)]
     q = torch.stack([h[0] for h in heads])[None]
     k = torch.stack([h[1] for h in heads])[None]
-    return q, k, score_candidates(q, k, default_candidates(T))
+    # the fixed-shape patterns each head was planted for (adaptive ones, such as flexprefill, may fit several)
+    fixed = [c for c in default_candidates(T) if c["pattern"] in ("a_shape", "vertical_slash", "block_sparse", "dense")]
+    return q, k, score_candidates(q, k, fixed)
 
 
 def test_profiler_picks_the_planted_pattern(planted):
@@ -144,7 +146,7 @@ def test_tail_recall_keeps_a_retrieval_head_off_a_shape():
     mean_only = LayerScores(scores.candidates, scores.recall, scores.density)
     assert scores.candidates[select_heads(mean_only, 0.95, cost)[0]]["pattern"] == "a_shape"
     chosen = select_heads(scores, 0.95, cost)[0]
-    assert scores.candidates[chosen]["pattern"] == "vertical_slash"
+    assert scores.candidates[chosen]["pattern"] not in ("a_shape", "dense")  # a pattern that reads the far key
     assert scores.tail_recall[chosen, 0] >= 0.95
     # A-shape loses the far key's mass; a tail target below what it keeps lets it back in.
     a_shape = [i for i, c in enumerate(scores.candidates) if c["pattern"] == "a_shape"]

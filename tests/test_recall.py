@@ -75,3 +75,19 @@ def test_many_layouts_at_once_equal_one_by_one():
     assert together.shape == (3, 2, 4)
     for i, layout in enumerate(layouts):
         assert torch.allclose(together[i], attention_recall(q, k, layout), atol=1e-6)
+
+
+def test_recall_on_sampled_rows_is_the_brute_force_mean_over_those_rows():
+    from sparse_attn.recall import sampled_rows
+
+    q, k = _qk(b=1, sq=300, sk=300, seed=7)
+    layout = block_topk_layout(estimate_block_topk(q, k, top_k=2, block_size=32), 300, 300, 32)
+    rows = sampled_rows(300, bands=3, band_rows=40)
+    assert rows == [(0, 40), (130, 170), (260, 300)]
+    kk = k.repeat_interleave(2, dim=1).double()
+    s = (q.double() @ kk.transpose(-1, -2) * 16 ** -0.5).masked_fill(~torch.ones(300, 300).tril().bool(), float("-inf"))
+    kept = (torch.softmax(s, -1) * layout.to_dense()).sum(-1)
+    expected = torch.cat([kept[..., a:z] for a, z in rows], -1).mean(-1)
+    got = attention_recall(q, k, layout, rows=rows, chunk_size=17)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert sampled_rows(100, bands=4, band_rows=30) == [(0, 100)]

@@ -1,6 +1,7 @@
 """The built-in patterns, one module (or folder) each: its online estimator, its index builder and its
 registry entry (sparse_attn.patterns). Importing this package registers them."""
-from . import a_shape, block_sparse, hierarchical, page_mean, quest, vertical_slash, xattention  # noqa: F401  (each registers its pattern)
+from . import (a_shape, block_sparse, flexprefill, hierarchical, page_mean, quest, vertical_slash,  # noqa: F401
+               xattention)  # (each registers its pattern)
 from .a_shape import a_shape_layout
 from .block_sparse import block_topk_layout, estimate_block_topk, pool_blocks
 from .quest import quest_select

@@ -12,7 +12,11 @@ the other visible blocks are taken by decreasing estimate (ties: lower block id 
 estimate reaches tau; tau >= 1 keeps every visible block.
 
 Work and memory: the scores are made a chunk of query groups and one kv head's query heads at a time, and
-reduced to the chunk's block scores before the next, so no S x S (or S x S / stride) tensor is built.
+reduced to the chunk's block scores before the next, so no S x S (or S x S / stride) tensor is built. On
+CUDA (backend "triton") one fused kernel does it per band of query blocks: the antidiagonal sums as
+`stride` matrix products of query rows with reversed key rows, the softmax over key groups (a first pass
+for each row's max and sum, a second for the probabilities) and the sums per key block, so the strided
+scores never reach memory; the torch path is its reference.
 """
 from __future__ import annotations
 
@@ -20,7 +24,10 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
+from .._triton import LOG2E
 from ..layouts import BlockLayout
 from ..patterns import Param, Pattern, register_pattern
 
@@ -48,12 +55,105 @@ def _groups(x: torch.Tensor, stride: int, reverse: bool) -> torch.Tensor:
     return x.flatten(-2)
 
 
+@triton.jit
+def _antidiagonal_kernel(Q, K, OUT, qb0, qb1, sq, sk, nkg, scale_log2, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn,
+                         s_ob, s_oh, s_om, num_heads, group, S: tl.constexpr, PER: tl.constexpr, QB: tl.constexpr,
+                         BN: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
+    hk = h // group
+    m = tl.arange(0, QB * PER)
+    qblock = qb0 + pid * QB + m // PER
+    grp = qblock * PER + m % PER  # query groups, PER per block
+    valid = (qblock < qb1) & (grp * S < sq)
+    last = tl.minimum(grp * S + S, sq) - 1 + (sk - sq)
+    d = tl.arange(0, D)
+    qbase = Q + b * s_qb + h * s_qh
+    kbase = K + b * s_kb + hk * s_kh
+    m_i = tl.full([QB * PER], float("-inf"), tl.float32)
+    l_i = tl.zeros([QB * PER], tl.float32)
+    for c0 in range(0, nkg, BN):
+        c = c0 + tl.arange(0, BN)
+        s = tl.zeros([QB * PER, BN], tl.float32)
+        for t in tl.static_range(S):  # query row g*S + t meets key row c*S + S - 1 - t
+            qr = grp * S + t
+            qv = tl.load(qbase + qr[:, None].to(tl.int64) * s_qm + d[None, :], mask=(valid & (qr < sq))[:, None],
+                         other=0.0)
+            kr = c * S + S - 1 - t
+            kv = tl.load(kbase + kr[:, None].to(tl.int64) * s_kn + d[None, :], mask=(kr < sk)[:, None], other=0.0)
+            s += tl.dot(qv, tl.trans(kv), input_precision=PREC)
+        ok = (c < nkg)[None, :] & valid[:, None]
+        if CAUSAL:
+            ok = ok & (c[None, :] * S <= last[:, None])
+        s = tl.where(ok, s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - safe) + tl.sum(tl.exp2(s - safe[:, None]), 1)
+        m_i = m_new
+    safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
+    rows = tl.minimum(PER, tl.cdiv(sq - (qb0 + pid * QB + tl.arange(0, QB)) * (PER * S), S))  # groups per block
+    rows = tl.maximum(rows, 1).to(tl.float32)
+    for c0 in range(0, nkg, BN):
+        c = c0 + tl.arange(0, BN)
+        s = tl.zeros([QB * PER, BN], tl.float32)
+        for t in tl.static_range(S):
+            qr = grp * S + t
+            qv = tl.load(qbase + qr[:, None].to(tl.int64) * s_qm + d[None, :], mask=(valid & (qr < sq))[:, None],
+                         other=0.0)
+            kr = c * S + S - 1 - t
+            kv = tl.load(kbase + kr[:, None].to(tl.int64) * s_kn + d[None, :], mask=(kr < sk)[:, None], other=0.0)
+            s += tl.dot(qv, tl.trans(kv), input_precision=PREC)
+        ok = (c < nkg)[None, :] & valid[:, None]
+        if CAUSAL:
+            ok = ok & (c[None, :] * S <= last[:, None])
+        p = tl.where(ok, tl.exp2(s * scale_log2 - safe[:, None]) * inv[:, None], 0.0)
+        per_block = tl.sum(tl.reshape(p, [QB * PER, BN // PER, PER]), 2)  # [rows, key blocks of the tile]
+        per_query = tl.sum(tl.reshape(per_block, [QB, PER, BN // PER]), 1) / rows[:, None]
+        qi = pid * QB + tl.arange(0, QB)
+        kb = c0 // PER + tl.arange(0, BN // PER)
+        tl.store(OUT + b * s_ob + h * s_oh + qi[:, None].to(tl.int64) * s_om + kb[None, :], per_query,
+                 mask=(qb0 + qi < qb1)[:, None] & (kb * PER < nkg)[None, :])
+
+
+def _scores_triton(q, k, block_size: int, stride: int, scale: float, causal: bool, qb0: int, qb1: int):
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    nk = -(-sk // block_size)
+    per = block_size // stride
+    nkg = -(-sk // stride)
+    dp = max(16, triton.next_power_of_2(d))
+    if dp != d or q.stride(-1) != 1 or k.stride(-1) != 1:  # tl.dot needs a power-of-two width; zeros add nothing
+        q, k = F.pad(q, (0, dp - d)), F.pad(k, (0, dp - d))
+    out = torch.empty(b, hq, qb1 - qb0, nk, dtype=torch.float32, device=q.device)
+    qblocks = max(1, 16 // per)  # at least 16 rows for the matrix unit
+    bn = max(64, per)
+    grid = (triton.cdiv(qb1 - qb0, qblocks), b * hq)
+    _antidiagonal_kernel[grid](
+        q, k, out, qb0, qb1, sq, sk, nkg, scale * LOG2E, q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2), out.stride(0), out.stride(1), out.stride(2), hq, hq // hkv,
+        S=stride, PER=per, QB=qblocks, BN=bn, D=dp, CAUSAL=causal,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=1)
+    return out
+
+
 def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 64, stride: int = 8,
                               scale: Optional[float] = None, causal: bool = True, qb0: int = 0,
-                              qb1: Optional[int] = None) -> torch.Tensor:
+                              qb1: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
     """float32 [B, Hq, qb1 - qb0, nk]: the estimated attention mass of query blocks [qb0, qb1) on each key
-    block (each row sums to 1 over the blocks it may see). q [B, Hq, Sq, D], k [B, Hkv, Sk, D] (GQA)."""
+    block (each row sums to 1 over the blocks it may see). q [B, Hq, Sq, D], k [B, Hkv, Sk, D] (GQA).
+    backend: "triton" (the fused kernel; CUDA or the interpreter), "torch", or "auto" (triton on CUDA)."""
     _check(block_size, stride)
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend: expected 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if q.is_cuda else "torch"
+    if backend == "triton":
+        nq = -(-q.shape[2] // block_size)
+        scale = (q.shape[-1] ** -0.5 if scale is None else float(scale)) / stride
+        return _scores_triton(q, k, block_size, stride, scale, causal, qb0, nq if qb1 is None else qb1)
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -91,8 +191,9 @@ def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, *, block_size: i
 
 
 def xattention_select(q: torch.Tensor, k: torch.Tensor, tau, *, block_size: int = 64, stride: int = 8,
-                      scale: Optional[float] = None, causal: bool = True) -> BlockLayout:
-    """The XAttention layout (see the module docstring). tau: a float, or one per query head."""
+                      scale: Optional[float] = None, causal: bool = True, backend: str = "auto") -> BlockLayout:
+    """The XAttention layout (see the module docstring). tau: a float, or one per query head. backend: that
+    of antidiagonal_block_scores."""
     b, hq, sq, _ = q.shape
     sk = k.shape[2]
     nq, nk = -(-sq // block_size), -(-sk // block_size)
@@ -105,7 +206,7 @@ def xattention_select(q: torch.Tensor, k: torch.Tensor, tau, *, block_size: int 
     for qb0 in range(0, nq, chunk):
         qb1 = min(nq, qb0 + chunk)
         score = antidiagonal_block_scores(q, k, block_size=block_size, stride=stride, scale=scale, causal=causal,
-                                          qb0=qb0, qb1=qb1)
+                                          qb0=qb0, qb1=qb1, backend=backend)
         last_key = (torch.arange(qb0, qb1, device=q.device) * block_size + block_size).clamp(max=sq) - 1 + off
         diag = torch.div(last_key, block_size, rounding_mode="floor").clamp(max=nk - 1)  # -1: sees nothing
         if not causal:

@@ -108,3 +108,24 @@ def test_bad_budgets_name_the_argument():
             check_method_kwargs("xattention", {"tau": bad})
     with pytest.raises(ValueError, match="stride"):
         check_method_kwargs("xattention", {"stride": 0})
+
+
+@pytest.mark.parametrize("sq,sk,d,stride,block,group,causal", [
+    (150, 150, 32, 8, 64, 2, True), (130, 200, 48, 4, 32, 1, True), (97, 97, 16, 16, 64, 3, False)])
+def test_fused_scores_and_selection_equal_the_torch_path(sq, sk, d, stride, block, group, causal):
+    """The fused Triton scoring (interpreter here) against the chunked torch scoring: the scores within float
+    rounding, a band of query blocks alone, and the selection the same blocks."""
+    q, k, _ = qkv(sq + sk, b=2, hq=2 * group, hkv=2, sq=sq, sk=sk, d=d, device="cpu")
+    q = q * 2
+    want = antidiagonal_block_scores(q, k, block_size=block, stride=stride, causal=causal, backend="torch")
+    got = antidiagonal_block_scores(q, k, block_size=block, stride=stride, causal=causal, backend="triton")
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    nq = want.shape[2]
+    if nq > 2:
+        band = antidiagonal_block_scores(q, k, block_size=block, stride=stride, causal=causal, qb0=1, qb1=nq - 1,
+                                         backend="triton")
+        torch.testing.assert_close(band, want[:, :, 1:nq - 1], atol=1e-6, rtol=1e-5)
+    taus = [0.5, 0.9, 0.97, 1.0, 0.7, 0.8][:2 * group]
+    a = xattention_select(q, k, taus, block_size=block, stride=stride, causal=causal, backend="torch")
+    b = xattention_select(q, k, taus, block_size=block, stride=stride, causal=causal, backend="triton")
+    assert torch.equal(a.to_block_mask(), b.to_block_mask())

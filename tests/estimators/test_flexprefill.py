@@ -1,0 +1,307 @@
+"""FlexPrefill: the decision, both selections and the layout against plain PyTorch statements of the rules
+(tie rule: equal scores go to the lower id; an entry is taken while the kept mass is below gamma), the
+fused pooled scoring against torch, and bad budgets."""
+import math
+
+import pytest
+import torch
+
+from helpers import generator, qkv, randn
+from sparse_attn.estimators.flexprefill import flexprefill_choice, flexprefill_layout
+from sparse_attn.methods import check_method_kwargs, sparse_attention
+from sparse_attn.recall import attention_recall
+
+
+def _take(scores, candidates, forced, gamma, minimum):
+    """The selection rule as a loop over python floats: forced ids, then by (-score, id) while the kept
+    mass is below gamma (every candidate for gamma >= 1), then topped up to `minimum` in the same order."""
+    ranked = sorted((c for c in candidates if c not in forced), key=lambda c: (-scores[c], c))
+    chosen, mass = list(forced), sum(scores[c] for c in forced)
+    rest = []
+    for c in ranked:
+        if gamma < 1 and mass >= gamma:
+            rest.append(c)
+            continue
+        chosen.append(c)
+        mass += scores[c]
+    chosen += rest[:max(0, minimum - len(chosen))]
+    return set(chosen)
+
+
+def reference_choice(q, k, gamma, tau, bs, min_budget):
+    """Per (batch, head): ("qa", {query block: set of key blocks}) or ("vs", columns, diagonal offsets)."""
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    off = sk - sq
+    scale = d ** -0.5
+    length = max(1, min(bs, sq, sk))
+    nq, nk = math.ceil(sq / bs), math.ceil(sk / bs)
+    out = {}
+    for bi in range(b):
+        for h in range(hq):
+            qh, kh = q[bi, h].double(), k[bi, h // g].double()
+            col, slash = [0.0] * sk, [0.0] * sk
+            for t in range(sq - length, sq):
+                s = (kh @ qh[t]) * scale
+                s[t + off + 1:] = float("-inf")
+                p = torch.softmax(s, 0)
+                for j in range(min(sk, t + off + 1)):
+                    col[j] += float(p[j]) / length
+                    slash[t + off - j] += float(p[j]) / length
+            true = torch.tensor([sum(col[kb * bs:(kb + 1) * bs]) for kb in range(nk)], dtype=torch.float64)
+            true = true / true.sum()
+            kpool = torch.stack([kh[kb * bs:(kb + 1) * bs].mean(0) for kb in range(nk)])
+            pooled = torch.softmax(kpool @ qh[sq - length:].mean(0) * scale, 0)
+            mid = (pooled + true) / 2
+
+            def kl(a):
+                return sum(float(x) * math.log(float(x) / float(m)) for x, m in zip(a, mid) if x > 0)
+
+            if 0.5 * kl(pooled) + 0.5 * kl(true) < tau[h]:
+                sets = {}
+                for qb in range(nq):
+                    last = min(qb * bs + bs, sq) - 1 + off
+                    visible = [kb for kb in range(nk) if kb * bs <= last]
+                    if not visible:
+                        sets[qb] = set()
+                        continue
+                    qpool = qh[qb * bs:min(sq, qb * bs + bs)].mean(0)
+                    probs = torch.softmax(kpool[visible] @ qpool * scale, 0)
+                    scores = {kb: float(p) for kb, p in zip(visible, probs)}
+                    sets[qb] = _take(scores, visible, sorted({0, visible[-1]}), gamma[h], math.ceil(min_budget / bs))
+                out[bi, h] = ("qa", sets)
+            else:
+                both = _take(dict(enumerate(col + slash)), range(2 * sk), [0, sk], gamma[h], 0)
+                cols, diags = {e for e in both if e < sk}, {e - sk for e in both if e >= sk}
+                ranked = [0] + sorted(range(1, sk), key=lambda j: (-col[j], j))
+                cols |= set(ranked[:max(0, min_budget - len(diags))])
+                out[bi, h] = ("vs", cols, diags)
+    return out
+
+
+def reference_mask(ref, b, hq, sq, sk, bs):
+    """Rule 4 written out: bool [b, hq, sq, sk] (before the causal mask)."""
+    mask = torch.zeros(b, hq, sq, sk, dtype=torch.bool)
+    off = sk - sq
+    for (bi, h), entry in ref.items():
+        if entry[0] == "qa":
+            for qb, blocks in entry[1].items():
+                for kb in blocks:
+                    mask[bi, h, qb * bs:qb * bs + bs, kb * bs:kb * bs + bs] = True
+            continue
+        _, cols, diags = entry
+        for qb in range(math.ceil(sq / bs)):
+            rows = range(qb * bs, min(sq, qb * bs + bs))
+            last = rows[-1] + off
+            for j in cols:
+                if j <= last:
+                    mask[bi, h, rows.start:rows.stop, j] = True
+            for o in diags:  # the block's range of diagonal o: keys [q0 + off - o, q1 + off - o)
+                lo, hi = max(0, rows.start + off - o), min(sk, rows.stop + off - o)
+                if lo < hi:
+                    mask[bi, h, rows.start:rows.stop, lo:hi] = True
+    return mask
+
+
+def _choice_sets(choice, bs):
+    out = {}
+    b, h = choice.query_aware.shape
+    for bi in range(b):
+        for hi in range(h):
+            if bool(choice.query_aware[bi, hi]):
+                sets = {}
+                for qb in range(choice.range_counts.shape[2]):
+                    n = int(choice.range_counts[bi, hi, qb])
+                    ranges = zip(choice.range_starts[bi, hi, qb, :n].tolist(), choice.range_ends[bi, hi, qb, :n].tolist())
+                    sets[qb] = {j // bs for a, z in ranges for j in range(a, z)}
+                out[bi, hi] = ("qa", sets)
+            else:
+                out[bi, hi] = ("vs", {int(x) for x in choice.columns[bi, hi]}, {int(x) for x in choice.slashes[bi, hi]})
+    return out
+
+
+CASES = [  # seed, b, hq, hkv, sq, sk, d, bs, min_budget
+    (0, 1, 4, 2, 200, 200, 32, 32, 64),
+    (1, 2, 4, 1, 97, 230, 64, 16, 0),
+    (2, 1, 6, 3, 130, 130, 32, 16, 100),
+    (3, 1, 2, 2, 64, 300, 32, 32, 0),
+]
+
+
+@pytest.mark.parametrize("seed,b,hq,hkv,sq,sk,d,bs,min_budget", CASES)
+def test_choice_and_layout_equal_the_written_out_rules(seed, b, hq, hkv, sq, sk, d, bs, min_budget):
+    gen = generator(seed)
+    q, k, _ = qkv(gen, b, hq, hkv, sq, sk, d, device="cpu")
+    q = q * 3  # peaked scores: selections of very different sizes
+    gamma = [0.5, 0.9, 0.97, 1.0, 0.8, 0.3][:hq]
+    tau = [0.0, 1.0, 0.05, 0.3, 1.0, 0.0][:hq]
+    choice = flexprefill_choice(q, k, gamma, tau, block_size=bs, min_budget=min_budget, backend="torch")
+    ref = reference_choice(q, k, gamma, tau, bs, min_budget)
+    assert _choice_sets(choice, bs) == ref
+    layout = flexprefill_layout(choice, sq, sk, block_size=bs, backend="torch")
+    layout.check_values()
+    off = sk - sq
+    causal = torch.arange(sk)[None, :] <= torch.arange(sq)[:, None] + off
+    assert torch.equal(layout.to_dense() & causal, reference_mask(ref, b, hq, sq, sk, bs) & causal)
+
+
+@pytest.mark.parametrize("seed,b,hq,hkv,sq,sk,d,bs,min_budget", CASES[:2])
+def test_fused_scoring_and_builders_give_the_torch_layout(seed, b, hq, hkv, sq, sk, d, bs, min_budget):
+    q, k, _ = qkv(seed, b, hq, hkv, sq, sk, d, device="cpu")
+    q = q * 3
+    gamma, tau = [0.9, 0.7, 0.95, 0.99][:hq], [1.0, 1.0, 0.0, 0.1][:hq]
+    ref = flexprefill_choice(q, k, gamma, tau, block_size=bs, min_budget=min_budget, backend="torch")
+    got = flexprefill_choice(q, k, gamma, tau, block_size=bs, min_budget=min_budget, backend="triton")
+    assert _choice_sets(got, bs) == _choice_sets(ref, bs)
+    a = flexprefill_layout(ref, sq, sk, block_size=bs, backend="torch")
+    c = flexprefill_layout(got, sq, sk, block_size=bs, backend="triton")
+    assert torch.equal(a.to_dense(), c.to_dense())
+
+
+def test_pooled_probabilities_match_torch():
+    from sparse_attn.estimators.flexprefill.select import pooled_block_probs
+
+    gen = generator(5)
+    qp, kp = randn(gen, 2, 4, 9, 48, device="cpu"), randn(gen, 2, 2, 12, 48, device="cpu")
+    kv_of = torch.tensor([0, 0, 1, 1])
+    for r0, r1 in ((0, 9), (3, 7)):
+        args = dict(block_size=16, seqlen_q=140, seqlen_k=190, scale=0.3)
+        ref = pooled_block_probs(qp, kp, kv_of, r0, r1, backend="torch", **args)
+        got = pooled_block_probs(qp, kp, kv_of, r0, r1, backend="triton", **args)
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+
+
+def _mixed_heads(gen, sq=512, d=32, targets=24):
+    """Head 0 attends to its local window (keys close to the query), head 1 to `targets` scattered keys."""
+    base = randn(gen, sq, d, device="cpu")
+    pos = torch.arange(sq, dtype=torch.float32)
+    freq = torch.arange(d // 2, dtype=torch.float32)
+    ang = pos[:, None] * 0.02 * (1 + freq[None, :]) / (d // 2)
+    rot = torch.cat([ang.cos(), ang.sin()], -1) * 3.0
+    q0, k0 = rot + 0.1 * base, rot.clone()
+    targets = torch.randperm(sq, generator=gen)[:targets]
+    key_dir = randn(gen, d, device="cpu")
+    key_dir = key_dir / key_dir.norm()
+    k1 = randn(gen, sq, d, device="cpu") * 0.3
+    k1[targets] += key_dir * 8
+    q1 = key_dir.expand(sq, d) * 6 + 0.3 * randn(gen, sq, d, device="cpu")
+    q = torch.stack([q0, q1])[None]
+    k = torch.stack([k0, k1])[None]
+    return q, k
+
+
+def test_scattered_head_goes_vertical_slash_and_keeps_its_mass_sparsely():
+    q, k = _mixed_heads(generator(11), sq=1024, targets=8)
+    choice = flexprefill_choice(q, k, 0.9, 0.1, block_size=32, min_budget=0, backend="torch")
+    assert choice.query_aware.tolist() == [[True, False]]
+    layout = flexprefill_layout(choice, q.shape[2], k.shape[2], block_size=32, backend="torch")
+    recall = attention_recall(q, k, layout)
+    density = layout.head_density()
+    # rows before a target cannot see it: their mass is spread, so recall stays a little under gamma there
+    assert float(recall[0, 1]) >= 0.88 and float(density[0, 1]) < 0.1
+    assert float(recall[0, 0]) >= 0.95 and float(density[0, 0]) < 0.25
+
+
+def test_tau_forces_the_kind_and_gamma_one_is_dense():
+    q, k, v = qkv(3, 1, 4, 2, 150, 150, 32, device="cpu")
+    assert not flexprefill_choice(q, k, 0.9, 0.0, block_size=32).query_aware.any()
+    assert flexprefill_choice(q, k, 0.9, 1.0, block_size=32).query_aware.all()
+    for tau in (0.0, 1.0):
+        choice = flexprefill_choice(q, k, 1.0, tau, block_size=32, min_budget=0)
+        layout = flexprefill_layout(choice, 150, 150, block_size=32, backend="torch")
+        assert layout.density() == pytest.approx(1.0)
+
+
+def test_method_equals_reference_on_its_layout_bottom_right():
+    from sparse_attn.ops.reference import reference_attention
+
+    q, k, v = qkv(4, 1, 4, 2, 70, 200, 32, device="cpu")
+    stats = {}
+    out = sparse_attention(q, k, v, "flexprefill", gamma=0.8, min_seqlen=0, block_size=32, min_budget=0, stats=stats)
+    choice = flexprefill_choice(q, k, 0.8, 0.1, block_size=32, min_budget=0)
+    layout = flexprefill_layout(choice, 70, 200, block_size=32, backend="torch")
+    torch.testing.assert_close(out, reference_attention(q, k, v, layout, causal=True), atol=2e-5, rtol=1e-4)
+    assert stats["density"].mean() < 1
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"gamma": 0.0}, "gamma"), ({"gamma": 1.5}, "gamma"), ({"gamma": float("nan")}, "gamma"),
+    ({"tau": -0.1}, "tau"), ({"min_budget": -1}, "min_budget"), ({"block_size": 0}, "block_size"),
+])
+def test_bad_budgets_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        check_method_kwargs("flexprefill", kwargs)
+
+
+def test_block_size_the_kernels_do_not_take_is_refused():
+    q, k, v = qkv(5, 1, 2, 1, 100, 100, 32, device="cpu")
+    with pytest.raises(ValueError, match="block_size"):
+        sparse_attention(q, k, v, "flexprefill", block_size=48, min_seqlen=0)
+    with pytest.raises(ValueError, match="gamma"):
+        flexprefill_choice(q, k, [0.9, 0.0], 0.1, block_size=32)
+
+
+@pytest.mark.parametrize("min_blocks", [0, 3, 40])
+def test_sort_free_selection_kernel_equals_the_sorted_rule_with_ties(min_blocks):
+    """Probabilities on a grid of 1/64 (sums exact): many exact ties, and gammas that land on a tie, below
+    the forced mass, past the visible mass, and at 1."""
+    from sparse_attn.estimators.flexprefill.probs_triton import keep_mask_triton
+    from sparse_attn.estimators.flexprefill.select import keep_mask
+
+    gen = generator(9)
+    b, h, rows, nk, bs, sq, sk = 1, 5, 6, 37, 16, 400, 590
+    row0 = 10
+    last = (torch.arange(row0, row0 + rows) * bs + bs).clamp(max=sq) - 1 + (sk - sq)
+    blocks = torch.arange(nk)
+    visible = blocks[None, :] * bs <= last[:, None]
+    weights = torch.randint(0, 4, (b, h, rows, nk), generator=gen).float() * visible
+    p = weights / 64  # exact multiples of 1/64, not normalized: visible mass may fall short of gamma
+    diag = torch.div(last, bs, rounding_mode="floor").clamp(max=nk - 1)
+    forced = visible & ((blocks[None, :] == 0) | (blocks[None, :] == diag[:, None]))
+    gamma = torch.tensor([0.5, 1 / 64, 1.0, 0.75, 2 / 64])
+    ref = keep_mask(p, visible, forced, gamma.view(1, h, 1), min_blocks)
+    got = keep_mask_triton(p, gamma, row0, block_size=bs, seqlen_q=sq, seqlen_k=sk, min_blocks=min_blocks)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sq,sk", [(4096, 4096), (3001, 5003)])
+def test_gpu_choice_equals_the_torch_rule_and_attention_its_reference(sq, sk):
+    """On CUDA (fused scoring, sort-free selection, Triton / CUDA index builders) in fp32: the layout the
+    torch rule gives on the CPU; in bf16 the method's output equals the reference over its layout."""
+    from helpers import assert_close
+    from sparse_attn.ops.reference import reference_attention
+
+    q, k, v = qkv(sq, 1, 8, 2, sq, sk, 128, device="cpu")
+    q = q * 2
+    gamma, tau = [0.9, 0.8, 0.95, 0.9, 0.7, 0.9, 0.99, 0.9], [1.0, 1.0, 0.0, 0.1, 1.0, 0.0, 0.1, 0.1]
+    ref = flexprefill_choice(q, k, gamma, tau, block_size=64, backend="torch")
+    got = flexprefill_choice(q.cuda(), k.cuda(), gamma, tau, block_size=64)
+    assert torch.equal(got.query_aware.cpu(), ref.query_aware)
+    a = flexprefill_layout(ref, sq, sk, block_size=64, backend="torch")
+    c = flexprefill_layout(got, sq, sk, block_size=64).to("cpu")
+    assert a.density() == pytest.approx(c.density(), abs=1e-3)  # fp32 rounding may move a block at gamma
+    qb, kb, vb = (x.cuda().to(torch.bfloat16) for x in (q, k, v))
+    stats = {}
+    out = sparse_attention(qb, kb, vb, "flexprefill", min_seqlen=0, stats=stats)
+    choice = flexprefill_choice(qb, kb, 0.9, 0.1, block_size=64)
+    layout = flexprefill_layout(choice, sq, sk, block_size=64)
+    assert_close(out, reference_attention(qb, kb, vb, layout, causal=True),
+                 reference_attention(qb, kb, vb, layout, causal=True, upcast=False))
+
+
+@pytest.mark.gpu
+def test_gpu_one_million_tokens_fit():
+    """1M tokens, 4 query / 1 kv heads of D=128 in bf16 on structured-like inputs: the estimator and the
+    index fit (nothing Sq x Sk) and the layout is sparse."""
+    s = 1 << 20
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 4, s, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(1, 1, s, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q[:, :, -64:] += 3 * k[:, :, :64].mean(2, keepdim=True)  # a pass-key-like pull to the start
+    torch.cuda.reset_peak_memory_stats()
+    choice = flexprefill_choice(q, k, 0.9, 0.1, block_size=64)
+    layout = flexprefill_layout(choice, s, s, block_size=64)
+    assert layout.density() < 0.1
+    assert torch.cuda.max_memory_allocated() < 40 * 2**30
