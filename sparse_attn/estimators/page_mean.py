@@ -21,9 +21,11 @@ import triton
 import triton.language as tl
 
 from .._triton import INTERPRETED  # noqa: F401  (importing it applies the interpreter fix)
-from ..kvcache import PagedKVCache, PageSummaries, budget_pages, window_pages
+from ..kvcache import PagedKVCache, PageSummaries
 from ..layouts import PageSelection
-from ..patterns import Param, Pattern, register_pattern
+from ..patterns import Pattern, register_pattern
+from . import _pages
+from ._pages import mark_pages, page_shares, top_pages
 
 __all__ = ["page_mean_logits", "page_mean_scores", "page_mean_select", "PATTERN"]
 
@@ -92,11 +94,7 @@ def page_mean_scores(q: torch.Tensor, cache: PagedKVCache, summaries: PageSummar
     page_mean_logits over the sequence's pages, per query head), summed over the kv head's query heads;
     the first n_sink and last n_local pages of each sequence +inf, pages past its length -inf."""
     score = page_mean_logits(q, cache, summaries, scale=scale).softmax(-1).sum(2)
-    n = cache.num_pages_of().long().view(-1, 1, 1)
-    p = torch.arange(cache.max_pages, device=q.device).view(1, 1, -1)
-    ok = p < n
-    forced = ok & ((p < n_sink) | (p >= n - n_local))
-    return torch.where(forced, float("inf"), torch.where(ok, score, float("-inf")))
+    return mark_pages(score, cache, n_sink, n_local)
 
 
 def page_mean_select(q: torch.Tensor, cache: PagedKVCache, summaries: PageSummaries, *, budget: int,
@@ -107,29 +105,19 @@ def page_mean_select(q: torch.Tensor, cache: PagedKVCache, summaries: PageSummar
     attention's softmax scale (default D ** -0.5)."""
     if q.dim() == 4:
         q = q[:, :, 0]
-    ps = cache.page_size
-    k = budget_pages(budget, ps, cache.max_pages)
-    n_sink = min(-(-int(sink) // ps), k)
-    n_local = min(window_pages(window, ps), k - n_sink)
-    scores = page_mean_scores(q, cache, summaries, n_sink=n_sink, n_local=n_local, scale=scale)
-    pages = torch.topk(scores, k, dim=-1).indices.to(torch.int32)  # valid pages first (score > -inf)
-    counts = cache.num_pages_of().clamp(max=k).view(-1, 1).expand(-1, cache.num_kv_heads).contiguous()
-    return PageSelection(pages, counts, ps)
+    k, n_sink, n_local = page_shares(cache, budget, sink, window)
+    return top_pages(page_mean_scores(q, cache, summaries, n_sink=n_sink, n_local=n_local, scale=scale), cache, k)
 
 
 PATTERN = register_pattern(Pattern(
     name="page_mean",
     summary="Page-mean decode: pages ranked by the attention share their mean key draws per query head, "
             "summed over the GQA group, top pages up to a token budget (prefill dense)",
-    budgets=(Param("budget", int, 4096, 16, doc="tokens of cache each decode step reads (whole pages)"),
-             Param("sink", int, 64, 0, doc="first tokens always read"),
-             Param("window", int, 64, 0, doc="last tokens always read")),
+    budgets=_pages.BUDGETS,
     select=page_mean_select,
     summaries=True,
     decode_page_size=32,
-    # A budget past the context reads every page: dense.
-    full_budget=lambda seqlen_q, seqlen_k, block_size: {"budget": seqlen_k + 64, "sink": 0, "window": 0},
-    sweep=lambda seqlen, block_size: [{"budget": b, "sink": 64, "window": 64}
-                                      for b in (256 << i for i in range(32)) if b < seqlen],
+    full_budget=_pages.full_budget,
+    sweep=_pages.sweep,
     color="tab:cyan",
 ))

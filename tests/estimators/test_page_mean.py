@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import DEV, generator, randn
-from ops.test_paged_decode import paged_cache
+from ops.test_paged_decode import assert_top_pages, paged_cache
 from sparse_attn.estimators.page_mean import page_mean_logits, page_mean_scores, page_mean_select
 from sparse_attn.kvcache import PageSummaries
 
@@ -49,17 +49,7 @@ def test_scores_and_selection_follow_the_rule(seed, group, ps):
     finite = want.isfinite()
     assert torch.allclose(got[finite], want[finite], rtol=1e-4, atol=1e-5)
     sel = page_mean_select(q, cache, summaries, budget=3 * ps, sink=1, window=1, scale=scale)
-    n = cache.num_pages_of().cpu()
-    for i in range(2):
-        for h in range(2):
-            c = int(sel.counts[i, h])
-            assert c == min(3, int(n[i]))
-            chosen = set(sel.pages[i, h, :c].tolist())
-            assert len(chosen) == c and chosen <= set(range(int(n[i])))
-            assert 0 in chosen and int(n[i]) - 1 in chosen  # the sink and the latest page
-            if c < int(n[i]):  # the others are the best-scoring pages
-                cut = sorted((float(want[i, h, p]) for p in range(int(n[i]))), reverse=True)[c - 1]
-                assert all(float(want[i, h, p]) >= cut - 1e-5 for p in chosen)
+    assert_top_pages(sel, want, cache, 3, tol=1e-5)
 
 
 def test_the_page_holding_the_querys_key_is_chosen():

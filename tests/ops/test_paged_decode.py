@@ -202,18 +202,24 @@ def test_quest_scores_and_selection_follow_the_rule(seed, group, ps):
     assert torch.allclose(got[finite], want[finite], rtol=1e-4, atol=1e-4)
     budget = 3 * ps
     sel = quest_select(q, cache, summaries, budget=budget, sink=1, window=1)
+    assert_top_pages(sel, want, cache, 3, tol=1e-4)
+
+
+def assert_top_pages(sel, want, cache, k, *, tol):
+    """Per (sequence, kv head): min(k, its pages) distinct valid pages, the first and the latest among them,
+    the others the best by the reference scores `want` (a tie at the cut may go either way)."""
     n = cache.num_pages_of().cpu()
-    for i in range(2):
-        for h in range(2):
+    for i in range(want.shape[0]):
+        for h in range(want.shape[1]):
             c = int(sel.counts[i, h])
-            assert c == min(3, int(n[i]))
+            assert c == min(k, int(n[i]))
             chosen = set(sel.pages[i, h, :c].tolist())
             assert len(chosen) == c and chosen <= set(range(int(n[i])))
             assert 0 in chosen and int(n[i]) - 1 in chosen  # the sink and the latest page
             rest = sorted(range(int(n[i])), key=lambda p: -float(want[i, h, p]))
-            if c < int(n[i]):  # the others are the best-scoring pages (a tie at the cut may go either way)
+            if c < int(n[i]):
                 cut = float(want[i, h, rest[c - 1]])
-                assert all(float(want[i, h, p]) >= cut - 1e-4 for p in chosen)
+                assert all(float(want[i, h, p]) >= cut - tol for p in chosen)
 
 
 def test_quest_bound_is_an_upper_bound_of_every_key_score():
