@@ -56,6 +56,25 @@ def _groups(x: torch.Tensor, stride: int, reverse: bool) -> torch.Tensor:
 
 
 @triton.jit
+def _antidiagonal_tile(qbase, kbase, c, grp, valid, last, d, sq, sk, nkg, s_qm, s_kn, S: tl.constexpr,
+                       QBP: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    """(antidiagonal sums [query groups, key groups c], which of them count): query row g*S + t meets key
+    row c*S + S - 1 - t, summed over t."""
+    s = tl.zeros([QBP, BN], tl.float32)
+    for t in tl.static_range(S):
+        qr = grp * S + t
+        qv = tl.load(qbase + qr[:, None].to(tl.int64) * s_qm + d[None, :], mask=(valid & (qr < sq))[:, None],
+                     other=0.0)
+        kr = c * S + S - 1 - t
+        kv = tl.load(kbase + kr[:, None].to(tl.int64) * s_kn + d[None, :], mask=(kr < sk)[:, None], other=0.0)
+        s += tl.dot(qv, tl.trans(kv), input_precision=PREC)
+    ok = (c < nkg)[None, :] & valid[:, None]
+    if CAUSAL:
+        ok = ok & (c[None, :] * S <= last[:, None])
+    return s, ok
+
+
+@triton.jit
 def _antidiagonal_kernel(Q, K, OUT, qb0, qb1, sq, sk, nkg, scale_log2, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn,
                          s_ob, s_oh, s_om, num_heads, group, S: tl.constexpr, PER: tl.constexpr, QB: tl.constexpr,
                          BN: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
@@ -76,17 +95,8 @@ def _antidiagonal_kernel(Q, K, OUT, qb0, qb1, sq, sk, nkg, scale_log2, s_qb, s_q
     l_i = tl.zeros([QB * PER], tl.float32)
     for c0 in range(0, nkg, BN):
         c = c0 + tl.arange(0, BN)
-        s = tl.zeros([QB * PER, BN], tl.float32)
-        for t in tl.static_range(S):  # query row g*S + t meets key row c*S + S - 1 - t
-            qr = grp * S + t
-            qv = tl.load(qbase + qr[:, None].to(tl.int64) * s_qm + d[None, :], mask=(valid & (qr < sq))[:, None],
-                         other=0.0)
-            kr = c * S + S - 1 - t
-            kv = tl.load(kbase + kr[:, None].to(tl.int64) * s_kn + d[None, :], mask=(kr < sk)[:, None], other=0.0)
-            s += tl.dot(qv, tl.trans(kv), input_precision=PREC)
-        ok = (c < nkg)[None, :] & valid[:, None]
-        if CAUSAL:
-            ok = ok & (c[None, :] * S <= last[:, None])
+        s, ok = _antidiagonal_tile(qbase, kbase, c, grp, valid, last, d, sq, sk, nkg, s_qm, s_kn, S, QB * PER, BN,
+                                   CAUSAL, PREC)
         s = tl.where(ok, s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -98,17 +108,8 @@ def _antidiagonal_kernel(Q, K, OUT, qb0, qb1, sq, sk, nkg, scale_log2, s_qb, s_q
     rows = tl.maximum(rows, 1).to(tl.float32)
     for c0 in range(0, nkg, BN):
         c = c0 + tl.arange(0, BN)
-        s = tl.zeros([QB * PER, BN], tl.float32)
-        for t in tl.static_range(S):
-            qr = grp * S + t
-            qv = tl.load(qbase + qr[:, None].to(tl.int64) * s_qm + d[None, :], mask=(valid & (qr < sq))[:, None],
-                         other=0.0)
-            kr = c * S + S - 1 - t
-            kv = tl.load(kbase + kr[:, None].to(tl.int64) * s_kn + d[None, :], mask=(kr < sk)[:, None], other=0.0)
-            s += tl.dot(qv, tl.trans(kv), input_precision=PREC)
-        ok = (c < nkg)[None, :] & valid[:, None]
-        if CAUSAL:
-            ok = ok & (c[None, :] * S <= last[:, None])
+        s, ok = _antidiagonal_tile(qbase, kbase, c, grp, valid, last, d, sq, sk, nkg, s_qm, s_kn, S, QB * PER, BN,
+                                   CAUSAL, PREC)
         p = tl.where(ok, tl.exp2(s * scale_log2 - safe[:, None]) * inv[:, None], 0.0)
         per_block = tl.sum(tl.reshape(p, [QB * PER, BN // PER, PER]), 2)  # [rows, key blocks of the tile]
         per_query = tl.sum(tl.reshape(per_block, [QB, PER, BN // PER]), 1) / rows[:, None]
