@@ -1,12 +1,24 @@
 """What the page-ranking decode patterns share: a token budget split into forced pages (the first `sink`
 and the last `window` tokens) and ranked ones, the forced / past-the-end marks on a score tensor, the
-top-k into a PageSelection, and their registry budgets. A pattern brings only its page scores."""
+top-k into a PageSelection, and their registry budgets. A pattern brings only its page scores.
+
+The top-k on the GPU is one Triton launch, one program per (sequence, kv head) row: four radix passes over
+the scores' order-preserving integer keys find the row's k-th largest score exactly (each pass a 256-bin
+histogram of one key byte among the keys matching the bytes chosen so far), then one pass writes the kept
+page ids in ascending order (a prefix sum of the kept flags: no sort) and the row's count. Ties at the
+threshold go to the lower page ids. torch.topk sorts every row and needs a few more launches for the
+counts; a decode step at 128K with a 4K-token budget spent ~35 us in it on an H100.
+"""
 from __future__ import annotations
 
+import os
 from typing import Tuple
 
 import torch
+import triton
+import triton.language as tl
 
+from .._triton import INTERPRETED  # noqa: F401  (importing it applies the interpreter fix)
 from ..kvcache import PagedKVCache, budget_pages, window_pages
 from ..layouts import PageSelection
 from ..patterns import Param
@@ -16,6 +28,9 @@ __all__ = ["BUDGETS", "page_shares", "mark_pages", "top_pages", "full_budget", "
 BUDGETS = (Param("budget", int, 4096, 16, doc="tokens of cache each decode step reads (whole pages)"),
            Param("sink", int, 64, 0, doc="first tokens always read"),
            Param("window", int, 64, 0, doc="last tokens always read"))
+
+_TOPK_BLOCK = 1024  # scores a program holds at once
+_TOPK_WARPS = 4
 
 
 def page_shares(cache: PagedKVCache, budget: int, sink: int, window: int) -> Tuple[int, int, int]:
@@ -35,10 +50,73 @@ def mark_pages(score: torch.Tensor, cache: PagedKVCache, n_sink: int, n_local: i
     return torch.where(forced, float("inf"), torch.where(ok, score, float("-inf")))
 
 
+@triton.jit
+def _keys(row, offs, n):
+    """int32 keys of row[offs] whose signed order is the scores' order (past n: below every score)."""
+    bits = tl.load(row + offs, mask=offs < n, other=float("-inf")).to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: larger magnitude, smaller key
+    return tl.where(offs < n, key, -2147483648)
+
+
+@triton.jit
+def _top_pages_kernel(SCORES, SEQLENS, PAGES, COUNTS, n, H, k, page_size,
+                      NBLK, BLOCK: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    row = SCORES + r * n
+    bins = tl.arange(0, 256)
+    # Four radix passes, most significant byte first: `hi` the bytes chosen so far, k_rem how many keys
+    # matching them are still to be taken (the keys above them are taken whole).
+    k_rem = k
+    hi = 0
+    for p in tl.static_range(4):
+        shift = 24 - 8 * p
+        hist = tl.zeros([256], tl.int32)
+        for i in range(NBLK):
+            offs = i * BLOCK + tl.arange(0, BLOCK)
+            key = _keys(row, offs, n)
+            if p == 0:
+                hist += tl.histogram((key >> 24) + 128, 256)
+            else:
+                hist += tl.histogram((key >> shift) & 0xFF, 256, mask=(key >> (shift + 8)) == hi)
+        at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # matching keys with this byte or a higher one
+        chosen = tl.sum((at_least >= k_rem).to(tl.int32), 0) - 1
+        k_rem -= tl.sum(tl.where(bins > chosen, hist, 0), 0)
+        if p == 0:
+            hi = chosen - 128
+        else:
+            hi = (hi << 8) | chosen
+    # hi is now the k-th largest key: keep every key above it and the first k_rem equal to it, in order.
+    out = PAGES + r * k
+    taken = 0
+    ties = 0
+    for i in range(NBLK):
+        offs = i * BLOCK + tl.arange(0, BLOCK)
+        key = _keys(row, offs, n)
+        tie = (key == hi).to(tl.int32)
+        keep = ((key > hi) | ((tie != 0) & (ties + tl.cumsum(tie, 0) <= k_rem))).to(tl.int32)
+        slot = taken + tl.cumsum(keep, 0) - 1
+        tl.store(out + slot, offs.to(tl.int32), mask=(keep != 0) & (slot < k))
+        taken += tl.sum(keep, 0)
+        ties += tl.sum(tie, 0)
+    filled = (tl.load(SEQLENS + r // H) + page_size - 1) // page_size
+    tl.store(COUNTS + r, tl.minimum(filled, k).to(tl.int32))
+
+
 def top_pages(scores: torch.Tensor, cache: PagedKVCache, k: int) -> PageSelection:
-    """The k best pages per (sequence, kv head) of marked scores; a sequence with fewer pages reads all."""
-    pages = torch.topk(scores, k, dim=-1).indices.to(torch.int32)  # valid pages first (score > -inf)
-    counts = cache.num_pages_of().clamp(max=k).view(-1, 1).expand(-1, cache.num_kv_heads).contiguous()
+    """The k best pages per (sequence, kv head) of marked scores (float32 [B, H, max_pages], forced pages
+    +inf, pages past the length -inf); a sequence with fewer pages reads all of them. On the GPU the pages
+    come in ascending order with ties at the k-th score taken lowest page first; on the CPU in score order."""
+    b, h, n = scores.shape
+    if not (scores.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        pages = torch.topk(scores, k, dim=-1).indices.to(torch.int32)  # valid pages first (score > -inf)
+        counts = cache.num_pages_of().clamp(max=k).view(-1, 1).expand(-1, h).contiguous()
+        return PageSelection(pages, counts, cache.page_size)
+    scores = scores.contiguous()
+    pages = torch.empty(b, h, k, device=scores.device, dtype=torch.int32)
+    counts = torch.empty(b, h, device=scores.device, dtype=torch.int32)
+    block = min(_TOPK_BLOCK, triton.next_power_of_2(n))
+    _top_pages_kernel[(b * h,)](scores, cache.seqlens, pages, counts, n, h, k, cache.page_size,
+                                triton.cdiv(n, block), BLOCK=block, num_warps=_TOPK_WARPS)
     return PageSelection(pages, counts, cache.page_size)
 
 

@@ -11,6 +11,7 @@ last `window` tokens' pages are always kept; the budget counts tokens (whole pag
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -27,34 +28,40 @@ from ._pages import mark_pages, page_shares, top_pages
 
 __all__ = ["quest_scores", "quest_select", "PATTERN"]
 
-_BLOCK_PAGES = 64
+_BLOCK_PAGES = 64  # pages a program scores
+_HEADS_PER_PROGRAM = 1  # kv heads a program scores (a divisor of the cache's)
+_WARPS = 4
 
 
 @triton.jit
 def _scores_kernel(Q, KMIN, KMAX, STABLE, SEQLENS, OUT, s_qb, s_qh, s_qd, s_mp, s_mh, s_md, s_sb, s_sp,
                    max_pages, Hkv, n_sink, n_local,
-                   G: tl.constexpr, D: tl.constexpr, PS: tl.constexpr, BP: tl.constexpr):
-    bh = tl.program_id(0)
-    b = (bh // Hkv).to(tl.int64)
-    h = (bh % Hkv).to(tl.int64)
+                   G: tl.constexpr, D: tl.constexpr, PS: tl.constexpr, BP: tl.constexpr, HB: tl.constexpr):
+    """BP pages of one sequence for HB consecutive kv heads: the page table is read once for the heads,
+    whose summaries lie side by side in memory."""
+    heads_per_seq = Hkv // HB
+    b = (tl.program_id(0) // heads_per_seq).to(tl.int64)
+    h0 = (tl.program_id(0) % heads_per_seq).to(tl.int64) * HB
     p = tl.program_id(1) * BP + tl.arange(0, BP)
     d = tl.arange(0, D)
-    q_pos = tl.zeros([D], tl.float32)
-    q_neg = tl.zeros([D], tl.float32)
-    for g in tl.static_range(G):
-        q = tl.load(Q + b * s_qb + (h * G + g) * s_qh + d * s_qd).to(tl.float32)
-        q_pos += tl.maximum(q, 0.0)
-        q_neg += tl.minimum(q, 0.0)
     n = (tl.load(SEQLENS + b) + PS - 1) // PS
     ok = p < n
-    slot = tl.load(STABLE + b * s_sb + p.to(tl.int64) * s_sp, mask=ok, other=0).to(tl.int64)
-    at = slot[:, None] * s_mp + h * s_mh + d[None, :] * s_md
-    mn = tl.load(KMIN + at, mask=ok[:, None], other=0.0).to(tl.float32)
-    mx = tl.load(KMAX + at, mask=ok[:, None], other=0.0).to(tl.float32)
-    score = tl.sum(mx * q_pos[None, :] + mn * q_neg[None, :], 1)
     forced = ok & ((p < n_sink) | (p >= n - n_local))
-    score = tl.where(forced, float("inf"), tl.where(ok, score, float("-inf")))
-    tl.store(OUT + bh * max_pages + p, score, mask=p < max_pages)
+    slot = tl.load(STABLE + b * s_sb + p.to(tl.int64) * s_sp, mask=ok, other=0).to(tl.int64)
+    for j in tl.static_range(HB):
+        h = h0 + j
+        q_pos = tl.zeros([D], tl.float32)
+        q_neg = tl.zeros([D], tl.float32)
+        for g in tl.static_range(G):
+            q = tl.load(Q + b * s_qb + (h * G + g) * s_qh + d * s_qd).to(tl.float32)
+            q_pos += tl.maximum(q, 0.0)
+            q_neg += tl.minimum(q, 0.0)
+        at = slot[:, None] * s_mp + h * s_mh + d[None, :] * s_md
+        mn = tl.load(KMIN + at, mask=ok[:, None], other=0.0).to(tl.float32)
+        mx = tl.load(KMAX + at, mask=ok[:, None], other=0.0).to(tl.float32)
+        score = tl.sum(mx * q_pos[None, :] + mn * q_neg[None, :], 1)
+        score = tl.where(forced, float("inf"), tl.where(ok, score, float("-inf")))
+        tl.store(OUT + (b * Hkv + h) * max_pages + p, score, mask=p < max_pages)
 
 
 def _scores_torch(q, cache: PagedKVCache, summaries: PageSummaries, n_sink: int, n_local: int) -> torch.Tensor:
@@ -78,10 +85,11 @@ def quest_scores(q: torch.Tensor, cache: PagedKVCache, summaries: PageSummaries,
     if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return _scores_torch(q, cache, summaries, n_sink, n_local)
     out = torch.empty(b, hkv, cache.max_pages, device=q.device, dtype=torch.float32)
-    _scores_kernel[(b * hkv, triton.cdiv(cache.max_pages, _BLOCK_PAGES))](
+    hb = math.gcd(_HEADS_PER_PROGRAM, hkv)
+    _scores_kernel[(b * hkv // hb, triton.cdiv(cache.max_pages, _BLOCK_PAGES))](
         q, summaries.kmin, summaries.kmax, summaries.table, cache.seqlens, out, *q.stride(),
         *summaries.kmin.stride(), *summaries.table.stride(), cache.max_pages, hkv, n_sink, n_local,
-        G=hq // hkv, D=d, PS=cache.page_size, BP=_BLOCK_PAGES, num_warps=4)
+        G=hq // hkv, D=d, PS=cache.page_size, BP=_BLOCK_PAGES, HB=hb, num_warps=_WARPS)
     return out
 
 

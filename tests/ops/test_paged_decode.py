@@ -3,6 +3,7 @@ tables, varlen batches, partial last pages, GQA groups, every page size), dense 
 summaries (incremental = rebuild), Quest's and A-shape's selections against plain PyTorch statements of their
 rules, bad inputs, and a whole decode step in a CUDA graph (GPU)."""
 import math
+import os
 
 import pytest
 import torch
@@ -187,8 +188,19 @@ def _quest_reference(q, cache, n_sink, n_local):
     return out
 
 
-@given(seed=st.integers(0, 2**31 - 1), group=st.sampled_from([1, 2, 4]), ps=st.sampled_from([16, 32]))
-def test_quest_scores_and_selection_follow_the_rule(seed, group, ps):
+@given(seed=st.integers(0, 2**31 - 1), group=st.sampled_from([1, 2, 4]), ps=st.sampled_from([16, 32]),
+       heads_per_program=st.sampled_from([1, 2]))
+def test_quest_scores_and_selection_follow_the_rule(seed, group, ps, heads_per_program):
+    from sparse_attn.estimators import quest
+
+    quest._HEADS_PER_PROGRAM, keep = heads_per_program, quest._HEADS_PER_PROGRAM  # the scores' launch shapes
+    try:
+        _check_quest_rule(seed, group, ps)
+    finally:
+        quest._HEADS_PER_PROGRAM = keep
+
+
+def _check_quest_rule(seed, group, ps):
     gen = generator(seed)
     lens = [int(x) for x in torch.randint(1, 8 * ps, (2,), generator=gen)]
     cache = paged_cache(gen, lens, 2, 16, ps)
@@ -220,6 +232,38 @@ def assert_top_pages(sel, want, cache, k, *, tol):
             if c < int(n[i]):
                 cut = float(want[i, h, rest[c - 1]])
                 assert all(float(want[i, h, p]) >= cut - tol for p in chosen)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_page_top_k_keeps_the_best_pages_lowest_first_on_ties(seed):
+    """top_pages against its rule on the device kernel's path: per row the k best marked scores, ties at the
+    k-th score to the lower page, ids ascending; the row's count min(k, its pages). Scores drawn from a few
+    values (many ties), rows longer than one block of the kernel, varlen batches."""
+    from sparse_attn.estimators._pages import mark_pages, top_pages
+
+    gen = generator(300 + seed)
+    ps = 16
+    lens = [int(x) for x in torch.randint(1, 1400 * ps, (3,), generator=gen)]
+    cache = paged_cache(gen, lens, 2, 8, ps, spare=0)
+    n_pages = cache.max_pages
+    raw = torch.randint(-3, 4, (3, 2, n_pages), generator=gen).float() * 0.5
+    raw += torch.where(torch.rand(3, 2, n_pages, generator=gen) < 0.5, 0.0, torch.randn(3, 2, n_pages, generator=gen))
+    scores = mark_pages(raw.to(DEV), cache, 1, 2)
+    kernel = DEV == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    for k in (1, 5, 37, n_pages):
+        sel = top_pages(scores, cache, k)
+        s = scores.cpu()
+        n = cache.num_pages_of().cpu()
+        for i in range(3):
+            for h in range(2):
+                order = sorted(range(n_pages), key=lambda p: (-float(s[i, h, p]), p))[:k]
+                c = int(sel.counts[i, h])
+                assert c == min(k, int(n[i]))
+                got = sel.pages[i, h].tolist()
+                if kernel:
+                    assert got == sorted(order)  # the exact rule, every entry
+                else:  # torch.topk: the same pages in score order
+                    assert sorted(got[:c]) == sorted(order[:c])
 
 
 def test_quest_bound_is_an_upper_bound_of_every_key_score():
