@@ -29,8 +29,8 @@ BUDGETS = (Param("budget", int, 4096, 16, doc="tokens of cache each decode step 
            Param("sink", int, 64, 0, doc="first tokens always read"),
            Param("window", int, 64, 0, doc="last tokens always read"))
 
-_TOPK_BLOCK = 1024  # scores a program holds at once
-_TOPK_WARPS = 4
+_TOPK_BLOCK = 4096  # scores a program holds at once (a row of 4096 pages in registers: 128K tokens of 32-token pages)
+_TOPK_WARPS = 8
 
 
 def page_shares(cache: PagedKVCache, budget: int, sink: int, window: int) -> Tuple[int, int, int]:
