@@ -8,7 +8,7 @@ SDPA flash dense decode; the scores kernel under (pages per program, kv heads pe
 (module constants of sparse_attn.estimators.quest, patched here) with the GB/s on the summaries it reads;
 torch.topk against the page top-k kernel (sparse_attn.estimators._pages) under block / warp variants; the
 attention over the selected pages under minimum keys per split (sparse_attn.ops.paged_decode); the whole
-step with the defaults, and its speed-up over SDPA.
+step with the defaults, and its speed-up over SDPA; page_mean's scores, selection and step.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import bench_decode  # noqa: E402
 from common import bench_graph_ms  # noqa: E402
-from sparse_attn.estimators import _pages, quest  # noqa: E402
+from sparse_attn.estimators import _pages, page_mean, quest  # noqa: E402
 from sparse_attn.kvcache import PageSummaries  # noqa: E402
 from sparse_attn.ops import paged_decode as pd  # noqa: E402
 
@@ -94,6 +94,12 @@ def main():
         t = us(lambda: pd.paged_decode_attention(q, cache, quest.quest_select(q, cache, summ, budget=a.budget,
                                                                                sink=64, window=64)))
         print(f"  select {t_sel:.1f} us; step {t:.1f} us: x{t_sdpa / t:.2f} SDPA", flush=True)
+        pm = dict(budget=a.budget, sink=64, window=64)
+        t_pm = us(lambda: page_mean.page_mean_scores(q, cache, summ, n_sink=n_sink, n_local=n_local))
+        t_sel = us(lambda: page_mean.page_mean_select(q, cache, summ, **pm))
+        t = us(lambda: pd.paged_decode_attention(q, cache, page_mean.page_mean_select(q, cache, summ, **pm)))
+        print(f"  page_mean: scores {t_pm:.1f} us, select {t_sel:.1f} us; step {t:.1f} us: x{t_sdpa / t:.2f} SDPA",
+              flush=True)
         del k, v, cache, summ, scores, sel
         torch.cuda.empty_cache()
 

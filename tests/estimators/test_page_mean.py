@@ -52,6 +52,22 @@ def test_scores_and_selection_follow_the_rule(seed, group, ps):
     assert_top_pages(sel, want, cache, 3, tol=1e-5)
 
 
+def test_long_rows_combine_the_softmax_over_page_blocks():
+    """Sequences of more pages than one program scores (the softmax's max and sum combined over blocks), one of
+    them ending in an empty last block, against the reference."""
+    gen = generator(41)
+    cache = paged_cache(gen, [150 * 16 + 5, 64 * 16, 1], 2, 16, 16)
+    q = randn(gen, 3, 4, 16) * 3
+    summaries = PageSummaries.build(cache)
+    got = page_mean_scores(q, cache, summaries, n_sink=1, n_local=3, scale=0.5).cpu()
+    want = reference_scores(q, cache, 1, 3, 0.5)
+    assert torch.equal(got.isinf(), want.isinf()) and torch.equal(got == float("inf"), want == float("inf"))
+    finite = want.isfinite()
+    assert torch.allclose(got[finite], want[finite], rtol=1e-4, atol=1e-6)
+    sel = page_mean_select(q, cache, summaries, budget=20 * 16, sink=16, window=32, scale=0.5)  # 32 tokens: 3 pages
+    assert_top_pages(sel, want, cache, 20, tol=1e-6)
+
+
 def test_the_page_holding_the_querys_key_is_chosen():
     """A page whose keys all point along q wins over pages of noise, for every head of the group."""
     gen = generator(3)
