@@ -18,7 +18,11 @@ from .layouts import PageSelection
 from .ops.paged_decode import paged_decode_attention
 from .patterns import get_pattern
 
-__all__ = ["DecodeState", "decode_step"]
+__all__ = ["DecodeState", "decode_step", "sparse_decode_from", "DECODE_MIN_RATIO"]
+
+# A sparse step pays for its selection (page scores over the whole cache, a top-k, more launches) on top of
+# what it reads; where it would read half the cache or more, a dense step is cheaper.
+DECODE_MIN_RATIO = 2
 
 
 @dataclass
@@ -47,6 +51,15 @@ class DecodeState:
             self.summaries.update(cache, first, -(-s // ps) - first)
         self.tokens = s
         return self.summaries
+
+
+def sparse_decode_from(pattern: str, budgets: Dict[str, Any], min_seqlen: int) -> int:
+    """Cached tokens from which decode steps of `pattern` under `budgets` run sparse on a contiguous cache:
+    min_seqlen, or DECODE_MIN_RATIO times the tokens a step reads where the pattern says (Pattern.decode_reads)."""
+    p = get_pattern(pattern)
+    if p.decode_reads is None:
+        return int(min_seqlen)
+    return max(int(min_seqlen), DECODE_MIN_RATIO * int(p.decode_reads(p.decode_page_size, **budgets)))
 
 
 def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str, budgets: Dict[str, Any], *,

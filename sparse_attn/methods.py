@@ -27,7 +27,7 @@ import torch
 
 from ._checks import warn_once
 from . import dispatch
-from .decode import DecodeState, decode_step
+from .decode import DecodeState, decode_step, sparse_decode_from
 from .ops.reference import AttentionInputs
 from .patterns import DENSE, Param, Pattern, all_options, get_pattern, list_patterns, mixture_default, patterns
 from .profiles import check_head_config
@@ -337,6 +337,12 @@ def sparse_attention(
     kwargs, (decode, decode_budgets) = _merge(m, method_kwargs)
     shapes = AttentionInputs(q, k, v)
     if decode is not None and q.shape[2] == 1 and k.shape[2] >= kwargs["min_seqlen"]:
+        if k.shape[2] < sparse_decode_from(decode, decode_budgets, kwargs["min_seqlen"]):
+            # the budget would read most of the cache: a dense step is cheaper (and equal to a full budget)
+            out, layouts, names = _dense_result(q, k, v, bool(causal), scale)
+            if stats is not None:
+                stats["density"], stats["pattern"] = layouts.density().mean(0), list(names)
+            return out
         out, selection, cache = decode_step(q, k, v, decode, decode_budgets, scale=scale, state=decode_state)
         if stats is not None:
             group = shapes.num_heads // shapes.num_kv_heads

@@ -106,6 +106,8 @@ class Pattern:
     select(q [B, Hq, D], cache, summaries, *, scale, **budgets_and_options) -> PageSelection: the decode
         side (None: the pattern does not serve decode); scale: the attention's softmax scale (None: D ** -0.5); `summaries`: whether it reads PageSummaries (else None is passed);
         decode_page_size: the pages it reads a contiguous (Hugging Face) cache in.
+        decode_reads(page_size, **budgets) -> the most tokens a decode step reads under these budgets (None:
+        unknown); a contiguous cache decodes dense until it holds sparse_attn.decode.DECODE_MIN_RATIO times that.
     full_budget(seqlen_q, seqlen_k, block_size) -> budgets under which the pattern keeps every causal
         entry (the method then equals dense attention), or None where no budget does.
     candidates(seqlen, block_size) -> the profiler's budget grid at a profiling length (prefill patterns).
@@ -144,6 +146,7 @@ class Pattern:
     select: Optional[Callable] = None
     summaries: bool = False
     decode_page_size: int = 64
+    decode_reads: Optional[Callable[..., int]] = None
     causal_only: bool = True
     normalize: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None
     layouts: Optional[Callable] = None

@@ -23,7 +23,7 @@ from ..kvcache import PagedKVCache, budget_pages, window_pages
 from ..layouts import PageSelection
 from ..patterns import Param
 
-__all__ = ["BUDGETS", "page_shares", "mark_pages", "top_pages", "full_budget", "sweep"]
+__all__ = ["BUDGETS", "page_shares", "mark_pages", "top_pages", "full_budget", "sweep", "reads"]
 
 BUDGETS = (Param("budget", int, 4096, 16, doc="tokens of cache each decode step reads (whole pages)"),
            Param("sink", int, 64, 0, doc="first tokens always read"),
@@ -118,6 +118,11 @@ def top_pages(scores: torch.Tensor, cache: PagedKVCache, k: int) -> PageSelectio
     _top_pages_kernel[(b * h,)](scores, cache.seqlens, pages, counts, n, h, k, cache.page_size,
                                 triton.cdiv(n, block), BLOCK=block, num_warps=_TOPK_WARPS)
     return PageSelection(pages, counts, cache.page_size)
+
+
+def reads(page_size: int, *, budget: int, **_) -> int:
+    """The most tokens a step reads: the budget's whole pages (sink and window come out of it)."""
+    return max(1, int(budget) // page_size) * page_size
 
 
 def full_budget(seqlen_q: int, seqlen_k: int, block_size: int):

@@ -101,6 +101,13 @@ def a_shape_pages(cache, *, sink: int = 128, window: int = 1024) -> "PageSelecti
     return PageSelection(pages.to(torch.int32).unsqueeze(1), counts, ps)
 
 
+def _decode_reads(page_size: int, *, sink: int, window: int) -> int:
+    """Tokens a decode step reads at most: the sink's pages and the pages the window can straddle."""
+    from ..kvcache import window_pages
+
+    return (-(-int(sink) // page_size) + window_pages(max(1, int(window)), page_size)) * page_size
+
+
 def _powers(low: int, high: int) -> List[int]:
     return [low << i for i in range(64) if low << i <= high]
 
@@ -129,6 +136,7 @@ PATTERN = register_pattern(Pattern(
     # Runs the block-sparse kernel (467 TFLOP/s of computed entries at 10 % density, 128K, H100 2026-11-23).
     speed_tflops=467.0,
     select=lambda q, cache, summaries, *, scale=None, sink, window: a_shape_pages(cache, sink=sink, window=window),
+    decode_reads=_decode_reads,
     minference_name="stream_llm",
     minference=lambda vertical, slash: {"sink": vertical, "window": slash},
     color="tab:green",

@@ -442,5 +442,6 @@ PATTERN = register_pattern(Pattern(
         q, cache, summaries, top_k=top_k, local=local),
     summaries=True,
     decode_page_size=64,
+    decode_reads=lambda page_size, *, top_k, local: (1 + int(top_k) + int(local)) * page_size,
     color="tab:olive",
 ))

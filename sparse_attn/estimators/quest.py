@@ -114,6 +114,7 @@ PATTERN = register_pattern(Pattern(
     summaries=True,
     decode_page_size=32,
     full_budget=_pages.full_budget,
+    decode_reads=_pages.reads,
     sweep=_pages.sweep,
     color="tab:purple",
 ))

@@ -163,7 +163,8 @@ def test_threshold_keeps_short_prefill_dense():
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_generate_at_full_budget_matches_dense(pattern):
     """Prefill and every decode step at full budget for the final length: the dense model's tokens; decode calls
-    are recorded at density 1, on the method's decode side where it has one."""
+    are recorded at density 1, as dense steps where the method has a decode side (a budget that reads the
+    whole cache decodes dense: sparse_attn.decode.DECODE_MIN_RATIO)."""
     model, ids = tiny_model("mistral"), _ids(seq=200)
     dense = model.generate(ids, max_new_tokens=4, do_sample=False)
     budget = full_budget(pattern, 204, 204)
@@ -180,7 +181,7 @@ def test_generate_at_full_budget_matches_dense(pattern):
     assert stats.density("decode") == 1.0
     side = get_method(pattern).decode
     if side is not None:
-        assert stats.decode[0].pattern == [side] * 4
+        assert stats.decode[0].pattern == ["dense"] * 4
 
 
 @pytest.mark.parametrize("method", DECODE)

@@ -68,7 +68,7 @@ def test_full_budget_decode_equals_dense(method, kwargs):
                                            ("a_shape", {"sink": 64, "window": 64})])
 def test_tiny_budget_decode_runs_sparse_and_reports_density(method, kwargs):
     model = tiny_llama()
-    ids = _ids()
+    ids = _ids(500)  # a cache of at least twice what a step reads decodes sparse
     dense = _decode_logits(model, ids)
     got, stats, generated = _patched(model, ids, method, kwargs, prompt_len=100)
     assert (got - dense).abs().max() > 1e-3  # the sparse path really ran
@@ -99,3 +99,12 @@ def test_decode_kwargs_are_checked_when_patching():
     with pytest.raises(TypeError, match="decode_config"):
         sparse_attn.patch(model, "minference", decode="quest", decode_config={"gamma": 1})
     assert not sparse_attn.integrations.hf.is_patched(model)
+
+
+@pytest.mark.parametrize("budget,pattern", [(160, "dense"), (128, "quest")])
+def test_a_budget_reading_half_the_cache_or_more_decodes_dense(budget, pattern):
+    """The decode side runs where it reads less than half the cache (294 cached tokens here, 32-token pages:
+    a 160-token budget reads more than half, a 128-token one less); otherwise the step is dense."""
+    model = tiny_llama()
+    _, stats, _ = _patched(model, _ids(), "quest", {"budget": budget, "sink": 32, "window": 32})
+    assert all(s.pattern == [pattern] * 4 for s in stats.decode.values())
