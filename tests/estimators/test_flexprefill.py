@@ -266,10 +266,10 @@ def _band_kernel(P, NVIS, GAMMA, STARTS, ENDS, COUNTS, rows, nk, heads, min_bloc
     tl.store(COUNTS + row, runs, mask=live)
 
 
-@pytest.mark.parametrize("min_blocks", [0, 3, 40])
-def test_sort_free_band_selection_equals_the_sorted_rule_with_ties(min_blocks):
+@pytest.mark.parametrize("min_blocks,levels,unit", [(0, 4, 64), (3, 4, 64), (40, 4, 64), (3, 40, 1024)])
+def test_sort_free_band_selection_equals_the_sorted_rule_with_ties(min_blocks, levels, unit):
     """The fused kernel's selection (no sort: bisections, runs from a running count) against take_until on
-    probabilities on a grid of 1/64 (sums exact): many exact ties, and gammas that land on a tie, below the
+    probabilities on a grid of 1/64 or 1/1024 (sums exact): many exact ties, and gammas that land on a tie, below the
     forced mass, past the visible mass, and at 1; tiles of 16 blocks over rows of up to 37."""
     from sparse_attn.estimators.flexprefill.select import keep_mask
 
@@ -279,7 +279,7 @@ def test_sort_free_band_selection_equals_the_sorted_rule_with_ties(min_blocks):
     last = (torch.arange(row0, row0 + rows) * bs + bs).clamp(max=sq) - 1 + (sk - sq)
     blocks = torch.arange(nk)
     visible = blocks[None, :] * bs <= last[:, None]
-    p = torch.randint(0, 4, (b, h, rows, nk), generator=gen).float() * visible / 64  # not normalized
+    p = torch.randint(0, levels, (b, h, rows, nk), generator=gen).float() * visible / unit  # not normalized
     nvis = visible.sum(-1).int()
     forced = visible & ((blocks[None, :] == 0) | (blocks[None, :] == nvis[:, None] - 1))
     gamma = torch.tensor([0.5, 1 / 64, 1.0, 0.75, 2 / 64])
@@ -299,19 +299,28 @@ def test_sort_free_band_selection_equals_the_sorted_rule_with_ties(min_blocks):
     assert torch.equal(got, ref)
 
 
-def test_sort_free_vertical_slash_selection_equals_the_torch_rule_with_ties():
-    """Rule 3's kernels against select_vertical_slash on masses on a grid of 1/64: ties across columns and
+@pytest.mark.parametrize("tile,cap", [(2048, 4096), (16, 8)])
+def test_sort_free_vertical_slash_selection_equals_the_torch_rule_with_ties(tile, cap, monkeypatch):
+    """Rule 3's kernels against select_vertical_slash on masses on a grid of 1/1024: ties across columns and
     diagonals, gammas on a tie, below the forced mass, past the total and at 1, top-ups to min_budget; heads
-    flagged query-aware keep column 0 and diagonal 0; ids ascending behind zero padding, widths the widest row."""
+    flagged query-aware keep column 0 and diagonal 0; ids ascending behind zero padding, widths the widest row.
+    Small tiles and register cap: several tiles a pass, searches that pass over the row before they copy."""
+    from sparse_attn.estimators.flexprefill import vs_triton
     from sparse_attn.estimators.flexprefill.select import select_vertical_slash
     from sparse_attn.estimators.flexprefill.vs_triton import (vertical_slash_select_triton,
                                                               vertical_slash_write_triton)
 
+    monkeypatch.setattr(vs_triton, "_BT", tile)
+    monkeypatch.setattr(vs_triton, "_CAP", cap)
+
     gen = generator(13)
     b, h, n = 2, 6, 75
     length = 4
-    v = torch.randint(0, 5, (b, h, n), generator=gen).float() * length / 64
-    s = torch.randint(0, 5, (b, h, n), generator=gen).float() * length / 64
+    # multiples of 1/1024 below 40/1024 (sums exact, ~4 ties per value); head 3's total is below its gamma
+    v = torch.randint(0, 40, (b, h, n), generator=gen).float() * length / 1024
+    s = torch.randint(0, 40, (b, h, n), generator=gen).float() * length / 1024
+    v[:, 3] /= 8
+    s[:, 3] /= 8
     gamma = torch.tensor([0.5, 1 / 64, 1.0, 0.75, 3 / 64, 0.9])
     flag = torch.tensor([[0, 0, 0, 0, 0, 1], [0, 1, 0, 0, 0, 0]], dtype=torch.int8)
     for min_budget in (0, 7, 60, 200):

@@ -31,7 +31,7 @@ __all__ = ["pool_triton", "decide_triton", "query_aware_triton"]
 
 _BM = 16  # query blocks per band (tl.dot's smallest M)
 _BN = 64  # key blocks per tile of the pooled scores
-_BT = 128  # key blocks per tile of the selection passes
+_BT = 32  # key blocks per tile of the selection passes
 _PROGRAMS_PER_SM = 4
 _SCRATCH_ELEMENTS = 1 << 26  # float32 scratch cap (256 MiB): the number of programs shrinks past it
 
@@ -150,7 +150,7 @@ def decide_triton(q: torch.Tensor, kp: torch.Tensor, column_sums: torch.Tensor, 
     _decide_kernel[(b * hq,)](
         q, kp, column_sums.contiguous(), tau, flag, sq, sk, nk, hq, hq // hkv, length, scale,
         q.stride(0), q.stride(1), q.stride(2), BS=block_size, D=d, DP=dp, LP=triton.next_power_of_2(length),
-        BJ=max(16, 2048 // block_size), num_warps=4)
+        BJ=max(16, 2048 // block_size), num_warps=8)
     return flag
 
 

@@ -22,6 +22,7 @@ from ..._triton import INTERPRETED  # noqa: F401  (importing it applies the inte
 __all__ = ["vertical_slash_select_triton", "vertical_slash_write_triton"]
 
 _BT = 2048  # entries per tile
+_CAP = 4096  # candidates a search keeps in registers once its bracket holds no more
 _WARPS = 8
 
 
@@ -33,45 +34,101 @@ def _tile(X, j, n, length):
 
 
 @triton.jit
-def _bisect(V, S, n, length, lo, hi, goal, BY_MASS: tl.constexpr, WITH_S: tl.constexpr, BT: tl.constexpr):
+def _step(x, cand, v, lo_v, hi_v, acc, up, down, n_low, n_high, BY_MASS: tl.constexpr):
+    """One tile of a bisection pass at v: the mass (or count) at or above v, the nearest values on either
+    side of v, and how many candidates fall in [lo_v, v) and in [v, hi_v]."""
+    ge = cand & (x >= v)
+    if BY_MASS:
+        acc += tl.where(ge, x, 0.0)
+    else:
+        acc += ge.to(tl.float32)
+    up = tl.minimum(up, tl.where(ge, x, 2.0))
+    down = tl.maximum(down, tl.where(cand & (x < v), x, -1.0))
+    n_low += (cand & (x >= lo_v) & (x < v)).to(tl.int32)
+    n_high += (ge & (x <= hi_v)).to(tl.int32)
+    return acc, up, down, n_low, n_high
+
+
+@triton.jit
+def _bisect(V, S, BUF, n, length, lo, hi, goal, BY_MASS: tl.constexpr, WITH_S: tl.constexpr, BT: tl.constexpr,
+            CAP: tl.constexpr):
     """The largest candidate value v in [lo, hi] (float bits of two candidate values) with mass(c >= v) >= goal
-    (BY_MASS) or count(c >= v) >= goal, over the columns (and the diagonals: WITH_S); ends snap to values."""
-    while lo < hi:
+    (BY_MASS) or count(c >= v) >= goal, over the columns (and the diagonals: WITH_S); ends snap to values.
+    Passes over the whole row while the bracket holds more than CAP candidates; then one pass copies those
+    to BUF (CAP floats of this row) and takes the mass above the bracket, and the rest runs in registers."""
+    n_in = tl.full((), CAP + 1, tl.int32)
+    while (lo < hi) & (n_in > CAP):
         mid = lo + (hi - lo + 1) // 2
         v = mid.to(tl.float32, bitcast=True)
+        lo_v = lo.to(tl.float32, bitcast=True)
+        hi_v = hi.to(tl.float32, bitcast=True)
         acc = tl.zeros([BT], tl.float32)
         up = tl.full([BT], 2.0, tl.float32)
         down = tl.full([BT], -1.0, tl.float32)
+        n_low = tl.zeros([BT], tl.int32)
+        n_high = tl.zeros([BT], tl.int32)
         for j0 in range(0, n, BT):
             j = j0 + tl.arange(0, BT)
             x, cand = _tile(V, j, n, length)
-            ge = cand & (x >= v)
-            if BY_MASS:
-                acc += tl.where(ge, x, 0.0)
-            else:
-                acc += ge.to(tl.float32)
-            up = tl.minimum(up, tl.where(ge, x, 2.0))
-            down = tl.maximum(down, tl.where(cand & (x < v), x, -1.0))
+            acc, up, down, n_low, n_high = _step(x, cand, v, lo_v, hi_v, acc, up, down, n_low, n_high, BY_MASS)
             if WITH_S:
                 x, cand = _tile(S, j, n, length)
-                ge = cand & (x >= v)
-                if BY_MASS:
-                    acc += tl.where(ge, x, 0.0)
-                else:
-                    acc += ge.to(tl.float32)
-                up = tl.minimum(up, tl.where(ge, x, 2.0))
-                down = tl.maximum(down, tl.where(cand & (x < v), x, -1.0))
+                acc, up, down, n_low, n_high = _step(x, cand, v, lo_v, hi_v, acc, up, down, n_low, n_high, BY_MASS)
         ok = tl.sum(acc, 0) >= goal
         lo = tl.where(ok, tl.min(up, 0).to(tl.int32, bitcast=True), lo)
         hi = tl.where(ok, hi, tl.max(down, 0).to(tl.int32, bitcast=True))
+        n_in = tl.where(ok, tl.sum(n_high, 0), tl.sum(n_low, 0))
+    if lo < hi:
+        lo_v = lo.to(tl.float32, bitcast=True)
+        hi_v = hi.to(tl.float32, bitcast=True)
+        above = tl.zeros([BT], tl.float32)
+        taken = 0
+        tl.debug_barrier()  # BUF may still be read by a previous search
+        for j0 in range(0, n, BT):
+            j = j0 + tl.arange(0, BT)
+            x, cand = _tile(V, j, n, length)
+            above, taken = _gather(x, cand, lo_v, hi_v, above, taken, BUF, BY_MASS, CAP)
+            if WITH_S:
+                x, cand = _tile(S, j, n, length)
+                above, taken = _gather(x, cand, lo_v, hi_v, above, taken, BUF, BY_MASS, CAP)
+        tl.debug_barrier()  # the copies, written by every thread, are read by every thread
+        c = tl.arange(0, CAP)
+        inside = c < taken
+        buf = tl.load(BUF + c, mask=inside, other=-1.0)
+        above = tl.sum(above, 0)
+        while lo < hi:
+            mid = lo + (hi - lo + 1) // 2
+            v = mid.to(tl.float32, bitcast=True)
+            ge = inside & (buf >= v)
+            if BY_MASS:
+                ok = above + tl.sum(tl.where(ge, buf, 0.0), 0) >= goal
+            else:
+                ok = above + tl.sum(ge.to(tl.float32), 0) >= goal
+            lo = tl.where(ok, tl.min(tl.where(ge, buf, 2.0), 0).to(tl.int32, bitcast=True), lo)
+            hi = tl.where(ok, hi, tl.max(tl.where(inside & (buf < v), buf, -1.0), 0).to(tl.int32, bitcast=True))
     return lo
 
 
 @triton.jit
-def _vs_select_kernel(V, S, GAMMA, QA, THR, CNT, STATS, n, length, num_heads, min_budget, BT: tl.constexpr):
+def _gather(x, cand, lo_v, hi_v, above, taken, BUF, BY_MASS: tl.constexpr, CAP: tl.constexpr):
+    """Append the tile's candidates in [lo_v, hi_v] to BUF; add its mass (or count) above hi_v."""
+    if BY_MASS:
+        above += tl.where(cand & (x > hi_v), x, 0.0)
+    else:
+        above += (cand & (x > hi_v)).to(tl.float32)
+    inside = (cand & (x >= lo_v) & (x <= hi_v)).to(tl.int32)
+    slot = taken + tl.cumsum(inside, 0) - 1
+    tl.store(BUF + slot, x, mask=(inside != 0) & (slot < CAP))
+    return above, taken + tl.sum(inside, 0)
+
+
+@triton.jit
+def _vs_select_kernel(V, S, GAMMA, QA, THR, CNT, STATS, BUF, n, length, num_heads, min_budget, BT: tl.constexpr,
+                      CAP: tl.constexpr):
     row = tl.program_id(0)
     vrow = V + row.to(tl.int64) * n
     srow = S + row.to(tl.int64) * n
+    buf = BUF + row.to(tl.int64) * CAP
     gamma = tl.load(GAMMA + row % num_heads)
     # per kind: threshold, tie quota, ids kept; query-aware heads keep the forced ids only
     t_col = tl.full((), 2.0, tl.float32)
@@ -107,7 +164,7 @@ def _vs_select_kernel(V, S, GAMMA, QA, THR, CNT, STATS, n, length, num_heads, mi
         elif (need > 0) & (n > 1):
             lo = tl.minimum(tl.min(c_min, 0), tl.min(col_min, 0)).to(tl.int32, bitcast=True)
             hi = tl.maximum(tl.max(c_max, 0), tl.max(col_max, 0)).to(tl.int32, bitcast=True)
-            t = _bisect(vrow, srow, n, length, lo, hi, need, True, True, BT).to(tl.float32, bitcast=True)
+            t = _bisect(vrow, srow, buf, n, length, lo, hi, need, True, True, BT, CAP).to(tl.float32, bitcast=True)
             mass = tl.zeros([BT], tl.float32)
             above_c = tl.zeros([BT], tl.int32)
             above_s = tl.zeros([BT], tl.int32)
@@ -136,8 +193,8 @@ def _vs_select_kernel(V, S, GAMMA, QA, THR, CNT, STATS, n, length, num_heads, mi
         want = tl.minimum(min_budget - n_slash, n)
         if want > n_col:
             hi2 = tl.where(t_col <= 1.0, tl.minimum(t_col.to(tl.int32, bitcast=True), col_hi), col_hi)
-            t2 = _bisect(vrow, srow, n, length, col_lo, hi2, (want - 1).to(tl.float32), False, False,
-                         BT).to(tl.float32, bitcast=True)
+            t2 = _bisect(vrow, srow, buf, n, length, col_lo, hi2, (want - 1).to(tl.float32), False, False,
+                         BT, CAP).to(tl.float32, bitcast=True)
             above = tl.zeros([BT], tl.int32)
             for j0 in range(0, n, BT):
                 x, cand = _tile(vrow, j0 + tl.arange(0, BT), n, length)
@@ -198,7 +255,8 @@ def vertical_slash_select_triton(column_sums: torch.Tensor, slash_sums: torch.Te
     thr = torch.empty(b * h, 2, dtype=torch.float32, device=column_sums.device)
     cnt = torch.empty(b * h, 4, dtype=torch.int32, device=column_sums.device)
     v, s = column_sums.contiguous(), slash_sums.contiguous()
-    _vs_select_kernel[(b * h,)](v, s, gamma, flag, thr, cnt, stats, n, length, h, min_budget, BT=_BT,
+    buf = torch.empty(b * h, _CAP, dtype=torch.float32, device=column_sums.device)
+    _vs_select_kernel[(b * h,)](v, s, gamma, flag, thr, cnt, stats, buf, n, length, h, min_budget, BT=_BT, CAP=_CAP,
                                 num_warps=_WARPS)
     return v, s, thr, cnt
 
