@@ -11,13 +11,13 @@
   selection without sorting and the kept blocks' runs written as key ranges. Persistent programs (a few per
   SM) walk the (head, band) items, longest bands first; bands of other heads write a count of 0.
 
-The selection of a row (`_select_band`): need = gamma - the forced mass (block 0 and the diagonal block). The
-gamma rule's threshold t (the largest candidate value v with mass(c >= v) >= need) is found by a bisection
-on the float bits that snaps both ends to candidate values after every step (the bracket [lo, hi] always holds
-two candidate values, so it closes after about log2(candidates) steps, not 31); ties at t are taken, lower
-block first, while the kept mass is below need. A row below its minimum budget gets the k largest instead (a
-second bisection of that kind on counts). Ids come out in ascending order from a prefix count of the kept
-blocks; no sort, no keep mask in memory.
+The selection of a row (`_select_band`): need = gamma - the forced mass (block 0 and the diagonal block), least
+= the minimum budget less the forced blocks. The kept candidates are the larger of the gamma set and the
+`least` largest, so one threshold serves both: the largest candidate value t with mass(c >= t) >= need and
+count(c >= t) >= least, found by a bisection on the float bits that snaps both ends of its bracket to
+candidate values after every step (it closes after about log2(candidates) passes, not 31). Ties at t are
+taken lower block first: while the kept mass is below need, and up to `least`. The kept blocks' runs come
+out in block order from running counts (a block's neighbours are re-read): no sort, no keep mask in memory.
 """
 from __future__ import annotations
 
@@ -164,28 +164,26 @@ def _band_tile(P, row_off, live, nvis, j):
 
 
 @triton.jit
-def _bisect(P, row_off, live, nvis, nvis_max, lo, hi, goal, todo, BY_MASS: tl.constexpr, BM: tl.constexpr,
-            BT: tl.constexpr):
+def _bisect(P, row_off, live, nvis, nvis_max, lo, hi, need, least, todo, BM: tl.constexpr, BT: tl.constexpr):
     """Per row where `todo`: the largest candidate value v in [lo, hi] (float bits of two candidate values)
-    with mass(c >= v) >= goal (BY_MASS) or count(c >= v) >= goal; both ends snap to candidate values."""
+    with mass(c >= v) >= need and count(c >= v) >= least; both ends snap to candidate values."""
     todo = todo & (lo < hi)
     n_todo = tl.sum(todo.to(tl.int32), 0)
     while n_todo > 0:
         mid = lo + (hi - lo + 1) // 2
         v = mid.to(tl.float32, bitcast=True)[:, None]
-        acc = tl.zeros([BM, BT], tl.float32)
+        mass = tl.zeros([BM, BT], tl.float32)
+        count = tl.zeros([BM, BT], tl.int32)
         up = tl.full([BM, BT], 2.0, tl.float32)
         down = tl.full([BM, BT], -1.0, tl.float32)
         for j0 in range(0, nvis_max, BT):
             p, cand, _ = _band_tile(P, row_off, live, nvis, j0 + tl.arange(0, BT))
             ge = cand & (p >= v)
-            if BY_MASS:
-                acc += tl.where(ge, p, 0.0)
-            else:
-                acc += ge.to(tl.float32)
+            mass += tl.where(ge, p, 0.0)
+            count += ge.to(tl.int32)
             up = tl.minimum(up, tl.where(ge, p, 2.0))
             down = tl.maximum(down, tl.where(cand & (p < v), p, -1.0))
-        ok = tl.sum(acc, 1) >= goal
+        ok = (tl.sum(mass, 1) >= need) & (tl.sum(count, 1) >= least)
         lo = tl.where(todo & ok, tl.min(up, 1).to(tl.int32, bitcast=True), lo)
         hi = tl.where(todo & (ok == 0), tl.max(down, 1).to(tl.int32, bitcast=True), hi)
         todo = todo & (lo < hi)
@@ -241,26 +239,22 @@ def _select_band(P, row_off, live, nvis, nvis_max, gamma, min_blocks, STARTS, EN
     n_forced = tl.sum(n_forced, 1)
     lo = tl.min(c_min, 1).to(tl.int32, bitcast=True)
     hi = tl.max(c_max, 1).to(tl.int32, bitcast=True)
-    take_all = ((gamma + tl.zeros_like(need)) >= 1) | (total < need)
-    nothing = need <= 0
-    searched = live & (take_all == 0) & (nothing == 0) & (n_cand > 0)
-    t = _bisect(P, row_off, live, nvis, nvis_max, lo, hi, need, searched, True, BM, BT).to(tl.float32, bitcast=True)
+    least = min_blocks - n_forced  # the minimum budget, in candidates
+    every = ((gamma + tl.zeros_like(need)) >= 1) | (total < need) | (least >= n_cand)
+    nothing = (need <= 0) & (least <= 0)
+    # The kept candidates are the larger of the gamma set and the `least` largest: both are the candidates
+    # above a threshold (plus some ties at it), so the kept set's threshold is the largest v that satisfies
+    # both mass(c >= v) >= need and count(c >= v) >= least: one search.
+    searched = live & (every == 0) & (nothing == 0)
+    t = _bisect(P, row_off, live, nvis, nvis_max, lo, hi, need, least, searched, BM, BT).to(tl.float32, bitcast=True)
     mass_above, n_above, n_tie = _above(P, row_off, live, nvis, nvis_max, t, BM, BT)
-    # ties at t are taken one by one while the kept mass is below need
-    ties = tl.where(t > 0, (need - mass_above) / tl.where(t > 0, t, 1.0), 1.0)
-    by_gamma = n_above + tl.minimum(tl.maximum(tl.minimum(tl.ceil(ties), 1e9).to(tl.int32), 1), n_tie)
-    by_gamma = tl.where(nothing, 0, tl.where(take_all, n_cand, by_gamma))
-    k = tl.minimum(tl.maximum(by_gamma, min_blocks - n_forced), n_cand)
-    by_count = live & (k > by_gamma) & (k < n_cand)
-    # the k largest: the largest v with at least k candidates >= v (at most t where t was searched)
-    t2 = _bisect(P, row_off, live, nvis, nvis_max, lo, tl.where(searched, t.to(tl.int32, bitcast=True), hi),
-                 k.to(tl.float32), by_count, False, BM, BT).to(tl.float32, bitcast=True)
-    n_above2 = n_above
-    if tl.max(by_count.to(tl.int32), 0) > 0:
-        _, n_above2, _ = _above(P, row_off, live, nvis, nvis_max, t2, BM, BT)
-    every = k >= n_cand
-    thr = tl.where(every, -1.0, tl.where(k <= 0, 2.0, tl.where(by_count, t2, t)))
-    quota = tl.where(every | (k <= 0), 0, k - tl.where(by_count, n_above2, n_above))
+    # ties at t: the gamma rule takes them one by one while the kept mass is below need (none when the mass
+    # above t reaches it: then t is the budget's threshold), the budget up to `least`
+    ties = tl.where(mass_above < need, (need - mass_above) / tl.where(t > 0, t, 1.0), 0.0)
+    ties = tl.where(mass_above < need, tl.maximum(tl.minimum(tl.ceil(ties), 1e9).to(tl.int32), 1), 0)
+    quota = tl.minimum(tl.maximum(ties, least - n_above), n_tie)
+    thr = tl.where(every, -1.0, tl.where(nothing, 2.0, t))
+    quota = tl.where(every | nothing, 0, quota)
     # runs of kept blocks, in block order: a run starts where the previous block is not kept
     runs = tl.zeros([BM], tl.int32)
     ties_seen = tl.zeros([BM], tl.int32)
