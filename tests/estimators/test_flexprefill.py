@@ -180,6 +180,41 @@ def test_rows_with_more_runs_than_the_first_width_are_written_again(monkeypatch)
     assert _choice_sets(got, 16) == _choice_sets(ref, 16)
 
 
+def test_triton_path_is_a_few_launches_and_no_torch_compute(monkeypatch):
+    """The Triton path: each kernel launched once (the scores' two passes, pooling of k and of the query-aware
+    heads' q, the decision, the fused query-aware selection, the vertical-slash selection and write) and no
+    torch compute between them: no sort, top-k, scan, scatter, gather, softmax or matmul (only allocations,
+    the budgets' checks on the host and the one read of the widths)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from helpers import count_launches
+    from sparse_attn.estimators.flexprefill import probs_triton, vs_triton
+    from sparse_attn.estimators.vertical_slash import scores_triton
+
+    launches = {**count_launches(monkeypatch, probs_triton, "_pool_kernel", "_decide_kernel", "_query_aware_kernel"),
+                **count_launches(monkeypatch, vs_triton, "_vs_select_kernel", "_vs_write_kernel"),
+                **count_launches(monkeypatch, scores_triton, "_lse_kernel", "_scores_kernel")}
+    ops = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    q, k, _ = qkv(7, 1, 4, 2, 200, 200, 32, device="cpu")
+    q = q * 3
+    with Record():
+        choice = flexprefill_choice(q, k, 0.9, [1.0, 0.0, 1.0, 0.0], block_size=32, backend="triton")
+    assert choice.query_aware.tolist() == [[True, False, True, False]]
+    assert {name: len(grids) for name, grids in launches.items()} == {
+        "_pool_kernel": 2, "_decide_kernel": 1, "_query_aware_kernel": 1, "_vs_select_kernel": 1,
+        "_vs_write_kernel": 1, "_lse_kernel": 1, "_scores_kernel": 1}
+    compute = {"sort", "argsort", "topk", "cumsum", "scatter", "scatter_", "gather", "index_put_", "nonzero",
+               "index_select", "where", "cat", "_softmax", "bmm", "mm", "sum", "mean", "masked_fill_", "div"}
+    assert not compute & set(ops), sorted(compute & set(ops))
+    assert ops.count("_local_scalar_dense") <= 3  # the widths (one read) and the budgets' checks
+
+
 def _mixed_heads(gen, sq=512, d=32, targets=24):
     """Head 0 attends to its local window (keys close to the query), head 1 to `targets` scattered keys."""
     base = randn(gen, sq, d, device="cpu")
