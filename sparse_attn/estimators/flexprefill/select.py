@@ -32,8 +32,13 @@ would round every chosen column up to a whole key block (64 x the work on scatte
 heads this rule exists for). Splitting the heads into two launches of two kernel families would cost
 a gather of the query heads and a second launch per layer for no saved work.
 
-Memory: the pooled probabilities are made a band of query blocks at a time (_CHUNK_ELEMENTS), the
-last queries' scores by the vertical-slash scorer (fused on GPU); nothing is Sq x Sk.
+Two paths choose the same: the rules as torch statements here (the reference; the CPU), and on the GPU
+(or the interpreter) Triton kernels with no torch work between them (_choice_triton: probs_triton.py for
+the pooling, the decision and the fused query-aware side, vs_triton.py for rule 3; no sort, one device
+sync for the output widths). Ties and float sums: both follow the rule above; the sums' rounding may differ.
+
+Memory: the torch path makes the pooled probabilities a band of query blocks at a time (_CHUNK_ELEMENTS),
+the Triton path one band of 16 query blocks per program in a scratch; nothing is Sq x Sk.
 """
 from __future__ import annotations
 
