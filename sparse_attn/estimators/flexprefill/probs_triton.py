@@ -283,8 +283,8 @@ def _select_band(P, row_off, live, nvis, nvis_max, gamma, min_blocks, STARTS, EN
 
 @triton.jit
 def _query_aware_kernel(QP, KP, GAMMA, QA, SCR, COUNTS, STARTS, ENDS, STATS,
-                        n_work, n_bands, num_heads, group, nq, nk, seqlen_q, seqlen_k, block_size, min_blocks, width,
-                        scale_log2, BM: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, DP: tl.constexpr,
+                        n_work, n_bands, n_heads, num_heads, group, nq, nk, seqlen_q, seqlen_k, block_size, min_blocks,
+                        width, scale_log2, BM: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, DP: tl.constexpr,
                         DOT: tl.constexpr):
     pid = tl.program_id(0)
     scratch = SCR + pid.to(tl.int64) * BM * nk
@@ -294,8 +294,8 @@ def _query_aware_kernel(QP, KP, GAMMA, QA, SCR, COUNTS, STARTS, ENDS, STATS,
     offset = seqlen_k - seqlen_q
     w = pid
     while w < n_work:
-        bh = w // n_bands
-        band = n_bands - 1 - w % n_bands  # the longest bands first
+        bh = w % n_heads
+        band = n_bands - 1 - w // n_heads  # the longest bands (of every head) first
         qb = band * BM + r
         live = qb < nq
         last = tl.minimum(qb * block_size + block_size, seqlen_q) - 1 + offset
@@ -370,7 +370,7 @@ def query_aware_triton(qp: torch.Tensor, kp: torch.Tensor, gamma: torch.Tensor, 
     starts = torch.empty(b, hq, nq, width, dtype=torch.int32, device=qp.device)
     ends = torch.empty_like(starts)
     _query_aware_kernel[(programs,)](
-        qp, kp, gamma, flag, scratch, counts, starts, ends, stats, n_work, n_bands, hq, hq // hkv, nq, nk, seqlen_q,
-        seqlen_k, block_size, min_blocks, width, scale * LOG2E, BM=_BM, BN=_BN, BT=_BT, DP=dp, DOT=_dot_code(dtype),
-        num_warps=4, num_stages=2)
+        qp, kp, gamma, flag, scratch, counts, starts, ends, stats, n_work, n_bands, b * hq, hq, hq // hkv, nq, nk,
+        seqlen_q, seqlen_k, block_size, min_blocks, width, scale * LOG2E, BM=_BM, BN=_BN, BT=_BT, DP=dp,
+        DOT=_dot_code(dtype), num_warps=4, num_stages=2)
     return counts, starts, ends
