@@ -164,13 +164,19 @@ def _band_tile(P, row_off, live, nvis, j):
 
 
 @triton.jit
-def _bisect(P, row_off, live, nvis, nvis_max, lo, hi, need, least, todo, BM: tl.constexpr, BT: tl.constexpr):
+def _bisect(P, row_off, live, nvis, nvis_max, lo, hi, need, least, todo, first, BM: tl.constexpr,
+            BT: tl.constexpr):
     """Per row where `todo`: the largest candidate value v in [lo, hi] (float bits of two candidate values)
-    with mass(c >= v) >= need and count(c >= v) >= least; both ends snap to candidate values."""
+    with mass(c >= v) >= need and count(c >= v) >= least; both ends snap to candidate values. The first
+    step tries `first` (float bits) where it lies in (lo, hi], later ones the middle."""
     todo = todo & (lo < hi)
     n_todo = tl.sum(todo.to(tl.int32), 0)
+    steps = 0
     while n_todo > 0:
         mid = lo + (hi - lo + 1) // 2
+        if steps == 0:
+            mid = tl.where((first > lo) & (first <= hi), first, mid)
+        steps += 1
         v = mid.to(tl.float32, bitcast=True)[:, None]
         mass = tl.zeros([BM, BT], tl.float32)
         count = tl.zeros([BM, BT], tl.int32)
@@ -246,7 +252,11 @@ def _select_band(P, row_off, live, nvis, nvis_max, gamma, min_blocks, STARTS, EN
     # above a threshold (plus some ties at it), so the kept set's threshold is the largest v that satisfies
     # both mass(c >= v) >= need and count(c >= v) >= least: one search.
     searched = live & (every == 0) & (nothing == 0)
-    t = _bisect(P, row_off, live, nvis, nvis_max, lo, hi, need, least, searched, BM, BT).to(tl.float32, bitcast=True)
+    # below (total - need) / n no value can be the gamma threshold (the candidates under it hold less than
+    # total - need): a first step there leaves, on a peaked row, a bracket of the few values above it
+    floor = tl.where(need > 0, (total - need) / tl.maximum(n_cand, 1), 0.0).to(tl.int32, bitcast=True)
+    t = _bisect(P, row_off, live, nvis, nvis_max, lo, hi, need, least, searched, floor, BM,
+                BT).to(tl.float32, bitcast=True)
     mass_above, n_above, n_tie = _above(P, row_off, live, nvis, nvis_max, t, BM, BT)
     # ties at t: the gamma rule takes them one by one while the kept mass is below need (none when the mass
     # above t reaches it: then t is the budget's threshold), the budget up to `least`

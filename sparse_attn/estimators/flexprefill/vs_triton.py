@@ -50,15 +50,16 @@ def _step(x, cand, v, lo_v, hi_v, acc, up, down, n_low, n_high, BY_MASS: tl.cons
 
 
 @triton.jit
-def _bisect(V, S, BUF, n, length, lo, hi, goal, BY_MASS: tl.constexpr, WITH_S: tl.constexpr, BT: tl.constexpr,
-            CAP: tl.constexpr):
+def _bisect(V, S, BUF, n, length, lo, hi, goal, first, BY_MASS: tl.constexpr, WITH_S: tl.constexpr,
+            BT: tl.constexpr, CAP: tl.constexpr):
     """The largest candidate value v in [lo, hi] (float bits of two candidate values) with mass(c >= v) >= goal
     (BY_MASS) or count(c >= v) >= goal, over the columns (and the diagonals: WITH_S); ends snap to values.
     Passes over the whole row while the bracket holds more than CAP candidates; then one pass copies those
-    to BUF (CAP floats of this row) and takes the mass above the bracket, and the rest runs in registers."""
+    to BUF (CAP floats of this row) and takes the mass above the bracket, and the rest runs in registers.
+    The first step tries `first` (float bits) where it lies in (lo, hi]."""
     n_in = tl.full((), CAP + 1, tl.int32)
+    mid = tl.where((first > lo) & (first <= hi), first, lo + (hi - lo + 1) // 2)
     while (lo < hi) & (n_in > CAP):
-        mid = lo + (hi - lo + 1) // 2
         v = mid.to(tl.float32, bitcast=True)
         lo_v = lo.to(tl.float32, bitcast=True)
         hi_v = hi.to(tl.float32, bitcast=True)
@@ -78,6 +79,7 @@ def _bisect(V, S, BUF, n, length, lo, hi, goal, BY_MASS: tl.constexpr, WITH_S: t
         lo = tl.where(ok, tl.min(up, 0).to(tl.int32, bitcast=True), lo)
         hi = tl.where(ok, hi, tl.max(down, 0).to(tl.int32, bitcast=True))
         n_in = tl.where(ok, tl.sum(n_high, 0), tl.sum(n_low, 0))
+        mid = lo + (hi - lo + 1) // 2
     if lo < hi:
         lo_v = lo.to(tl.float32, bitcast=True)
         hi_v = hi.to(tl.float32, bitcast=True)
@@ -164,7 +166,10 @@ def _vs_select_kernel(V, S, GAMMA, QA, THR, CNT, STATS, BUF, n, length, num_head
         elif (need > 0) & (n > 1):
             lo = tl.minimum(tl.min(c_min, 0), tl.min(col_min, 0)).to(tl.int32, bitcast=True)
             hi = tl.maximum(tl.max(c_max, 0), tl.max(col_max, 0)).to(tl.int32, bitcast=True)
-            t = _bisect(vrow, srow, buf, n, length, lo, hi, need, True, True, BT, CAP).to(tl.float32, bitcast=True)
+            # below (total - need) / candidates no value can be the threshold: the first step tries it
+            floor = ((total - need) / (2 * n - 2)).to(tl.int32, bitcast=True)
+            t = _bisect(vrow, srow, buf, n, length, lo, hi, need, floor, True, True, BT,
+                        CAP).to(tl.float32, bitcast=True)
             mass = tl.zeros([BT], tl.float32)
             above_c = tl.zeros([BT], tl.int32)
             above_s = tl.zeros([BT], tl.int32)
@@ -193,7 +198,7 @@ def _vs_select_kernel(V, S, GAMMA, QA, THR, CNT, STATS, BUF, n, length, num_head
         want = tl.minimum(min_budget - n_slash, n)
         if want > n_col:
             hi2 = tl.where(t_col <= 1.0, tl.minimum(t_col.to(tl.int32, bitcast=True), col_hi), col_hi)
-            t2 = _bisect(vrow, srow, buf, n, length, col_lo, hi2, (want - 1).to(tl.float32), False, False,
+            t2 = _bisect(vrow, srow, buf, n, length, col_lo, hi2, (want - 1).to(tl.float32), col_lo, False, False,
                          BT, CAP).to(tl.float32, bitcast=True)
             above = tl.zeros([BT], tl.int32)
             for j0 in range(0, n, BT):
