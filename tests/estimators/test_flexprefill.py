@@ -286,8 +286,8 @@ def test_block_size_the_kernels_do_not_take_is_refused():
 
 
 @triton.jit
-def _band_kernel(P, NVIS, GAMMA, STARTS, ENDS, COUNTS, rows, nk, heads, min_blocks, width, block_size, seqlen_k,
-                 BM: tl.constexpr, BT: tl.constexpr):
+def _band_kernel(P, BUF, NVIS, GAMMA, STARTS, ENDS, COUNTS, rows, nk, heads, min_blocks, width, block_size, seqlen_k,
+                 BM: tl.constexpr, BT: tl.constexpr, CAP: tl.constexpr):
     """The fused kernel's selection step on given probabilities: one band of `rows` rows per (batch, head)."""
     from sparse_attn.estimators.flexprefill.probs_triton import _select_band
 
@@ -296,16 +296,18 @@ def _band_kernel(P, NVIS, GAMMA, STARTS, ENDS, COUNTS, rows, nk, heads, min_bloc
     live = r < rows
     nvis = tl.load(NVIS + r, mask=live, other=0)
     row = (bh * rows + r).to(tl.int64)
-    runs = _select_band(P, row * nk, live, nvis, tl.max(nvis, 0), tl.load(GAMMA + bh % heads), min_blocks, STARTS,
-                        ENDS, row * width, width, block_size, seqlen_k, BM, BT)
+    runs = _select_band(P, BUF + bh * BM * CAP, row * nk, live, nvis, tl.max(nvis, 0), tl.load(GAMMA + bh % heads),
+                        min_blocks, STARTS, ENDS, row * width, width, block_size, seqlen_k, BM, BT, CAP)
     tl.store(COUNTS + row, runs, mask=live)
 
 
-@pytest.mark.parametrize("min_blocks,levels,unit", [(0, 4, 64), (3, 4, 64), (40, 4, 64), (3, 40, 1024)])
-def test_sort_free_band_selection_equals_the_sorted_rule_with_ties(min_blocks, levels, unit):
+@pytest.mark.parametrize("min_blocks,levels,unit,cap", [(0, 4, 64, 64), (3, 4, 64, 64), (40, 4, 64, 4), (3, 40, 1024, 4),
+                                                      (0, 40, 1024, 16)])
+def test_sort_free_band_selection_equals_the_sorted_rule_with_ties(min_blocks, levels, unit, cap):
     """The fused kernel's selection (no sort: bisections, runs from a running count) against take_until on
     probabilities on a grid of 1/64 or 1/1024 (sums exact): many exact ties, and gammas that land on a tie, below the
-    forced mass, past the visible mass, and at 1; tiles of 16 blocks over rows of up to 37."""
+    forced mass, past the visible mass, and at 1; tiles of 16 blocks over rows of up to 37; registers for 4, 16 or
+    64 candidates a row (searches that pass over the band before they copy, or copy at once)."""
     from sparse_attn.estimators.flexprefill.select import keep_mask
 
     gen = generator(9 + min_blocks)
@@ -323,7 +325,9 @@ def test_sort_free_band_selection_equals_the_sorted_rule_with_ties(min_blocks, l
     starts = poison_(torch.empty(b, h, rows, width, dtype=torch.int32))
     ends = poison_(torch.empty_like(starts))
     counts = poison_(torch.empty(b, h, rows, dtype=torch.int32))
-    _band_kernel[(b * h,)](p, nvis, gamma, starts, ends, counts, rows, nk, h, min_blocks, width, bs, sk, BM=8, BT=16)
+    buf = poison_(torch.empty(b * h, 8 * cap))
+    _band_kernel[(b * h,)](p, buf, nvis, gamma, starts, ends, counts, rows, nk, h, min_blocks, width, bs, sk, BM=8, BT=16,
+                           CAP=cap)
     got = torch.zeros_like(ref)
     for idx in torch.cartesian_prod(torch.arange(b), torch.arange(h), torch.arange(rows)).tolist():
         n = int(counts[tuple(idx)])

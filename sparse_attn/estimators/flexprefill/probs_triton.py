@@ -15,7 +15,8 @@ The selection of a row (`_select_band`): need = gamma - the forced mass (block 0
 = the minimum budget less the forced blocks. The kept candidates are the larger of the gamma set and the
 `least` largest, so one threshold serves both: the largest candidate value t with mass(c >= t) >= need and
 count(c >= t) >= least, found by a bisection on the float bits that snaps both ends of its bracket to
-candidate values after every step (it closes after about log2(candidates) passes, not 31). Ties at t are
+candidate values after every step (it closes after about log2(candidates) passes, not 31; once every row's
+bracket holds at most 64 candidates they are copied to registers and the passes end). Ties at t are
 taken lower block first: while the kept mass is below need, and up to `least`. The kept blocks' runs come
 out in block order from running counts (a block's neighbours are re-read): no sort, no keep mask in memory.
 """
@@ -32,6 +33,7 @@ __all__ = ["pool_triton", "decide_triton", "query_aware_triton"]
 _BM = 16  # query blocks per band (tl.dot's smallest M)
 _BN = 64  # key blocks per tile of the pooled scores
 _BT = 32  # key blocks per tile of the selection passes
+_CAP = 64  # candidates per row a search keeps in registers once every row's bracket holds no more
 _PROGRAMS_PER_SM = 4
 _SCRATCH_ELEMENTS = 1 << 26  # float32 scratch cap (256 MiB): the number of programs shrinks past it
 
@@ -164,36 +166,84 @@ def _band_tile(P, row_off, live, nvis, j):
 
 
 @triton.jit
-def _bisect(P, row_off, live, nvis, nvis_max, lo, hi, need, least, todo, first, BM: tl.constexpr,
-            BT: tl.constexpr):
+def _bisect(P, BUF, row_off, live, nvis, nvis_max, lo, hi, need, least, todo, first, BM: tl.constexpr,
+            BT: tl.constexpr, CAP: tl.constexpr):
     """Per row where `todo`: the largest candidate value v in [lo, hi] (float bits of two candidate values)
     with mass(c >= v) >= need and count(c >= v) >= least; both ends snap to candidate values. The first
-    step tries `first` (float bits) where it lies in (lo, hi], later ones the middle."""
+    step tries `first` (float bits) where it lies in (lo, hi], later ones the middle. Passes over the band
+    while some row's bracket holds more than CAP candidates; then one pass copies each row's bracket to BUF
+    (CAP floats a row, at BUF + r * CAP) with the mass and count above it, and the rest runs in registers."""
     todo = todo & (lo < hi)
-    n_todo = tl.sum(todo.to(tl.int32), 0)
+    n_in = tl.where(todo, CAP + 1, 0)  # candidates in the bracket (not yet counted: more than CAP)
+    n_wide = tl.sum(todo.to(tl.int32), 0)
     steps = 0
-    while n_todo > 0:
+    while n_wide > 0:
         mid = lo + (hi - lo + 1) // 2
         if steps == 0:
             mid = tl.where((first > lo) & (first <= hi), first, mid)
         steps += 1
         v = mid.to(tl.float32, bitcast=True)[:, None]
+        lo_v = lo.to(tl.float32, bitcast=True)[:, None]
+        hi_v = hi.to(tl.float32, bitcast=True)[:, None]
         mass = tl.zeros([BM, BT], tl.float32)
         count = tl.zeros([BM, BT], tl.int32)
+        n_low = tl.zeros([BM, BT], tl.int32)
+        n_high = tl.zeros([BM, BT], tl.int32)
         up = tl.full([BM, BT], 2.0, tl.float32)
         down = tl.full([BM, BT], -1.0, tl.float32)
         for j0 in range(0, nvis_max, BT):
             p, cand, _ = _band_tile(P, row_off, live, nvis, j0 + tl.arange(0, BT))
             ge = cand & (p >= v)
+            below = cand & (p < v)
             mass += tl.where(ge, p, 0.0)
             count += ge.to(tl.int32)
+            n_low += (below & (p >= lo_v)).to(tl.int32)
+            n_high += (ge & (p <= hi_v)).to(tl.int32)
             up = tl.minimum(up, tl.where(ge, p, 2.0))
-            down = tl.maximum(down, tl.where(cand & (p < v), p, -1.0))
+            down = tl.maximum(down, tl.where(below, p, -1.0))
         ok = (tl.sum(mass, 1) >= need) & (tl.sum(count, 1) >= least)
-        lo = tl.where(todo & ok, tl.min(up, 1).to(tl.int32, bitcast=True), lo)
-        hi = tl.where(todo & (ok == 0), tl.max(down, 1).to(tl.int32, bitcast=True), hi)
-        todo = todo & (lo < hi)
+        wide = n_in > CAP
+        lo = tl.where(wide & ok, tl.min(up, 1).to(tl.int32, bitcast=True), lo)
+        hi = tl.where(wide & (ok == 0), tl.max(down, 1).to(tl.int32, bitcast=True), hi)
+        n_in = tl.where(wide, tl.where(ok, tl.sum(n_high, 1), tl.sum(n_low, 1)), n_in)
+        n_in = tl.where(todo & (lo < hi), n_in, 0)
+        n_wide = tl.sum((n_in > CAP).to(tl.int32), 0)
+    todo = todo & (lo < hi)
+    if tl.sum(todo.to(tl.int32), 0) > 0:
+        lo_v = lo.to(tl.float32, bitcast=True)[:, None]
+        hi_v = hi.to(tl.float32, bitcast=True)[:, None]
+        r = tl.arange(0, BM)
+        above_mass = tl.zeros([BM, BT], tl.float32)
+        above_count = tl.zeros([BM, BT], tl.int32)
+        taken = tl.zeros([BM], tl.int32)
+        for j0 in range(0, nvis_max, BT):
+            p, cand, _ = _band_tile(P, row_off, live, nvis, j0 + tl.arange(0, BT))
+            above = cand & (p > hi_v)
+            above_mass += tl.where(above, p, 0.0)
+            above_count += above.to(tl.int32)
+            inside = (todo[:, None] & cand & (p >= lo_v) & (p <= hi_v)).to(tl.int32)
+            slot = taken[:, None] + tl.cumsum(inside, 1) - 1
+            tl.store(BUF + r[:, None] * CAP + slot, p, mask=(inside != 0) & (slot < CAP))
+            taken += tl.sum(inside, 1)
+        tl.debug_barrier()  # the copies, written by every thread, are read by every thread
+        c = tl.arange(0, CAP)
+        inside = c[None, :] < taken[:, None]
+        buf = tl.load(BUF + r[:, None] * CAP + c[None, :], mask=inside, other=-1.0)
+        above_mass = tl.sum(above_mass, 1)
+        above_count = tl.sum(above_count, 1)
         n_todo = tl.sum(todo.to(tl.int32), 0)
+        while n_todo > 0:
+            mid = lo + (hi - lo + 1) // 2
+            v = mid.to(tl.float32, bitcast=True)[:, None]
+            ge = inside & (buf >= v)
+            ok = ((above_mass + tl.sum(tl.where(ge, buf, 0.0), 1) >= need)
+                  & (above_count + tl.sum(ge.to(tl.int32), 1) >= least))
+            lo = tl.where(todo & ok, tl.min(tl.where(ge, buf, 2.0), 1).to(tl.int32, bitcast=True), lo)
+            hi = tl.where(todo & (ok == 0),
+                          tl.max(tl.where(inside & (buf < v), buf, -1.0), 1).to(tl.int32, bitcast=True), hi)
+            todo = todo & (lo < hi)
+            n_todo = tl.sum(todo.to(tl.int32), 0)
+        tl.debug_barrier()  # before BUF is written again
     return lo
 
 
@@ -220,11 +270,12 @@ def _kept(p, cand, forced, t, quota, before):
 
 
 @triton.jit
-def _select_band(P, row_off, live, nvis, nvis_max, gamma, min_blocks, STARTS, ENDS, out_off, width, block_size,
-                 seqlen_k, BM: tl.constexpr, BT: tl.constexpr):
+def _select_band(P, BUF, row_off, live, nvis, nvis_max, gamma, min_blocks, STARTS, ENDS, out_off, width,
+                 block_size, seqlen_k, BM: tl.constexpr, BT: tl.constexpr, CAP: tl.constexpr):
     """Rule 2's selection for a band of rows of probabilities (row r at P + row_off[r], its first nvis[r]
     blocks visible, the last of them the diagonal): the kept blocks' runs as key ranges at
-    STARTS / ENDS + out_off[r] (at most `width`, the rest not written). Returns the runs per row."""
+    STARTS / ENDS + out_off[r] (at most `width`, the rest not written). Returns the runs per row. BUF: BM x CAP
+    floats of scratch."""
     forced_mass = tl.zeros([BM, BT], tl.float32)
     total = tl.zeros([BM, BT], tl.float32)
     n_cand = tl.zeros([BM, BT], tl.int32)
@@ -255,8 +306,8 @@ def _select_band(P, row_off, live, nvis, nvis_max, gamma, min_blocks, STARTS, EN
     # below (total - need) / n no value can be the gamma threshold (the candidates under it hold less than
     # total - need): a first step there leaves, on a peaked row, a bracket of the few values above it
     floor = tl.where(need > 0, (total - need) / tl.maximum(n_cand, 1), 0.0).to(tl.int32, bitcast=True)
-    t = _bisect(P, row_off, live, nvis, nvis_max, lo, hi, need, least, searched, floor, BM,
-                BT).to(tl.float32, bitcast=True)
+    t = _bisect(P, BUF, row_off, live, nvis, nvis_max, lo, hi, need, least, searched, floor, BM, BT,
+                CAP).to(tl.float32, bitcast=True)
     mass_above, n_above, n_tie = _above(P, row_off, live, nvis, nvis_max, t, BM, BT)
     # ties at t: the gamma rule takes them one by one while the kept mass is below need (none when the mass
     # above t reaches it: then t is the budget's threshold), the budget up to `least`
@@ -295,9 +346,9 @@ def _select_band(P, row_off, live, nvis, nvis_max, gamma, min_blocks, STARTS, EN
 def _query_aware_kernel(QP, KP, GAMMA, QA, SCR, COUNTS, STARTS, ENDS, STATS,
                         n_work, n_bands, n_heads, num_heads, group, nq, nk, seqlen_q, seqlen_k, block_size, min_blocks,
                         width, scale_log2, BM: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, DP: tl.constexpr,
-                        DOT: tl.constexpr):
+                        DOT: tl.constexpr, CAP: tl.constexpr):
     pid = tl.program_id(0)
-    scratch = SCR + pid.to(tl.int64) * BM * nk
+    scratch = SCR + pid.to(tl.int64) * BM * (nk + CAP)  # the band's probabilities, then BM x CAP for _bisect
     r = tl.arange(0, BM)
     d = tl.arange(0, DP)
     row_off = r.to(tl.int64) * nk
@@ -337,8 +388,8 @@ def _query_aware_kernel(QP, KP, GAMMA, QA, SCR, COUNTS, STARTS, ENDS, STATS,
                 tl.store(scratch + row_off[:, None] + j[None, :], tl.exp2(s - safe[:, None]) * inv[:, None],
                          mask=j[None, :] < nvis[:, None])
             tl.debug_barrier()  # the band's probabilities, written by every thread, are read by every thread
-            runs = _select_band(scratch, row_off, live, nvis, nvis_max, tl.load(GAMMA + h), min_blocks, STARTS, ENDS,
-                                out_row * width, width, block_size, seqlen_k, BM, BT)
+            runs = _select_band(scratch, scratch + BM * nk, row_off, live, nvis, nvis_max, tl.load(GAMMA + h),
+                                min_blocks, STARTS, ENDS, out_row * width, width, block_size, seqlen_k, BM, BT, CAP)
             tl.debug_barrier()  # before the next band overwrites the scratch
         else:
             runs = tl.zeros([BM], tl.int32)
@@ -374,13 +425,13 @@ def query_aware_triton(qp: torch.Tensor, kp: torch.Tensor, gamma: torch.Tensor, 
     n_bands = triton.cdiv(nq, _BM)
     n_work = b * hq * n_bands
     n_sm = torch.cuda.get_device_properties(qp.device).multi_processor_count if qp.is_cuda else 1
-    programs = max(1, min(n_work, _PROGRAMS_PER_SM * n_sm, _SCRATCH_ELEMENTS // (_BM * nk)))
-    scratch = torch.empty(programs, _BM, nk, dtype=torch.float32, device=qp.device)
+    programs = max(1, min(n_work, _PROGRAMS_PER_SM * n_sm, _SCRATCH_ELEMENTS // (_BM * (nk + _CAP))))
+    scratch = torch.empty(programs, _BM, nk + _CAP, dtype=torch.float32, device=qp.device)
     counts = torch.empty(b, hq, nq, dtype=torch.int32, device=qp.device)
     starts = torch.empty(b, hq, nq, width, dtype=torch.int32, device=qp.device)
     ends = torch.empty_like(starts)
     _query_aware_kernel[(programs,)](
         qp, kp, gamma, flag, scratch, counts, starts, ends, stats, n_work, n_bands, b * hq, hq, hq // hkv, nq, nk,
         seqlen_q, seqlen_k, block_size, min_blocks, width, scale * LOG2E, BM=_BM, BN=_BN, BT=_BT, DP=dp,
-        DOT=_dot_code(dtype), num_warps=4, num_stages=2)
+        DOT=_dot_code(dtype), CAP=_CAP, num_warps=4, num_stages=2)
     return counts, starts, ends
