@@ -297,7 +297,8 @@ def _band_kernel(P, BUF, NVIS, GAMMA, STARTS, ENDS, COUNTS, rows, nk, heads, min
     nvis = tl.load(NVIS + r, mask=live, other=0)
     row = (bh * rows + r).to(tl.int64)
     runs = _select_band(P, BUF + bh * BM * CAP, row * nk, live, nvis, tl.max(nvis, 0), tl.load(GAMMA + bh % heads),
-                        min_blocks, STARTS, ENDS, row * width, width, block_size, seqlen_k, BM, BT, CAP)
+                        min_blocks, STARTS, ENDS, row * width, width, block_size, seqlen_k, tl.zeros([BM], tl.float32),
+                        tl.zeros([BM], tl.float32), BM, BT, CAP, False)
     tl.store(COUNTS + row, runs, mask=live)
 
 

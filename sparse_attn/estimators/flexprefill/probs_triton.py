@@ -6,9 +6,10 @@
   keys (float32 products, float64 softmax), the last queries' true block distribution from their column mass,
   the Jensen-Shannon divergence, int8 flag "query-aware".
 - `query_aware_triton`: rule 2, fused: per band of BM query blocks of a query-aware head the pooled scores
-  against the key blocks the band sees (tensor cores in q's dtype, two passes: max and sum, then the
-  probabilities), written to a per-program scratch band (float32, read back while it is in L1 / L2), then the
-  selection without sorting and the kept blocks' runs written as key ranges. Persistent programs (a few per
+  against the key blocks the band sees (tensor cores in q's dtype, one pass: the scores with each row's
+  running max and sum), written to a per-program scratch band (float32, read back while it is in L1 / L2)
+  and made probabilities there by the selection's first pass, then the selection without sorting and the
+  kept blocks' runs written as key ranges. Persistent programs (a few per
   SM) walk the (head, band) items, longest bands first; bands of other heads write a count of 0.
 
 The selection of a row (`_select_band`): need = gamma - the forced mass (block 0 and the diagonal block), least
@@ -271,11 +272,13 @@ def _kept(p, cand, forced, t, quota, before):
 
 @triton.jit
 def _select_band(P, BUF, row_off, live, nvis, nvis_max, gamma, min_blocks, STARTS, ENDS, out_off, width,
-                 block_size, seqlen_k, BM: tl.constexpr, BT: tl.constexpr, CAP: tl.constexpr):
+                 block_size, seqlen_k, shift, inv, BM: tl.constexpr, BT: tl.constexpr, CAP: tl.constexpr,
+                 NORMALIZE: tl.constexpr):
     """Rule 2's selection for a band of rows of probabilities (row r at P + row_off[r], its first nvis[r]
     blocks visible, the last of them the diagonal): the kept blocks' runs as key ranges at
     STARTS / ENDS + out_off[r] (at most `width`, the rest not written). Returns the runs per row. BUF: BM x CAP
-    floats of scratch."""
+    floats of scratch. NORMALIZE: P holds log2-domain scores, made probabilities in place by the first pass
+    (exp2(s - shift) * inv, per row)."""
     forced_mass = tl.zeros([BM, BT], tl.float32)
     total = tl.zeros([BM, BT], tl.float32)
     n_cand = tl.zeros([BM, BT], tl.int32)
@@ -283,13 +286,20 @@ def _select_band(P, BUF, row_off, live, nvis, nvis_max, gamma, min_blocks, START
     c_max = tl.full([BM, BT], -1.0, tl.float32)
     c_min = tl.full([BM, BT], 2.0, tl.float32)
     for j0 in range(0, nvis_max, BT):
-        p, cand, forced = _band_tile(P, row_off, live, nvis, j0 + tl.arange(0, BT))
+        j = j0 + tl.arange(0, BT)
+        p, cand, forced = _band_tile(P, row_off, live, nvis, j)
+        if NORMALIZE:
+            vis = cand | forced
+            p = tl.where(vis, tl.exp2(p - shift[:, None]) * inv[:, None], 0.0)
+            tl.store(P + row_off[:, None] + j[None, :], p, mask=vis)
         forced_mass += tl.where(forced, p, 0.0)
         total += tl.where(cand, p, 0.0)
         n_cand += cand.to(tl.int32)
         n_forced += forced.to(tl.int32)
         c_max = tl.maximum(c_max, tl.where(cand, p, -1.0))
         c_min = tl.minimum(c_min, tl.where(cand, p, 2.0))
+    if NORMALIZE:
+        tl.debug_barrier()  # the probabilities, written by every thread, are read by every thread
     need = gamma - tl.sum(forced_mass, 1)
     total = tl.sum(total, 1)
     n_cand = tl.sum(n_cand, 1)
@@ -374,22 +384,22 @@ def _query_aware_kernel(QP, KP, GAMMA, QA, SCR, COUNTS, STARTS, ENDS, STATS,
                 q = q.to(tl.float16)
             m_i = tl.full([BM], float("-inf"), tl.float32)
             l_i = tl.zeros([BM], tl.float32)
+            # one pass of products: the scores go to the scratch with each row's running max and sum; the
+            # selection's first pass turns them into probabilities in place
             for j0 in range(0, nvis_max, BN):
                 s = _band_logits(q, kbase, j0, d, nvis, nvis_max, scale_log2, BN, DP, DOT)
+                j = j0 + tl.arange(0, BN)
+                tl.store(scratch + row_off[:, None] + j[None, :], s, mask=j[None, :] < nvis[:, None])
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 l_i = l_i * tl.exp2(m_i - safe) + tl.sum(tl.exp2(s - safe[:, None]), 1)
                 m_i = m_new
             safe = tl.where(m_i == float("-inf"), 0.0, m_i)
             inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
-            for j0 in range(0, nvis_max, BN):
-                s = _band_logits(q, kbase, j0, d, nvis, nvis_max, scale_log2, BN, DP, DOT)
-                j = j0 + tl.arange(0, BN)
-                tl.store(scratch + row_off[:, None] + j[None, :], tl.exp2(s - safe[:, None]) * inv[:, None],
-                         mask=j[None, :] < nvis[:, None])
-            tl.debug_barrier()  # the band's probabilities, written by every thread, are read by every thread
+            tl.debug_barrier()  # the band's scores, written by every thread, are read by every thread
             runs = _select_band(scratch, scratch + BM * nk, row_off, live, nvis, nvis_max, tl.load(GAMMA + h),
-                                min_blocks, STARTS, ENDS, out_row * width, width, block_size, seqlen_k, BM, BT, CAP)
+                                min_blocks, STARTS, ENDS, out_row * width, width, block_size, seqlen_k, safe, inv, BM,
+                                BT, CAP, True)
             tl.debug_barrier()  # before the next band overwrites the scratch
         else:
             runs = tl.zeros([BM], tl.int32)
@@ -433,5 +443,5 @@ def query_aware_triton(qp: torch.Tensor, kp: torch.Tensor, gamma: torch.Tensor, 
     _query_aware_kernel[(programs,)](
         qp, kp, gamma, flag, scratch, counts, starts, ends, stats, n_work, n_bands, b * hq, hq, hq // hkv, nq, nk,
         seqlen_q, seqlen_k, block_size, min_blocks, width, scale * LOG2E, BM=_BM, BN=_BN, BT=_BT, DP=dp,
-        DOT=_dot_code(dtype), CAP=_CAP, num_warps=4, num_stages=2)
+        DOT=_dot_code(dtype), CAP=_CAP, num_warps=4, num_stages=2, maxnreg=128)
     return counts, starts, ends
