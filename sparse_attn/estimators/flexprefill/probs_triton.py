@@ -173,7 +173,9 @@ def _bisect(P, BUF, row_off, live, nvis, nvis_max, lo, hi, need, least, todo, fi
     with mass(c >= v) >= need and count(c >= v) >= least; both ends snap to candidate values. The first
     step tries `first` (float bits) where it lies in (lo, hi], later ones the middle. Passes over the band
     while some row's bracket holds more than CAP candidates; then one pass copies each row's bracket to BUF
-    (CAP floats a row, at BUF + r * CAP) with the mass and count above it, and the rest runs in registers."""
+    (CAP floats a row, at BUF + r * CAP) with the mass and count above it, and the rest runs in registers.
+    Returns the value's bits and, for the rows that ended in registers (in_regs), the mass and count of the
+    candidates above it and the count equal to it."""
     todo = todo & (lo < hi)
     n_in = tl.where(todo, CAP + 1, 0)  # candidates in the bracket (not yet counted: more than CAP)
     n_wide = tl.sum(todo.to(tl.int32), 0)
@@ -210,6 +212,10 @@ def _bisect(P, BUF, row_off, live, nvis, nvis_max, lo, hi, need, least, todo, fi
         n_in = tl.where(todo & (lo < hi), n_in, 0)
         n_wide = tl.sum((n_in > CAP).to(tl.int32), 0)
     todo = todo & (lo < hi)
+    in_regs = todo
+    mass_above = tl.zeros([BM], tl.float32)
+    n_above = tl.zeros([BM], tl.int32)
+    n_tie = tl.zeros([BM], tl.int32)
     if tl.sum(todo.to(tl.int32), 0) > 0:
         lo_v = lo.to(tl.float32, bitcast=True)[:, None]
         hi_v = hi.to(tl.float32, bitcast=True)[:, None]
@@ -244,8 +250,12 @@ def _bisect(P, BUF, row_off, live, nvis, nvis_max, lo, hi, need, least, todo, fi
                           tl.max(tl.where(inside & (buf < v), buf, -1.0), 1).to(tl.int32, bitcast=True), hi)
             todo = todo & (lo < hi)
             n_todo = tl.sum(todo.to(tl.int32), 0)
+        t = lo.to(tl.float32, bitcast=True)[:, None]
+        mass_above = above_mass + tl.sum(tl.where(inside & (buf > t), buf, 0.0), 1)
+        n_above = above_count + tl.sum((inside & (buf > t)).to(tl.int32), 1)
+        n_tie = tl.sum((inside & (buf == t)).to(tl.int32), 1)
         tl.debug_barrier()  # before BUF is written again
-    return lo
+    return lo, mass_above, n_above, n_tie, in_regs
 
 
 @triton.jit
@@ -316,9 +326,14 @@ def _select_band(P, BUF, row_off, live, nvis, nvis_max, gamma, min_blocks, START
     # below (total - need) / n no value can be the gamma threshold (the candidates under it hold less than
     # total - need): a first step there leaves, on a peaked row, a bracket of the few values above it
     floor = tl.where(need > 0, (total - need) / tl.maximum(n_cand, 1), 0.0).to(tl.int32, bitcast=True)
-    t = _bisect(P, BUF, row_off, live, nvis, nvis_max, lo, hi, need, least, searched, floor, BM, BT,
-                CAP).to(tl.float32, bitcast=True)
-    mass_above, n_above, n_tie = _above(P, row_off, live, nvis, nvis_max, t, BM, BT)
+    t, mass_above, n_above, n_tie, in_regs = _bisect(P, BUF, row_off, live, nvis, nvis_max, lo, hi, need, least,
+                                                     searched, floor, BM, BT, CAP)
+    t = t.to(tl.float32, bitcast=True)
+    if tl.sum((searched & (in_regs == 0)).to(tl.int32), 0) > 0:  # a row closed its bracket on > CAP ties
+        full_mass, full_above, full_tie = _above(P, row_off, live, nvis, nvis_max, t, BM, BT)
+        mass_above = tl.where(in_regs, mass_above, full_mass)
+        n_above = tl.where(in_regs, n_above, full_above)
+        n_tie = tl.where(in_regs, n_tie, full_tie)
     # ties at t: the gamma rule takes them one by one while the kept mass is below need (none when the mass
     # above t reaches it: then t is the budget's threshold), the budget up to `least`
     ties = tl.where(mass_above < need, (need - mass_above) / tl.where(t > 0, t, 1.0), 0.0)
