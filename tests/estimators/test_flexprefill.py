@@ -156,6 +156,9 @@ def test_fused_scoring_and_builders_give_the_torch_layout(seed, b, hq, hkv, sq, 
     the rules chooses: GQA, odd lengths, fewer keys than queries (rows that see nothing), head dims 32 / 64."""
     q, k, _ = qkv(seed, b, hq, hkv, sq, sk, d, device="cpu")
     q = q * 3
+    if seed % 2:  # strided views (sequence-major storage), as the HF adapter passes them
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+        k = k.transpose(1, 2).contiguous().transpose(1, 2)
     gamma, tau = [0.9, 0.7, 0.95, 0.99, 1.0, 0.6][:hq], [1.0, 1.0, 0.0, 0.1, 0.0, 1.0][:hq]
     ref = flexprefill_choice(q, k, gamma, tau, block_size=bs, min_budget=min_budget, backend="torch")
     with monkeypatch.context() as m:

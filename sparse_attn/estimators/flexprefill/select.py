@@ -291,6 +291,9 @@ def _choice_triton(q, k, gamma: torch.Tensor, tau: torch.Tensor, *, block_size: 
 
     b, hq, sq, _ = q.shape
     sk = k.shape[2]
+    # the kernels read rows of q and k through their strides, each row contiguous
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
     length = max(1, min(block_size, sq, sk))
     v, s = vertical_slash_scores(q, k, last_q=length, scale=scale, causal=True, backend="triton")
     kp = pool_triton(k, block_size)
