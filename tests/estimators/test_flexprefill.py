@@ -305,8 +305,8 @@ def _band_kernel(P, BUF, NVIS, GAMMA, STARTS, ENDS, COUNTS, rows, nk, heads, min
     tl.store(COUNTS + row, runs, mask=live)
 
 
-@pytest.mark.parametrize("min_blocks,levels,unit,cap", [(0, 4, 64, 64), (3, 4, 64, 64), (40, 4, 64, 4), (3, 40, 1024, 4),
-                                                      (0, 40, 1024, 16)])
+@pytest.mark.parametrize("min_blocks,levels,unit,cap",
+                         [(0, 4, 64, 64), (3, 4, 64, 64), (40, 4, 64, 4), (3, 40, 1024, 4), (0, 40, 1024, 16)])
 def test_sort_free_band_selection_equals_the_sorted_rule_with_ties(min_blocks, levels, unit, cap):
     """The fused kernel's selection (no sort: bisections, runs from a running count) against take_until on
     probabilities on a grid of 1/64 or 1/1024 (sums exact): many exact ties, and gammas that land on a tie, below the
@@ -330,8 +330,8 @@ def test_sort_free_band_selection_equals_the_sorted_rule_with_ties(min_blocks, l
     ends = poison_(torch.empty_like(starts))
     counts = poison_(torch.empty(b, h, rows, dtype=torch.int32))
     buf = poison_(torch.empty(b * h, 8 * cap))
-    _band_kernel[(b * h,)](p, buf, nvis, gamma, starts, ends, counts, rows, nk, h, min_blocks, width, bs, sk, BM=8, BT=16,
-                           CAP=cap)
+    _band_kernel[(b * h,)](p, buf, nvis, gamma, starts, ends, counts, rows, nk, h, min_blocks, width, bs, sk, BM=8,
+                           BT=16, CAP=cap)
     got = torch.zeros_like(ref)
     for idx in torch.cartesian_prod(torch.arange(b), torch.arange(h), torch.arange(rows)).tolist():
         n = int(counts[tuple(idx)])

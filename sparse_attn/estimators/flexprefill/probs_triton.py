@@ -9,8 +9,8 @@
   against the key blocks the band sees (tensor cores in q's dtype, one pass: the scores with each row's
   running max and sum), written to a per-program scratch band (float32, read back while it is in L1 / L2)
   and made probabilities there by the selection's first pass, then the selection without sorting and the
-  kept blocks' runs written as key ranges. Persistent programs (a few per
-  SM) walk the (head, band) items, longest bands first; bands of other heads write a count of 0.
+  kept blocks' runs written as key ranges. Persistent programs (a few per SM) walk the (head, band) items,
+  longest bands first; bands of other heads write a count of 0.
 
 The selection of a row (`_select_band`): need = gamma - the forced mass (block 0 and the diagonal block), least
 = the minimum budget less the forced blocks. The kept candidates are the larger of the gamma set and the
