@@ -149,6 +149,20 @@ def test_choice_and_layout_equal_the_written_out_rules(seed, b, hq, hkv, sq, sk,
     assert torch.equal(layout.to_dense() & causal, reference_mask(ref, b, hq, sq, sk, bs) & causal)
 
 
+def test_layout_of_query_aware_heads_alone_equals_the_written_out_rule():
+    """Every head query-aware: the layout is the ranges alone (no vertical-slash index), as rule 4 writes it."""
+    q, k, _ = qkv(8, 2, 4, 2, 150, 190, 32, device="cpu")
+    q = q * 3
+    gamma = [0.5, 0.9, 0.8, 0.97]
+    choice = flexprefill_choice(q, k, gamma, 1.0, block_size=16, min_budget=32, backend="torch")
+    ref = reference_choice(q, k, gamma, [1.0] * 4, 16, 32)
+    assert _choice_sets(choice, 16) == ref
+    layout = flexprefill_layout(choice, 150, 190, block_size=16, backend="torch")
+    layout.check_values()
+    causal = torch.arange(190)[None, :] <= torch.arange(150)[:, None] + 40
+    assert torch.equal(layout.to_dense() & causal, reference_mask(ref, 2, 4, 150, 190, 16) & causal)
+
+
 @pytest.mark.parametrize("seed,b,hq,hkv,sq,sk,d,bs,min_budget",
                          CASES + [(4, 1, 4, 2, 150, 100, 64, 16, 40), (5, 2, 2, 1, 333, 333, 32, 32, 0)])
 def test_fused_scoring_and_builders_give_the_torch_layout(seed, b, hq, hkv, sq, sk, d, bs, min_budget, monkeypatch):

@@ -324,10 +324,16 @@ def flexprefill_layout(choice: FlexChoice, seqlen_q: int, seqlen_k: int, *, bloc
                        backend: str = "auto") -> VerticalSlashLayout:
     """Rule 4: the choice as one VerticalSlashLayout over every head. backend: the vertical-slash index
     builder's ("auto", "torch", "triton", "cuda")."""
+    some, every = torch.stack([choice.query_aware.any(), choice.query_aware.all()]).tolist()  # one sync
+    if every:  # the ranges alone: no vertical-slash index to build and discard
+        none = torch.zeros(choice.range_counts.shape, dtype=torch.int32, device=choice.range_counts.device)
+        return VerticalSlashLayout(choice.range_counts.to(torch.int32).contiguous(), choice.range_starts.contiguous(),
+                                   choice.range_ends.contiguous(), none, none[..., None], block_size, seqlen_q,
+                                   seqlen_k, validate=False)
     vs = build_vertical_slash_index(choice.columns, choice.slashes, seqlen_q, seqlen_k, block_size_q=block_size,
                                     backend=backend, assume_sorted=True)
     qa = choice.query_aware[..., None]
-    if not bool(choice.query_aware.any()):
+    if not some:
         return vs
     rc, rs, re = choice.range_counts, choice.range_starts, choice.range_ends
     width = max(rs.shape[-1], vs.max_ranges)
