@@ -173,7 +173,8 @@ def test_fused_scoring_and_builders_give_the_torch_layout(seed, b, hq, hkv, sq, 
     if seed % 2:  # strided views (sequence-major storage), as the HF adapter passes them
         q = q.transpose(1, 2).contiguous().transpose(1, 2)
         k = k.transpose(1, 2).contiguous().transpose(1, 2)
-    gamma, tau = [0.9, 0.7, 0.95, 0.99, 1.0, 0.6][:hq], [1.0, 1.0, 0.0, 0.1, 0.0, 1.0][:hq]
+    # kv heads whose query heads are all query-aware, all vertical-slash (no diagonal sums skipped), or mixed
+    gamma, tau = [0.9, 0.7, 0.95, 0.99, 1.0, 0.6][:hq], [1.0, 1.0, 0.0, 0.0, 0.1, 1.0][:hq]
     ref = flexprefill_choice(q, k, gamma, tau, block_size=bs, min_budget=min_budget, backend="torch")
     with monkeypatch.context() as m:
         poison(m, torch, "empty")
@@ -198,8 +199,9 @@ def test_rows_with_more_runs_than_the_first_width_are_written_again(monkeypatch)
 
 
 def test_triton_path_is_a_few_launches_and_no_torch_compute(monkeypatch):
-    """The Triton path: each kernel launched once (the scores' two passes, pooling of k and of the query-aware
-    heads' q, the decision, the fused query-aware selection, the vertical-slash selection and write) and no
+    """The Triton path: each kernel launched once (the scores' max / sum pass, then its column sums and, after the
+    decision, the other heads' diagonal sums; pooling of k and of the query-aware heads' q, the decision, the
+    fused query-aware selection, the vertical-slash selection and write) and no
     torch compute between them: no sort, top-k, scan, scatter, gather, softmax or matmul (only allocations,
     the budgets' checks on the host and the one read of the widths)."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -225,11 +227,30 @@ def test_triton_path_is_a_few_launches_and_no_torch_compute(monkeypatch):
     assert choice.query_aware.tolist() == [[True, False, True, False]]
     assert {name: len(grids) for name, grids in launches.items()} == {
         "_pool_kernel": 2, "_decide_kernel": 1, "_query_aware_kernel": 1, "_vs_select_kernel": 1,
-        "_vs_write_kernel": 1, "_lse_kernel": 1, "_scores_kernel": 1}
+        "_vs_write_kernel": 1, "_lse_kernel": 1, "_scores_kernel": 2}
     compute = {"sort", "argsort", "topk", "cumsum", "scatter", "scatter_", "gather", "index_put_", "nonzero",
                "index_select", "where", "cat", "_softmax", "bmm", "mm", "sum", "mean", "masked_fill_", "div"}
     assert not compute & set(ops), sorted(compute & set(ops))
     assert ops.count("_local_scalar_dense") <= 3  # the widths (one read) and the budgets' checks
+
+
+def test_scores_skip_the_diagonals_of_flagged_heads_only():
+    """The scores' second pass with flags: diagonal sums of every program that holds an unflagged head equal the
+    unflagged call's, the others are zero; column sums alone equal the full call's."""
+    from sparse_attn.estimators.vertical_slash import scores_triton
+    from sparse_attn.estimators.vertical_slash.scores_triton import last_rows_lse, scores_from_lse
+
+    q, k, _ = qkv(9, 2, 8, 2, 150, 170, 32, device="cpu")
+    lse = last_rows_lse(q, k, 16, 0.2, True)
+    v, s = scores_from_lse(q, k, lse, 16, 0.2, True)
+    v_only, none = scores_from_lse(q, k, lse, 16, 0.2, True, slashes=False)
+    assert none is None and torch.equal(v_only, v)
+    flag = torch.tensor([[1, 1, 1, 1, 0, 1, 1, 1], [0, 0, 0, 0, 1, 1, 1, 1]], dtype=torch.int8)
+    _, s_some = scores_from_lse(q, k, lse, 16, 0.2, True, columns=False, skip=flag)
+    hg = scores_triton._heads_per_program(4, 16, scores_triton._SCORES_ROWS)  # query heads a program holds
+    kept = (flag == 0).view(2, 8 // hg, hg).any(-1, keepdim=True).expand(2, 8 // hg, hg).reshape(2, 8)
+    assert kept.any() and not kept.all()
+    assert torch.equal(s_some[kept], s[kept]) and not s_some[~kept].any()
 
 
 def _mixed_heads(gen, sq=512, d=32, targets=24):

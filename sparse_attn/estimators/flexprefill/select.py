@@ -284,8 +284,10 @@ def flexprefill_choice(q, k, gamma, tau, *, block_size: int = 64, min_budget: Op
 def _choice_triton(q, k, gamma: torch.Tensor, tau: torch.Tensor, *, block_size: int, min_budget: int,
                    scale: float) -> FlexChoice:
     """Rules 1-3 by the Triton kernels, about ten launches and one device sync (the output widths): the last
-    queries' scores, the pooled keys, the decision, the pooled queries of the query-aware heads, the fused
-    query-aware selection, the vertical-slash selection, then the ids in order."""
+    queries' column sums, the pooled keys, the decision, the diagonal sums of the other heads, the pooled
+    queries of the query-aware heads, the fused query-aware selection, the vertical-slash selection, then the
+    ids in order."""
+    from ..vertical_slash.scores_triton import last_rows_lse, scores_from_lse
     from .probs_triton import decide_triton, pool_triton, query_aware_triton
     from .vs_triton import vertical_slash_select_triton, vertical_slash_write_triton
 
@@ -295,9 +297,13 @@ def _choice_triton(q, k, gamma: torch.Tensor, tau: torch.Tensor, *, block_size: 
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     length = max(1, min(block_size, sq, sk))
-    v, s = vertical_slash_scores(q, k, last_q=length, scale=scale, causal=True, backend="triton")
+    # The last queries' column sums for every head; their diagonal sums (the scores' costly part) only for
+    # the heads the decision leaves vertical-slash.
+    lse = last_rows_lse(q, k, length, scale, True)
+    v, _ = scores_from_lse(q, k, lse, length, scale, True, slashes=False)
     kp = pool_triton(k, block_size)
     flag = decide_triton(q, kp, v, tau, block_size=block_size, length=length, scale=scale)
+    _, s = scores_from_lse(q, k, lse, length, scale, True, columns=False, skip=flag)
     qp = pool_triton(q, block_size, flag)
     nq, nk = -(-sq // block_size), -(-sk // block_size)
     stats = torch.zeros(3, dtype=torch.int32, device=q.device)  # most runs, columns, diagonals of a row
