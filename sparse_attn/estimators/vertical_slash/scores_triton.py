@@ -10,7 +10,9 @@ Two passes over the keys, both reading each key tile once for all query heads of
    local diagonal c sitting at column t + BN - 1 - c. Each program walks a run of consecutive key tiles
    downwards, so half of a tile's diagonal sums carry over to the next tile in registers and the other
    half is final: plain stores, with atomics only where two programs' runs meet.
-Scores are in the log2 domain (exp2), as FlashAttention kernels do.
+Scores are in the log2 domain (exp2), as FlashAttention kernels do. The passes are also callable apart
+(`last_rows_lse`, `scores_from_lse`): a caller that needs the diagonal sums of some heads only (FlexPrefill's
+vertical-slash heads) asks for the column sums first and the diagonal sums later, with the other heads flagged.
 """
 from __future__ import annotations
 
