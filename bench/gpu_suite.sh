@@ -18,6 +18,7 @@
 #       # recall, decode at 128K batch 8 vs SDPA and quest (bench/bench_hier.py; HIER_ARGS to change sizes)
 #   STEPS="frontier" bash bench/gpu_suite.sh    # speed-recall frontier at 128K ($OUT/frontier/frontier.{md,png})
 #   STEPS="flex_bars" bash bench/gpu_suite.sh   # flexprefill / xattention at 128K (mixed, structured) and 1M
+#   STEPS="flex_profile" bash bench/gpu_suite.sh   # flexprefill's phases at 128K kernel by kernel, its GPU tests
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
@@ -72,6 +73,10 @@ step frontier python3 bench/bench_methods.py --frontier --seqlens ${FRONTIER_SEQ
 # runs; dense at 1M extrapolated from 128K) and XAttention (tau 0.9) at the same points.
 step flex_bars python3 bench/bench_methods.py --seqlens 131072 1048576 --dense-max 131072 --data mixed structured \
     --methods flexprefill:gamma=0.9 xattention:tau=0.9 --recall-bands 8 --out "$OUT/flex_bars"
+# FlexPrefill's phases at 128K kernel by kernel (estimate: launches, host vs GPU ms, its kernels), and its GPU
+# tests (the Triton path against the torch rule, 1M fits).
+step flex_profile bash -c "python3 bench/probes/profile_phases.py --seqlens 131072 --methods flexprefill:gamma=0.9 \
+    && python3 -m pytest -q -m gpu tests/estimators/test_flexprefill.py"
 # XAttention's fused scoring against its chunked torch reference (GPU ms, alternated).
 step xattention_scores python3 bench/probes/probe_xattention_scores.py --seqlens 32768 131072
 step bench_decode python3 bench/bench_decode.py ${DECODE_ARGS:-} --out "$OUT"

@@ -6,7 +6,10 @@ import math
 import pytest
 import torch
 
-from helpers import generator, qkv, randn
+import triton
+import triton.language as tl
+
+from helpers import generator, poison, poison_, qkv, randn
 from sparse_attn.estimators.flexprefill import flexprefill_choice, flexprefill_layout
 from sparse_attn.methods import check_method_kwargs, sparse_attention
 from sparse_attn.recall import attention_recall
@@ -146,30 +149,108 @@ def test_choice_and_layout_equal_the_written_out_rules(seed, b, hq, hkv, sq, sk,
     assert torch.equal(layout.to_dense() & causal, reference_mask(ref, b, hq, sq, sk, bs) & causal)
 
 
-@pytest.mark.parametrize("seed,b,hq,hkv,sq,sk,d,bs,min_budget", CASES[:2])
-def test_fused_scoring_and_builders_give_the_torch_layout(seed, b, hq, hkv, sq, sk, d, bs, min_budget):
+def test_layout_of_query_aware_heads_alone_equals_the_written_out_rule():
+    """Every head query-aware: the layout is the ranges alone (no vertical-slash index), as rule 4 writes it."""
+    q, k, _ = qkv(8, 2, 4, 2, 150, 190, 32, device="cpu")
+    q = q * 3
+    gamma = [0.5, 0.9, 0.8, 0.97]
+    choice = flexprefill_choice(q, k, gamma, 1.0, block_size=16, min_budget=32, backend="torch")
+    ref = reference_choice(q, k, gamma, [1.0] * 4, 16, 32)
+    assert _choice_sets(choice, 16) == ref
+    layout = flexprefill_layout(choice, 150, 190, block_size=16, backend="torch")
+    layout.check_values()
+    causal = torch.arange(190)[None, :] <= torch.arange(150)[:, None] + 40
+    assert torch.equal(layout.to_dense() & causal, reference_mask(ref, 2, 4, 150, 190, 16) & causal)
+
+
+@pytest.mark.parametrize("seed,b,hq,hkv,sq,sk,d,bs,min_budget",
+                         CASES + [(4, 1, 4, 2, 150, 100, 64, 16, 40), (5, 2, 2, 1, 333, 333, 32, 32, 0)])
+def test_fused_scoring_and_builders_give_the_torch_layout(seed, b, hq, hkv, sq, sk, d, bs, min_budget, monkeypatch):
+    """The Triton path (every kernel output poisoned before it is written) chooses what the torch statement of
+    the rules chooses: GQA, odd lengths, fewer keys than queries (rows that see nothing), head dims 32 / 64."""
     q, k, _ = qkv(seed, b, hq, hkv, sq, sk, d, device="cpu")
     q = q * 3
-    gamma, tau = [0.9, 0.7, 0.95, 0.99][:hq], [1.0, 1.0, 0.0, 0.1][:hq]
+    if seed % 2:  # strided views (sequence-major storage), as the HF adapter passes them
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+        k = k.transpose(1, 2).contiguous().transpose(1, 2)
+    # kv heads whose query heads are all query-aware, all vertical-slash (no diagonal sums skipped), or mixed
+    gamma, tau = [0.9, 0.7, 0.95, 0.99, 1.0, 0.6][:hq], [1.0, 1.0, 0.0, 0.0, 0.1, 1.0][:hq]
     ref = flexprefill_choice(q, k, gamma, tau, block_size=bs, min_budget=min_budget, backend="torch")
-    got = flexprefill_choice(q, k, gamma, tau, block_size=bs, min_budget=min_budget, backend="triton")
+    with monkeypatch.context() as m:
+        poison(m, torch, "empty")
+        got = flexprefill_choice(q, k, gamma, tau, block_size=bs, min_budget=min_budget, backend="triton")
     assert _choice_sets(got, bs) == _choice_sets(ref, bs)
     a = flexprefill_layout(ref, sq, sk, block_size=bs, backend="torch")
     c = flexprefill_layout(got, sq, sk, block_size=bs, backend="triton")
     assert torch.equal(a.to_dense(), c.to_dense())
 
 
-def test_pooled_probabilities_match_torch():
-    from sparse_attn.estimators.flexprefill.select import pooled_block_probs
+def test_rows_with_more_runs_than_the_first_width_are_written_again(monkeypatch):
+    """The Triton path writes ranges up to a width fixed before the sync; wider rows make it run again."""
+    from sparse_attn.estimators.flexprefill import select
 
-    gen = generator(5)
-    qp, kp = randn(gen, 2, 4, 9, 48, device="cpu"), randn(gen, 2, 2, 12, 48, device="cpu")
-    kv_of = torch.tensor([0, 0, 1, 1])
-    for r0, r1 in ((0, 9), (3, 7)):
-        args = dict(block_size=16, seqlen_q=140, seqlen_k=190, scale=0.3)
-        ref = pooled_block_probs(qp, kp, kv_of, r0, r1, backend="torch", **args)
-        got = pooled_block_probs(qp, kp, kv_of, r0, r1, backend="triton", **args)
-        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+    q, k, _ = qkv(6, 1, 2, 1, 300, 300, 32, device="cpu")
+    q = q * 3
+    ref = flexprefill_choice(q, k, 0.6, 1.0, block_size=16, min_budget=0, backend="torch")
+    assert int(ref.range_counts.max()) > 1
+    monkeypatch.setattr(select, "_RANGE_ELEMENTS", 1)
+    got = flexprefill_choice(q, k, 0.6, 1.0, block_size=16, min_budget=0, backend="triton")
+    assert _choice_sets(got, 16) == _choice_sets(ref, 16)
+
+
+def test_triton_path_is_a_few_launches_and_no_torch_compute(monkeypatch):
+    """The Triton path: each kernel launched once (the scores' max / sum pass, then its column sums and, after the
+    decision, the other heads' diagonal sums; pooling of k and of the query-aware heads' q, the decision, the
+    fused query-aware selection, the vertical-slash selection and write) and no
+    torch compute between them: no sort, top-k, scan, scatter, gather, softmax or matmul (only allocations,
+    the budgets' checks on the host and the one read of the widths)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from helpers import count_launches
+    from sparse_attn.estimators.flexprefill import probs_triton, vs_triton
+    from sparse_attn.estimators.vertical_slash import scores_triton
+
+    launches = {**count_launches(monkeypatch, probs_triton, "_pool_kernel", "_decide_kernel", "_query_aware_kernel"),
+                **count_launches(monkeypatch, vs_triton, "_vs_select_kernel", "_vs_write_kernel"),
+                **count_launches(monkeypatch, scores_triton, "_lse_kernel", "_scores_kernel")}
+    ops = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    q, k, _ = qkv(7, 1, 4, 2, 200, 200, 32, device="cpu")
+    q = q * 3
+    with Record():
+        choice = flexprefill_choice(q, k, 0.9, [1.0, 0.0, 1.0, 0.0], block_size=32, backend="triton")
+    assert choice.query_aware.tolist() == [[True, False, True, False]]
+    assert {name: len(grids) for name, grids in launches.items()} == {
+        "_pool_kernel": 2, "_decide_kernel": 1, "_query_aware_kernel": 1, "_vs_select_kernel": 1,
+        "_vs_write_kernel": 1, "_lse_kernel": 1, "_scores_kernel": 2}
+    compute = {"sort", "argsort", "topk", "cumsum", "scatter", "scatter_", "gather", "index_put_", "nonzero",
+               "index_select", "where", "cat", "_softmax", "bmm", "mm", "sum", "mean", "masked_fill_", "div"}
+    assert not compute & set(ops), sorted(compute & set(ops))
+    assert ops.count("_local_scalar_dense") <= 3  # the widths (one read) and the budgets' checks
+
+
+def test_scores_skip_the_diagonals_of_flagged_heads_only():
+    """The scores' second pass with flags: diagonal sums of every program that holds an unflagged head equal the
+    unflagged call's, the others are zero; column sums alone equal the full call's."""
+    from sparse_attn.estimators.vertical_slash import scores_triton
+    from sparse_attn.estimators.vertical_slash.scores_triton import last_rows_lse, scores_from_lse
+
+    q, k, _ = qkv(9, 2, 8, 2, 150, 170, 32, device="cpu")
+    lse = last_rows_lse(q, k, 16, 0.2, True)
+    v, s = scores_from_lse(q, k, lse, 16, 0.2, True)
+    v_only, none = scores_from_lse(q, k, lse, 16, 0.2, True, slashes=False)
+    assert none is None and torch.equal(v_only, v)
+    flag = torch.tensor([[1, 1, 1, 1, 0, 1, 1, 1], [0, 0, 0, 0, 1, 1, 1, 1]], dtype=torch.int8)
+    _, s_some = scores_from_lse(q, k, lse, 16, 0.2, True, columns=False, skip=flag)
+    hg = scores_triton._heads_per_program(4, 16, scores_triton._SCORES_ROWS)  # query heads a program holds
+    kept = (flag == 0).view(2, 8 // hg, hg).any(-1, keepdim=True).expand(2, 8 // hg, hg).reshape(2, 8)
+    assert kept.any() and not kept.all()
+    assert torch.equal(s_some[kept], s[kept]) and not s_some[~kept].any()
 
 
 def _mixed_heads(gen, sq=512, d=32, targets=24):
@@ -242,27 +323,98 @@ def test_block_size_the_kernels_do_not_take_is_refused():
         flexprefill_choice(q, k, [0.9, 0.0], 0.1, block_size=32)
 
 
-@pytest.mark.parametrize("min_blocks", [0, 3, 40])
-def test_sort_free_selection_kernel_equals_the_sorted_rule_with_ties(min_blocks):
-    """Probabilities on a grid of 1/64 (sums exact): many exact ties, and gammas that land on a tie, below
-    the forced mass, past the visible mass, and at 1."""
-    from sparse_attn.estimators.flexprefill.probs_triton import keep_mask_triton
+@triton.jit
+def _band_kernel(P, BUF, NVIS, GAMMA, STARTS, ENDS, COUNTS, rows, nk, heads, min_blocks, width, block_size, seqlen_k,
+                 BM: tl.constexpr, BT: tl.constexpr, CAP: tl.constexpr):
+    """The fused kernel's selection step on given probabilities: one band of `rows` rows per (batch, head)."""
+    from sparse_attn.estimators.flexprefill.probs_triton import _select_band
+
+    bh = tl.program_id(0)
+    r = tl.arange(0, BM)
+    live = r < rows
+    nvis = tl.load(NVIS + r, mask=live, other=0)
+    row = (bh * rows + r).to(tl.int64)
+    runs = _select_band(P, BUF + bh * BM * CAP, row * nk, live, nvis, tl.max(nvis, 0), tl.load(GAMMA + bh % heads),
+                        min_blocks, STARTS, ENDS, row * width, width, block_size, seqlen_k, tl.zeros([BM], tl.float32),
+                        tl.zeros([BM], tl.float32), BM, BT, CAP, False)
+    tl.store(COUNTS + row, runs, mask=live)
+
+
+@pytest.mark.parametrize("min_blocks,levels,unit,cap",
+                         [(0, 4, 64, 64), (3, 4, 64, 64), (40, 4, 64, 4), (3, 40, 1024, 4), (0, 40, 1024, 16)])
+def test_sort_free_band_selection_equals_the_sorted_rule_with_ties(min_blocks, levels, unit, cap):
+    """The fused kernel's selection (no sort: bisections, runs from a running count) against take_until on
+    probabilities on a grid of 1/64 or 1/1024 (sums exact): many exact ties, and gammas that land on a tie, below the
+    forced mass, past the visible mass, and at 1; tiles of 16 blocks over rows of up to 37; registers for 4, 16 or
+    64 candidates a row (searches that pass over the band before they copy, or copy at once)."""
     from sparse_attn.estimators.flexprefill.select import keep_mask
 
-    gen = generator(9)
-    b, h, rows, nk, bs, sq, sk = 1, 5, 6, 37, 16, 400, 590
+    gen = generator(9 + min_blocks)
+    b, h, rows, nk, bs, sq, sk = 2, 5, 6, 37, 16, 400, 590
     row0 = 10
     last = (torch.arange(row0, row0 + rows) * bs + bs).clamp(max=sq) - 1 + (sk - sq)
     blocks = torch.arange(nk)
     visible = blocks[None, :] * bs <= last[:, None]
-    weights = torch.randint(0, 4, (b, h, rows, nk), generator=gen).float() * visible
-    p = weights / 64  # exact multiples of 1/64, not normalized: visible mass may fall short of gamma
-    diag = torch.div(last, bs, rounding_mode="floor").clamp(max=nk - 1)
-    forced = visible & ((blocks[None, :] == 0) | (blocks[None, :] == diag[:, None]))
+    p = torch.randint(0, levels, (b, h, rows, nk), generator=gen).float() * visible / unit  # not normalized
+    nvis = visible.sum(-1).int()
+    forced = visible & ((blocks[None, :] == 0) | (blocks[None, :] == nvis[:, None] - 1))
     gamma = torch.tensor([0.5, 1 / 64, 1.0, 0.75, 2 / 64])
     ref = keep_mask(p, visible, forced, gamma.view(1, h, 1), min_blocks)
-    got = keep_mask_triton(p, gamma, row0, block_size=bs, seqlen_q=sq, seqlen_k=sk, min_blocks=min_blocks)
+    width = 19
+    starts = poison_(torch.empty(b, h, rows, width, dtype=torch.int32))
+    ends = poison_(torch.empty_like(starts))
+    counts = poison_(torch.empty(b, h, rows, dtype=torch.int32))
+    buf = poison_(torch.empty(b * h, 8 * cap))
+    _band_kernel[(b * h,)](p, buf, nvis, gamma, starts, ends, counts, rows, nk, h, min_blocks, width, bs, sk, BM=8,
+                           BT=16, CAP=cap)
+    got = torch.zeros_like(ref)
+    for idx in torch.cartesian_prod(torch.arange(b), torch.arange(h), torch.arange(rows)).tolist():
+        n = int(counts[tuple(idx)])
+        assert n <= width
+        for a, z in zip(starts[tuple(idx)][:n].tolist(), ends[tuple(idx)][:n].tolist()):
+            assert a < z and a % bs == 0 and (z % bs == 0 or z == sk)
+            got[tuple(idx)][a // bs:-(-z // bs)] = True
     assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("tile,cap", [(2048, 4096), (16, 8)])
+def test_sort_free_vertical_slash_selection_equals_the_torch_rule_with_ties(tile, cap, monkeypatch):
+    """Rule 3's kernels against select_vertical_slash on masses on a grid of 1/1024: ties across columns and
+    diagonals, gammas on a tie, below the forced mass, past the total and at 1, top-ups to min_budget; heads
+    flagged query-aware keep column 0 and diagonal 0; ids ascending behind zero padding, widths the widest row.
+    Small tiles and register cap: several tiles a pass, searches that pass over the row before they copy."""
+    from sparse_attn.estimators.flexprefill import vs_triton
+    from sparse_attn.estimators.flexprefill.select import select_vertical_slash
+    from sparse_attn.estimators.flexprefill.vs_triton import (vertical_slash_select_triton,
+                                                              vertical_slash_write_triton)
+
+    monkeypatch.setattr(vs_triton, "_BT", tile)
+    monkeypatch.setattr(vs_triton, "_CAP", cap)
+
+    gen = generator(13)
+    b, h, n = 2, 6, 75
+    length = 4
+    # multiples of 1/1024 below 40/1024 (sums exact, ~4 ties per value); head 3's total is below its gamma
+    v = torch.randint(0, 40, (b, h, n), generator=gen).float() * length / 1024
+    s = torch.randint(0, 40, (b, h, n), generator=gen).float() * length / 1024
+    v[:, 3] /= 8
+    s[:, 3] /= 8
+    gamma = torch.tensor([0.5, 1 / 64, 1.0, 0.75, 3 / 64, 0.9])
+    flag = torch.tensor([[0, 0, 0, 0, 0, 1], [0, 1, 0, 0, 0, 0]], dtype=torch.int8)
+    for min_budget in (0, 7, 60, 200):
+        stats = torch.zeros(3, dtype=torch.int32)
+        plan = vertical_slash_select_triton(v, s, length, gamma, flag, stats, min_budget=min_budget)
+        cols, slashes = vertical_slash_write_triton(plan, length, int(stats[1]), int(stats[2]))
+        ref_c, ref_s = select_vertical_slash(v / length, s / length, gamma, min_budget=min_budget)
+        for got, ref in ((cols, ref_c), (slashes, ref_s)):
+            assert torch.equal(got, got.sort(-1).values)
+            widest = 0
+            for bi in range(b):
+                for hi in range(h):
+                    want = {0} if flag[bi, hi] else set(ref[bi, hi].tolist())
+                    assert set(got[bi, hi].tolist()) == want
+                    widest = max(widest, len(want))
+            assert got.shape[-1] == widest
 
 
 @pytest.mark.gpu

@@ -135,16 +135,12 @@ def _run_all() -> None:
     vs2 = build_vertical_slash_index(vertical.expand(2, h, 30), slash.expand(2, h, 20), s, s, 64, backend="torch")
     vs_public.vertical_slash_attention(q, k, v, vs2, cu_seqlens_q=cu, cu_seqlens_k=cu)
 
-    # flexprefill's query-aware side: fused pooled scores (bf16 on tensor cores, fp32 exact) and the
-    # sort-free selection (short rows, and rows of 5000 blocks: 8 warps)
-    from sparse_attn.estimators.flexprefill.probs_triton import keep_mask_triton, pooled_probs_triton
-    kv_of = torch.tensor([0, 0, 1, 1])
+    # flexprefill's Triton path end to end (pooling, decision, fused query-aware selection, vertical-slash
+    # selection and write), bf16 on tensor cores and fp32 exact
+    from sparse_attn.estimators.flexprefill import flexprefill_choice
     for dtype in (torch.bfloat16, torch.float32):
-        qp, kp = torch.randn(1, h, 16, 128).to(dtype), torch.randn(1, hkv, 16, 128).to(dtype)
-        pooled_probs_triton(qp, kp, kv_of, 0, 16, block_size=64, seqlen_q=s, seqlen_k=s, scale=0.1)
-    for nk in (16, 5000):
-        keep_mask_triton(torch.rand(1, h, 4, nk), torch.full((h,), 0.9), 0, block_size=64, seqlen_q=nk * 64,
-                         seqlen_k=nk * 64, min_blocks=4)
+        q, k, v = qkv(128, dtype)
+        flexprefill_choice(q, k, 0.9, 0.1, block_size=64, backend="triton")
 
     # xattention's fused antidiagonal scoring (bf16, strides 8 and 16)
     from sparse_attn.estimators.xattention import antidiagonal_block_scores

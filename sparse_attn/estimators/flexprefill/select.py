@@ -32,8 +32,13 @@ would round every chosen column up to a whole key block (64 x the work on scatte
 heads this rule exists for). Splitting the heads into two launches of two kernel families would cost
 a gather of the query heads and a second launch per layer for no saved work.
 
-Memory: the pooled probabilities are made a band of query blocks at a time (_CHUNK_ELEMENTS), the
-last queries' scores by the vertical-slash scorer (fused on GPU); nothing is Sq x Sk.
+Two paths choose the same: the rules as torch statements here (the reference; the CPU), and on the GPU
+(or the interpreter) Triton kernels with no torch work between them (_choice_triton: probs_triton.py for
+the pooling, the decision and the fused query-aware side, vs_triton.py for rule 3; no sort, one device
+sync for the output widths). Ties and float sums: both follow the rule above; the sums' rounding may differ.
+
+Memory: the torch path makes the pooled probabilities a band of query blocks at a time (_CHUNK_ELEMENTS),
+the Triton path one band of 16 query blocks per program in a scratch; nothing is Sq x Sk.
 """
 from __future__ import annotations
 
@@ -55,6 +60,8 @@ __all__ = ["FlexChoice", "BLOCK_SIZES", "check_budgets", "last_block_scores", "d
 BLOCK_SIZES = (16, 32, 64, 128)
 # Elements of one band of pooled probabilities (float32): 2**26 is 256 MiB.
 _CHUNK_ELEMENTS = 1 << 26
+# Range slots (int32, starts and ends each) the Triton path writes before it knows the widest row: 64 MiB.
+_RANGE_ELEMENTS = 1 << 24
 
 
 class FlexChoice(NamedTuple):
@@ -125,14 +132,9 @@ def decide_query_aware(q, k, column_mass: torch.Tensor, tau: torch.Tensor, *, bl
 
 
 def pooled_block_probs(qp, kp, kv_of, row0: int, row1: int, *, block_size: int, seqlen_q: int, seqlen_k: int,
-                       scale: float, backend: str) -> torch.Tensor:
+                       scale: float) -> torch.Tensor:
     """float32 [B, H, row1 - row0, nk]: per query block the softmax of its pooled query against the pooled
     key blocks it sees (rule 2's P). qp [B, H, nq, D], kp [B, Hkv, nk, D], kv_of: each head's kv head."""
-    if backend == "triton":
-        from .probs_triton import pooled_probs_triton
-
-        return pooled_probs_triton(qp, kp, kv_of, row0, row1, block_size=block_size, seqlen_q=seqlen_q,
-                                   seqlen_k=seqlen_k, scale=scale)
     nk = kp.shape[2]
     kh = kp.index_select(1, kv_of.to(kp.device))
     s = torch.matmul(qp[:, :, row0:row1].float(), kh.float().transpose(-1, -2)) * scale
@@ -186,10 +188,9 @@ def mask_ranges(keep: torch.Tensor, block_size: int, seqlen_k: int):
 
 
 def select_query_aware(qp, kp, kv_of, gamma: torch.Tensor, *, block_size: int, seqlen_q: int, seqlen_k: int,
-                       scale: float, min_blocks: int, backend: str):
-    """Rule 2 for the heads of qp (gamma [H]), as key ranges (see mask_ranges), a band of query blocks at a
-    time. backend "triton": the fused scoring and the sort-free selection kernel; "torch": the rule as
-    take_until states it."""
+                       scale: float, min_blocks: int):
+    """Rule 2 for the heads of qp (gamma [H]) as take_until states it, as key ranges (see mask_ranges), a band
+    of query blocks at a time (the torch path)."""
     b, h, nq, _ = qp.shape
     nk = kp.shape[2]
     blocks = torch.arange(nk, device=qp.device)
@@ -198,19 +199,13 @@ def select_query_aware(qp, kp, kv_of, gamma: torch.Tensor, *, block_size: int, s
     for r0 in range(0, nq, rows):
         r1 = min(nq, r0 + rows)
         p = pooled_block_probs(qp, kp, kv_of, r0, r1, block_size=block_size, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
-                               scale=scale, backend=backend)
-        if backend == "triton":
-            from .probs_triton import keep_mask_triton
-
-            keep = keep_mask_triton(p, gamma, r0, block_size=block_size, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
-                                    min_blocks=min_blocks)
-        else:
-            last = (torch.arange(r0, r1, device=qp.device) * block_size + block_size).clamp(max=seqlen_q) - 1
-            last = last + (seqlen_k - seqlen_q)
-            visible = blocks[None, :] * block_size <= last[:, None]
-            diag = torch.div(last.clamp(min=0), block_size, rounding_mode="floor").clamp(max=nk - 1)
-            forced = visible & ((blocks[None, :] == 0) | (blocks[None, :] == diag[:, None]))
-            keep = keep_mask(p, visible, forced, gamma.view(1, h, 1), min_blocks)
+                               scale=scale)
+        last = (torch.arange(r0, r1, device=qp.device) * block_size + block_size).clamp(max=seqlen_q) - 1
+        last = last + (seqlen_k - seqlen_q)
+        visible = blocks[None, :] * block_size <= last[:, None]
+        diag = torch.div(last.clamp(min=0), block_size, rounding_mode="floor").clamp(max=nk - 1)
+        forced = visible & ((blocks[None, :] == 0) | (blocks[None, :] == diag[:, None]))
+        keep = keep_mask(p, visible, forced, gamma.view(1, h, 1), min_blocks)
         del p
         parts.append(mask_ranges(keep, block_size, seqlen_k))
     width = max(x[1].shape[-1] for x in parts)
@@ -245,7 +240,8 @@ def flexprefill_choice(q, k, gamma, tau, *, block_size: int = 64, min_budget: Op
                        scale: Optional[float] = None, backend: str = "auto") -> FlexChoice:
     """Rules 1-3 (see the module docstring). q [B, Hq, Sq, D], k [B, Hkv, Sk, D] (GQA, never repeated);
     gamma, tau: a float or one per query head; min_budget: None is min(1024, Sk // 32). backend: "triton"
-    (fused scoring; CUDA or the interpreter), "torch", or "auto" (triton on CUDA)."""
+    (the fused kernels: CUDA or the interpreter), "torch" (the rules as torch statements), or "auto" (triton
+    on CUDA)."""
     if min_budget is None:
         min_budget = min(1024, k.shape[2] // 32)
     check_budgets(gamma, tau, block_size, min_budget)
@@ -258,6 +254,8 @@ def flexprefill_choice(q, k, gamma, tau, *, block_size: int = 64, min_budget: Op
     scale = d ** -0.5 if scale is None else float(scale)
     gamma = _per_head("gamma", gamma, hq, q.device)
     tau = _per_head("tau", tau, hq, q.device)
+    if backend == "triton":
+        return _choice_triton(q, k, gamma, tau, block_size=block_size, min_budget=min_budget, scale=scale)
     nq, nk = -(-sq // block_size), -(-sk // block_size)
     column_mass, slash_mass = last_block_scores(q, k, block_size=block_size, scale=scale, backend=backend)
     query_aware = decide_query_aware(q, k, column_mass, tau, block_size=block_size, scale=scale)
@@ -272,8 +270,7 @@ def flexprefill_choice(q, k, gamma, tau, *, block_size: int = 64, min_budget: Op
         qp = qp if len(heads) == hq else qp.index_select(1, sel)
         kp = pool_blocks(k, block_size).to(cdt)
         rc, rs, re = select_query_aware(qp, kp, sel // (hq // hkv), gamma[sel], block_size=block_size, seqlen_q=sq,
-                                        seqlen_k=sk, scale=scale, min_blocks=-(-min_budget // block_size),
-                                        backend=backend)
+                                        seqlen_k=sk, scale=scale, min_blocks=-(-min_budget // block_size))
         counts[:, sel] = torch.where(query_aware[:, sel, None], rc, 0)
         starts = torch.zeros(b, hq, nq, rs.shape[-1], dtype=torch.int32, device=q.device)
         ends = torch.zeros_like(starts)
@@ -284,6 +281,47 @@ def flexprefill_choice(q, k, gamma, tau, *, block_size: int = 64, min_budget: Op
     return FlexChoice(query_aware, counts, starts, ends, columns, slashes)
 
 
+def _choice_triton(q, k, gamma: torch.Tensor, tau: torch.Tensor, *, block_size: int, min_budget: int,
+                   scale: float) -> FlexChoice:
+    """Rules 1-3 by the Triton kernels, about ten launches and one device sync (the output widths): the last
+    queries' column sums, the pooled keys, the decision, the diagonal sums of the other heads, the pooled
+    queries of the query-aware heads, the fused query-aware selection, the vertical-slash selection, then the
+    ids in order."""
+    from ..vertical_slash.scores_triton import last_rows_lse, scores_from_lse
+    from .probs_triton import decide_triton, pool_triton, query_aware_triton
+    from .vs_triton import vertical_slash_select_triton, vertical_slash_write_triton
+
+    b, hq, sq, _ = q.shape
+    sk = k.shape[2]
+    # the kernels read rows of q and k through their strides, each row contiguous
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    length = max(1, min(block_size, sq, sk))
+    # The last queries' column sums for every head; their diagonal sums (the scores' costly part) only for
+    # the heads the decision leaves vertical-slash.
+    lse = last_rows_lse(q, k, length, scale, True)
+    v, _ = scores_from_lse(q, k, lse, length, scale, True, slashes=False)
+    kp = pool_triton(k, block_size)
+    flag = decide_triton(q, kp, v, tau, block_size=block_size, length=length, scale=scale)
+    _, s = scores_from_lse(q, k, lse, length, scale, True, columns=False, skip=flag)
+    qp = pool_triton(q, block_size, flag)
+    nq, nk = -(-sq // block_size), -(-sk // block_size)
+    stats = torch.zeros(3, dtype=torch.int32, device=q.device)  # most runs, columns, diagonals of a row
+    # On the GPU the pooled scores run in q's dtype (tensor cores); the CPU keeps float32.
+    qa_args = dict(block_size=block_size, seqlen_q=sq, seqlen_k=sk, scale=scale,
+                   min_blocks=-(-min_budget // block_size), dtype=q.dtype if q.is_cuda else torch.float32)
+    # Ranges are written up to a width that holds most rows (the output would need a sync first).
+    width = max(1, min((nk + 1) // 2, _RANGE_ELEMENTS // (b * hq * nq)))
+    counts, starts, ends = query_aware_triton(qp, kp, gamma, flag, stats, width=width, **qa_args)
+    plan = vertical_slash_select_triton(v, s, length, gamma, flag, stats, min_budget=min_budget)
+    runs, width_c, width_s = stats.tolist()  # the one sync
+    if runs > width:  # a row with more runs: again, wide enough
+        counts, starts, ends = query_aware_triton(qp, kp, gamma, flag, stats, width=runs, **qa_args)
+    columns, slashes = vertical_slash_write_triton(plan, length, width_c, width_s)
+    runs = max(1, runs)
+    return FlexChoice(flag.view(torch.bool), counts, starts[..., :runs], ends[..., :runs], columns, slashes)
+
+
 def _pad_last(t: torch.Tensor, width: int) -> torch.Tensor:
     return F.pad(t, (0, width - t.shape[-1]))
 
@@ -292,10 +330,16 @@ def flexprefill_layout(choice: FlexChoice, seqlen_q: int, seqlen_k: int, *, bloc
                        backend: str = "auto") -> VerticalSlashLayout:
     """Rule 4: the choice as one VerticalSlashLayout over every head. backend: the vertical-slash index
     builder's ("auto", "torch", "triton", "cuda")."""
+    some, every = torch.stack([choice.query_aware.any(), choice.query_aware.all()]).tolist()  # one sync
+    if every:  # the ranges alone: no vertical-slash index to build and discard
+        none = torch.zeros(choice.range_counts.shape, dtype=torch.int32, device=choice.range_counts.device)
+        return VerticalSlashLayout(choice.range_counts.to(torch.int32).contiguous(), choice.range_starts.contiguous(),
+                                   choice.range_ends.contiguous(), none, none[..., None], block_size, seqlen_q,
+                                   seqlen_k, validate=False)
     vs = build_vertical_slash_index(choice.columns, choice.slashes, seqlen_q, seqlen_k, block_size_q=block_size,
                                     backend=backend, assume_sorted=True)
     qa = choice.query_aware[..., None]
-    if not bool(choice.query_aware.any()):
+    if not some:
         return vs
     rc, rs, re = choice.range_counts, choice.range_starts, choice.range_ends
     width = max(rs.shape[-1], vs.max_ranges)

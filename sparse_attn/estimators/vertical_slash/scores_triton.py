@@ -10,9 +10,13 @@ Two passes over the keys, both reading each key tile once for all query heads of
    local diagonal c sitting at column t + BN - 1 - c. Each program walks a run of consecutive key tiles
    downwards, so half of a tile's diagonal sums carry over to the next tile in registers and the other
    half is final: plain stores, with atomics only where two programs' runs meet.
-Scores are in the log2 domain (exp2), as FlashAttention kernels do.
+Scores are in the log2 domain (exp2), as FlashAttention kernels do. The passes are also callable apart
+(`last_rows_lse`, `scores_from_lse`): a caller that needs the diagonal sums of some heads only (FlexPrefill's
+vertical-slash heads) asks for the column sums first and the diagonal sums later, with the other heads flagged.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -20,7 +24,7 @@ import triton.language as tl
 
 from ..._triton import LOG2E
 
-__all__ = ["vertical_slash_scores_triton"]
+__all__ = ["vertical_slash_scores_triton", "last_rows_lse", "scores_from_lse"]
 
 _PROGRAMS_PER_SM = 8  # scores pass: programs per SM (each walks a run of key tiles)
 _SCORES_WARPS = 4
@@ -97,15 +101,32 @@ def _combined_lse(M, L_SUM, row_head, t, n_split, HG: tl.constexpr, BM: tl.const
 
 
 @triton.jit
-def _scores_kernel(Q, K, M, L_SUM, V_OUT, S_OUT,
+def _scores_kernel(Q, K, M, L_SUM, V_OUT, S_OUT, SKIP,
                    s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
                    Hkv, Sk, L, G_SUB, n_key_tiles, tiles_per_prog, n_split, scale_log2,
-                   HG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr):
+                   HG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr,
+                   VERT: tl.constexpr = True, SLASH: tl.constexpr = True, HAS_SKIP: tl.constexpr = False):
     group = tl.program_id(0)  # (b, hk, sub)
     chunk = tl.program_id(1)  # a run of consecutive key tiles, walked from the last one down
     sub = group % G_SUB
     hk = ((group // G_SUB) % Hkv).to(tl.int64)
     b = (group // (G_SUB * Hkv)).to(tl.int64)
+    go = True
+    if HAS_SKIP:  # programs whose query heads are all flagged make nothing
+        flags = tl.load(SKIP + b * Hkv * G_SUB * HG + hk * G_SUB * HG + sub * HG + tl.arange(0, HG))
+        go = tl.sum((flags == 0).to(tl.int32), 0) > 0
+    if go:
+        _scores_tiles(Q, K, M, L_SUM, V_OUT, S_OUT, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, Hkv, Sk, L, G_SUB,
+                      n_key_tiles, tiles_per_prog, n_split, scale_log2, chunk, sub, hk, b, HG, BM, BN, D, CAUSAL, VERT,
+                      SLASH)
+
+
+@triton.jit
+def _scores_tiles(Q, K, M, L_SUM, V_OUT, S_OUT, s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, Hkv, Sk, L, G_SUB,
+                  n_key_tiles, tiles_per_prog, n_split, scale_log2, chunk, sub, hk, b, HG: tl.constexpr,
+                  BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, VERT: tl.constexpr,
+                  SLASH: tl.constexpr):
+    """The scores pass of one program: its run of key tiles; column sums (VERT) and diagonal sums (SLASH)."""
     r = tl.arange(0, HG * BM)
     t = r % BM
     cols = tl.arange(0, BN)
@@ -136,23 +157,26 @@ def _scores_kernel(Q, K, M, L_SUM, V_OUT, S_OUT,
         if CAUSAL:
             valid = valid & (keys[None, :] <= Sk - L + t[:, None])
         p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
-        vert = tl.sum(tl.reshape(p, (HG, BM, BN)), 1)
-        tl.store(V_OUT + row_base[:, None] + keys[None, :], vert, mask=kmask[None, :])
-        d_lo = tl.sum(tl.reshape(tl.where(in_lo, tl.gather(p, x_lo, 1), 0.0), (HG, BM, BN)), 1)
-        d_hi = tl.sum(tl.reshape(tl.where(in_hi, tl.gather(p, x_hi, 1), 0.0), (HG, BM, BN)), 1)
-        # Walking down the keys the offsets rise by BN per tile: the low half plus the previous tile's
-        # high half is final. Only the first flush shares its offsets with another program.
-        o = Sk - L - j0 - (BN - 1) + cols
+        if VERT:
+            vert = tl.sum(tl.reshape(p, (HG, BM, BN)), 1)
+            tl.store(V_OUT + row_base[:, None] + keys[None, :], vert, mask=kmask[None, :])
+        if SLASH:
+            d_lo = tl.sum(tl.reshape(tl.where(in_lo, tl.gather(p, x_lo, 1), 0.0), (HG, BM, BN)), 1)
+            d_hi = tl.sum(tl.reshape(tl.where(in_hi, tl.gather(p, x_hi, 1), 0.0), (HG, BM, BN)), 1)
+            # Walking down the keys the offsets rise by BN per tile: the low half plus the previous tile's
+            # high half is final. Only the first flush shares its offsets with another program.
+            o = Sk - L - j0 - (BN - 1) + cols
+            ok = (o >= 0) & (o < Sk)
+            out = d_lo + carry
+            if i == 0:
+                tl.atomic_add(S_OUT + row_base[:, None] + o[None, :], out, mask=ok[None, :])
+            else:
+                tl.store(S_OUT + row_base[:, None] + o[None, :], out, mask=ok[None, :])
+            carry = d_hi
+    if SLASH:
+        o = o + BN
         ok = (o >= 0) & (o < Sk)
-        out = d_lo + carry
-        if i == 0:
-            tl.atomic_add(S_OUT + row_base[:, None] + o[None, :], out, mask=ok[None, :])
-        else:
-            tl.store(S_OUT + row_base[:, None] + o[None, :], out, mask=ok[None, :])
-        carry = d_hi
-    o = o + BN
-    ok = (o >= 0) & (o < Sk)
-    tl.atomic_add(S_OUT + row_base[:, None] + o[None, :], carry, mask=ok[None, :])
+        tl.atomic_add(S_OUT + row_base[:, None] + o[None, :], carry, mask=ok[None, :])
 
 
 def _heads_per_program(group: int, bm: int, max_rows: int = 64) -> int:
@@ -164,9 +188,19 @@ def _heads_per_program(group: int, bm: int, max_rows: int = 64) -> int:
     return hg
 
 
-def vertical_slash_scores_triton(q: torch.Tensor, k: torch.Tensor, last_q: int, scale: float, causal: bool):
-    """(vertical, slash) float32 [B, Hq, Sk] each: the last_q queries' softmax summed per key column and
-    per diagonal offset (o = (Sk - last_q + t) - j for last-query row t). q [B, Hq, Sq, D], k [B, Hkv, Sk, D]."""
+class _Geometry(NamedTuple):
+    bm: int
+    hg: int
+    g_sub: int
+    hg_l: int
+    g_sub_l: int
+    bn: int
+    bn_l: int
+    n_split: int
+    keys_per_split: int
+
+
+def _geometry(q: torch.Tensor, k: torch.Tensor, last_q: int) -> _Geometry:
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     if d not in (16, 32, 64, 128, 256):
@@ -174,39 +208,66 @@ def vertical_slash_scores_triton(q: torch.Tensor, k: torch.Tensor, last_q: int, 
     group = hq // hkv
     bm = max(16, triton.next_power_of_2(last_q))
     hg = _heads_per_program(group, bm, _SCORES_ROWS)
-    g_sub = group // hg
     hg_l = _heads_per_program(group, bm, _LSE_ROWS)  # the max / sum pass has no skew: more rows fit
-    g_sub_l = group // hg_l
-    ql = q[:, :, sq - last_q :]
-    strides = (*ql.stride(), *k.stride())
-    scale_log2 = scale * LOG2E
     # BN >= BM: a tile's diagonals fit in two halves of BN
     bn = max(bm, _SCORES_BN if d <= 128 else _SCORES_BN // 2)
     bn_l = max(bm, _LSE_BN if d <= 128 else _LSE_BN // 2)
-    n_groups = b * hkv * g_sub
-    n_groups_l = b * hkv * g_sub_l
+    n_groups_l = b * hkv * (group // hg_l)
     # Pass 1: per query row the running max and sum over each range of keys (ranges: so that the grid fills
     # the GPU); pass 2 combines them.
     n_split = max(1, min(triton.cdiv(sk, 4 * bn_l), triton.cdiv(1024, n_groups_l)))
     keys_per_split = triton.cdiv(triton.cdiv(sk, n_split), bn_l) * bn_l
     n_split = triton.cdiv(sk, keys_per_split)
-    m = torch.empty(b, hq, n_split, bm, device=q.device, dtype=torch.float32)
+    return _Geometry(bm, hg, group // hg, hg_l, group // hg_l, bn, bn_l, n_split, keys_per_split)
+
+
+def last_rows_lse(q: torch.Tensor, k: torch.Tensor, last_q: int, scale: float, causal: bool):
+    """The scores' first pass: per last-query row the running max and sum (log2 domain) over each range of
+    keys, (m, s) float32 [B, Hq, n_split, BM], for scores_from_lse."""
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    g = _geometry(q, k, last_q)
+    ql = q[:, :, sq - last_q :]
+    m = torch.empty(b, hq, g.n_split, g.bm, device=q.device, dtype=torch.float32)
     s = torch.empty_like(m)
-    _lse_kernel[(n_groups_l, n_split)](
-        ql, k, m, s, *strides, hkv, sk, last_q, g_sub_l, keys_per_split, n_split, scale_log2,
-        HG=hg_l, BM=bm, BN=bn_l, D=d, CAUSAL=causal, num_warps=_LSE_WARPS,
+    _lse_kernel[(b * hkv * g.g_sub_l, g.n_split)](
+        ql, k, m, s, *ql.stride(), *k.stride(), hkv, sk, last_q, g.g_sub_l, g.keys_per_split, g.n_split,
+        scale * LOG2E, HG=g.hg_l, BM=g.bm, BN=g.bn_l, D=d, CAUSAL=causal, num_warps=_LSE_WARPS,
     )
-    # Pass 2: column and diagonal sums; a program per (group, run of consecutive key tiles).
-    vertical = torch.empty(b, hq, sk, device=q.device, dtype=torch.float32)
-    slash = torch.zeros(b, hq, sk, device=q.device, dtype=torch.float32)
-    n_key_tiles = triton.cdiv(sk, bn)
+    return m, s
+
+
+def scores_from_lse(q: torch.Tensor, k: torch.Tensor, lse, last_q: int, scale: float, causal: bool, *,
+                    columns: bool = True, slashes: bool = True, skip=None):
+    """The scores' second pass from last_rows_lse's (m, s): (vertical, slash) float32 [B, Hq, Sk], each None
+    where not asked for (columns / slashes). skip: int8 [B, Hq] or None; a program whose query heads are all
+    flagged makes nothing (their columns unwritten, their diagonals zero); heads share a program with the
+    other heads of their kv head, a power of two of them at a time."""
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    g = _geometry(q, k, last_q)
+    ql = q[:, :, sq - last_q :]
+    m, s = lse
+    n_groups = b * hkv * g.g_sub
+    vertical = torch.empty(b, hq, sk, device=q.device, dtype=torch.float32) if columns else None
+    slash = torch.zeros(b, hq, sk, device=q.device, dtype=torch.float32) if slashes else None
+    n_key_tiles = triton.cdiv(sk, g.bn)
     n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
     chunks = max(1, min(n_key_tiles, triton.cdiv(_PROGRAMS_PER_SM * n_sm, n_groups)))
     tiles_per_prog = triton.cdiv(n_key_tiles, chunks)
     chunks = triton.cdiv(n_key_tiles, tiles_per_prog)
+    dummy = m  # stands in for the outputs and flags not asked for (never read or written)
     _scores_kernel[(n_groups, chunks)](
-        ql, k, m, s, vertical, slash, *strides, hkv, sk, last_q, g_sub, n_key_tiles, tiles_per_prog, n_split,
-        scale_log2,
-        HG=hg, BM=bm, BN=bn, D=d, CAUSAL=causal, num_warps=_SCORES_WARPS,
+        ql, k, m, s, dummy if vertical is None else vertical, dummy if slash is None else slash,
+        dummy if skip is None else skip, *ql.stride(), *k.stride(), hkv, sk, last_q, g.g_sub, n_key_tiles,
+        tiles_per_prog, g.n_split, scale * LOG2E,
+        HG=g.hg, BM=g.bm, BN=g.bn, D=d, CAUSAL=causal, VERT=columns, SLASH=slashes, HAS_SKIP=skip is not None,
+        num_warps=_SCORES_WARPS,
     )
     return vertical, slash
+
+
+def vertical_slash_scores_triton(q: torch.Tensor, k: torch.Tensor, last_q: int, scale: float, causal: bool):
+    """(vertical, slash) float32 [B, Hq, Sk] each: the last_q queries' softmax summed per key column and
+    per diagonal offset (o = (Sk - last_q + t) - j for last-query row t). q [B, Hq, Sq, D], k [B, Hkv, Sk, D]."""
+    return scores_from_lse(q, k, last_rows_lse(q, k, last_q, scale, causal), last_q, scale, causal)
