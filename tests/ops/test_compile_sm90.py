@@ -52,7 +52,7 @@ def test_every_kernel_compiles_for_sm90(compiled):
     expected = {"_plan_kernel", "_attn_kernel", "_lse_kernel", "_scores_kernel", "_index_kernel",
                 "_count_kernel", "_tiles_kernel", "_vs_attn_kernel", "_prepare_kernel", "_hist_kernel", "_write_kernel",
                 "_group_order_kernel", "_pooled_probs_kernel", "_keep_kernel",
-                "_antidiagonal_kernel"}
+                "_antidiagonal_kernel", "_block_mean_kernel", "_prefill_search_kernel", "_decode_search_kernel"}
     assert expected <= names, f"not compiled: {sorted(expected - names)}"
 
 
