@@ -19,10 +19,12 @@ serves the group and each page is read once.
 
 Work: 2 * top_k unit scores per query block at the first level, top_k at each of the log2(W) others, so the
 search costs O(nq * top_k * D * log(S / top_k)) after the O(S * D) block means; it never builds a S x S (or
-nq x nk) tensor on the GPU. The whole search of all query blocks and heads is one Triton launch (a program
-per query block and head walks the levels in registers, a bitonic sort of 2 * top_k keys per level),
-decode one launch over (sequence, kv head). Without CUDA or the Triton interpreter the same search runs in
-torch, vectorized over rows (query blocks x heads), with each row's unit scores computed by row chunks.
+nq x nk) tensor on the GPU. Prefill is two Triton launches: the block-mean keys (in k's dtype), then the search,
+a program per query block and kv head that averages its G query heads' rows and walks the levels for all G at
+once in registers (one bitonic sort of [G, 2 top_k] keys a level, so the sort's fixed cost and the program's
+launch are shared by the group). Decode is one launch over (sequence, kv head). Without CUDA or the Triton
+interpreter the same search runs in torch, vectorized over rows (query blocks x heads), with each row's unit
+scores computed by row chunks. Entries past a count are left unwritten (the layouts' contract: never read).
 """
 from __future__ import annotations
 
