@@ -144,7 +144,8 @@ def main(argv=None):
         print_table(out["prefill"], ["top_k", "kernels", "ms", "key_means_ms", "same"],
                     {"ms": "{:.3f}", "key_means_ms": "{:.3f}", "same": "{:.4f}"})
     if "decode" in out:
-        print(f"\ndecode at {args.decode_context}, batch {args.decode_batch}, top_k 62 (us, CUDA graph after an L2 flush)")
+        print(f"\ndecode at {args.decode_context}, batch {args.decode_batch}, top_k 62 "
+              "(us, CUDA graph after an L2 flush)")
         print_table(out["decode"], ["kernels", "us", "same"], {"us": "{:.1f}", "same": "{:.4f}"})
     return 0
 
