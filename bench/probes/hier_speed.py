@@ -4,9 +4,10 @@ ones under the launch shapes the CPU machine could not decide between, in one GP
     python bench/probes/hier_speed.py --out bench/results
 
 Prefill at --seqlen (methods_inputs: 32 q / 8 kv heads, D=128, bf16, 64-token blocks), per top_k: the whole
-selection (block means + search) by CUDA-event median, for old and for each new shape (warps, elements per
-key chunk, register cap); `same`: the share of (head, query block) rows whose counted blocks equal the new
-default's (float order may flip a near-tie), and the new default's key block means alone.
+selection (block means + search) by CUDA-event median, for old and for each new shape h/w/c/r (query heads of
+a GQA group per program, warps, elements per key chunk, register cap); `same`: the share of (head, query
+block) rows whose counted blocks equal the new default's (float order may flip a near-tie); key_means_ms: the
+new key block means alone (the rest is the search launch).
 Decode at --decode-context, batch --decode-batch, top_k = 4096 / 64 - 2 = 62 (bench_hier's 4K budget), on a
 shuffled paged copy of the structured cache: the selection from a CUDA graph after an L2 flush (bench_graph_ms,
 as bench_hier reports select_gpu_us), old and each new (warps, chunk); `same` against the new default.
@@ -27,7 +28,9 @@ import torch  # noqa: E402
 
 from common import bench_graph_ms, device_info, methods_inputs, out_dir, print_table, write_json  # noqa: E402
 
-PREFILL_SHAPES = [(4, 8, None), (4, 8, 168), (8, 8, None), (8, 8, 128), (4, 16, None), (8, 16, None)]
+# (query heads per program, warps, chunk, register cap); the first is the default
+PREFILL_SHAPES = [(4, 4, 8, None), (4, 4, 8, 168), (4, 8, 8, 128), (4, 8, 8, None), (2, 4, 8, None), (2, 8, 8, 128),
+                  (1, 4, 8, None), (4, 4, 16, None)]
 DECODE_SHAPES = [(w, c) for w in (4, 8, 16) for c in (32, 64, 128)]
 
 
@@ -57,11 +60,15 @@ def same(a, b) -> float:
     return float((a == b).all(-1).float().mean())
 
 
+def set_prefill(hier, heads, warps, chunk, maxnreg):
+    hier._PREFILL_HEADS, hier._PREFILL_WARPS, hier._PREFILL_CHUNK, hier._PREFILL_MAXNREG = heads, warps, chunk, maxnreg
+
+
 def prefill(args, hier, old):
     q, k, _ = methods_inputs(args.seqlen)
     rows = []
     for top_k in args.top_k:
-        hier._PREFILL_WARPS, hier._PREFILL_CHUNK, hier._PREFILL_MAXNREG = PREFILL_SHAPES[0]
+        set_prefill(hier, *PREFILL_SHAPES[0])
         ref = hier.hierarchical_layout(q, k, top_k, block_size=64)
         want = rows_of(ref.indices, ref.counts)
         means = event_ms(lambda: hier.block_means(k, 64, k.dtype))
@@ -69,14 +76,14 @@ def prefill(args, hier, old):
         rows.append({"top_k": top_k, "kernels": "old", "ms": event_ms(lambda: old.hierarchical_layout(
             q, k, top_k, block_size=64)), "same": same(rows_of(lay.indices, lay.counts), want)})
         print(rows[-1], flush=True)
-        for warps, chunk, maxnreg in PREFILL_SHAPES:
-            hier._PREFILL_WARPS, hier._PREFILL_CHUNK, hier._PREFILL_MAXNREG = warps, chunk, maxnreg
+        for heads, warps, chunk, maxnreg in PREFILL_SHAPES:
+            set_prefill(hier, heads, warps, chunk, maxnreg)
             lay = hier.hierarchical_layout(q, k, top_k, block_size=64)
-            rows.append({"top_k": top_k, "kernels": f"new w{warps} c{chunk} r{maxnreg or '-'}",
+            rows.append({"top_k": top_k, "kernels": f"new h{heads} w{warps} c{chunk} r{maxnreg or '-'}",
                          "ms": event_ms(lambda: hier.hierarchical_layout(q, k, top_k, block_size=64)),
                          "key_means_ms": means, "same": same(rows_of(lay.indices, lay.counts), want)})
             print(rows[-1], flush=True)
-    hier._PREFILL_WARPS, hier._PREFILL_CHUNK, hier._PREFILL_MAXNREG = PREFILL_SHAPES[0]
+    set_prefill(hier, *PREFILL_SHAPES[0])
     return rows
 
 

@@ -69,10 +69,13 @@ def search_plan(n: int, top_k: int):
 
 # ------------------------------------------------------------------------------------------------ Triton
 
-# Launch shapes (constants of the kernels, not options): warps per program, elements of the head dim per
-# gathered chunk in the unit scores (a [rows, 2 top_k, chunk] tile at a time: 8 16-bit elements are one 16-byte
-# load per thread, so each thread sums its own chunk and the scores land one per thread, unreplicated, for the
-# sort), a register cap for the search (None: the compiler's choice), query rows per step of the block mean.
+# Launch shapes (constants of the kernels, not options). Prefill: query heads of a GQA group one program
+# searches (the largest power of two dividing both the group and this), warps, elements of the head dim per
+# gathered chunk of the unit scores (a [heads, 2 top_k, chunk] tile at a time: 8 16-bit elements are one
+# 16-byte load per thread, so each thread sums its own chunk and the scores land one per thread, unreplicated,
+# for the sort), a register cap (None: the compiler's choice). Decode: warps, chunk. Rows per step of a block
+# mean.
+_PREFILL_HEADS = 4
 _PREFILL_WARPS = 4
 _PREFILL_CHUNK = 8
 _PREFILL_MAXNREG = None
@@ -168,28 +171,28 @@ def _block_units(QB, KB, p, ok, s_kn, D: tl.constexpr, BD: tl.constexpr):
 
 @triton.jit
 def _prefill_search_kernel(Q, KBAR, QBAR, TOPK, IDX, CNT, s_qb, s_qh, s_qs, s_qd, s_kb, s_kh, s_kn,
-                    s_ib, s_ih, s_in, s_cb, s_ch, Hkv, sq, sk, nk, bs, local,
-                    G: tl.constexpr, GP: tl.constexpr, M: tl.constexpr, LOCAL: tl.constexpr, D: tl.constexpr,
-                    BD: tl.constexpr, BS: tl.constexpr, RB: tl.constexpr):
-    """One query block i of the G query heads of one kv head: their block-mean queries (into a scratch row
-    the levels read back by chunks), then the search of all G heads at once (one [G, 2M] sort a level)."""
+                           s_ib, s_ih, s_in, s_cb, s_ch, Hq, sq, sk, nk, bs, local,
+                           G: tl.constexpr, HP: tl.constexpr, M: tl.constexpr, LOCAL: tl.constexpr,
+                           D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, RB: tl.constexpr):
+    """Query block i of HP query heads of one kv head (HP a power of two dividing the group G): their
+    block-mean queries (into a scratch row the levels read back by chunks), then the search of the HP heads
+    at once (one [HP, 2M] sort a level)."""
     i = tl.program_id(0)
-    bkv = tl.program_id(1)
-    b = bkv // Hkv
-    g = tl.arange(0, GP)
-    head = (bkv % Hkv) * G + g
-    on = g < G
-    m = tl.load(TOPK + head, mask=on, other=1)
-    first = Q + b.to(tl.int64) * s_qb + ((bkv % Hkv) * G).to(tl.int64) * s_qh + (i * bs).to(tl.int64) * s_qs
-    qbar = _block_mean(first, s_qh, s_qs, s_qd, GP, on, tl.minimum(bs, sq - i * bs), BS, RB, D)
-    QB = QBAR + (bkv.to(tl.int64) * tl.num_programs(0) + i) * GP * D
-    tl.store(QB + g[:, None] * D + tl.arange(0, D)[None, :], qbar)
+    bh = tl.program_id(1)
+    b = bh // (Hq // HP)
+    h0 = (bh % (Hq // HP)) * HP  # the first of the program's heads
+    head = h0 + tl.arange(0, HP)
+    m = tl.load(TOPK + head)
+    first = Q + b.to(tl.int64) * s_qb + h0.to(tl.int64) * s_qh + (i * bs).to(tl.int64) * s_qs
+    qbar = _block_mean(first, s_qh, s_qs, s_qd, HP, head >= 0, tl.minimum(bs, sq - i * bs), BS, RB, D)
+    QB = QBAR + (bh.to(tl.int64) * tl.num_programs(0) + i) * HP * D
+    tl.store(QB + tl.arange(0, HP)[:, None] * D + tl.arange(0, D)[None, :], qbar)
     tl.debug_barrier()  # every thread's scratch stores before any thread reads the chunks back
     last = tl.minimum(i * bs + bs, sq) - 1 + (sk - sq)  # last key the block's rows may see
     diag = tl.minimum(tl.where(last >= 0, last // bs, -1), nk - 1)
     hi = tl.maximum(diag - local + 1, 1)  # candidates [1, hi); local blocks [hi, diag]
     n = tl.where(diag >= 1, hi - 1, 0)
-    KB = KBAR + b.to(tl.int64) * s_kb + (bkv % Hkv).to(tl.int64) * s_kh
+    KB = KBAR + b.to(tl.int64) * s_kb + (h0 // G).to(tl.int64) * s_kh
     size, splits, start, live = _roots(n, m, hi, M)
     score = _block_units(QB, KB, start, live, s_kn, D, BD)
     for _ in range(tl.max(splits, 0)):
@@ -208,13 +211,13 @@ def _prefill_search_kernel(Q, KBAR, QBAR, TOPK, IDX, CNT, s_qb, s_qh, s_qs, s_qd
     chosen = tl.sort(chosen)
     n_chosen = tl.where(n > m, m, n)[:, None]
     row = (IDX + b.to(tl.int64) * s_ib + head.to(tl.int64) * s_ih + i.to(tl.int64) * s_in)[:, None]
-    tl.store(row, tl.zeros([GP, 1], tl.int32), mask=on[:, None] & (diag >= 0))
-    tl.store(row + 1 + r, chosen, mask=on[:, None] & (r < n_chosen))
+    tl.store(row, tl.zeros([HP, 1], tl.int32), mask=diag >= 0)
+    tl.store(row + 1 + r, chosen, mask=r < n_chosen)
     t = tl.arange(0, LOCAL)[None, :]
     n_local = tl.where(diag >= 1, diag - hi + 1, 0)
-    tl.store(row + 1 + n_chosen + t, hi + t, mask=on[:, None] & (t < n_local))
+    tl.store(row + 1 + n_chosen + t, hi + t, mask=t < n_local)
     cnt = tl.where(diag >= 0, 1 + n_chosen + n_local, 0)
-    tl.store(CNT + b.to(tl.int64) * s_cb + head[:, None].to(tl.int64) * s_ch + i, cnt, mask=on[:, None])
+    tl.store(CNT + b.to(tl.int64) * s_cb + head[:, None].to(tl.int64) * s_ch + i, cnt)
 
 
 @triton.jit
@@ -422,16 +425,15 @@ def hierarchical_layout(q: torch.Tensor, k: torch.Tensor, top_k: PerHead, *, blo
         qbar = pool_blocks(q, bs)  # [B, Hq, nq, D] float32
         idx, counts = _prefill_torch(qbar, pool_blocks(k, bs).to(kdtype), m, sq, sk, bs, local, width)
         return BlockLayout(counts, idx, bs, bs, sq, sk, validate=False)
-    g = hq // hkv
-    gp, bp = _pow2(g), _pow2(bs)
+    hp, bp = math.gcd(hq // hkv, _PREFILL_HEADS), _pow2(bs)
     kbar = block_means(k, bs, kdtype)  # [B, Hkv, nk, D]
     idx, counts = _outputs((b, hq, nq, width), (b, hq, nq), q.device)
     # Each program's block-mean queries, written and read back by the program itself.
-    scratch = torch.empty(b * hkv * nq, gp, d, dtype=torch.float32, device=q.device)
-    _prefill_search_kernel[(nq, b * hkv)](
+    scratch = torch.empty(b * hq * nq, d, dtype=torch.float32, device=q.device)
+    _prefill_search_kernel[(nq, b * hq // hp)](
         q, kbar, scratch, m.to(torch.int32).to(q.device), idx, counts, *q.stride(), *kbar.stride()[:3],
-        *idx.stride()[:3], *counts.stride()[:2], hkv, sq, sk, nk, bs, local,
-        G=g, GP=gp, M=_pow2(int(m.max())), LOCAL=_pow2(local), D=d, BD=min(d, _PREFILL_CHUNK),
+        *idx.stride()[:3], *counts.stride()[:2], hq, sq, sk, nk, bs, local,
+        G=hq // hkv, HP=hp, M=_pow2(int(m.max())), LOCAL=_pow2(local), D=d, BD=min(d, _PREFILL_CHUNK),
         BS=bp, RB=min(bp, _MEAN_ROWS), num_warps=_PREFILL_WARPS, maxnreg=_PREFILL_MAXNREG)
     return BlockLayout(counts, idx, bs, bs, sq, sk, validate=False)
 

@@ -110,6 +110,20 @@ def test_prefill_selection_equals_the_written_out_search(poisoned_empty, case, e
     assert layout_blocks(layout) == reference_layout_blocks(q, k, top_k, bs, local)
 
 
+@pytest.mark.parametrize("heads", [1, 8])
+def test_prefill_programs_of_one_or_all_heads_of_a_group_select_the_same(monkeypatch, poisoned_empty, heads):
+    """The prefill kernel searches several query heads of a kv head per program (a launch constant): one head
+    per program or the whole group of 4 (per-head top_k, so the heads' root widths and level counts differ)
+    selects what the written-out search does."""
+    from sparse_attn.estimators import hierarchical
+
+    monkeypatch.setattr(hierarchical, "_PREFILL_HEADS", heads)
+    q, k, _ = qkv(21, 1, 8, 2, 130, 420, 16)
+    top_k = [1, 3, 6, 2, 5, 4, 2, 7]
+    layout = hierarchical_layout(q, k, top_k, block_size=16, local=2, use_triton=True)
+    assert layout_blocks(layout) == reference_layout_blocks(q, k, top_k, 16, 2)
+
+
 def test_prefill_search_prunes_when_it_should():
     """Enough blocks that every query block in the second half searches several levels: counts are exactly
     1 + top_k + local there, and the chosen blocks are not simply the first or last ones."""
