@@ -95,16 +95,31 @@ def _branch_keys(score, start, live):
 
 
 @triton.jit
-def _keep_best(score, start, live, m, M: tl.constexpr):
-    """Per row (rows: query heads in prefill, one in decode) the best m of its 2M branches by _branch_keys:
-    [R, M] starts in key order, kept, and their scores (read back from the keys, so a kept branch's left
-    half needs no new score). One sort of all rows' keys along the branches."""
+def _best_keys(score, start, live, m, M: tl.constexpr):
+    """The first level, per row (rows: query heads in prefill, one in decode): the keys of the best m of its
+    2M branches, [R, M] descending, dead past m. One sort of all rows' keys along the branches."""
     srt = tl.sort(_branch_keys(score, start, live), descending=True)
     top, _ = tl.split(tl.permute(tl.reshape(srt, [srt.shape[0], 2, M]), [0, 2, 1]))
-    keep = (tl.arange(0, M)[None, :] < m[:, None]) & (top != -9223372036854775808)
-    bits = (top >> 32).to(tl.int32)
+    return tl.where(tl.arange(0, M)[None, :] < m[:, None], top, -9223372036854775808)
+
+
+@triton.jit
+def _merge_keys(kept, score, start, live, m, M: tl.constexpr):
+    """A later level: the best m of the kept keys [R, M] (descending) and the keys of M new branches. The new
+    keys sorted ascending after the kept ones make a bitonic sequence; the larger of each pair (j, j + M) are
+    its M largest (bitonic again), which one bitonic merge orders: sorts of M keys instead of 2M."""
+    new = tl.sort(_branch_keys(score, start, live))
+    top = tl.bitonic_merge(tl.maximum(kept, new), descending=True)
+    return tl.where(tl.arange(0, M)[None, :] < m[:, None], top, -9223372036854775808)
+
+
+@triton.jit
+def _unpack(keys):
+    """The starts, liveness and scores (read back from the keys: a kept branch's left half needs no new
+    score) of keys."""
+    bits = (keys >> 32).to(tl.int32)
     best = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.float32, bitcast=True)
-    return (0xFFFFFFFF - (top & 0xFFFFFFFF)).to(tl.int32), keep, best
+    return (0xFFFFFFFF - (keys & 0xFFFFFFFF)).to(tl.int32), keys != -9223372036854775808, best
 
 
 @triton.jit
@@ -194,17 +209,15 @@ def _prefill_search_kernel(Q, KBAR, QBAR, TOPK, IDX, CNT, s_qb, s_qh, s_qs, s_qd
     n = tl.where(diag >= 1, hi - 1, 0)
     KB = KBAR + b.to(tl.int64) * s_kb + (h0 // G).to(tl.int64) * s_kh
     size, splits, start, live = _roots(n, m, hi, M)
-    score = _block_units(QB, KB, start, live, s_kn, D, BD)
+    kept = _best_keys(_block_units(QB, KB, start, live, s_kn, D, BD), start, live, m, M)
     for _ in range(tl.max(splits, 0)):
-        top, keep, best = _keep_best(score, start, live, m, M)
+        top, keep, _ = _unpack(kept)
         more = size > 1  # a head with a smaller root width (larger top_k) is at single blocks already
         size = tl.where(more, size // 2, size)
         right = top + size[:, None]
         right_live = keep & more[:, None] & (right < hi)
-        start = tl.interleave(top, right)
-        live = tl.interleave(keep, right_live)
-        score = tl.interleave(best, _block_units(QB, KB, right, right_live, s_kn, D, BD))
-    top, keep, _ = _keep_best(score, start, live, m, M)
+        kept = _merge_keys(kept, _block_units(QB, KB, right, right_live, s_kn, D, BD), right, right_live, m, M)
+    top, keep, _ = _unpack(kept)
     search = (n > m)[:, None]
     r = tl.arange(0, M)[None, :]
     chosen = tl.where(search, tl.where(keep, top, 2147483647), tl.where(r < n, 1 + r, 2147483647))
@@ -257,16 +270,15 @@ def _decode_search_kernel(Q, KMIN, KMAX, STABLE, SEQLENS, PAGES, CNT, s_qb, s_qh
     KX = KMAX + h.to(tl.int64) * s_mh
     mm = tl.full([1], m, tl.int32)  # one row: the kv head's selection
     size, splits, start, live = _roots(n, mm, hi, M)
-    score = _page_units(QG, KN, KX, SLOTS, start, live, s_qh, s_mp, G, D, BD)
+    kept = _best_keys(_page_units(QG, KN, KX, SLOTS, start, live, s_qh, s_mp, G, D, BD), start, live, mm, M)
     for _ in range(tl.max(splits, 0)):
-        top, keep, best = _keep_best(score, start, live, mm, M)
+        top, keep, _ = _unpack(kept)
         size = size // 2
         right = top + size[:, None]
         right_live = keep & (right < hi)
-        start = tl.interleave(top, right)
-        live = tl.interleave(keep, right_live)
-        score = tl.interleave(best, _page_units(QG, KN, KX, SLOTS, right, right_live, s_qh, s_mp, G, D, BD))
-    top, keep, _ = _keep_best(score, start, live, mm, M)
+        units = _page_units(QG, KN, KX, SLOTS, right, right_live, s_qh, s_mp, G, D, BD)
+        kept = _merge_keys(kept, units, right, right_live, mm, M)
+    top, keep, _ = _unpack(kept)
     search = n > m
     r = tl.arange(0, M)[None, :]
     chosen = tl.where(search, tl.where(keep, top, 2147483647), tl.where(r < n, 1 + r, 2147483647))
