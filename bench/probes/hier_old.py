@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sparse_attn._triton import INTERPRETED
 from sparse_attn.estimators.a_shape import per_head
 from sparse_attn.estimators.block_sparse import pool_blocks
 from sparse_attn.estimators.hierarchical import _check_local, _pow2
@@ -170,7 +171,8 @@ def hierarchical_layout(q, k, top_k, *, block_size: int = 64, local: int = 1) ->
     width = max(1, min(nk, 1 + int(m.max()) + local))
     qbar = pool_blocks(q, bs)  # [B, Hq, nq, D] float32
     # The block-mean keys in k's dtype on the GPU (half the bytes the search gathers), float32 on the CPU.
-    kbar = pool_blocks(k, bs).to(k.dtype if k.is_cuda else torch.float32)  # [B, Hkv, nk, D]
+    # (k's dtype also when compiled on a CPU for sm_90, as bench/probes/hier_sass.py does)
+    kbar = pool_blocks(k, bs).to(k.dtype if k.is_cuda or not INTERPRETED else torch.float32)  # [B, Hkv, nk, D]
     idx = torch.full((b, hq, nq, width), -1, dtype=torch.int32, device=q.device)
     counts = torch.empty(b, hq, nq, dtype=torch.int32, device=q.device)
     _prefill_kernel[(nq, b * hq)](

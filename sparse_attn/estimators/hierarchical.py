@@ -20,11 +20,12 @@ serves the group and each page is read once.
 Work: 2 * top_k unit scores per query block at the first level, top_k at each of the log2(W) others, so the
 search costs O(nq * top_k * D * log(S / top_k)) after the O(S * D) block means; it never builds a S x S (or
 nq x nk) tensor on the GPU. Prefill is two Triton launches: the block-mean keys (in k's dtype), then the search,
-a program per query block and kv head that averages its G query heads' rows and walks the levels for all G at
-once in registers (one bitonic sort of [G, 2 top_k] keys a level, so the sort's fixed cost and the program's
-launch are shared by the group). Decode is one launch over (sequence, kv head). Without CUDA or the Triton
-interpreter the same search runs in torch, vectorized over rows (query blocks x heads), with each row's unit
-scores computed by row chunks. Entries past a count are left unwritten (the layouts' contract: never read).
+a program per query block and (up to 4) query heads of one kv head that averages their rows and walks the
+levels for all of them at once in registers (sort keys [heads, 2 top_k] at the first level; a later level sorts
+only its top_k new right halves and merges them with the kept keys, already in order). Decode is one launch
+over (sequence, kv head), the same levels. Without CUDA or the Triton interpreter the same search runs in
+torch, vectorized over rows (query blocks x heads), with each row's unit scores computed by row chunks. Entries
+past a count are left unwritten (the layouts' contract: never read).
 """
 from __future__ import annotations
 
