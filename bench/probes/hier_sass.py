@@ -13,7 +13,6 @@ cache with top_k 62 (bench_hier's 4K budget).
 from __future__ import annotations
 
 import argparse
-import collections
 import os
 import re
 import subprocess
