@@ -108,7 +108,8 @@ def _best_keys(score, start, live, m, M: tl.constexpr):
 def _merge_keys(kept, score, start, live, m, M: tl.constexpr):
     """A later level: the best m of the kept keys [R, M] (descending) and the keys of M new branches. The new
     keys sorted ascending after the kept ones make a bitonic sequence; the larger of each pair (j, j + M) are
-    its M largest (bitonic again), which one bitonic merge orders: sorts of M keys instead of 2M."""
+    its M largest (bitonic again), which one bitonic merge orders: sorts of M keys instead of 2M. M >= 2 (the
+    launches round top_k up to a power of two, at least 2)."""
     new = tl.sort(_branch_keys(score, start, live))
     top = tl.bitonic_merge(tl.maximum(kept, new), descending=True)
     return tl.where(tl.arange(0, M)[None, :] < m[:, None], top, -9223372036854775808)
@@ -446,8 +447,8 @@ def hierarchical_layout(q: torch.Tensor, k: torch.Tensor, top_k: PerHead, *, blo
     _prefill_search_kernel[(nq, b * hq // hp)](
         q, kbar, scratch, m.to(torch.int32).to(q.device), idx, counts, *q.stride(), *kbar.stride()[:3],
         *idx.stride()[:3], *counts.stride()[:2], hq, sq, sk, nk, bs, local,
-        G=hq // hkv, HP=hp, M=_pow2(int(m.max())), LOCAL=_pow2(local), D=d, BD=min(d, _PREFILL_CHUNK),
-        BS=bp, RB=min(bp, _MEAN_ROWS), num_warps=_PREFILL_WARPS, maxnreg=_PREFILL_MAXNREG)
+        G=hq // hkv, HP=hp, M=max(2, _pow2(int(m.max()))), LOCAL=_pow2(local), D=d,
+        BD=min(d, _PREFILL_CHUNK), BS=bp, RB=min(bp, _MEAN_ROWS), num_warps=_PREFILL_WARPS, maxnreg=_PREFILL_MAXNREG)
     return BlockLayout(counts, idx, bs, bs, sq, sk, validate=False)
 
 
@@ -473,7 +474,8 @@ def hierarchical_pages(q: torch.Tensor, cache: PagedKVCache, summaries: PageSumm
         q, summaries.kmin, summaries.kmax, summaries.table, cache.seqlens, pages, counts, q.stride(0), q.stride(1),
         summaries.kmin.stride(0), summaries.kmin.stride(1), summaries.table.stride(0), pages.stride(0),
         pages.stride(1), hkv, m, local, ps,
-        G=hq // hkv, M=_pow2(m), LOCAL=_pow2(local), D=d, BD=min(d, _DECODE_CHUNK), num_warps=_DECODE_WARPS)
+        G=hq // hkv, M=max(2, _pow2(m)), LOCAL=_pow2(local), D=d, BD=min(d, _DECODE_CHUNK),
+        num_warps=_DECODE_WARPS)
     return PageSelection(pages, counts, ps)
 
 

@@ -91,6 +91,7 @@ CASES = [  # b, hq, hkv, sq, sk, d, block_size, top_k per head, local
     (1, 4, 2, 200, 200, 32, 16, [1, 2, 3, 5], 1),
     (2, 2, 1, 70, 520, 64, 16, [4, 2], 2),
     (1, 2, 2, 40, 1000, 16, 32, [3, 6], 3),
+    (1, 2, 1, 64, 400, 16, 16, [1, 1], 1),  # top_k 1 everywhere: the smallest key tensors
 ]
 
 
@@ -182,7 +183,7 @@ def reference_pages(q, cache, summaries, top_k, local):
 
 @pytest.mark.parametrize("use_triton", [True, False], ids=["triton", "torch"])
 @pytest.mark.parametrize("ps,lengths,top_k,local,g", [(16, [900, 333, 20, 1], 3, 2, 2), (32, [1000, 545], 5, 1, 3),
-                                                     (16, [700, 64], 40, 2, 1)])
+                                                     (16, [700, 64], 40, 2, 1), (16, [500, 40], 1, 1, 2)])
 def test_decode_selection_equals_the_written_out_search(monkeypatch, use_triton, ps, lengths, top_k, local, g):
     hkv, d = 2, 32
     cache, summaries = _paged_cache(ps + top_k, len(lengths), hkv, d, ps, lengths)
