@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import warn_once
 from .._triton import INTERPRETED  # noqa: F401  (importing it applies the interpreter fix)
 from ..kvcache import PagedKVCache, PageSummaries
 from ..layouts import BlockLayout, PageSelection
@@ -435,6 +436,9 @@ def hierarchical_layout(q: torch.Tensor, k: torch.Tensor, top_k: PerHead, *, blo
     width = max(1, min(nk, 1 + int(m.max()) + local))
     # The block-mean keys in k's dtype on the GPU (half the bytes the search gathers), float32 on the CPU.
     kdtype = k.dtype if k.is_cuda else torch.float32
+    if use_triton is None and q.is_cuda and d & (d - 1):
+        warn_once("hierarchical-head-dim", f"sparse_attn: hierarchical's prefill kernel takes a power-of-two head "
+                  f"dim; D={d} searches in torch (slower, same selection)")
     if not (_use_triton(q, d & (d - 1) == 0) if use_triton is None else use_triton):
         qbar = pool_blocks(q, bs)  # [B, Hq, nq, D] float32
         idx, counts = _prefill_torch(qbar, pool_blocks(k, bs).to(kdtype), m, sq, sk, bs, local, width)
@@ -467,6 +471,9 @@ def hierarchical_pages(q: torch.Tensor, cache: PagedKVCache, summaries: PageSumm
     hkv, ps = cache.num_kv_heads, cache.page_size
     m = min(top_k, cache.max_pages)
     width = max(1, min(cache.max_pages, 1 + m + local))
+    if use_triton is None and q.is_cuda and d & (d - 1):
+        warn_once("hierarchical-decode-head-dim", f"sparse_attn: hierarchical's decode kernel takes a power-of-two "
+                  f"head dim; D={d} searches in torch (slower, same selection)")
     if not (_use_triton(q, d & (d - 1) == 0) if use_triton is None else use_triton):
         return _decode_torch(q, cache, summaries, m, local, width)
     pages, counts = _outputs((b, hkv, width), (b, hkv), q.device)
