@@ -18,7 +18,7 @@
 #       # recall, decode at 128K batch 8 vs SDPA and quest (bench/bench_hier.py; HIER_ARGS to change sizes)
 #   STEPS="hier_speed" bash bench/gpu_suite.sh
 #       # hierarchical selection: the kernels before the 2026-12-06 rework against the new launch shapes, prefill
-#       # at 128K (top_k 16 / 32 / 64) and decode at 128K batch 8 (bench/probes/hier_speed.py, ~1-2 min)
+#       # at 128K (top_k 32 / 64) and decode at 128K batch 8 (bench/probes/hier_speed.py, ~2-3 min)
 #   STEPS="frontier" bash bench/gpu_suite.sh    # speed-recall frontier at 128K ($OUT/frontier/frontier.{md,png})
 #   STEPS="flex_bars" bash bench/gpu_suite.sh   # flexprefill / xattention at 128K (mixed, structured) and 1M
 set -uo pipefail

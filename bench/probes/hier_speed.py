@@ -1,5 +1,5 @@
 """Hierarchical selection speed: the kernels before the 2026-12-06 rework (probes/hier_old.py) against the new
-ones under the launch shapes the CPU machine could not decide between, in one GPU run (~1-2 min on an H100).
+ones under the launch shapes the CPU machine could not decide between, in one GPU run (~2-3 min on an H100).
 
     python bench/probes/hier_speed.py --out bench/results
 
@@ -126,7 +126,7 @@ def decode(args, hier, old):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seqlen", type=int, default=131072)
-    ap.add_argument("--top-k", type=int, nargs="+", default=[16, 32, 64])
+    ap.add_argument("--top-k", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--decode-context", type=int, default=131072)
     ap.add_argument("--decode-batch", type=int, default=8)
     ap.add_argument("--skip", nargs="*", default=[], choices=("prefill", "decode"))

@@ -161,7 +161,7 @@ def _block_mean(X, s_r, s_s, s_d, R: tl.constexpr, r_ok, n_rows, BS: tl.constexp
 
 @triton.jit
 def _block_mean_kernel(X, OUT, s_xb, s_xh, s_xs, s_xd, s_ob, s_oh, s_on, H, S, bs,
-                 BS: tl.constexpr, RB: tl.constexpr, D: tl.constexpr):
+                       BS: tl.constexpr, RB: tl.constexpr, D: tl.constexpr):
     """OUT[b, h, j] = the mean of X[b, h, j*bs : (j+1)*bs] (the last block's rows only), in OUT's dtype."""
     j = tl.program_id(0)
     bh = tl.program_id(1)
@@ -196,7 +196,7 @@ def _prefill_search_kernel(Q, KBAR, QBAR, TOPK, IDX, CNT, s_qb, s_qh, s_qs, s_qd
                            D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, RB: tl.constexpr):
     """Query block i of HP query heads of one kv head (HP a power of two dividing the group G): their
     block-mean queries (into a scratch row the levels read back by chunks), then the search of the HP heads
-    at once (one [HP, 2M] sort a level)."""
+    at once ([HP, 2M] keys sorted at the first level, [HP, M] merged at the others)."""
     i = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // (Hq // HP)
@@ -261,8 +261,9 @@ def _page_units(Q, KMIN, KMAX, SLOTS, p, ok, s_qh, s_mp, G: tl.constexpr, D: tl.
 
 @triton.jit
 def _decode_search_kernel(Q, KMIN, KMAX, STABLE, SEQLENS, PAGES, CNT, s_qb, s_qh, s_mp, s_mh, s_sb, s_pb, s_ph,
-                   Hkv, m, local, ps,
-                   G: tl.constexpr, M: tl.constexpr, LOCAL: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+                          Hkv, m, local, ps,
+                          G: tl.constexpr, M: tl.constexpr, LOCAL: tl.constexpr, D: tl.constexpr,
+                          BD: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // Hkv
     h = bh % Hkv
