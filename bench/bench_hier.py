@@ -223,7 +223,30 @@ def main(argv=None):
                 "recall", "recall_min"]
         print_table(out["decode"], cols, {c: "{:.3f}" if c in ("density", "recall", "recall_min") else "{:.1f}"
                                           for c in cols[4:]})
+    print_bars(out)
     return 0
+
+
+def print_bars(out) -> None:
+    """The issue's bars, each with the figures it reads and PASS / FAIL."""
+    lines = []
+    for row in out.get("scaling", []):
+        if row["seqlen"] == 1048576 and "x_prev" in row:
+            lines.append((f"selection 1M / 512K <= 2.3 at top_k {row['top_k']}: {row['x_prev']:.2f}",
+                          row["x_prev"] <= 2.3))
+    for row in out.get("call", []):
+        ok = row["select_frac"] <= 0.10 and row["speedup"] >= 6 and row.get("recall", 0) >= 0.9
+        lines.append((f"call at {row['seqlen']} top_k {row['top_k']}: selection {100 * row['select_frac']:.1f} % "
+                       f"of the call (<= 10 %), {row['speedup']:.1f}x cuDNN (>= 6x), recall "
+                       f"{row.get('recall', float('nan')):.3f} (>= 0.9)", ok))
+    for row in out.get("decode", []):
+        if row["kernel"] == "hierarchical":
+            lines.append((f"decode {row['context']} batch {row['batch']}: {row['speedup']:.1f}x SDPA (>= 10x), "
+                          f"selection {row['select_gpu_us']:.0f} us of {row['gpu_us']:.0f}", row["speedup"] >= 10))
+    if lines:
+        print("\nbars")
+        for text, ok in lines:
+            print(f"  {'PASS' if ok else 'FAIL'}  {text}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@
 #   STEPS="gpu_tests bench_hier" TESTS="tests -k hierarchical" bash bench/gpu_suite.sh
 #       # the hierarchical pattern: its GPU tests, then selection scaling 32K-1M, the call at 128K vs cuDNN with
 #       # recall, decode at 128K batch 8 vs SDPA and quest (bench/bench_hier.py; HIER_ARGS to change sizes)
+#   STEPS="hier_speed" bash bench/gpu_suite.sh
+#       # hierarchical selection: the kernels before the 2026-12-06 rework against the new launch shapes, prefill
+#       # at 128K (top_k 32 / 64) and decode at 128K batch 8 (bench/probes/hier_speed.py, ~2-3 min)
 #   STEPS="frontier" bash bench/gpu_suite.sh    # speed-recall frontier at 128K ($OUT/frontier/frontier.{md,png})
 #   STEPS="flex_bars" bash bench/gpu_suite.sh   # flexprefill / xattention at 128K (mixed, structured) and 1M
 #   STEPS="flex_profile" bash bench/gpu_suite.sh   # flexprefill's phases at 128K kernel by kernel, its GPU tests
@@ -102,6 +105,7 @@ step bench_e2e_smollm2 python3 bench/bench_e2e.py --model ${SMOLLM2:-smollm2} --
 # Peak memory of one 1M-token layer (32 / 8 heads, D=128, bf16) per method against its q, k, v and output (bar 1.5x).
 step memory python3 bench/probes/probe_memory.py --seqlens ${MEMORY_SEQLENS:-1048576} --out "$OUT"
 step bench_hier python3 bench/bench_hier.py ${HIER_ARGS:-} --out "$OUT"
+step hier_speed python3 bench/probes/hier_speed.py --out "$OUT"
 echo
 echo "==================== summary ($(date -u +%F), $(head -1 "$OUT/gpu.txt")) ===================="
 python3 bench/summarize.py "$OUT"

@@ -19,10 +19,13 @@ serves the group and each page is read once.
 
 Work: 2 * top_k unit scores per query block at the first level, top_k at each of the log2(W) others, so the
 search costs O(nq * top_k * D * log(S / top_k)) after the O(S * D) block means; it never builds a S x S (or
-nq x nk) tensor on the GPU. The whole search of all query blocks and heads is one Triton launch (a program
-per query block and head walks the levels in registers, a bitonic sort of 2 * top_k keys per level),
-decode one launch over (sequence, kv head). Without CUDA or the Triton interpreter the same search runs in
-torch, vectorized over rows (query blocks x heads), with each row's unit scores computed by row chunks.
+nq x nk) tensor on the GPU. Prefill is two Triton launches: the block-mean keys (in k's dtype), then the search,
+a program per query block and (up to 4) query heads of one kv head that averages their rows and walks the
+levels for all of them at once in registers (sort keys [heads, 2 top_k] at the first level; a later level sorts
+only its top_k new right halves and merges them with the kept keys, already in order). Decode is one launch
+over (sequence, kv head), the same levels. Without CUDA or the Triton interpreter the same search runs in
+torch, vectorized over rows (query blocks x heads), with each row's unit scores computed by row chunks. Entries
+past a count are left unwritten (the layouts' contract: never read).
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import warn_once
 from .._triton import INTERPRETED  # noqa: F401  (importing it applies the interpreter fix)
 from ..kvcache import PagedKVCache, PageSummaries
 from ..layouts import BlockLayout, PageSelection
@@ -67,6 +71,21 @@ def search_plan(n: int, top_k: int):
 
 # ------------------------------------------------------------------------------------------------ Triton
 
+# Launch shapes (constants of the kernels, not options). Prefill: query heads of a GQA group one program
+# searches (the largest power of two dividing both the group and this), warps, elements of the head dim per
+# gathered chunk of the unit scores (a [heads, 2 top_k, chunk] tile at a time: 8 16-bit elements are one
+# 16-byte load per thread, so each thread sums its own chunk and the scores land one per thread, unreplicated,
+# for the sort), a register cap (None: the compiler's choice). Decode: warps, chunk. Rows per step of a block
+# mean.
+_PREFILL_HEADS = 4
+_PREFILL_WARPS = 4
+_PREFILL_CHUNK = 8
+_PREFILL_MAXNREG = None
+_DECODE_WARPS = 8
+_DECODE_CHUNK = 64
+_MEAN_ROWS = 16
+
+
 @triton.jit
 def _branch_keys(score, start, live):
     """int64 sort keys: the score's order-preserving bits above, (2^32 - 1 - start) below, so a descending
@@ -78,129 +97,196 @@ def _branch_keys(score, start, live):
 
 
 @triton.jit
-def _keep_best(score, start, live, m, M: tl.constexpr):
-    """The best m of the 2M branches by _branch_keys: [M] starts in key order, kept, and their scores (read
-    back from the keys, so a kept branch's left half needs no new score)."""
+def _best_keys(score, start, live, m, M: tl.constexpr):
+    """The first level, per row (rows: query heads in prefill, one in decode): the keys of the best m of its
+    2M branches, [R, M] descending, dead past m. One sort of all rows' keys along the branches."""
     srt = tl.sort(_branch_keys(score, start, live), descending=True)
-    top, _ = tl.split(tl.permute(tl.reshape(srt, [2, M]), [1, 0]))
-    keep = (tl.arange(0, M) < m) & (top != -9223372036854775808)
-    bits = (top >> 32).to(tl.int32)
-    best = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.float32, bitcast=True)
-    return (0xFFFFFFFF - (top & 0xFFFFFFFF)).to(tl.int32), keep, best
+    top, _ = tl.split(tl.permute(tl.reshape(srt, [srt.shape[0], 2, M]), [0, 2, 1]))
+    return tl.where(tl.arange(0, M)[None, :] < m[:, None], top, -9223372036854775808)
 
 
 @triton.jit
-def _block_units(QB, KB, p, ok, s_kn, D: tl.constexpr, BD: tl.constexpr):
-    """qbar . kbar[p] where ok (else -inf): the score of the branches starting at key blocks p."""
-    acc = tl.zeros(p.shape, tl.float32)
-    for c in tl.static_range(D // BD):
-        d = c * BD + tl.arange(0, BD)
-        qc = tl.load(QB + d)
-        kc = tl.load(KB + p.to(tl.int64)[:, None] * s_kn + d[None, :], mask=ok[:, None], other=0.0)
-        acc += tl.sum(kc.to(tl.float32) * qc[None, :], 1)
-    return tl.where(ok, acc, float("-inf"))
+def _merge_keys(kept, score, start, live, m, M: tl.constexpr):
+    """A later level: the best m of the kept keys [R, M] (descending) and the keys of M new branches. The new
+    keys sorted ascending after the kept ones make a bitonic sequence; the larger of each pair (j, j + M) are
+    its M largest (bitonic again), which one bitonic merge orders: sorts of M keys instead of 2M. M >= 2 (the
+    launches round top_k up to a power of two, at least 2)."""
+    new = tl.sort(_branch_keys(score, start, live))
+    top = tl.bitonic_merge(tl.maximum(kept, new), descending=True)
+    return tl.where(tl.arange(0, M)[None, :] < m[:, None], top, -9223372036854775808)
+
+
+@triton.jit
+def _unpack(keys):
+    """The starts, liveness and scores (read back from the keys: a kept branch's left half needs no new
+    score) of keys."""
+    bits = (keys >> 32).to(tl.int32)
+    best = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.float32, bitcast=True)
+    return (0xFFFFFFFF - (keys & 0xFFFFFFFF)).to(tl.int32), keys != -9223372036854775808, best
 
 
 @triton.jit
 def _roots(n, m, hi, M: tl.constexpr):
-    """The first level: root width w (the smallest power of two with n <= 2 m w), the number of splits
-    log2(w), and the roots' starts and liveness (none unless there are more than m candidates)."""
+    """The first level per row (m [R]): root width w (the smallest power of two with n <= 2 m w), the number
+    of splits log2(w), and the roots' starts and liveness [R, 2M] (none unless there are more than m
+    candidates)."""
     per = (n + 2 * m - 1) // (2 * m)
-    w = 1
-    splits = 0
+    w = tl.full(m.shape, 1, tl.int32)
+    splits = tl.zeros(m.shape, tl.int32)
     for _ in tl.static_range(31):
         grow = w < per
         w = tl.where(grow, w * 2, w)
         splits += grow.to(tl.int32)
-    j = tl.arange(0, 2 * M)
-    start = 1 + j * w
-    return w, splits, start, (n > m) & (j < 2 * m) & (start < hi)
+    j = tl.arange(0, 2 * M)[None, :]
+    start = 1 + j * w[:, None]
+    return w, splits, start, ((n > m)[:, None]) & (j < 2 * m[:, None]) & (start < hi)
 
 
 @triton.jit
-def _prefill_kernel(QBAR, KBAR, TOPK, IDX, CNT, s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_ib, s_ih, s_in,
-                    Hq, G, sq, sk, nk, bs, local,
-                    M: tl.constexpr, LOCAL: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+def _block_mean(X, s_r, s_s, s_d, R: tl.constexpr, r_ok, n_rows, BS: tl.constexpr, RB: tl.constexpr,
+                D: tl.constexpr):
+    """float32 [R, D]: the mean of rows [0, n_rows) (n_rows >= 1) of R row ranges X + r * s_r + row * s_s,
+    summed RB rows at a time in float32 (r_ok [R]: rows of the result to read)."""
+    r = tl.arange(0, R)
+    d = tl.arange(0, D)
+    acc = tl.zeros([R, D], tl.float32)
+    for c in tl.static_range(BS // RB):
+        t = c * RB + tl.arange(0, RB)
+        ptr = X + r.to(tl.int64)[:, None, None] * s_r + t.to(tl.int64)[None, :, None] * s_s + d[None, None, :] * s_d
+        ok = r_ok[:, None, None] & (t < n_rows)[None, :, None]
+        # Read once: evict these lines first, so the block-mean keys the searches gather stay in L2.
+        acc += tl.sum(tl.load(ptr, mask=ok, other=0.0, eviction_policy="evict_first").to(tl.float32), 1)
+    return acc / n_rows.to(tl.float32)
+
+
+@triton.jit
+def _block_mean_kernel(X, OUT, s_xb, s_xh, s_xs, s_xd, s_ob, s_oh, s_on, H, S, bs,
+                       BS: tl.constexpr, RB: tl.constexpr, D: tl.constexpr):
+    """OUT[b, h, j] = the mean of X[b, h, j*bs : (j+1)*bs] (the last block's rows only), in OUT's dtype."""
+    j = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    base = X + b.to(tl.int64) * s_xb + h.to(tl.int64) * s_xh + (j * bs).to(tl.int64) * s_xs
+    mean = _block_mean(base, 0, s_xs, s_xd, 1, tl.full([1], 1, tl.int1), tl.minimum(bs, S - j * bs), BS, RB, D)
+    d = tl.arange(0, D)
+    out = OUT + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + j.to(tl.int64) * s_on
+    tl.store(out + d[None, :], mean.to(OUT.dtype.element_ty))
+
+
+@triton.jit
+def _block_units(QB, KB, p, ok, s_kn, D: tl.constexpr, BD: tl.constexpr):
+    """qbar[r] . kbar[p[r, x]] where ok (else -inf): the scores of the branches starting at key blocks p
+    [R, X] for the R query heads whose block-mean queries are QB + r * D (float32)."""
+    r = tl.arange(0, p.shape[0])
+    acc = tl.zeros(p.shape, tl.float32)
+    for c in tl.static_range(D // BD):
+        d = c * BD + tl.arange(0, BD)
+        qc = tl.load(QB + r[:, None] * D + d[None, :])
+        kc = tl.load(KB + p.to(tl.int64)[:, :, None] * s_kn + d[None, None, :], mask=ok[:, :, None], other=0.0,
+                     eviction_policy="evict_last")
+        acc += tl.sum(kc.to(tl.float32) * qc[:, None, :], 2)
+    return tl.where(ok, acc, float("-inf"))
+
+
+@triton.jit
+def _prefill_search_kernel(Q, KBAR, QBAR, TOPK, IDX, CNT, s_qb, s_qh, s_qs, s_qd, s_kb, s_kh, s_kn,
+                           s_ib, s_ih, s_in, s_cb, s_ch, Hq, sq, sk, nk, bs, local,
+                           G: tl.constexpr, HP: tl.constexpr, M: tl.constexpr, LOCAL: tl.constexpr,
+                           D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, RB: tl.constexpr):
+    """Query block i of HP query heads of one kv head (HP a power of two dividing the group G): their
+    block-mean queries (into a scratch row the levels read back by chunks), then the search of the HP heads
+    at once ([HP, 2M] keys sorted at the first level, [HP, M] merged at the others)."""
     i = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // Hq
-    h = bh % Hq
-    m = tl.load(TOPK + h)
+    b = bh // (Hq // HP)
+    h0 = (bh % (Hq // HP)) * HP  # the first of the program's heads
+    head = h0 + tl.arange(0, HP)
+    m = tl.load(TOPK + head)
+    first = Q + b.to(tl.int64) * s_qb + h0.to(tl.int64) * s_qh + (i * bs).to(tl.int64) * s_qs
+    qbar = _block_mean(first, s_qh, s_qs, s_qd, HP, head >= 0, tl.minimum(bs, sq - i * bs), BS, RB, D)
+    QB = QBAR + (bh.to(tl.int64) * tl.num_programs(0) + i) * HP * D
+    tl.store(QB + tl.arange(0, HP)[:, None] * D + tl.arange(0, D)[None, :], qbar)
+    tl.debug_barrier()  # every thread's scratch stores before any thread reads the chunks back
     last = tl.minimum(i * bs + bs, sq) - 1 + (sk - sq)  # last key the block's rows may see
     diag = tl.minimum(tl.where(last >= 0, last // bs, -1), nk - 1)
     hi = tl.maximum(diag - local + 1, 1)  # candidates [1, hi); local blocks [hi, diag]
     n = tl.where(diag >= 1, hi - 1, 0)
-    QB = QBAR + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + i.to(tl.int64) * s_qn
-    KB = KBAR + b.to(tl.int64) * s_kb + (h // G).to(tl.int64) * s_kh
+    KB = KBAR + b.to(tl.int64) * s_kb + (h0 // G).to(tl.int64) * s_kh
     size, splits, start, live = _roots(n, m, hi, M)
-    score = _block_units(QB, KB, start, live, s_kn, D, BD)
-    for _ in range(splits):
-        top, keep, best = _keep_best(score, start, live, m, M)
-        size = size // 2
-        right = top + size
-        right_live = keep & (right < hi)
-        start = tl.interleave(top, right)
-        live = tl.interleave(keep, right_live)
-        score = tl.interleave(best, _block_units(QB, KB, right, right_live, s_kn, D, BD))
-    top, keep, _ = _keep_best(score, start, live, m, M)
-    search = n > m
-    r = tl.arange(0, M)
+    kept = _best_keys(_block_units(QB, KB, start, live, s_kn, D, BD), start, live, m, M)
+    for _ in range(tl.max(splits, 0)):
+        top, keep, _ = _unpack(kept)
+        more = size > 1  # a head with a smaller root width (larger top_k) is at single blocks already
+        size = tl.where(more, size // 2, size)
+        right = top + size[:, None]
+        right_live = keep & more[:, None] & (right < hi)
+        kept = _merge_keys(kept, _block_units(QB, KB, right, right_live, s_kn, D, BD), right, right_live, m, M)
+    top, keep, _ = _unpack(kept)
+    search = (n > m)[:, None]
+    r = tl.arange(0, M)[None, :]
     chosen = tl.where(search, tl.where(keep, top, 2147483647), tl.where(r < n, 1 + r, 2147483647))
     chosen = tl.sort(chosen)
-    n_chosen = tl.where(search, m, n)
-    row = IDX + b.to(tl.int64) * s_ib + h.to(tl.int64) * s_ih + i.to(tl.int64) * s_in
-    tl.store(row, 0, mask=diag >= 0)
+    n_chosen = tl.where(n > m, m, n)[:, None]
+    row = (IDX + b.to(tl.int64) * s_ib + head.to(tl.int64) * s_ih + i.to(tl.int64) * s_in)[:, None]
+    tl.store(row, tl.zeros([HP, 1], tl.int32), mask=diag >= 0)
     tl.store(row + 1 + r, chosen, mask=r < n_chosen)
-    t = tl.arange(0, LOCAL)
+    t = tl.arange(0, LOCAL)[None, :]
     n_local = tl.where(diag >= 1, diag - hi + 1, 0)
     tl.store(row + 1 + n_chosen + t, hi + t, mask=t < n_local)
-    tl.store(CNT + bh * tl.num_programs(0) + i, tl.where(diag >= 0, 1 + n_chosen + n_local, 0))
+    cnt = tl.where(diag >= 0, 1 + n_chosen + n_local, 0)
+    tl.store(CNT + b.to(tl.int64) * s_cb + head[:, None].to(tl.int64) * s_ch + i, cnt)
 
 
 @triton.jit
-def _page_units(KMIN, KMAX, SLOTS, qpos, qneg, p, ok, s_mp, D: tl.constexpr):
-    """Quest's bound of pages p where ok (else -inf): the score of the branches starting there."""
-    d = tl.arange(0, D)
+def _page_units(Q, KMIN, KMAX, SLOTS, p, ok, s_qh, s_mp, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+    """Quest's bound of pages p [1, X] where ok (else -inf): the score of the branches starting there. The
+    group's Q+ / Q- are summed again per chunk of the head dim from the (cached) query rows."""
     slot = tl.load(SLOTS + p, mask=ok, other=0).to(tl.int64)
-    at = slot[:, None] * s_mp + d[None, :]
-    mn = tl.load(KMIN + at, mask=ok[:, None], other=0.0).to(tl.float32)
-    mx = tl.load(KMAX + at, mask=ok[:, None], other=0.0).to(tl.float32)
-    return tl.where(ok, tl.sum(mx * qpos[None, :] + mn * qneg[None, :], 1), float("-inf"))
+    acc = tl.zeros(p.shape, tl.float32)
+    for c in tl.static_range(D // BD):
+        d = c * BD + tl.arange(0, BD)
+        qpos = tl.zeros([BD], tl.float32)
+        qneg = tl.zeros([BD], tl.float32)
+        for g in tl.static_range(G):
+            q = tl.load(Q + g * s_qh + d).to(tl.float32)
+            qpos += tl.maximum(q, 0.0)
+            qneg += tl.minimum(q, 0.0)
+        at = slot[:, :, None] * s_mp + d[None, None, :]
+        mn = tl.load(KMIN + at, mask=ok[:, :, None], other=0.0).to(tl.float32)
+        mx = tl.load(KMAX + at, mask=ok[:, :, None], other=0.0).to(tl.float32)
+        acc += tl.sum(mx * qpos[None, None, :] + mn * qneg[None, None, :], 2)
+    return tl.where(ok, acc, float("-inf"))
 
 
 @triton.jit
-def _decode_kernel(Q, KMIN, KMAX, STABLE, SEQLENS, PAGES, CNT, s_qb, s_qh, s_mp, s_mh, s_sb, s_pb, s_ph,
-                   Hkv, m, local, ps,
-                   G: tl.constexpr, M: tl.constexpr, LOCAL: tl.constexpr, D: tl.constexpr):
+def _decode_search_kernel(Q, KMIN, KMAX, STABLE, SEQLENS, PAGES, CNT, s_qb, s_qh, s_mp, s_mh, s_sb, s_pb, s_ph,
+                          Hkv, m, local, ps,
+                          G: tl.constexpr, M: tl.constexpr, LOCAL: tl.constexpr, D: tl.constexpr,
+                          BD: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // Hkv
     h = bh % Hkv
-    d = tl.arange(0, D)
-    qpos = tl.zeros([D], tl.float32)
-    qneg = tl.zeros([D], tl.float32)
-    for g in tl.static_range(G):
-        q = tl.load(Q + b.to(tl.int64) * s_qb + (h * G + g).to(tl.int64) * s_qh + d).to(tl.float32)
-        qpos += tl.maximum(q, 0.0)
-        qneg += tl.minimum(q, 0.0)
+    QG = Q + b.to(tl.int64) * s_qb + (h * G).to(tl.int64) * s_qh
     npages = (tl.load(SEQLENS + b) + ps - 1) // ps
     hi = tl.maximum(npages - local, 1)  # candidates [1, hi); local pages [hi, npages)
     n = tl.where(npages >= 2, hi - 1, 0)
     SLOTS = STABLE + b.to(tl.int64) * s_sb
     KN = KMIN + h.to(tl.int64) * s_mh
     KX = KMAX + h.to(tl.int64) * s_mh
-    size, splits, start, live = _roots(n, m, hi, M)
-    score = _page_units(KN, KX, SLOTS, qpos, qneg, start, live, s_mp, D)
-    for _ in range(splits):
-        top, keep, best = _keep_best(score, start, live, m, M)
+    mm = tl.full([1], m, tl.int32)  # one row: the kv head's selection
+    size, splits, start, live = _roots(n, mm, hi, M)
+    kept = _best_keys(_page_units(QG, KN, KX, SLOTS, start, live, s_qh, s_mp, G, D, BD), start, live, mm, M)
+    for _ in range(tl.max(splits, 0)):
+        top, keep, _ = _unpack(kept)
         size = size // 2
-        right = top + size
+        right = top + size[:, None]
         right_live = keep & (right < hi)
-        start = tl.interleave(top, right)
-        live = tl.interleave(keep, right_live)
-        score = tl.interleave(best, _page_units(KN, KX, SLOTS, qpos, qneg, right, right_live, s_mp, D))
-    top, keep, _ = _keep_best(score, start, live, m, M)
+        units = _page_units(QG, KN, KX, SLOTS, right, right_live, s_qh, s_mp, G, D, BD)
+        kept = _merge_keys(kept, units, right, right_live, mm, M)
+    top, keep, _ = _unpack(kept)
     search = n > m
-    r = tl.arange(0, M)
+    r = tl.arange(0, M)[None, :]
     chosen = tl.where(search, tl.where(keep, top, 2147483647), tl.where(r < n, 1 + r, 2147483647))
     n_chosen = tl.where(search, m, n)
     row = PAGES + b.to(tl.int64) * s_pb + h.to(tl.int64) * s_ph
@@ -309,6 +395,23 @@ def _prefill_torch(qbar, kbar, m, sq: int, sk: int, bs: int, local: int, width: 
 
 # ------------------------------------------------------------------------------------------ the two sides
 
+def _outputs(shape, count_shape, device):
+    """The kernels' outputs: ids (entries past a count are left unwritten: nothing reads them) and counts."""
+    return (torch.empty(shape, dtype=torch.int32, device=device),
+            torch.empty(count_shape, dtype=torch.int32, device=device))
+
+
+def block_means(x: torch.Tensor, block_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, H, S, D] -> [B, H, ceil(S / block_size), D] in dtype: each block's mean (float32 sums; the last,
+    partial block over its own rows), one Triton launch (D a power of two)."""
+    b, h, s, d = x.shape
+    nb, bp = -(-s // block_size), _pow2(block_size)
+    out = torch.empty(b, h, nb, d, dtype=dtype, device=x.device)
+    _block_mean_kernel[(nb, b * h)](x, out, *x.stride(), *out.stride()[:3], h, s, block_size,
+                              BS=bp, RB=min(bp, _MEAN_ROWS), D=d, num_warps=4)
+    return out
+
+
 def _check_local(local) -> int:
     if isinstance(local, bool) or not isinstance(local, int) or local < 1:
         raise ValueError(f"local: expected an int >= 1 (the last visible blocks, always kept), got {local!r}")
@@ -334,18 +437,25 @@ def hierarchical_layout(q: torch.Tensor, k: torch.Tensor, top_k: PerHead, *, blo
     nq, nk = -(-sq // bs), -(-sk // bs)
     m = per_head("top_k", top_k, hq, minimum=1).clamp(max=nk)
     width = max(1, min(nk, 1 + int(m.max()) + local))
-    qbar = pool_blocks(q, bs)  # [B, Hq, nq, D] float32
     # The block-mean keys in k's dtype on the GPU (half the bytes the search gathers), float32 on the CPU.
-    kbar = pool_blocks(k, bs).to(k.dtype if k.is_cuda else torch.float32)  # [B, Hkv, nk, D]
-    if not (_use_triton(q) if use_triton is None else use_triton):
-        idx, counts = _prefill_torch(qbar, kbar, m, sq, sk, bs, local, width)
+    kdtype = k.dtype if k.is_cuda else torch.float32
+    if use_triton is None and q.is_cuda and d & (d - 1):
+        warn_once("hierarchical-head-dim", f"sparse_attn: hierarchical's prefill kernel takes a power-of-two head "
+                  f"dim; D={d} searches in torch (slower, same selection)")
+    if not (_use_triton(q, d & (d - 1) == 0) if use_triton is None else use_triton):
+        qbar = pool_blocks(q, bs)  # [B, Hq, nq, D] float32
+        idx, counts = _prefill_torch(qbar, pool_blocks(k, bs).to(kdtype), m, sq, sk, bs, local, width)
         return BlockLayout(counts, idx, bs, bs, sq, sk, validate=False)
-    idx = torch.full((b, hq, nq, width), -1, dtype=torch.int32, device=q.device)
-    counts = torch.empty(b, hq, nq, dtype=torch.int32, device=q.device)
-    _prefill_kernel[(nq, b * hq)](
-        qbar, kbar, m.to(torch.int32).to(q.device), idx, counts, *qbar.stride()[:3], *kbar.stride()[:3],
-        *idx.stride()[:3], hq, hq // hkv, sq, sk, nk, bs, local,
-        M=_pow2(int(m.max())), LOCAL=_pow2(local), D=d, BD=math.gcd(d, 32), num_warps=4)
+    hp, bp = math.gcd(hq // hkv, _PREFILL_HEADS), _pow2(bs)
+    kbar = block_means(k, bs, kdtype)  # [B, Hkv, nk, D]
+    idx, counts = _outputs((b, hq, nq, width), (b, hq, nq), q.device)
+    # Each program's block-mean queries, written and read back by the program itself.
+    scratch = torch.empty(b * hq * nq, d, dtype=torch.float32, device=q.device)
+    _prefill_search_kernel[(nq, b * hq // hp)](
+        q, kbar, scratch, m.to(torch.int32).to(q.device), idx, counts, *q.stride(), *kbar.stride()[:3],
+        *idx.stride()[:3], *counts.stride()[:2], hq, sq, sk, nk, bs, local,
+        G=hq // hkv, HP=hp, M=max(2, _pow2(int(m.max()))), LOCAL=_pow2(local), D=d,
+        BD=min(d, _PREFILL_CHUNK), BS=bp, RB=min(bp, _MEAN_ROWS), num_warps=_PREFILL_WARPS, maxnreg=_PREFILL_MAXNREG)
     return BlockLayout(counts, idx, bs, bs, sq, sk, validate=False)
 
 
@@ -364,15 +474,18 @@ def hierarchical_pages(q: torch.Tensor, cache: PagedKVCache, summaries: PageSumm
     hkv, ps = cache.num_kv_heads, cache.page_size
     m = min(top_k, cache.max_pages)
     width = max(1, min(cache.max_pages, 1 + m + local))
+    if use_triton is None and q.is_cuda and d & (d - 1):
+        warn_once("hierarchical-decode-head-dim", f"sparse_attn: hierarchical's decode kernel takes a power-of-two "
+                  f"head dim; D={d} searches in torch (slower, same selection)")
     if not (_use_triton(q, d & (d - 1) == 0) if use_triton is None else use_triton):
         return _decode_torch(q, cache, summaries, m, local, width)
-    pages = torch.empty(b, hkv, width, dtype=torch.int32, device=q.device)
-    counts = torch.empty(b, hkv, dtype=torch.int32, device=q.device)
-    _decode_kernel[(b * hkv,)](
+    pages, counts = _outputs((b, hkv, width), (b, hkv), q.device)
+    _decode_search_kernel[(b * hkv,)](
         q, summaries.kmin, summaries.kmax, summaries.table, cache.seqlens, pages, counts, q.stride(0), q.stride(1),
         summaries.kmin.stride(0), summaries.kmin.stride(1), summaries.table.stride(0), pages.stride(0),
         pages.stride(1), hkv, m, local, ps,
-        G=hq // hkv, M=_pow2(m), LOCAL=_pow2(local), D=d, num_warps=4)
+        G=hq // hkv, M=max(2, _pow2(m)), LOCAL=_pow2(local), D=d, BD=min(d, _DECODE_CHUNK),
+        num_warps=_DECODE_WARPS)
     return PageSelection(pages, counts, ps)
 
 

@@ -148,6 +148,25 @@ def _run_all() -> None:
     for stride in (8, 16):
         antidiagonal_block_scores(q, k, block_size=64, stride=stride, backend="triton")
 
+    # the hierarchical search: prefill (block means of the keys, the grouped search; bf16 block-mean keys as on
+    # the GPU, top_k 32 and per-head 16 / 64), decode (64-token pages, top_k 62)
+    from sparse_attn.estimators import hierarchical as hier
+    from sparse_attn.kvcache import PagedKVCache, PageSummaries
+    real_means = hier.block_means
+    hier.block_means = lambda x, bs, dtype: real_means(x, bs, x.dtype)  # k's dtype, as on the GPU
+    try:
+        q = torch.randn(1, h, 4096, 128, generator=gen).to(torch.bfloat16)
+        k = torch.randn(1, hkv, 4096, 128, generator=gen).to(torch.bfloat16)
+        for top_k in (32, [16, 64, 16, 64]):
+            hier.hierarchical_layout(q, k, top_k, block_size=64, use_triton=True)
+    finally:
+        hier.block_means = real_means
+    pages = torch.randn(40, 64, hkv, 128, generator=gen).to(torch.bfloat16)
+    cache = PagedKVCache(pages, pages, torch.arange(40, dtype=torch.int32).view(2, 20),
+                         torch.tensor([1270, 900], dtype=torch.int32), 64)
+    hier.hierarchical_pages(torch.randn(2, h, 128, generator=gen).to(torch.bfloat16), cache,
+                            PageSummaries.build(cache), top_k=62, use_triton=True)
+
     # the experimental Gluon Hopper kernels (SPARSE_ATTN_VS_BACKEND=gluon): warp-specialised with a TMA loader
     # (bf16 D=128 with lse, fp16 D=64, bf16 packed) and every tile through cp.async (bf16 D=128);
     # hopper.supported refuses CPU tensors, so it is bypassed here

@@ -11,13 +11,16 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from helpers import DEV, assert_close, generator, poison, randn
+from helpers import DEV, assert_close, generator, poison, randn, smallest_budget
 from sparse_attn.estimators.a_shape import a_shape_pages
 from sparse_attn.estimators.quest import quest_scores, quest_select
 from sparse_attn.kvcache import PAGE_SIZES, PagedKVCache, PageSummaries
 from sparse_attn.layouts import PageSelection
 from sparse_attn.ops import paged_decode
 from sparse_attn.ops.paged_decode import dense_selection, paged_decode_attention, reference_decode
+from sparse_attn.patterns import get_pattern, list_patterns
+
+DECODE_PATTERNS = [name for name in list_patterns() if get_pattern(name).decode]
 
 LOW = torch.float16 if DEV == "cpu" else torch.bfloat16  # the interpreter's bf16 dot is unreliable
 
@@ -327,6 +330,54 @@ def test_many_splits_combine_in_chunks():
     q = randn(gen, 2, 6, 16)
     many = paged_decode_attention(q, cache, num_splits=40)
     assert_close(many, reference_decode(q, cache), floor=1e-5)
+
+
+def _select_call(pattern, cache, summaries, q):
+    """The pattern's decode selection at its sparsest sweep entry (its options at their defaults)."""
+    p = get_pattern(pattern)
+    kwargs = {o.name: o.default for o in p.options}
+    kwargs.update(smallest_budget(pattern, int(cache.seqlens.max()), cache.page_size))
+    return lambda: p.select(q, cache, summaries, scale=None, **kwargs)
+
+
+def _counted(sel: PageSelection):
+    """Per (sequence, head) the pages within the count, as a set (the contract: any order; entries past the
+    count are never read, so unspecified) and the counts."""
+    c, pages = sel.counts.cpu(), sel.pages.cpu()
+    return c.tolist(), [[sorted(pages[b, h, : int(c[b, h])].tolist()) for h in range(c.shape[1])]
+                        for b in range(c.shape[0])]
+
+
+@pytest.mark.parametrize("pattern", DECODE_PATTERNS)
+def test_decode_selections_define_every_counted_entry(monkeypatch, pattern):
+    """With every torch.empty of the call poisoned (outputs and scratch), each decode pattern's selection
+    counts and lists the same pages as a clean call: no counted entry comes from memory the call did not
+    write, so a CUDA-graph replay (its own memory pool) selects what the eager call does."""
+    gen = generator(17)
+    ps = get_pattern(pattern).decode_page_size
+    cache = paged_cache(gen, [ps * 40 + 5, ps * 3, 7], 2, 16, ps)
+    summaries = PageSummaries.build(cache)
+    select = _select_call(pattern, cache, summaries, randn(gen, 3, 4, 16))
+    clean = _counted(select())
+    poison(monkeypatch, torch, "empty")
+    assert _counted(select()) == clean
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern", DECODE_PATTERNS)
+def test_gpu_decode_selections_replay_from_a_cuda_graph(pattern):
+    gen = generator(3)
+    ps = get_pattern(pattern).decode_page_size
+    cache = paged_cache(gen, [ps * 300 + 5, ps * 70, 1, ps * 2], 8, 128, ps, dtype=torch.bfloat16)
+    summaries = PageSummaries.build(cache)
+    select = _select_call(pattern, cache, summaries, randn(gen, 4, 32, 128, dtype=torch.bfloat16))
+    eager = select()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = select()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert _counted(captured) == _counted(eager)
 
 
 @pytest.mark.gpu

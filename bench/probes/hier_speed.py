@@ -1,0 +1,161 @@
+"""Hierarchical selection speed: the kernels before the 2026-12-06 rework (probes/hier_old.py) against the new
+ones under the launch shapes the CPU machine could not decide between, in one GPU run (~2-3 min on an H100).
+
+    python bench/probes/hier_speed.py --out bench/results
+
+Prefill at --seqlen (methods_inputs: 32 q / 8 kv heads, D=128, bf16, 64-token blocks), per top_k: the whole
+selection (block means + search) by CUDA-event median, for old and for each new shape h/w/c/r (query heads of
+a GQA group per program, warps, elements per key chunk, register cap); `same`: the share of (head, query
+block) rows whose counted blocks equal the new default's (float order may flip a near-tie); key_means_ms: the
+new key block means alone (the rest is the search launch).
+Decode at --decode-context, batch --decode-batch, top_k = 4096 / 64 - 2 = 62 (bench_hier's 4K budget), on a
+shuffled paged copy of the structured cache: the selection from a CUDA graph after an L2 flush (bench_graph_ms,
+as bench_hier reports select_gpu_us), old and each new (warps, chunk); `same` against the new default.
+The shapes are module constants of sparse_attn.estimators.hierarchical, set here between runs; the fastest
+becomes the default there. Prints two tables; writes hier_speed.json under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "bench" / "probes")]
+
+import torch  # noqa: E402
+
+from common import bench_graph_ms, device_info, methods_inputs, out_dir, print_table, write_json  # noqa: E402
+
+# (query heads per program, warps, chunk, register cap); the first is the default
+PREFILL_SHAPES = [(4, 4, 8, None), (4, 4, 8, 168), (4, 8, 8, 128), (4, 8, 8, None), (2, 4, 8, None), (2, 8, 8, 128),
+                  (1, 4, 8, None), (4, 4, 16, None)]
+DECODE_SHAPES = [(w, c) for w in (4, 8, 16) for c in (32, 64, 128)]
+
+
+def event_ms(fn, repeats: int = 10, warmup: int = 3) -> float:
+    times = []
+    for i in range(warmup + repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def rows_of(ids, counts):
+    """[rows, width + 1]: each row's counted ids ascending, padded with int max, then its count (entries past
+    a count are unspecified)."""
+    live = torch.arange(ids.shape[-1], device=ids.device) < counts.unsqueeze(-1)
+    ids = torch.where(live, ids.long(), torch.iinfo(torch.int64).max).sort(-1).values
+    return torch.cat([ids, counts.long().unsqueeze(-1)], -1).flatten(0, -2)
+
+
+def same(a, b) -> float:
+    return float((a == b).all(-1).float().mean())
+
+
+def set_prefill(hier, heads, warps, chunk, maxnreg):
+    hier._PREFILL_HEADS, hier._PREFILL_WARPS, hier._PREFILL_CHUNK, hier._PREFILL_MAXNREG = heads, warps, chunk, maxnreg
+
+
+def prefill(args, hier, old):
+    q, k, _ = methods_inputs(args.seqlen)
+    rows = []
+    for top_k in args.top_k:
+        set_prefill(hier, *PREFILL_SHAPES[0])
+        ref = hier.hierarchical_layout(q, k, top_k, block_size=64)
+        want = rows_of(ref.indices, ref.counts)
+        means = event_ms(lambda: hier.block_means(k, 64, k.dtype))
+        lay = old.hierarchical_layout(q, k, top_k, block_size=64)
+        rows.append({"top_k": top_k, "kernels": "old", "ms": event_ms(lambda: old.hierarchical_layout(
+            q, k, top_k, block_size=64)), "same": same(rows_of(lay.indices, lay.counts), want)})
+        print(rows[-1], flush=True)
+        for heads, warps, chunk, maxnreg in PREFILL_SHAPES:
+            set_prefill(hier, heads, warps, chunk, maxnreg)
+            lay = hier.hierarchical_layout(q, k, top_k, block_size=64)
+            rows.append({"top_k": top_k, "kernels": f"new h{heads} w{warps} c{chunk} r{maxnreg or '-'}",
+                         "ms": event_ms(lambda: hier.hierarchical_layout(q, k, top_k, block_size=64)),
+                         "key_means_ms": means, "same": same(rows_of(lay.indices, lay.counts), want)})
+            print(rows[-1], flush=True)
+    set_prefill(hier, *PREFILL_SHAPES[0])
+    return rows
+
+
+def decode(args, hier, old):
+    from sparse_attn.kvcache import PagedKVCache, PageSummaries
+
+    s, b, ps = args.decode_context, args.decode_batch, 64
+    q_all, k1, _ = methods_inputs(s)
+    hkv, d = k1.shape[1], k1.shape[3]
+    q = q_all[:, :, -1].expand(b, -1, -1).contiguous()
+    q_all = None
+    per = s // ps
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    perm = torch.randperm(b * per, device="cuda", generator=gen)
+    kc = torch.empty(b * per, ps, hkv, d, device="cuda", dtype=k1.dtype)
+    kc[perm] = k1.expand(b, -1, -1, -1).reshape(b, hkv, per, ps, d).permute(0, 2, 3, 1, 4).reshape(-1, ps, hkv, d)
+    k1 = None
+    cache = PagedKVCache(kc, kc, perm.view(b, per).to(torch.int32),
+                         torch.full((b,), s, dtype=torch.int32, device="cuda"), ps)
+    summaries = PageSummaries.build(cache)
+    top_k = 4096 // ps - 2
+    hier._DECODE_WARPS, hier._DECODE_CHUNK = DECODE_SHAPES[4]  # 8 warps, chunk 64: the default
+    ref = hier.hierarchical_pages(q, cache, summaries, top_k=top_k)
+    want = rows_of(ref.pages, ref.counts)
+    sel = old.hierarchical_pages(q, cache, summaries, top_k=top_k)
+    rows = [{"kernels": "old", "us": 1e3 * bench_graph_ms(lambda: old.hierarchical_pages(
+        q, cache, summaries, top_k=top_k)), "same": same(rows_of(sel.pages, sel.counts), want)}]
+    print(rows[-1], flush=True)
+    for warps, chunk in DECODE_SHAPES:
+        hier._DECODE_WARPS, hier._DECODE_CHUNK = warps, chunk
+        sel = hier.hierarchical_pages(q, cache, summaries, top_k=top_k)
+        rows.append({"kernels": f"new w{warps} c{chunk}", "us": 1e3 * bench_graph_ms(
+            lambda: hier.hierarchical_pages(q, cache, summaries, top_k=top_k)),
+            "same": same(rows_of(sel.pages, sel.counts), want)})
+        print(rows[-1], flush=True)
+    hier._DECODE_WARPS, hier._DECODE_CHUNK = DECODE_SHAPES[4]
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seqlen", type=int, default=131072)
+    ap.add_argument("--top-k", type=int, nargs="+", default=[32, 64])
+    ap.add_argument("--decode-context", type=int, default=131072)
+    ap.add_argument("--decode-batch", type=int, default=8)
+    ap.add_argument("--skip", nargs="*", default=[], choices=("prefill", "decode"))
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("hier_speed.py needs a CUDA GPU; nothing was measured.", file=sys.stderr)
+        return 2
+    import hier_old
+    from sparse_attn.estimators import hierarchical
+
+    out = {"meta": device_info()}
+    if "prefill" not in args.skip:
+        out["prefill"] = prefill(args, hierarchical, hier_old)
+        torch.cuda.empty_cache()
+    if "decode" not in args.skip:
+        out["decode"] = decode(args, hierarchical, hier_old)
+    write_json(out_dir(args.out) / "hier_speed.json", out)
+    print(f"\nhierarchical selection, old kernels vs new launch shapes; {out['meta']}")
+    if "prefill" in out:
+        print(f"\nprefill at {args.seqlen} (ms, CUDA events; same: rows equal to the new default's)")
+        print_table(out["prefill"], ["top_k", "kernels", "ms", "key_means_ms", "same"],
+                    {"ms": "{:.3f}", "key_means_ms": "{:.3f}", "same": "{:.4f}"})
+    if "decode" in out:
+        print(f"\ndecode at {args.decode_context}, batch {args.decode_batch}, top_k 62 "
+              "(us, CUDA graph after an L2 flush)")
+        print_table(out["decode"], ["kernels", "us", "same"], {"us": "{:.1f}", "same": "{:.4f}"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
