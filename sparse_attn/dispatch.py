@@ -156,14 +156,15 @@ class LayerLayouts:
             d[:, heads] = layout.head_density(self.causal)
         return d
 
-    def recall(self, q, k, scale: Optional[float] = None) -> torch.Tensor:
-        """float64 [B, Hq]: attention mass the layouts keep (sparse_attn.recall); dense heads 1."""
+    def recall(self, q, k, scale: Optional[float] = None, rows=None) -> torch.Tensor:
+        """float64 [B, Hq]: attention mass the layouts keep (sparse_attn.recall); dense heads 1. rows: (start,
+        end) query ranges to measure on (default all)."""
         from .recall import attention_recall
 
         r = torch.ones(self.batch, self.num_heads, dtype=torch.float64)
         for heads, kv_heads, layout in self.parts:
             r[:, heads] = attention_recall(_select(q, heads), _select(k, kv_heads), layout, causal=self.causal,
-                                           scale=scale)
+                                           scale=scale, rows=rows)
         return r
 
 
@@ -189,11 +190,21 @@ class RowChunks:
         parts = torch.stack([layouts.density() for _, _, layouts in self.chunks])
         return (parts * self._weights().view(-1, 1, 1)).sum(0)
 
-    def recall(self, q, k, scale: Optional[float] = None) -> torch.Tensor:
+    def recall(self, q, k, scale: Optional[float] = None, rows=None) -> torch.Tensor:
+        """As LayerLayouts.recall; with rows, each chunk measured on the rows inside it, weighted by their count."""
         off = self.seqlen_k - self.seqlen_q
-        parts = torch.stack([layouts.recall(q[:, :, r0:r1], k[:, :, : r1 + off], scale)
-                             for r0, r1, layouts in self.chunks])
-        return (parts * self._weights().view(-1, 1, 1)).sum(0)
+        if rows is None:
+            parts = torch.stack([layouts.recall(q[:, :, r0:r1], k[:, :, : r1 + off], scale)
+                                 for r0, r1, layouts in self.chunks])
+            return (parts * self._weights().view(-1, 1, 1)).sum(0)
+        total, count = 0.0, 0
+        for r0, r1, layouts in self.chunks:
+            local = [(max(a, r0) - r0, min(b, r1) - r0) for a, b in rows if min(b, r1) > max(a, r0)]
+            n = sum(b - a for a, b in local)
+            if n:
+                total = total + layouts.recall(q[:, :, r0:r1], k[:, :, : r1 + off], scale, rows=local) * n
+                count += n
+        return total / max(1, count)
 
 
 def group_estimates(q, k, head_config, *, causal: bool, scale: Optional[float], block_size: int = 64,

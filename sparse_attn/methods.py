@@ -29,6 +29,7 @@ from ._checks import warn_once
 from . import dispatch
 from .decode import DecodeState, decode_step, sparse_decode_from
 from .ops.reference import AttentionInputs
+from .recall import sampled_rows
 from .patterns import DENSE, Param, Pattern, all_options, get_pattern, list_patterns, mixture_default, patterns
 from .profiles import check_head_config
 
@@ -50,6 +51,9 @@ DEFAULT_MIN_SEQLEN = 1024
 # (72.6 GiB for 20 GiB of q, k, v and output, H100).
 ROW_CHUNK = 1 << 16
 ROW_CHUNKS_FROM = 1 << 17
+# The recall diagnostic scores every query of a call against every key up to this many queries; longer calls are
+# measured on sparse_attn.recall.sampled_rows (16 bands of 64 rows, the last band ending the call).
+RECALL_ALL_ROWS = 1 << 14
 # The per-head mixture method's name (MInference's: a profile chooses each head's pattern and budget).
 MIXTURE = "minference"
 
@@ -329,7 +333,7 @@ def sparse_attention(
     stats: if a dict, receives "density" (float64 [Hq]: computed / causal entries, mean over the batch)
     and "pattern" (list of Hq pattern names); with recall=True also "recall" (float64 [Hq], mean over the
     batch: the share of the dense attention mass the layouts kept, sparse_attn.recall; a slow diagnostic
-    that scores every query against every key, in chunks). Method kwargs: see get_method(name).help().
+    that scores every query against every key, in chunks; beyond RECALL_ALL_ROWS queries on sampled rows). Method kwargs: see get_method(name).help().
     decode_state: for decode calls (one query per sequence), the layer's DecodeState kept between steps
     (page summaries); without one, a pattern that scores pages summarizes the whole cache in the call.
     """
@@ -361,5 +365,6 @@ def sparse_attention(
         stats["density"] = layouts.density().mean(0)
         stats["pattern"] = list(names)
         if recall:
-            stats["recall"] = layouts.recall(q, k, scale).mean(0)
+            rows = sampled_rows(q.shape[2]) if q.shape[2] > RECALL_ALL_ROWS else None
+            stats["recall"] = layouts.recall(q, k, scale, rows=rows).mean(0)
     return out

@@ -91,3 +91,28 @@ def test_recall_on_sampled_rows_is_the_brute_force_mean_over_those_rows():
     got = attention_recall(q, k, layout, rows=rows, chunk_size=17)
     assert torch.allclose(got, expected, atol=1e-6)
     assert sampled_rows(100, bands=4, band_rows=30) == [(0, 100)]
+
+
+def test_a_long_calls_recall_diagnostic_is_measured_on_sampled_rows(monkeypatch):
+    """sparse_attention(recall=True) on a call longer than RECALL_ALL_ROWS measures sampled rows: the same value
+    whether the call ran whole or in row chunks, equal to attention_recall over those rows of its layout."""
+    from sparse_attn import methods
+    from sparse_attn.methods import sparse_attention
+    from sparse_attn.recall import sampled_rows
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = randn(g, 1, 4, 1024, 16, scale=2, device="cpu"), randn(g, 1, 2, 1024, 16, device="cpu"), \
+        randn(g, 1, 2, 1024, 16, device="cpu")
+    monkeypatch.setattr(methods, "RECALL_ALL_ROWS", 256)
+    whole, chunked, full = {}, {}, {}
+    sparse_attention(q, k, v, "a_shape", sink=64, window=128, min_seqlen=0, stats=whole, recall=True)
+    monkeypatch.setattr(methods, "ROW_CHUNKS_FROM", 512)
+    monkeypatch.setattr(methods, "ROW_CHUNK", 256)
+    sparse_attention(q, k, v, "a_shape", sink=64, window=128, min_seqlen=0, stats=chunked, recall=True)
+    layout = a_shape_layout(1, 4, 1024, 1024, sink=64, window=128, block_size=64)
+    want = attention_recall(q, k, layout, rows=sampled_rows(1024))[0].double()
+    assert torch.allclose(whole["recall"], want, atol=1e-6)
+    assert torch.allclose(chunked["recall"], want, atol=1e-6)
+    monkeypatch.setattr(methods, "RECALL_ALL_ROWS", 1 << 14)
+    sparse_attention(q, k, v, "a_shape", sink=64, window=128, min_seqlen=0, stats=full, recall=True)
+    assert not torch.allclose(full["recall"], want, atol=1e-4)  # every row: another value
