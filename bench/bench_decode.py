@@ -8,8 +8,11 @@ contiguous [B, Hkv, S, D] cache, and this package's paged kernels on the same to
 the min / max summaries, top-k on the GPU, attention over the selected pages) and A-shape (sink + window
 pages). Each is timed from a CUDA graph after an L2 flush (GPU time; capture also proves the step has no
 host sync) and eagerly (host time included). "GB/s" is the bytes the step reads (selected K and V, the
-summaries quest scores, the queries) over its GPU time. FlashInfer and FlexAttention decode are not in this
-image; they are not timed. Prints a table and writes bench_decode.json under --out. Needs CUDA.
+summaries quest scores, the queries) over its GPU time. FlexAttention (torch.compile'd flex_attention, q of
+one row, GQA) runs dense on the contiguous cache and, per budget, on quest's selected pages as a block mask
+of page-sized key blocks over the same contiguous tokens (mask built outside the timing: compare with
+`quest_attention_only`). FlashInfer is not in this image and is not timed. Prints a table and writes
+bench_decode.json under --out. Needs CUDA.
 """
 from __future__ import annotations
 
@@ -51,6 +54,7 @@ def parse_args(argv=None):
                    help="more decode sides, registry specs NAME:key=value,... (e.g. hierarchical:top_k=61): "
                         "each pattern's select with those budgets (its defaults for the rest), then the attention")
     p.add_argument("--max-cache-gib", type=float, default=24.0, help="skip (context, batch) with a larger KV")
+    p.add_argument("--no-flex", action="store_true", help="skip the FlexAttention baselines")
     p.add_argument("--rep-ms", type=int, default=50)
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
@@ -91,6 +95,38 @@ def decoder_step(spec: str, q, cache, summaries):
     return label, lambda: paged_decode_attention(q, cache, select()), float(select().density(cache.seqlens).mean())
 
 
+def flex_decode(page_size: int):
+    """(dense(q4, k, v), masked(q4, k, v, keep [B, Hkv, S] bool) -> (fn, kv block size)) on torch.compile'd
+    FlexAttention, or None where it is missing."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    fa = torch.compile(flex_attention, dynamic=False)
+
+    def dense(q4, k, v):
+        return fa(q4, k, v, enable_gqa=True)[:, :, 0]
+
+    def masked(q4, k, v, keep):
+        b, hq, s = q4.shape[0], q4.shape[1], k.shape[2]
+        group = hq // k.shape[1]
+
+        def mask_mod(bi, h, q_idx, kv_idx):
+            return keep[bi, h // group, kv_idx]
+
+        for block in (page_size, 128):  # page-sized key blocks where Flex takes them
+            try:
+                bm = create_block_mask(mask_mod, b, hq, 1, s, device=q4.device, BLOCK_SIZE=(128, block))
+                fn = lambda bm=bm: fa(q4, k, v, block_mask=bm, enable_gqa=True)[:, :, 0]  # noqa: E731
+                fn()
+                return fn, block
+            except Exception as e:  # noqa: BLE001 - try the next block size
+                print(f"flex: key blocks of {block} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+        return None, None
+
+    return dense, masked
+
+
 def run(args):
     dtype = torch.bfloat16
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -122,7 +158,16 @@ def run(args):
                              "density": density, "max_err": err})
                 print(rows[-1], flush=True)
 
+            def try_add(*a):
+                try:
+                    add(*a)
+                except Exception as e:  # noqa: BLE001 - a baseline failing must not hide the others
+                    print(f"{a[0]} failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
+
             add("paged_dense", None, lambda: paged_decode_attention(q, cache), kv_bytes, 1.0, True)
+            flex = flex_decode(args.page_size) if not args.no_flex else None
+            if flex is not None:
+                try_add("flex_dense", None, lambda: flex[0](q4, k, v), kv_bytes, 1.0, True)
             summaries = PageSummaries.build(cache)
             summary_bytes = 2 * b * hkv * (s // args.page_size) * d * 2
             for budget in args.budgets:
@@ -138,6 +183,19 @@ def run(args):
                 add("quest", budget, step, dens * kv_bytes + summary_bytes, dens, False)
                 add("quest_attention_only", budget, lambda sel=sel: paged_decode_attention(q, cache, sel),
                     dens * kv_bytes, dens, False)
+                if flex is not None:
+                    keep = sel.token_mask(cache.seqlens, s)
+                    want = paged_decode_attention(q, cache, sel).float()
+                    try:
+                        fn, block = flex[1](q4, k, v, keep)
+                    except Exception as e:  # noqa: BLE001
+                        fn, block = None, f"{type(e).__name__}: {str(e)[:120]}"
+                    if fn is None:
+                        print(f"flex_quest_attention_only {budget}: not run ({block})", flush=True)
+                    else:
+                        print(f"flex on quest's pages (key blocks of {block}): max |flex - ours| = "
+                              f"{(fn().float() - want).abs().max().item():.2e}", flush=True)
+                        try_add("flex_quest_attention_only", budget, fn, dens * kv_bytes, dens, False)
             sel = a_shape_pages(cache, sink=args.sink, window=args.a_shape_window)
             dens = float(sel.density(cache.seqlens).mean())
             add("a_shape", args.sink + args.a_shape_window,
