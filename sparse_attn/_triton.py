@@ -56,6 +56,31 @@ def count_below(row, s_j, count, thr, live, STEPS: tl.constexpr):
     return lo
 
 
+@triton.jit
+def order_key(x):
+    """int32 keys of float32 x whose signed order is x's order (negative floats: larger magnitude, smaller key):
+    what the radix selections histogram, a byte at a time from the top."""
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def radix_pick(hist, k_rem, hi, FIRST: tl.constexpr):
+    """One radix-select step. hist [256]: how many of the keys matching the bytes chosen so far (`hi`, as an
+    arithmetic right shift of a matching key gives them) have each value of the next byte (the top byte offset
+    by 128 on the first step); k_rem: how many of those keys are still to be taken. Returns (hi with the
+    chosen byte appended, the keys still to take among those matching it: the rest are above it)."""
+    bins = tl.arange(0, 256)
+    at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # matching keys with this byte or a higher one
+    chosen = tl.sum((at_least >= k_rem).to(tl.int32), 0) - 1
+    k_rem -= tl.sum(tl.where(bins > chosen, hist, 0), 0)
+    if FIRST:
+        hi = chosen - 128
+    else:
+        hi = (hi << 8) | chosen
+    return hi, k_rem
+
+
 def tma_descriptors(k, v, block_n: int, packed: bool):
     """TMA descriptors of [B, Hkv, S, D] k and v (block [1, 1, block_n, D]), or (None, None) where TMA
     cannot take them: packed inputs, the interpreter, GPUs before Hopper (no TMA unit), a head dim that

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import INTERPRETED  # noqa: F401  (importing it applies the interpreter fix)
+from .._triton import INTERPRETED, order_key, radix_pick  # noqa: F401  (importing it applies the interpreter fix)
 from ..kvcache import PagedKVCache, budget_pages, window_pages
 from ..layouts import PageSelection
 from ..patterns import Param
@@ -53,8 +53,7 @@ def mark_pages(score: torch.Tensor, cache: PagedKVCache, n_sink: int, n_local: i
 @triton.jit
 def _keys(row, offs, n):
     """int32 keys of row[offs] whose signed order is the scores' order (past n: below every score)."""
-    bits = tl.load(row + offs, mask=offs < n, other=float("-inf")).to(tl.int32, bitcast=True)
-    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: larger magnitude, smaller key
+    key = order_key(tl.load(row + offs, mask=offs < n, other=float("-inf")))
     return tl.where(offs < n, key, -2147483648)
 
 
@@ -63,7 +62,6 @@ def _top_pages_kernel(SCORES, SEQLENS, PAGES, COUNTS, n, H, k, page_size,
                       NBLK, BLOCK: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     row = SCORES + r * n
-    bins = tl.arange(0, 256)
     # Four radix passes, most significant byte first: `hi` the bytes chosen so far, k_rem how many keys
     # matching them are still to be taken (the keys above them are taken whole).
     k_rem = k
@@ -78,13 +76,7 @@ def _top_pages_kernel(SCORES, SEQLENS, PAGES, COUNTS, n, H, k, page_size,
                 hist += tl.histogram((key >> 24) + 128, 256)
             else:
                 hist += tl.histogram((key >> shift) & 0xFF, 256, mask=(key >> (shift + 8)) == hi)
-        at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # matching keys with this byte or a higher one
-        chosen = tl.sum((at_least >= k_rem).to(tl.int32), 0) - 1
-        k_rem -= tl.sum(tl.where(bins > chosen, hist, 0), 0)
-        if p == 0:
-            hi = chosen - 128
-        else:
-            hi = (hi << 8) | chosen
+        hi, k_rem = radix_pick(hist, k_rem, hi, p == 0)
     # hi is now the k-th largest key: keep every key above it and the first k_rem equal to it, in order.
     out = PAGES + r * k
     taken = 0

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._triton import INTERPRETED  # noqa: F401  (importing it applies the interpreter fix)
+from ..._triton import INTERPRETED, order_key, radix_pick  # noqa: F401  (importing it applies the interpreter fix)
 
 __all__ = ["topk_ids_sorted"]
 
@@ -40,8 +40,7 @@ def _row_keys(row, offs, n, n_forced, ceiling):
     """int32 keys of row[offs] whose signed order is the scores' order; the forced ids' raised scores."""
     x = tl.load(row + offs, mask=offs < n, other=0.0)
     x = tl.where(offs < n_forced, ceiling + 1.0 + (n_forced - offs).to(tl.float32), x)
-    bits = x.to(tl.int32, bitcast=True)
-    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: larger magnitude, smaller key
+    return order_key(x)
 
 
 @triton.jit
@@ -67,14 +66,7 @@ def _decided(HIST, k, PASSES: tl.constexpr):
     hi = 0
     bins = tl.arange(0, 256)
     for p in tl.static_range(PASSES):
-        hist = tl.load(HIST + p * 256 + bins)
-        at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # matching keys with this byte or a higher one
-        chosen = tl.sum((at_least >= k_rem).to(tl.int32), 0) - 1
-        k_rem -= tl.sum(tl.where(bins > chosen, hist, 0), 0)
-        if p == 0:
-            hi = chosen - 128
-        else:
-            hi = (hi << 8) | chosen
+        hi, k_rem = radix_pick(tl.load(HIST + p * 256 + bins), k_rem, hi, p == 0)
     return hi, k_rem
 
 
