@@ -17,7 +17,6 @@ becomes the default there. Prints two tables; writes hier_speed.json under --out
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "bench" / "probes")]
 
 import torch  # noqa: E402
 
+from bench_hier import event_median  # noqa: E402
 from common import bench_graph_ms, device_info, methods_inputs, out_dir, print_table, write_json  # noqa: E402
 
 # (query heads per program, warps, chunk, register cap); the first is the default
@@ -34,18 +34,8 @@ PREFILL_SHAPES = [(4, 4, 8, None), (4, 4, 8, 168), (4, 8, 8, 128), (4, 8, 8, Non
 DECODE_SHAPES = [(w, c) for w in (4, 8, 16) for c in (32, 64, 128)]
 
 
-def event_ms(fn, repeats: int = 10, warmup: int = 3) -> float:
-    times = []
-    for i in range(warmup + repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def event_ms(fn) -> float:
+    return event_median(fn, 10, warmup=3)
 
 
 def rows_of(ids, counts):
