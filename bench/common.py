@@ -435,37 +435,15 @@ def method_recall(name: str, kwargs: dict, q, k, v, rows) -> Dict[str, float]:
     """{"recall": the share of the dense attention mass the method's sparse index keeps, mean over query
     heads and the sampled rows (sparse_attn.recall.sampled_rows); dense heads count 1, "density": the
     index's computed / causal entries}. Runs the method once (min_seqlen 0) to get its layouts."""
-    from sparse_attn.methods import check_method_kwargs, get_method
-    from sparse_attn.recall import attention_recall
-
-    from sparse_attn.methods import _run_rows
+    from sparse_attn.methods import _run_rows, check_method_kwargs, get_method
 
     method = get_method(name)
     merged = check_method_kwargs(name, {**kwargs, "min_seqlen": 0})
     merged.pop("decode", None), merged.pop("decode_config", None)
     # As the public call runs it: row chunks of a long call (each chunk's layouts over its rows and the keys
-    # they see), so a 1M-token call needs no whole-call layout here either.
+    # they see, measured on the sampled rows inside it), so a 1M-token call needs no whole-call layout here.
     _, record, _ = _run_rows(method, q, k, v, causal=True, scale=None, head_config=None, **merged)
-    chunks = getattr(record, "chunks", None) or [(0, q.shape[2], record)]
-    off = k.shape[2] - q.shape[2]
-
-    def select(t, ids):
-        return t if list(ids) == list(range(t.shape[1])) else t.index_select(1, torch.tensor(ids, device=t.device))
-
-    total = torch.zeros(q.shape[1], dtype=torch.float64)
-    n_rows = 0
-    for r0, r1, layouts in chunks:
-        local = [(max(a, r0) - r0, min(b, r1) - r0) for a, b in rows if min(b, r1) > max(a, r0)]
-        if not local:
-            continue
-        weight = sum(b - a for a, b in local)
-        recall = torch.ones(q.shape[1], dtype=torch.float64)
-        qc, kc = q[:, :, r0:r1], k[:, :, : r1 + off]
-        for heads, kv_heads, layout in layouts.parts:
-            recall[heads] = attention_recall(select(qc, heads), select(kc, kv_heads), layout, rows=local).mean(0)
-        total += recall * weight
-        n_rows += weight
-    return {"recall": float((total / max(1, n_rows)).mean()), "density": float(record.density().mean())}
+    return {"recall": float(record.recall(q, k, rows=rows).mean()), "density": float(record.density().mean())}
 
 
 # ---------------------------------------------------------------------------------------------- output
