@@ -3,7 +3,7 @@ compiled for sm_90a through tests/ops/compile_sm90_helper.py's stand-in driver, 
 Triton's own cuobjdump (registers, spill stack) and nvdisasm (instructions: the whole kernel and each loop
 body, i.e. the code between a backward branch and its target, per level of the search).
 
-    python bench/probes/hier_sass.py                 # old (probes/hier_old.py) and the new shapes
+    python bench/probes/hier_sass.py                 # a few launch shapes of each kernel
     python bench/probes/hier_sass.py --top-k 32 64
 
 Static counts, not timings: a loop body runs once per level. Prefill is compiled on CPU tensors of 8 query /
@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT / "tests" / "ops"), str(ROOT), str(ROOT / "tests"), str(ROOT / "bench" / "probes")]
+sys.path[:0] = [str(ROOT / "tests" / "ops"), str(ROOT), str(ROOT / "tests")]
 os.environ.pop("TRITON_INTERPRET", None)
 
 import compile_sm90_helper as helper  # noqa: E402
@@ -58,8 +58,6 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--top-k", type=int, nargs="+", default=[16, 32, 64])
     args = ap.parse_args(argv)
-    import hier_old
-
     from sparse_attn.estimators import hierarchical as hier
     from sparse_attn.kvcache import PagedKVCache, PageSummaries
 
@@ -69,25 +67,22 @@ def main(argv=None):
     q = torch.randn(1, 8, 8192, 128, generator=gen).to(torch.bfloat16)
     k = torch.randn(1, 2, 8192, 128, generator=gen).to(torch.bfloat16)
     for top_k in args.top_k:
-        hier_old.hierarchical_layout(q, k, top_k)
-        print(f"prefill top_k {top_k} old: {costs(compiled_now('_prefill_kernel'))}")
-        for heads, warps, chunk, maxnreg in ((1, 4, 8, None), (2, 4, 8, None), (4, 4, 8, None), (4, 8, 8, 128)):
+        for heads, warps, chunk, maxnreg in ((1, 4, 8, None), (2, 4, 8, None), (4, 4, 8, None), (4, 4, 16, None),
+                                             (4, 8, 8, 128)):
             hier._PREFILL_HEADS, hier._PREFILL_WARPS, hier._PREFILL_CHUNK, hier._PREFILL_MAXNREG = \
                 heads, warps, chunk, maxnreg
             hier.hierarchical_layout(q, k, top_k, use_triton=True)
-            print(f"prefill top_k {top_k} new h{heads} w{warps} c{chunk} r{maxnreg or '-'}: "
+            print(f"prefill top_k {top_k} h{heads} w{warps} c{chunk} r{maxnreg or '-'}: "
                   f"{costs(compiled_now('_prefill_search_kernel'))}")
     pages = torch.randn(64, 64, 2, 128, generator=gen).to(torch.bfloat16)
     cache = PagedKVCache(pages, pages, torch.arange(64, dtype=torch.int32).view(2, 32),
                          torch.tensor([2000, 1500], dtype=torch.int32), 64)
     summaries = PageSummaries.build(cache)
     qd = torch.randn(2, 8, 128, generator=gen).to(torch.bfloat16)
-    hier_old.hierarchical_pages(qd, cache, summaries, top_k=62)
-    print(f"decode top_k 62 old: {costs(compiled_now('_decode_kernel'))}")
-    for warps, chunk in ((4, 32), (8, 64), (16, 128)):
+    for warps, chunk in ((4, 32), (8, 32), (8, 64), (16, 128)):
         hier._DECODE_WARPS, hier._DECODE_CHUNK = warps, chunk
         hier.hierarchical_pages(qd, cache, summaries, top_k=62, use_triton=True)
-        print(f"decode top_k 62 new w{warps} c{chunk}: {costs(compiled_now('_decode_search_kernel'))}")
+        print(f"decode top_k 62 w{warps} c{chunk}: {costs(compiled_now('_decode_search_kernel'))}")
     return 0
 
 

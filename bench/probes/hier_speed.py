@@ -1,18 +1,18 @@
-"""Hierarchical selection speed: the kernels before the 2026-12-06 rework (probes/hier_old.py) against the new
-ones under the launch shapes the CPU machine could not decide between, in one GPU run (~2-3 min on an H100).
+"""Hierarchical selection speed under launch shapes the CPU machine cannot decide between, in one GPU run
+(~5 min on an H100).
 
     python bench/probes/hier_speed.py --out bench/results
 
 Prefill at --seqlen (methods_inputs: 32 q / 8 kv heads, D=128, bf16, 64-token blocks), per top_k: the whole
-selection (block means + search) by CUDA-event median, for old and for each new shape h/w/c/r (query heads of
-a GQA group per program, warps, elements per key chunk, register cap); `same`: the share of (head, query
-block) rows whose counted blocks equal the new default's (float order may flip a near-tie); key_means_ms: the
-new key block means alone (the rest is the search launch).
+selection (block means + search) by CUDA-event median, for the module's default and for each shape h/w/c/r
+(query heads of a GQA group per program, warps, elements per key chunk, register cap); `same`: the share of
+(head, query block) rows whose counted blocks equal the default's (float order may flip a near-tie);
+key_means_ms: the key block means alone (the rest is the search launch).
 Decode at --decode-context, batch --decode-batch, top_k = 4096 / 64 - 2 = 62 (bench_hier's 4K budget), on a
 shuffled paged copy of the structured cache: the selection from a CUDA graph after an L2 flush (bench_graph_ms,
-as bench_hier reports select_gpu_us), old and each new (warps, chunk); `same` against the new default.
-The shapes are module constants of sparse_attn.estimators.hierarchical, set here between runs; the fastest
-becomes the default there. Prints two tables; writes hier_speed.json under --out.
+as bench_hier reports select_gpu_us), the default and each (warps, chunk); `same` against the default.
+The shapes are module constants of sparse_attn.estimators.hierarchical, set here between runs and restored.
+Prints two tables; writes hier_speed.json under --out.
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ import torch  # noqa: E402
 from bench_hier import event_median  # noqa: E402
 from common import bench_graph_ms, device_info, methods_inputs, out_dir, print_table, write_json  # noqa: E402
 
-# (query heads per program, warps, chunk, register cap); the first is the default
-PREFILL_SHAPES = [(4, 4, 8, None), (4, 4, 8, 168), (4, 8, 8, 128), (4, 8, 8, None), (2, 4, 8, None), (2, 8, 8, 128),
-                  (1, 4, 8, None), (4, 4, 16, None)]
+# (query heads per program, warps, chunk, register cap)
+PREFILL_SHAPES = [(4, 4, 8, None), (4, 4, 16, None), (4, 4, 8, 168), (4, 4, 16, 168), (4, 8, 8, 128),
+                  (2, 4, 8, None), (2, 4, 16, None)]
 DECODE_SHAPES = [(w, c) for w in (4, 8, 16) for c in (32, 64, 128)]
 
 
@@ -54,30 +54,28 @@ def set_prefill(hier, heads, warps, chunk, maxnreg):
     hier._PREFILL_HEADS, hier._PREFILL_WARPS, hier._PREFILL_CHUNK, hier._PREFILL_MAXNREG = heads, warps, chunk, maxnreg
 
 
-def prefill(args, hier, old):
+def prefill(args, hier):
     q, k, _ = methods_inputs(args.seqlen)
+    default = (hier._PREFILL_HEADS, hier._PREFILL_WARPS, hier._PREFILL_CHUNK, hier._PREFILL_MAXNREG)
     rows = []
     for top_k in args.top_k:
-        set_prefill(hier, *PREFILL_SHAPES[0])
         ref = hier.hierarchical_layout(q, k, top_k, block_size=64)
         want = rows_of(ref.indices, ref.counts)
         means = event_ms(lambda: hier.block_means(k, 64, k.dtype))
-        lay = old.hierarchical_layout(q, k, top_k, block_size=64)
-        rows.append({"top_k": top_k, "kernels": "old", "ms": event_ms(lambda: old.hierarchical_layout(
-            q, k, top_k, block_size=64)), "same": same(rows_of(lay.indices, lay.counts), want)})
-        print(rows[-1], flush=True)
-        for heads, warps, chunk, maxnreg in PREFILL_SHAPES:
-            set_prefill(hier, heads, warps, chunk, maxnreg)
+        for shape in [default] + PREFILL_SHAPES:
+            set_prefill(hier, *shape)
+            heads, warps, chunk, maxnreg = shape
             lay = hier.hierarchical_layout(q, k, top_k, block_size=64)
-            rows.append({"top_k": top_k, "kernels": f"new h{heads} w{warps} c{chunk} r{maxnreg or '-'}",
+            name = "default" if shape is default else f"h{heads} w{warps} c{chunk} r{maxnreg or '-'}"
+            rows.append({"top_k": top_k, "kernels": name,
                          "ms": event_ms(lambda: hier.hierarchical_layout(q, k, top_k, block_size=64)),
                          "key_means_ms": means, "same": same(rows_of(lay.indices, lay.counts), want)})
             print(rows[-1], flush=True)
-    set_prefill(hier, *PREFILL_SHAPES[0])
+        set_prefill(hier, *default)
     return rows
 
 
-def decode(args, hier, old):
+def decode(args, hier):
     from sparse_attn.kvcache import PagedKVCache, PageSummaries
 
     s, b, ps = args.decode_context, args.decode_batch, 64
@@ -95,21 +93,18 @@ def decode(args, hier, old):
                          torch.full((b,), s, dtype=torch.int32, device="cuda"), ps)
     summaries = PageSummaries.build(cache)
     top_k = 4096 // ps - 2
-    hier._DECODE_WARPS, hier._DECODE_CHUNK = DECODE_SHAPES[4]  # 8 warps, chunk 64: the default
+    default = (hier._DECODE_WARPS, hier._DECODE_CHUNK)
     ref = hier.hierarchical_pages(q, cache, summaries, top_k=top_k)
     want = rows_of(ref.pages, ref.counts)
-    sel = old.hierarchical_pages(q, cache, summaries, top_k=top_k)
-    rows = [{"kernels": "old", "us": 1e3 * bench_graph_ms(lambda: old.hierarchical_pages(
-        q, cache, summaries, top_k=top_k)), "same": same(rows_of(sel.pages, sel.counts), want)}]
-    print(rows[-1], flush=True)
-    for warps, chunk in DECODE_SHAPES:
+    rows = []
+    for warps, chunk in [default] + DECODE_SHAPES:
         hier._DECODE_WARPS, hier._DECODE_CHUNK = warps, chunk
         sel = hier.hierarchical_pages(q, cache, summaries, top_k=top_k)
-        rows.append({"kernels": f"new w{warps} c{chunk}", "us": 1e3 * bench_graph_ms(
+        rows.append({"kernels": "default" if not rows else f"w{warps} c{chunk}", "us": 1e3 * bench_graph_ms(
             lambda: hier.hierarchical_pages(q, cache, summaries, top_k=top_k)),
             "same": same(rows_of(sel.pages, sel.counts), want)})
         print(rows[-1], flush=True)
-    hier._DECODE_WARPS, hier._DECODE_CHUNK = DECODE_SHAPES[4]
+    hier._DECODE_WARPS, hier._DECODE_CHUNK = default
     return rows
 
 
@@ -125,19 +120,18 @@ def main(argv=None):
     if not torch.cuda.is_available():
         print("hier_speed.py needs a CUDA GPU; nothing was measured.", file=sys.stderr)
         return 2
-    import hier_old
     from sparse_attn.estimators import hierarchical
 
     out = {"meta": device_info()}
     if "prefill" not in args.skip:
-        out["prefill"] = prefill(args, hierarchical, hier_old)
+        out["prefill"] = prefill(args, hierarchical)
         torch.cuda.empty_cache()
     if "decode" not in args.skip:
-        out["decode"] = decode(args, hierarchical, hier_old)
+        out["decode"] = decode(args, hierarchical)
     write_json(out_dir(args.out) / "hier_speed.json", out)
-    print(f"\nhierarchical selection, old kernels vs new launch shapes; {out['meta']}")
+    print(f"\nhierarchical selection, launch shapes; {out['meta']}")
     if "prefill" in out:
-        print(f"\nprefill at {args.seqlen} (ms, CUDA events; same: rows equal to the new default's)")
+        print(f"\nprefill at {args.seqlen} (ms, CUDA events; same: rows equal to the default's)")
         print_table(out["prefill"], ["top_k", "kernels", "ms", "key_means_ms", "same"],
                     {"ms": "{:.3f}", "key_means_ms": "{:.3f}", "same": "{:.4f}"})
     if "decode" in out:
