@@ -74,7 +74,7 @@ def _antidiagonal_tile(qbase, kbase, c, grp, valid, last, d, sq, sk, nkg, s_qm, 
     return s, ok
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("qb0", "qb1", "sq", "sk", "nkg", "s_ob", "s_oh", "s_om"))
 def _antidiagonal_kernel(Q, K, OUT, qb0, qb1, sq, sk, nkg, scale_log2, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn,
                          s_ob, s_oh, s_om, num_heads, group, S: tl.constexpr, PER: tl.constexpr, QB: tl.constexpr,
                          BN: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):

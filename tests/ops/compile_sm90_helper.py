@@ -277,6 +277,46 @@ def _constexprs(ck) -> dict:
     return out
 
 
+def _chunk_lengths() -> list:
+    """The prefill kernels a serving engine runs on chunks of every length (minference's vertical-slash
+    estimate, index and attention; the block-sparse plan and attention), called at several (queries, keys)
+    lengths of one size class, bottom-right causal: the kernels compiled by each call after the first."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from helpers import random_layout
+
+    import sparse_attn.ops.vertical_slash as vs_public
+    from sparse_attn._triton import tensor_descriptor
+    from sparse_attn.estimators.vertical_slash import build_vertical_slash_index, vertical_slash_scores
+    from sparse_attn.estimators.vertical_slash.topk_triton import topk_ids_sorted
+    from sparse_attn.layouts import BlockLayout
+    from sparse_attn.ops.block_sparse import kernel as bs_kernel
+    from sparse_attn.ops.vertical_slash import kernel as vs_kernel
+
+    def descriptors(k, v, block_n, packed):
+        return tensor_descriptor(k, block_n), tensor_descriptor(v, block_n)
+
+    bs_kernel.tma_descriptors = vs_kernel.tma_descriptors = descriptors
+    vs_public.not_supported_reasons = lambda *a, **kw: []
+    gen = torch.Generator().manual_seed(1)
+    h, hkv, rows = 4, 2, []
+    compiled.clear()
+    for sq, sk in ((1024, 1024), (1022, 1022), (1000, 1024), (1017, 1023), (520, 1001)):
+        q = torch.randn(1, h, sq, 64, generator=gen).to(torch.bfloat16)  # D=64 bf16: not compiled before
+        k, v = (torch.randn(1, hkv, sk, 64, generator=gen).to(torch.bfloat16) for _ in range(2))
+        scores = vertical_slash_scores(q, k, last_q=64, scale=0.1, causal=True, backend="triton")
+        topk_ids_sorted(scores, [torch.full((h,), 30), torch.full((h,), 20)], (8, 8), 64.0)
+        vertical = torch.randint(0, sk, (1, h, 30), generator=gen)
+        slash = torch.randint(0, sk, (1, h, 20), generator=gen)
+        build_vertical_slash_index(vertical, slash, sq, sk, 64, backend="triton")
+        vs_public.vertical_slash_attention(q, k, v, build_vertical_slash_index(vertical, slash, sq, sk, 64,
+                                                                              backend="torch"))
+        layout = random_layout(BlockLayout, gen, 1, h, sq, sk, 128, causal=False, diagonal=False, device="cpu")
+        bs_kernel.forward(q, k, v, layout, causal=True, scale=0.1, packed=False, batch=1, max_seqlen_q=sq)
+        rows.append({"sq": sq, "sk": sk, "compiled": sorted(ck.name for ck in compiled)})
+        compiled.clear()
+    return rows
+
+
 def main() -> int:
     try:
         _install()
@@ -289,6 +329,7 @@ def main() -> int:
         print(json.dumps({"name": ck.name, "num_warps": md.num_warps, "num_stages": md.num_stages,
                           "shared": md.shared, "maxnreg": getattr(md, "maxnreg", None),
                           "constexprs": _constexprs(ck)}))
+    print(json.dumps({"chunk_compiles": _chunk_lengths()}))
     return 0
 
 

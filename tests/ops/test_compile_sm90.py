@@ -47,6 +47,18 @@ def test_fast_launch_passes_what_the_jit_passes(helper_output):
     assert fast["compared"] >= 40 and not fast["mismatches"], fast
 
 
+def test_chunk_lengths_reuse_the_compiled_kernels(helper_output):
+    """A serving engine prefills chunks of every length (vLLM's scheduler splits prompts wherever its token
+    budget ends). Triton specialises integer arguments on divisibility by 16, so a kernel taking lengths as
+    plain arguments compiles again for each new residue pattern: seconds per kernel on an H100, paid inside
+    a request. The prefill kernels take lengths unspecialised: after the first call of a size class, chunks
+    of other lengths compile nothing."""
+    (rows,) = [k["chunk_compiles"] for k in helper_output if "chunk_compiles" in k]
+    first, *later = rows
+    assert {"_lse_kernel", "_scores_kernel", "_vs_attn_kernel", "_attn_kernel"} <= set(first["compiled"]), first
+    assert all(not r["compiled"] for r in later), later
+
+
 def test_every_kernel_compiles_for_sm90(compiled):
     names = {k["name"] for k in compiled}
     expected = {"_plan_kernel", "_attn_kernel", "_lse_kernel", "_scores_kernel", "_index_kernel",

@@ -47,7 +47,7 @@ def _padded(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("seqlen", "n_blocks"))
 def _pool_kernel(X, FLAG, OUT, seqlen, n_blocks, num_heads, s_xb, s_xh, s_xs,
                  BS: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, PER: tl.constexpr, HAS_FLAG: tl.constexpr):
     pid = tl.program_id(0)
@@ -84,7 +84,7 @@ def pool_triton(x: torch.Tensor, block_size: int, flag=None) -> torch.Tensor:
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("seqlen_q", "seqlen_k", "nk", "length"))
 def _decide_kernel(Q, KP, V, TAU, QA, seqlen_q, seqlen_k, nk, num_heads, group, length, scale,
                    s_qb, s_qh, s_qs, BS: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, LP: tl.constexpr,
                    BJ: tl.constexpr):
@@ -367,7 +367,7 @@ def _select_band(P, BUF, row_off, live, nvis, nvis_max, gamma, min_blocks, START
     return runs
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("n_work", "n_bands", "nq", "nk", "seqlen_q", "seqlen_k", "min_blocks", "width"))
 def _query_aware_kernel(QP, KP, GAMMA, QA, SCR, COUNTS, STARTS, ENDS, STATS,
                         n_work, n_bands, n_heads, num_heads, group, nq, nk, seqlen_q, seqlen_k, block_size, min_blocks,
                         width, scale_log2, BM: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, DP: tl.constexpr,

@@ -124,7 +124,7 @@ def _gather(x, cand, lo_v, hi_v, above, taken, BUF, BY_MASS: tl.constexpr, CAP: 
     return above, taken + tl.sum(inside, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("n", "length", "min_budget"))
 def _vs_select_kernel(V, S, GAMMA, QA, THR, CNT, STATS, BUF, n, length, num_heads, min_budget, BT: tl.constexpr,
                       CAP: tl.constexpr):
     row = tl.program_id(0)
@@ -238,7 +238,7 @@ def _write_ids(X, OUT, n, length, t, quota, kept, width, BT: tl.constexpr):
         ties_seen += tl.sum(tie, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("n", "length", "width_c", "width_s"))
 def _vs_write_kernel(V, S, THR, CNT, COLS, SLASHES, n, length, width_c, width_s, BT: tl.constexpr):
     row = tl.program_id(0)
     kind = tl.program_id(1)

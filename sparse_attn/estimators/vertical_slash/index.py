@@ -180,7 +180,7 @@ def _runs_of(desc, NS, width, RUN_HI, RUN_LO, lane, CHUNK: tl.constexpr):
     return carry
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("NS", "NV", "seqlen_k", "width_full", "width_last"))
 def _prepare_kernel(DESC, VERT, RUN_HI, RUN_LO, RUN_COUNT, COVERED, STATS,
                     BH, NS, NV, seqlen_k, width_full, width_last,
                     BQ: tl.constexpr, CHUNK: tl.constexpr, PER_PROGRAM: tl.constexpr, STEPS: tl.constexpr):
@@ -329,7 +329,7 @@ def _build_torch(tables: _Tables, seqlen_q, seqlen_k, bq, nqb, out) -> None:
 # ---------------------------------------------------------------------------------------------- triton
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("NS", "NV", "nqb", "max_ranges", "max_columns", "seqlen_q", "seqlen_k"))
 def _index_kernel(RUN_HI, RUN_LO, RUN_COUNT, COVERED, VERT,
                   R_COUNT, R_START, R_END, C_COUNT, C_IDX,
                   BH, NS, NV, nqb, max_ranges, max_columns, seqlen_q, seqlen_k,

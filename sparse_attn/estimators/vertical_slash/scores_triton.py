@@ -48,7 +48,7 @@ def _load_q(Q, b, hk, s_qb, s_qh, s_qm, s_qd, L, HG: tl.constexpr, BM: tl.conste
     return tl.load(ptr, mask=(t < L)[:, None], other=0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("Sk", "L", "keys_per_split", "n_split"))
 def _lse_kernel(Q, K, M_OUT, L_OUT,
                 s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
                 Hkv, Sk, L, G_SUB, keys_per_split, n_split, scale_log2,
@@ -100,7 +100,7 @@ def _combined_lse(M, L_SUM, row_head, t, n_split, HG: tl.constexpr, BM: tl.const
     return tl.where(total > 0.0, m_safe + tl.log2(total), float("inf"))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("Sk", "L", "n_key_tiles", "tiles_per_prog", "n_split"))
 def _scores_kernel(Q, K, M, L_SUM, V_OUT, S_OUT, SKIP,
                    s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
                    Hkv, Sk, L, G_SUB, n_key_tiles, tiles_per_prog, n_split, scale_log2,

@@ -70,7 +70,7 @@ def _decided(HIST, k, PASSES: tl.constexpr):
     return hi, k_rem
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("n", "width0", "width1", "n_forced0", "n_forced1"))
 def _hist_kernel(S0, S1, K0, K1, HIST, CHUNK_ABOVE, CHUNK_HIST, n, width0, width1, n_forced0, n_forced1,
                  ceiling, H, R, PASS: tl.constexpr, UNIFORM: tl.constexpr, BLOCK: tl.constexpr,
                  CHUNK: tl.constexpr, NCHUNK: tl.constexpr):
@@ -106,7 +106,7 @@ def _hist_kernel(S0, S1, K0, K1, HIST, CHUNK_ABOVE, CHUNK_HIST, n, width0, width
         tl.store(CHUNK_ABOVE + out, above + tl.sum(hist, 0) - tl.cumsum(hist, 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("n", "width0", "width1", "n_forced0", "n_forced1"))
 def _write_kernel(S0, S1, O0, O1, K0, K1, HIST, CHUNK_ABOVE, CHUNK_HIST, n, width0, width1, n_forced0, n_forced1,
                   ceiling, H, R, UNIFORM: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
                   NCHUNK: tl.constexpr):

@@ -68,7 +68,7 @@ def default_config(head_dim: int, dtype: torch.dtype, block_size_q: int, block_s
     return Config(min(64, block_size_q), min(64, block_size_k), 4, 3, tma=True)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("NQ", "SQ", "SK", "s_cb", "s_ch", "s_ib", "s_ih", "s_iq"))
 def _plan_kernel(
     counts, indices, cu_q, cu_k, plan,
     s_cb, s_ch, s_cq, s_ib, s_ih, s_iq, s_ij,
@@ -163,7 +163,7 @@ def _tiles(
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("NQ", "M_TILES", "SQ", "SK", "s_lb", "s_lh", "s_ib", "s_ih", "s_iq"))
 def _attn_kernel(
     Q, K, V, KD, VD, O, LSE, plan, indices, cu_q, cu_k,
     s_qb, s_qh, s_qs, s_qd, s_kb, s_kh, s_ks, s_kd, s_vb, s_vh, s_vs, s_vd,

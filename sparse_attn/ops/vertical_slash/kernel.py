@@ -132,7 +132,7 @@ def _planned_block(num_heads, nqb, qb, HP: tl.constexpr):
     return b, (b.to(tl.int64) * num_heads + head) * nqb + qb, bh.to(tl.int64) * nqb + qb
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("nqb", "max_ranges", "max_columns", "seqlen_q", "seqlen_k"))
 def _count_kernel(R_COUNT, R_START, R_END, C_COUNT, C_IDX, CU_Q, CU_K, COUNTS,
                   num_heads, nqb, max_ranges, max_columns, seqlen_q, seqlen_k,
                   BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
@@ -174,7 +174,7 @@ def _count_kernel(R_COUNT, R_START, R_END, C_COUNT, C_IDX, CU_Q, CU_K, COUNTS,
     tl.store(dst + 5, tl.where(live, n_spill, 0), mask=live | gone)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("nqb", "max_ranges", "max_columns", "seqlen_q", "seqlen_k"))
 def _tiles_kernel(R_COUNT, R_START, R_END, C_IDX, CU_Q, CU_K, COUNTS, FIRST_TILE, T_START, T_END,
                   num_heads, nqb, max_ranges, max_columns, seqlen_q, seqlen_k,
                   BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
@@ -237,7 +237,7 @@ def _tiles_kernel(R_COUNT, R_START, R_END, C_IDX, CU_Q, CU_K, COUNTS, FIRST_TILE
         tl.store(T_START + gathered + tl.where(c < n_seen, c, c + n_spill), key, mask=on)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("nqb", "max_ranges"))
 def _group_order_kernel(R_COUNT, R_START, R_END, O_START, O_END, CLS, num_heads, nqb, max_ranges, group,
                         GP: tl.constexpr, LANES: tl.constexpr, STEPS: tl.constexpr):
     """One block of one head: its ranges written to O_START / O_END shared-first, i.e. stably sorted by how
@@ -376,7 +376,7 @@ def _column_tiles(acc, m_i, l_i, q, Kb, Vb, cols, lo, hi, n_cols, rows, off, qk_
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("nqb", "seqlen_q", "seqlen_k", "s_lb", "s_lh"))
 def _vs_attn_kernel(
     Q, K, V, KD, VD, O, LSE, COUNTS, FIRST_TILE, T_START, T_END, CU_Q, CU_K,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
