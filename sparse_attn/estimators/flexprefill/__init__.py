@@ -8,8 +8,8 @@ from typing import Any, Dict, List
 
 from ...layouts import VerticalSlashLayout
 from ...patterns import Param, Pattern, register_pattern
-from .select import (BLOCK_SIZES, FlexChoice, check_budgets, flexprefill_choice, flexprefill_layout,
-                     select_query_aware, select_vertical_slash, take_until)
+from .select import (BLOCK_SIZES, DEFAULT_MIN_BUDGET, FlexChoice, check_budgets, flexprefill_choice,
+                     flexprefill_layout, select_query_aware, select_vertical_slash, take_until)
 
 __all__ = ["flexprefill_choice", "flexprefill_layout", "FlexChoice", "take_until", "select_query_aware",
            "select_vertical_slash", "check_budgets", "BLOCK_SIZES", "PATTERN"]
@@ -37,7 +37,9 @@ def _candidates(seqlen: int, block_size: int) -> List[Dict[str, Any]]:
 
 
 def _sweep(seqlen: int, block_size: int) -> List[Dict[str, Any]]:
-    return [{"gamma": g, "tau": 0.1} for g in _GAMMAS]
+    """gamma over _GAMMAS; the key floor follows the length below 32K keys (the default, 1024, covers most
+    of a short row), so that every entry is sparse at any length."""
+    return [{"gamma": g, "tau": 0.1, "min_budget": min(DEFAULT_MIN_BUDGET, seqlen // 32)} for g in _GAMMAS]
 
 
 PATTERN = register_pattern(Pattern(
@@ -50,7 +52,7 @@ PATTERN = register_pattern(Pattern(
     options=(Param("min_budget", int, None, 0, optional=True,
                    doc="keys per row kept at least: ceil(min_budget / block_size) key blocks (query-aware "
                        "heads), or min_budget columns and diagonals (vertical-slash heads); None: "
-                       "seqlen_k // 32, at most 1024"),),
+                       "1024, as FlexPrefill's published runs use at every length"),),
     estimate=_estimate,
     build=_build,
     full_budget=lambda seqlen_q, seqlen_k, block_size: {"gamma": 1.0, "tau": 0.1},
