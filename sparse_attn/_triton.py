@@ -1,6 +1,6 @@
 """Triton helpers shared by several kernel families: the interpreter fix, LOG2E, a sorted-row binary
-search, Hopper TMA descriptors and the remembered-launch cache. Private: kernels import from here, never
-from another family's kernel module."""
+search, the running max / sum of a row softmax, Hopper TMA descriptors and the remembered-launch cache.
+Private: kernels import from here, never from another family's kernel module."""
 from __future__ import annotations
 
 import os
@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["INTERPRETED", "LOG2E", "count_below", "tma_descriptors", "tensor_descriptor", "LaunchCache",
-           "launch_template"]
+__all__ = ["INTERPRETED", "LOG2E", "count_below", "online_max_sum", "softmax_terms", "tma_descriptors",
+           "tensor_descriptor", "LaunchCache", "launch_template"]
 
 # The interpreter is chosen when @triton.jit runs, so whether CPU tensors can run is fixed at import.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -54,6 +54,22 @@ def count_below(row, s_j, count, thr, live, STEPS: tl.constexpr):
         lo = tl.where(right, mid + 1, lo)
         hi = tl.where(active & (val >= thr), mid, hi)
     return lo
+
+
+@triton.jit
+def online_max_sum(m_i, l_i, s):
+    """One step of a running row max and row sum of exp2 over base-2 logits s [rows, cols] (-inf where
+    masked): (max, sum) after s, with a row that has seen nothing kept at (-inf, 0)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, l_i * tl.exp2(m_i - safe) + tl.sum(tl.exp2(s - safe[:, None]), 1)
+
+
+@triton.jit
+def softmax_terms(m_i, l_i):
+    """(shift, scale) of the finished rows: p = exp2(s - shift) * scale; an empty row gets (0, 0)."""
+    safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    return safe, tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
 
 
 @triton.jit

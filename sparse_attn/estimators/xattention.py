@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .._triton import LOG2E
+from .._triton import LOG2E, online_max_sum, softmax_terms
 from ..layouts import BlockLayout
 from ..patterns import Param, Pattern, register_pattern
 
@@ -97,13 +97,8 @@ def _antidiagonal_kernel(Q, K, OUT, qb0, qb1, sq, sk, nkg, scale_log2, s_qb, s_q
         c = c0 + tl.arange(0, BN)
         s, ok = _antidiagonal_tile(qbase, kbase, c, grp, valid, last, d, sq, sk, nkg, s_qm, s_kn, S, QB * PER, BN,
                                    CAUSAL, PREC)
-        s = tl.where(ok, s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - safe) + tl.sum(tl.exp2(s - safe[:, None]), 1)
-        m_i = m_new
-    safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-    inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
+        m_i, l_i = online_max_sum(m_i, l_i, tl.where(ok, s * scale_log2, float("-inf")))
+    safe, inv = softmax_terms(m_i, l_i)
     rows = tl.minimum(PER, tl.cdiv(sq - (qb0 + pid * QB + tl.arange(0, QB)) * (PER * S), S))  # groups per block
     rows = tl.maximum(rows, 1).to(tl.float32)
     for c0 in range(0, nkg, BN):

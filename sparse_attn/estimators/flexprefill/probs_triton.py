@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ..._triton import INTERPRETED, LOG2E  # noqa: F401  (importing it applies the interpreter fix)
+from ..._triton import online_max_sum, softmax_terms
 
 __all__ = ["pool_triton", "decide_triton", "query_aware_triton"]
 
@@ -405,12 +406,8 @@ def _query_aware_kernel(QP, KP, GAMMA, QA, SCR, COUNTS, STARTS, ENDS, STATS,
                 s = _band_logits(q, kbase, j0, d, nvis, nvis_max, scale_log2, BN, DP, DOT)
                 j = j0 + tl.arange(0, BN)
                 tl.store(scratch + row_off[:, None] + j[None, :], s, mask=j[None, :] < nvis[:, None])
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                l_i = l_i * tl.exp2(m_i - safe) + tl.sum(tl.exp2(s - safe[:, None]), 1)
-                m_i = m_new
-            safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-            inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
+                m_i, l_i = online_max_sum(m_i, l_i, s)
+            safe, inv = softmax_terms(m_i, l_i)
             tl.debug_barrier()  # the band's scores, written by every thread, are read by every thread
             runs = _select_band(scratch, scratch + BM * nk, row_off, live, nvis, nvis_max, tl.load(GAMMA + h),
                                 min_blocks, STARTS, ENDS, out_row * width, width, block_size, seqlen_k, safe, inv, BM,

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._triton import LOG2E
+from ..._triton import LOG2E, online_max_sum
 
 __all__ = ["vertical_slash_scores_triton", "last_rows_lse", "scores_from_lse"]
 
@@ -73,11 +73,7 @@ def _lse_kernel(Q, K, M_OUT, L_OUT,
         valid = kmask[None, :] & (t < L)[:, None]
         if CAUSAL:
             valid = valid & (keys[None, :] <= Sk - L + t[:, None])
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - safe) + tl.sum(tl.exp2(s - safe[:, None]), 1)
-        m_i = m_new
+        m_i, l_i = online_max_sum(m_i, l_i, tl.where(valid, s, float("-inf")))
     head = hk * G_SUB * HG + sub * HG + r // BM
     out = ((b * Hkv * G_SUB * HG + head) * n_split + split) * BM + t  # [B, Hq, n_split, BM]
     tl.store(M_OUT + out, m_i)
