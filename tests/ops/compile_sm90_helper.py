@@ -65,12 +65,18 @@ def _install() -> None:
     torch.empty = lambda *a, **k: torch.zeros(*a, **k)  # sizes read back from kernel outputs stay 0
 
 
+def _cpu_tma_descriptors(k, v, block_n, packed):
+    """The kernels' tma_descriptors for CPU tensors (the real one refuses them)."""
+    from sparse_attn._triton import tensor_descriptor
+
+    return tensor_descriptor(k, block_n), tensor_descriptor(v, block_n)
+
+
 def _run_all() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: the shared helpers
     from helpers import random_layout
 
     import sparse_attn.ops.vertical_slash as vs_public
-    from sparse_attn._triton import tensor_descriptor
     from sparse_attn.estimators.vertical_slash import build_vertical_slash_index, vertical_slash_scores
     from sparse_attn.estimators.vertical_slash import index as vs_index
     from sparse_attn.estimators.vertical_slash.topk_triton import topk_ids_sorted
@@ -91,9 +97,6 @@ def _run_all() -> None:
     cu = torch.tensor([0, 400, s], dtype=torch.int32)
     layout2 = random_layout(BlockLayout, gen, 2, h, s, s, 128, causal=False, diagonal=False, device="cpu")
 
-    def tma_descriptors(k, v, block_n, packed):  # the real one refuses CPU tensors
-        return tensor_descriptor(k, block_n), tensor_descriptor(v, block_n)
-
     # kernels import tma_descriptors into their own namespace: that is the name to replace
     real_descriptors = bs_kernel.tma_descriptors
     runs = [(128, torch.bfloat16, None, True), (128, torch.bfloat16, None, False),
@@ -101,11 +104,11 @@ def _run_all() -> None:
             (64, torch.float16, None, True), (128, torch.float32, None, False)]
     for d, dtype, cfg, tma in runs:
         q, k, v = qkv(d, dtype)
-        bs_kernel.tma_descriptors = tma_descriptors if tma else real_descriptors
+        bs_kernel.tma_descriptors = _cpu_tma_descriptors if tma else real_descriptors
         bs_kernel.forward(q, k, v, layout, causal=True, scale=0.1, packed=False, batch=1,
                           max_seqlen_q=s, return_lse=True, config=cfg)
     bs_kernel.tma_descriptors = real_descriptors
-    _check_fast_launch(bs_kernel, layout, qkv, tma_descriptors)
+    _check_fast_launch(bs_kernel, layout, qkv)
     q, k, v = qkv(128, torch.bfloat16, packed=True)
     bs_kernel.forward(q, k, v, layout2, causal=True, scale=0.1, packed=True, batch=2, max_seqlen_q=600,
                       cu_seqlens_q=cu, cu_seqlens_k=cu)
@@ -127,7 +130,7 @@ def _run_all() -> None:
     for dtype, lay, tma in ((torch.bfloat16, vs_layout, True), (torch.float32, vs_layout, False),
                             (torch.bfloat16, pairs, True), (torch.bfloat16, pairs, False)):
         q, k, v = qkv(128, dtype)
-        vs_kernel.tma_descriptors = tma_descriptors if tma else real_vs_descriptors
+        vs_kernel.tma_descriptors = _cpu_tma_descriptors if tma else real_vs_descriptors
         vs_public.vertical_slash_attention(q, k, v, lay, return_lse=lay is vs_layout)
     vs_kernel.tma_descriptors = real_vs_descriptors
     vs_kernel._group_order(vs_layout, 2)  # the shared-first range order of long inputs (h / hkv = 2 here)
@@ -204,7 +207,7 @@ def _same(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
-def _check_fast_launch(bs_kernel, layout, qkv, tma_descriptors) -> None:
+def _check_fast_launch(bs_kernel, layout, qkv) -> None:
     """Public calls with one signature: the first through the JIT, the others through bs_kernel.fast_forward
     (three, each with a new layout of the same geometry: the remembered plan kernel runs too; then a plan made
     once and two calls with it: the remembered attention launch alone); record what reaches the launcher and
@@ -228,7 +231,7 @@ def _check_fast_launch(bs_kernel, layout, qkv, tma_descriptors) -> None:
 
     triton_compiler.CompiledKernel.run = property(recorder)
     bs_public.not_supported_reasons = lambda *a, **kw: []
-    bs_kernel.tma_descriptors = tma_descriptors
+    bs_kernel.tma_descriptors = _cpu_tma_descriptors
     bs_kernel.fast_forward = fast
     try:
         q, k, v = qkv(128, torch.bfloat16)
@@ -285,17 +288,13 @@ def _chunk_lengths() -> list:
     from helpers import random_layout
 
     import sparse_attn.ops.vertical_slash as vs_public
-    from sparse_attn._triton import tensor_descriptor
     from sparse_attn.estimators.vertical_slash import build_vertical_slash_index, vertical_slash_scores
     from sparse_attn.estimators.vertical_slash.topk_triton import topk_ids_sorted
     from sparse_attn.layouts import BlockLayout
     from sparse_attn.ops.block_sparse import kernel as bs_kernel
     from sparse_attn.ops.vertical_slash import kernel as vs_kernel
 
-    def descriptors(k, v, block_n, packed):
-        return tensor_descriptor(k, block_n), tensor_descriptor(v, block_n)
-
-    bs_kernel.tma_descriptors = vs_kernel.tma_descriptors = descriptors
+    bs_kernel.tma_descriptors = vs_kernel.tma_descriptors = _cpu_tma_descriptors
     vs_public.not_supported_reasons = lambda *a, **kw: []
     gen = torch.Generator().manual_seed(1)
     h, hkv, rows = 4, 2, []
