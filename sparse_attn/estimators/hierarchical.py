@@ -161,7 +161,7 @@ def _block_mean(X, s_r, s_s, s_d, R: tl.constexpr, r_ok, n_rows, BS: tl.constexp
     return acc / n_rows.to(tl.float32)
 
 
-@triton.jit(do_not_specialize=("S", "s_ob", "s_oh"))
+@triton.jit
 def _block_mean_kernel(X, OUT, s_xb, s_xh, s_xs, s_xd, s_ob, s_oh, s_on, H, S, bs,
                        BS: tl.constexpr, RB: tl.constexpr, D: tl.constexpr):
     """OUT[b, h, j] = the mean of X[b, h, j*bs : (j+1)*bs] (the last block's rows only), in OUT's dtype."""
@@ -191,7 +191,7 @@ def _block_units(QB, KB, p, ok, s_kn, D: tl.constexpr, BD: tl.constexpr):
     return tl.where(ok, acc, float("-inf"))
 
 
-@triton.jit(do_not_specialize=("sq", "sk", "nk", "s_kb", "s_kh", "s_ib", "s_ih", "s_in", "s_cb", "s_ch"))
+@triton.jit
 def _prefill_search_kernel(Q, KBAR, QBAR, TOPK, IDX, CNT, s_qb, s_qh, s_qs, s_qd, s_kb, s_kh, s_kn,
                            s_ib, s_ih, s_in, s_cb, s_ch, Hq, sq, sk, nk, bs, local,
                            G: tl.constexpr, HP: tl.constexpr, M: tl.constexpr, LOCAL: tl.constexpr,
