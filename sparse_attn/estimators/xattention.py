@@ -61,7 +61,7 @@ def _antidiagonal_tile(qbase, kbase, c, grp, valid, last, d, sq, sk, nkg, s_qm, 
     """(antidiagonal sums [query groups, key groups c], which of them count): query row g*S + t meets key
     row c*S + S - 1 - t, summed over t."""
     s = tl.zeros([QBP, BN], tl.float32)
-    for t in tl.static_range(S):
+    for t in range(S):  # a runtime loop: one pair of operand tiles in shared memory at a time
         qr = grp * S + t
         qv = tl.load(qbase + qr[:, None].to(tl.int64) * s_qm + d[None, :], mask=(valid & (qr < sq))[:, None],
                      other=0.0)
@@ -91,9 +91,11 @@ def _antidiagonal_kernel(Q, K, OUT, qb0, qb1, sq, sk, nkg, scale_log2, s_qb, s_q
     d = tl.arange(0, D)
     qbase = Q + b * s_qb + h * s_qh
     kbase = K + b * s_kb + hk * s_kh
+    # Key groups past the last one any row sees hold no mass (zeros, written by the caller): not scored.
+    stop = tl.minimum(nkg, tl.max(tl.where(valid, last, 0), 0) // S + 1) if CAUSAL else nkg
     m_i = tl.full([QB * PER], float("-inf"), tl.float32)
     l_i = tl.zeros([QB * PER], tl.float32)
-    for c0 in range(0, nkg, BN):
+    for c0 in range(0, stop, BN):
         c = c0 + tl.arange(0, BN)
         s, ok = _antidiagonal_tile(qbase, kbase, c, grp, valid, last, d, sq, sk, nkg, s_qm, s_kn, S, QB * PER, BN,
                                    CAUSAL, PREC)
@@ -101,7 +103,7 @@ def _antidiagonal_kernel(Q, K, OUT, qb0, qb1, sq, sk, nkg, scale_log2, s_qb, s_q
     safe, inv = softmax_terms(m_i, l_i)
     rows = tl.minimum(PER, tl.cdiv(sq - (qb0 + pid * QB + tl.arange(0, QB)) * (PER * S), S))  # groups per block
     rows = tl.maximum(rows, 1).to(tl.float32)
-    for c0 in range(0, nkg, BN):
+    for c0 in range(0, stop, BN):
         c = c0 + tl.arange(0, BN)
         s, ok = _antidiagonal_tile(qbase, kbase, c, grp, valid, last, d, sq, sk, nkg, s_qm, s_kn, S, QB * PER, BN,
                                    CAUSAL, PREC)
@@ -123,8 +125,8 @@ def _scores_triton(q, k, block_size: int, stride: int, scale: float, causal: boo
     dp = max(16, triton.next_power_of_2(d))
     if dp != d or q.stride(-1) != 1 or k.stride(-1) != 1:  # tl.dot needs a power-of-two width; zeros add nothing
         q, k = F.pad(q, (0, dp - d)), F.pad(k, (0, dp - d))
-    out = torch.empty(b, hq, qb1 - qb0, nk, dtype=torch.float32, device=q.device)
-    qblocks = max(1, 16 // per)  # at least 16 rows for the matrix unit
+    out = torch.zeros(b, hq, qb1 - qb0, nk, dtype=torch.float32, device=q.device)  # causal: unseen blocks 0
+    qblocks = max(1, 64 // per)  # 64 query groups a program: matrix-unit tiles, each key tile read for 64 rows
     bn = max(64, per)
     grid = (triton.cdiv(qb1 - qb0, qblocks), b * hq)
     _antidiagonal_kernel[grid](

@@ -111,7 +111,8 @@ def test_bad_budgets_name_the_argument():
 
 
 @pytest.mark.parametrize("sq,sk,d,stride,block,group,causal", [
-    (150, 150, 32, 8, 64, 2, True), (130, 200, 48, 4, 32, 1, True), (97, 97, 16, 16, 64, 3, False)])
+    (150, 150, 32, 8, 64, 2, True), (130, 200, 48, 4, 32, 1, True), (97, 97, 16, 16, 64, 3, False),
+    (1100, 1300, 16, 8, 64, 1, True), (700, 700, 16, 4, 32, 2, True)])  # several programs: causal stops
 def test_fused_scores_and_selection_equal_the_torch_path(sq, sk, d, stride, block, group, causal):
     """The fused Triton scoring (interpreter here) against the chunked torch scoring: the scores within float
     rounding, a band of query blocks alone, and the selection the same blocks."""
