@@ -106,6 +106,10 @@ step bench_e2e_smollm2 python3 bench/bench_e2e.py --model ${SMOLLM2:-smollm2} --
 step memory python3 bench/probes/probe_memory.py --seqlens ${MEMORY_SEQLENS:-1048576} --out "$OUT"
 step bench_hier python3 bench/bench_hier.py ${HIER_ARGS:-} --out "$OUT"
 step hier_speed python3 bench/probes/hier_speed.py --out "$OUT"
+# The hierarchical prefill search under compute-sanitizer at 128K, as shipped and with its lengths unspecialised
+# (the variant that faulted on the H100): not in the default steps.
+step hier_sanitize bash -c "compute-sanitizer --tool memcheck python3 bench/probes/hier_fault.py --seqlen 131072; \
+    compute-sanitizer --tool memcheck python3 bench/probes/hier_fault.py --seqlen 131072 --unspecialised"
 echo
 echo "==================== summary ($(date -u +%F), $(head -1 "$OUT/gpu.txt")) ===================="
 python3 bench/summarize.py "$OUT"
