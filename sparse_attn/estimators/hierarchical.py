@@ -191,6 +191,9 @@ def _block_units(QB, KB, p, ok, s_kn, D: tl.constexpr, BD: tl.constexpr):
     return tl.where(ok, acc, float("-inf"))
 
 
+# Unlike the other prefill kernels, this one and _block_mean_kernel keep Triton's specialisation of their length
+# arguments: unspecialised (do_not_specialize), the search faulted at 128K with 32 / 8 heads on an H100
+# (Triton 3.6) while smaller sizes ran; so vLLM chunks of new length residues compile it again.
 @triton.jit
 def _prefill_search_kernel(Q, KBAR, QBAR, TOPK, IDX, CNT, s_qb, s_qh, s_qs, s_qd, s_kb, s_kh, s_kn,
                            s_ib, s_ih, s_in, s_cb, s_ch, Hq, sq, sk, nk, bs, local,

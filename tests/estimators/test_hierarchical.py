@@ -10,8 +10,8 @@ import torch
 
 from helpers import DEV, assert_close, generator, poison, qkv, randn
 from sparse_attn.estimators.hierarchical import SAMPLES, hierarchical_layout, hierarchical_pages
-from sparse_attn.layouts import BlockLayout
 from sparse_attn.kvcache import PagedKVCache, PageSummaries
+from sparse_attn.layouts import BlockLayout
 from sparse_attn.methods import sparse_attention
 from sparse_attn.ops import attention
 from sparse_attn.ops.reference import reference_attention
