@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from .._checks import warn_once
-from .._triton import INTERPRETED  # noqa: F401  (importing it applies the interpreter fix)
+from .._triton import INTERPRETED, order_key  # noqa: F401  (importing it applies the interpreter fix)
 from ..kvcache import PagedKVCache, PageSummaries
 from ..layouts import BlockLayout, PageSelection
 from ..patterns import Param, Pattern, register_pattern
@@ -92,8 +92,7 @@ _MEAN_ROWS = 16
 def _branch_keys(score, start, live):
     """int64 sort keys: the score's order-preserving bits above, (2^32 - 1 - start) below, so a descending
     sort puts higher scores first and, among equal scores, lower starts first; dead branches lowest."""
-    bits = tl.where(score == 0.0, 0.0, score).to(tl.int32, bitcast=True)  # -0.0 ties with 0.0
-    bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    bits = order_key(tl.where(score == 0.0, 0.0, score))  # -0.0 ties with 0.0
     key = (bits.to(tl.int64) << 32) | (0xFFFFFFFF - start.to(tl.int64))
     return tl.where(live, key, -9223372036854775808)
 
