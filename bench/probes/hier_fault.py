@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from common import methods_inputs  # noqa: E402
 
 _UNSPECIALISED = {
-    "def _block_mean_kernel": '("S", "s_ob", "s_oh")',
+    "def _key_summary_kernel": '("S", "s_ob", "s_oh")',
     "def _prefill_search_kernel": '("sq", "sk", "nk", "s_kb", "s_kh", "s_ib", "s_ih", "s_in", "s_cb", "s_ch")',
 }
 

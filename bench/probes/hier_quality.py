@@ -8,12 +8,14 @@ On the methods benchmark's structured inputs (bench/common.methods_inputs, seed 
   and the top_k candidate blocks of largest mass;
 - overlap: |hierarchical's searched blocks & the exact top_k| / top_k, over the query blocks that search
   (more candidates than top_k);
-- pooled_overlap: the same for the exhaustive top_k of the search's own unit scores (block-mean query .
-  block-mean key over every candidate: what the search approximates); search_vs_pooled: hierarchical's
-  overlap with that exhaustive pooled top_k (the search's own loss);
+- pooled_overlap: the same for the exhaustive top_k of the search's own unit scores (the block-mean query
+  against each candidate's key summary, see sparse_attn.estimators.hierarchical: what the search
+  approximates); search_vs_pooled: hierarchical's overlap with that exhaustive pooled top_k (the search's
+  own loss);
 - miss: the share of each query block's rows' mass the layout drops (1 - recall), mean over query blocks,
   for the hierarchical layout, the exact selection (the floor at this budget), the pooled exhaustive
-  top_k and block_sparse's mean-pool top-k at the same number of blocks; and overlap / miss of the
+  top_k, the exhaustive top_k of the block-mean dot alone (mean_rule_miss: the unit score before
+  2026-12-06) and block_sparse's mean-pool top-k at the same number of blocks; and overlap / miss of the
   search with 1 (HiP's fixed first position), 2 and 4 sampled blocks per branch (the representative
   rule; the package uses SAMPLES).
 Prints a table per length; writes JSON to --out. The search runs its torch path here (same selection as the
@@ -55,7 +57,7 @@ def main(argv=None):
             rows += evaluate(q, k, args, s, label)
             print(f"{s} {label}: done at {time.time() - t0:.1f} s", flush=True)
     cols = ["S", "data", "top_k", "head", "overlap", "pooled_overlap", "search_vs_pooled", "miss", "exact_miss",
-            "pooled_miss", "block_sparse_miss", *[f"overlap_s{n}" for n in args.samples],
+            "pooled_miss", "mean_rule_miss", "block_sparse_miss", *[f"overlap_s{n}" for n in args.samples],
             *[f"miss_s{n}" for n in args.samples], "density"]
     fmt = {c: "{:.2e}" if "miss" in c else "{:.3f}" for c in cols[4:]}
     print_table(rows, cols, fmt)
@@ -114,7 +116,12 @@ def evaluate(q, k, args, s, label):
     cand = (blocks[None, :] >= 1) & (blocks[None, :] < hi[:, None])  # [nq, nk]
     forced = (blocks[None, :] == 0) | ((blocks[None, :] >= hi[:, None]) & (blocks[None, :] <= diag[:, None]))
     qbar, kbar = pool_blocks(q, bs).double().cpu(), pool_blocks(k, bs).double().cpu()
-    units = torch.einsum("hqd,hkd->hqk", qbar[0], kbar[0].repeat_interleave(hq // hkv, 0))  # probe only
+    # The search's unit scores (query summaries . key block summaries), and the block-mean dot alone (the
+    # rule before 2026-12-06) for comparison; probe only: [Hq, nq, nk].
+    qsum = hier._query_summaries(qbar[0])
+    ksum = hier._key_summaries_torch(k.cpu().float(), bs)[0].double()
+    units = torch.einsum("hqd,hkd->hqk", qsum, ksum.repeat_interleave(hq // hkv, 0))
+    mean_units = torch.einsum("hqd,hkd->hqk", qbar[0], kbar[0].repeat_interleave(hq // hkv, 0))
     qc, kc = q.cpu().float(), k.cpu().float()
     rows = []
     for top_k in args.top_k:
@@ -125,6 +132,10 @@ def evaluate(q, k, args, s, label):
         pooled = torch.zeros_like(exact_sel)
         pooled.scatter_(-1, torch.where(cand, units, float("-inf")).topk(min(top_k, nk), -1).indices, True)
         pooled &= cand
+        pooled_mean = torch.zeros_like(exact_sel)
+        pooled_mean.scatter_(-1, torch.where(cand, mean_units, float("-inf")).topk(min(top_k, nk), -1).indices,
+                             True)
+        pooled_mean &= cand
 
         def kept(mask):
             return (mass * mask).sum(-1)  # [Hq, nq]
@@ -155,6 +166,7 @@ def evaluate(q, k, args, s, label):
                          "miss": 1 - float(kept(lay)[h].mean()),
                          "exact_miss": 1 - float(kept(exact_sel | forced)[h].mean()),
                          "pooled_miss": 1 - float(kept(pooled | forced)[h].mean()),
+                         "mean_rule_miss": 1 - float(kept(pooled_mean | forced)[h].mean()),
                          "block_sparse_miss": 1 - float(kept(bsp)[h].mean()),
                          **{f"overlap_s{n}": mean((sel & exact_sel).sum(-1).double() / top_k)
                             for n, sel in variants.items()},

@@ -61,8 +61,8 @@ def main(argv=None):
     from sparse_attn.estimators import hierarchical as hier
     from sparse_attn.kvcache import PagedKVCache, PageSummaries
 
-    real_means = hier.block_means
-    hier.block_means = lambda x, bs, dtype: real_means(x, bs, x.dtype)  # k's dtype, as on the GPU
+    real_means = hier.key_summaries
+    hier.key_summaries = lambda x, bs, dtype: real_means(x, bs, x.dtype)  # k's dtype, as on the GPU
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, 8, 8192, 128, generator=gen).to(torch.bfloat16)
     k = torch.randn(1, 2, 8192, 128, generator=gen).to(torch.bfloat16)

@@ -61,7 +61,7 @@ def prefill(args, hier):
     for top_k in args.top_k:
         ref = hier.hierarchical_layout(q, k, top_k, block_size=64)
         want = rows_of(ref.indices, ref.counts)
-        means = event_ms(lambda: hier.block_means(k, 64, k.dtype))
+        means = event_ms(lambda: hier.key_summaries(k, 64, k.dtype))
         for shape in [default] + PREFILL_SHAPES:
             set_prefill(hier, *shape)
             heads, warps, chunk, maxnreg = shape

@@ -12,14 +12,18 @@ The search, for one query block (a "unit" is a key block in prefill, a page in d
   right halves); keeps the top_k best branches (tie rule: equal scores go to the branch with the lower
   first unit); and splits each kept branch in two halves (a half that starts at or past hi is dropped).
   After log2(W) splits every branch is one unit and a last selection keeps the top_k units.
-Unit scores: prefill, the block-mean query of the query block . the block-mean key of the key block (per
-query head, its kv head's keys: GQA without copying); decode, Quest's bound from the page's key min / max,
+Unit scores: prefill, for the query block's mean query q and a key block's keys, half of q . (their mean)
+plus half of Quest's bound sum_d max(q_d * max_d, q_d * min_d) (element-wise key max / min over the block):
+the mean alone misses blocks holding one or a few strongly matching keys (a pass key), the bound alone
+overrates blocks whose keys spread widely. Stored per key block as a = mean / 2 + (max + min) / 4 and
+r = (max - min) / 4, so the score is q . a + |q| . r: one dot over 2D. Per query head, its kv head's keys
+(GQA without copying). Decode, Quest's bound from the page's key min / max,
 summed over the query heads of the GQA group (sparse_attn.estimators.quest), so one selection per kv head
 serves the group and each page is read once.
 
 Work: 2 * top_k unit scores per query block at the first level, top_k at each of the log2(W) others, so the
-search costs O(nq * top_k * D * log(S / top_k)) after the O(S * D) block means; it never builds a S x S (or
-nq x nk) tensor on the GPU. Prefill is two Triton launches: the block-mean keys (in k's dtype), then the search,
+search costs O(nq * top_k * D * log(S / top_k)) after the O(S * D) key block summaries; it never builds a S x S (or
+nq x nk) tensor on the GPU. Prefill is two Triton launches: the key block summaries (in k's dtype), then the search,
 a program per query block and (up to 4) query heads of one kv head that averages their rows and walks the
 levels for all of them at once in registers (sort keys [heads, 2 top_k] at the first level; a later level sorts
 only its top_k new right halves and merges them with the kept keys, already in order). Decode is one launch
@@ -155,30 +159,44 @@ def _block_mean(X, s_r, s_s, s_d, R: tl.constexpr, r_ok, n_rows, BS: tl.constexp
         t = c * RB + tl.arange(0, RB)
         ptr = X + r.to(tl.int64)[:, None, None] * s_r + t.to(tl.int64)[None, :, None] * s_s + d[None, None, :] * s_d
         ok = r_ok[:, None, None] & (t < n_rows)[None, :, None]
-        # Read once: evict these lines first, so the block-mean keys the searches gather stay in L2.
+        # Read once: evict these lines first, so the key summaries the searches gather stay in L2.
         acc += tl.sum(tl.load(ptr, mask=ok, other=0.0, eviction_policy="evict_first").to(tl.float32), 1)
     return acc / n_rows.to(tl.float32)
 
 
 @triton.jit
-def _block_mean_kernel(X, OUT, s_xb, s_xh, s_xs, s_xd, s_ob, s_oh, s_on, H, S, bs,
-                       BS: tl.constexpr, RB: tl.constexpr, D: tl.constexpr):
-    """OUT[b, h, j] = the mean of X[b, h, j*bs : (j+1)*bs] (the last block's rows only), in OUT's dtype."""
+def _key_summary_kernel(X, OUT, s_xb, s_xh, s_xs, s_xd, s_ob, s_oh, s_on, H, S, bs,
+                        BS: tl.constexpr, RB: tl.constexpr, D: tl.constexpr):
+    """OUT[b, h, j] = key block j's summary [a, r] (2D, OUT's dtype) over X[b, h, j*bs : (j+1)*bs] (the last
+    block's rows only): a = mean / 2 + (max + min) / 4, r = (max - min) / 4, element-wise."""
     j = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     base = X + b.to(tl.int64) * s_xb + h.to(tl.int64) * s_xh + (j * bs).to(tl.int64) * s_xs
-    mean = _block_mean(base, 0, s_xs, s_xd, 1, tl.full([1], 1, tl.int1), tl.minimum(bs, S - j * bs), BS, RB, D)
+    n_rows = tl.minimum(bs, S - j * bs)
     d = tl.arange(0, D)
+    acc = tl.zeros([D], tl.float32)
+    hi = tl.full([D], float("-inf"), tl.float32)
+    lo = tl.full([D], float("inf"), tl.float32)
+    for c in tl.static_range(BS // RB):
+        t = c * RB + tl.arange(0, RB)
+        ok = (t < n_rows)[:, None]
+        x = tl.load(base + t.to(tl.int64)[:, None] * s_xs + d[None, :] * s_xd, mask=ok, other=0.0,
+                    eviction_policy="evict_first").to(tl.float32)
+        acc += tl.sum(x, 0)
+        hi = tl.maximum(hi, tl.max(tl.where(ok, x, float("-inf")), 0))
+        lo = tl.minimum(lo, tl.min(tl.where(ok, x, float("inf")), 0))
     out = OUT + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + j.to(tl.int64) * s_on
-    tl.store(out + d[None, :], mean.to(OUT.dtype.element_ty))
+    tl.store(out + d, (0.5 * (acc / n_rows.to(tl.float32)) + 0.25 * (hi + lo)).to(OUT.dtype.element_ty))
+    tl.store(out + D + d, (0.25 * (hi - lo)).to(OUT.dtype.element_ty))
 
 
 @triton.jit
 def _block_units(QB, KB, p, ok, s_kn, D: tl.constexpr, BD: tl.constexpr):
-    """qbar[r] . kbar[p[r, x]] where ok (else -inf): the scores of the branches starting at key blocks p
-    [R, X] for the R query heads whose block-mean queries are QB + r * D (float32)."""
+    """QB[r] . KB[p[r, x]] over D elements where ok (else -inf): the scores of the branches starting at key
+    blocks p [R, X] for the R query heads whose query summaries [qbar, |qbar|] are QB + r * D (float32)
+    against the key block summaries [a, r] (D is twice the head dim)."""
     r = tl.arange(0, p.shape[0])
     acc = tl.zeros(p.shape, tl.float32)
     for c in tl.static_range(D // BD):
@@ -190,7 +208,7 @@ def _block_units(QB, KB, p, ok, s_kn, D: tl.constexpr, BD: tl.constexpr):
     return tl.where(ok, acc, float("-inf"))
 
 
-# Unlike the other prefill kernels, this one and _block_mean_kernel keep Triton's specialisation of their length
+# Unlike the other prefill kernels, this one and _key_summary_kernel keep Triton's specialisation of their length
 # arguments: unspecialised (do_not_specialize), the search faulted at 128K with 32 / 8 heads on an H100
 # (Triton 3.6) while smaller sizes ran; so vLLM chunks of new length residues compile it again.
 @triton.jit
@@ -209,8 +227,10 @@ def _prefill_search_kernel(Q, KBAR, QBAR, TOPK, IDX, CNT, s_qb, s_qh, s_qs, s_qd
     m = tl.load(TOPK + head)
     first = Q + b.to(tl.int64) * s_qb + h0.to(tl.int64) * s_qh + (i * bs).to(tl.int64) * s_qs
     qbar = _block_mean(first, s_qh, s_qs, s_qd, HP, head >= 0, tl.minimum(bs, sq - i * bs), BS, RB, D)
-    QB = QBAR + (bh.to(tl.int64) * tl.num_programs(0) + i) * HP * D
-    tl.store(QB + tl.arange(0, HP)[:, None] * D + tl.arange(0, D)[None, :], qbar)
+    QB = QBAR + (bh.to(tl.int64) * tl.num_programs(0) + i) * HP * 2 * D
+    at = QB + tl.arange(0, HP)[:, None] * 2 * D + tl.arange(0, D)[None, :]
+    tl.store(at, qbar)
+    tl.store(at + D, tl.abs(qbar))
     tl.debug_barrier()  # every thread's scratch stores before any thread reads the chunks back
     last = tl.minimum(i * bs + bs, sq) - 1 + (sk - sq)  # last key the block's rows may see
     diag = tl.minimum(tl.where(last >= 0, last // bs, -1), nk - 1)
@@ -218,14 +238,14 @@ def _prefill_search_kernel(Q, KBAR, QBAR, TOPK, IDX, CNT, s_qb, s_qh, s_qs, s_qd
     n = tl.where(diag >= 1, hi - 1, 0)
     KB = KBAR + b.to(tl.int64) * s_kb + (h0 // G).to(tl.int64) * s_kh
     size, splits, start, live = _roots(n, m, hi, M)
-    kept = _best_keys(_block_units(QB, KB, start, live, s_kn, D, BD), start, live, m, M)
+    kept = _best_keys(_block_units(QB, KB, start, live, s_kn, 2 * D, BD), start, live, m, M)
     for _ in range(tl.max(splits, 0)):
         top, keep, _ = _unpack(kept)
         more = size > 1  # a head with a smaller root width (larger top_k) is at single blocks already
         size = tl.where(more, size // 2, size)
         right = top + size[:, None]
         right_live = keep & more[:, None] & (right < hi)
-        kept = _merge_keys(kept, _block_units(QB, KB, right, right_live, s_kn, D, BD), right, right_live, m, M)
+        kept = _merge_keys(kept, _block_units(QB, KB, right, right_live, s_kn, 2 * D, BD), right, right_live, m, M)
     top, keep, _ = _unpack(kept)
     search = (n > m)[:, None]
     r = tl.arange(0, M)[None, :]
@@ -405,15 +425,31 @@ def _outputs(shape, count_shape, device):
             torch.empty(count_shape, dtype=torch.int32, device=device))
 
 
-def block_means(x: torch.Tensor, block_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """[B, H, S, D] -> [B, H, ceil(S / block_size), D] in dtype: each block's mean (float32 sums; the last,
-    partial block over its own rows), one Triton launch (D a power of two)."""
-    b, h, s, d = x.shape
+def key_summaries(k: torch.Tensor, block_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, H, S, D] -> [B, H, ceil(S / block_size), 2D] in dtype: each key block's summary [a, r] (see the
+    module docstring; the last, partial block over its own rows), one Triton launch (D a power of two)."""
+    b, h, s, d = k.shape
     nb, bp = -(-s // block_size), _pow2(block_size)
-    out = torch.empty(b, h, nb, d, dtype=dtype, device=x.device)
-    _block_mean_kernel[(nb, b * h)](x, out, *x.stride(), *out.stride()[:3], h, s, block_size,
-                              BS=bp, RB=min(bp, _MEAN_ROWS), D=d, num_warps=4)
+    out = torch.empty(b, h, nb, 2 * d, dtype=dtype, device=k.device)
+    _key_summary_kernel[(nb, b * h)](k, out, *k.stride(), *out.stride()[:3], h, s, block_size,
+                                     BS=bp, RB=min(bp, _MEAN_ROWS), D=d, num_warps=4)
     return out
+
+
+def _key_summaries_torch(k: torch.Tensor, block_size: int) -> torch.Tensor:
+    """key_summaries in float32, in torch."""
+    nk, pad = -(-k.shape[2] // block_size), -k.shape[2] % block_size
+    kf = torch.nn.functional.pad(k.float(), (0, 0, 0, pad))
+    valid = torch.arange(nk * block_size, device=k.device).view(nk, block_size, 1) < k.shape[2]
+    blocks = kf.unflatten(2, (nk, block_size))
+    hi = torch.where(valid, blocks, float("-inf")).amax(3)
+    lo = torch.where(valid, blocks, float("inf")).amin(3)
+    return torch.cat([0.5 * pool_blocks(k, block_size) + 0.25 * (hi + lo), 0.25 * (hi - lo)], -1)
+
+
+def _query_summaries(qbar: torch.Tensor) -> torch.Tensor:
+    """[qbar, |qbar|]: dotted with a key block's [a, r], the unit score (module docstring)."""
+    return torch.cat([qbar, qbar.abs()], -1)
 
 
 def _check_local(local) -> int:
@@ -441,22 +477,22 @@ def hierarchical_layout(q: torch.Tensor, k: torch.Tensor, top_k: PerHead, *, blo
     nq, nk = -(-sq // bs), -(-sk // bs)
     m = per_head("top_k", top_k, hq, minimum=1).clamp(max=nk)
     width = max(1, min(nk, 1 + int(m.max()) + local))
-    # The block-mean keys in k's dtype on the GPU (half the bytes the search gathers), float32 on the CPU.
+    # The key block summaries in k's dtype on the GPU (half the bytes the search gathers), float32 on the CPU.
     kdtype = k.dtype if k.is_cuda else torch.float32
     if use_triton is None and q.is_cuda and d & (d - 1):
         warn_once("hierarchical-head-dim", f"sparse_attn: hierarchical's prefill kernel takes a power-of-two head "
                   f"dim; D={d} searches in torch (slower, same selection)")
     if not (_use_triton(q, d & (d - 1) == 0) if use_triton is None else use_triton):
-        qbar = pool_blocks(q, bs)  # [B, Hq, nq, D] float32
-        idx, counts = _prefill_torch(qbar, pool_blocks(k, bs).to(kdtype), m, sq, sk, bs, local, width)
+        qsum = _query_summaries(pool_blocks(q, bs))  # [B, Hq, nq, 2D] float32
+        idx, counts = _prefill_torch(qsum, _key_summaries_torch(k, bs).to(kdtype), m, sq, sk, bs, local, width)
         return BlockLayout(counts, idx, bs, bs, sq, sk, validate=False)
     hp, bp = math.gcd(hq // hkv, _PREFILL_HEADS), _pow2(bs)
     mp = max(2, _pow2(int(m.max())))
     chunk = _PREFILL_CHUNK or min(16, max(8, _PREFILL_TILE // (hp * 2 * mp)))
-    kbar = block_means(k, bs, kdtype)  # [B, Hkv, nk, D]
+    kbar = key_summaries(k, bs, kdtype)  # [B, Hkv, nk, 2D]
     idx, counts = _outputs((b, hq, nq, width), (b, hq, nq), q.device)
     # Each program's block-mean queries, written and read back by the program itself.
-    scratch = torch.empty(b * hq * nq, d, dtype=torch.float32, device=q.device)
+    scratch = torch.empty(b * hq * nq, 2 * d, dtype=torch.float32, device=q.device)
     _prefill_search_kernel[(nq, b * hq // hp)](
         q, kbar, scratch, m.to(torch.int32).to(q.device), idx, counts, *q.stride(), *kbar.stride()[:3],
         *idx.stride()[:3], *counts.stride()[:2], hq, sq, sk, nk, bs, local,

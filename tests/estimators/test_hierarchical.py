@@ -43,7 +43,13 @@ def reference_layout_blocks(q, k, top_k, block_size, local):
     hkv, sk = k.shape[1], k.shape[2]
     nq, nk = -(-sq // block_size), -(-sk // block_size)
     qbar = torch.stack([q[:, :, i * block_size:(i + 1) * block_size].double().mean(2) for i in range(nq)], 2)
-    kbar = torch.stack([k[:, :, i * block_size:(i + 1) * block_size].double().mean(2) for i in range(nk)], 2)
+    kblocks = [k[:, :, i * block_size:(i + 1) * block_size].double() for i in range(nk)]
+    kbar = torch.stack([x.mean(2) for x in kblocks], 2)
+    kmax = torch.stack([x.amax(2) for x in kblocks], 2)
+    kmin = torch.stack([x.amin(2) for x in kblocks], 2)
+
+    def unit_score(x, kv, u):  # half the block-mean dot, half Quest's bound over the block's keys
+        return float(0.5 * (x @ kbar[bi, kv, u]) + 0.5 * torch.maximum(x * kmax[bi, kv, u], x * kmin[bi, kv, u]).sum())
     out = {}
     for bi in range(b):
         for h in range(hq):
@@ -54,7 +60,7 @@ def reference_layout_blocks(q, k, top_k, block_size, local):
                     out[bi, h, i] = []
                     continue
                 hi = max(diag - local + 1, 1)
-                unit = lambda u: float(qbar[bi, h, i] @ kbar[bi, h // (hq // hkv), u])  # noqa: E731
+                unit = lambda u: unit_score(qbar[bi, h, i], h // (hq // hkv), u)  # noqa: E731
                 out[bi, h, i] = [0] + reference_search(unit, hi, top_k[h]) + list(range(hi, diag + 1))
     return out
 

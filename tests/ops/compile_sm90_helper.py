@@ -151,19 +151,19 @@ def _run_all() -> None:
     for stride in (8, 16):
         antidiagonal_block_scores(q, k, block_size=64, stride=stride, backend="triton")
 
-    # the hierarchical search: prefill (block means of the keys, the grouped search; bf16 block-mean keys as on
+    # the hierarchical search: prefill (key block summaries, the grouped search; bf16 block-mean keys as on
     # the GPU, top_k 32 and per-head 16 / 64), decode (64-token pages, top_k 62)
     from sparse_attn.estimators import hierarchical as hier
     from sparse_attn.kvcache import PagedKVCache, PageSummaries
-    real_means = hier.block_means
-    hier.block_means = lambda x, bs, dtype: real_means(x, bs, x.dtype)  # k's dtype, as on the GPU
+    real_means = hier.key_summaries
+    hier.key_summaries = lambda x, bs, dtype: real_means(x, bs, x.dtype)  # k's dtype, as on the GPU
     try:
         q = torch.randn(1, h, 4096, 128, generator=gen).to(torch.bfloat16)
         k = torch.randn(1, hkv, 4096, 128, generator=gen).to(torch.bfloat16)
         for top_k in (32, [16, 64, 16, 64]):
             hier.hierarchical_layout(q, k, top_k, block_size=64, use_triton=True)
     finally:
-        hier.block_means = real_means
+        hier.key_summaries = real_means
     pages = torch.randn(40, 64, hkv, 128, generator=gen).to(torch.bfloat16)
     cache = PagedKVCache(pages, pages, torch.arange(40, dtype=torch.int32).view(2, 20),
                          torch.tensor([1270, 900], dtype=torch.int32), 64)
