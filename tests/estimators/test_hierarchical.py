@@ -132,6 +132,23 @@ def test_prefill_programs_of_one_or_all_heads_of_a_group_select_the_same(monkeyp
     assert layout_blocks(layout) == reference_layout_blocks(q, k, top_k, 16, 2)
 
 
+@pytest.mark.parametrize("s, bs, d", [(300, 64, 64), (130, 32, 16), (128, 128, 32)])
+def test_key_summaries_equal_the_block_min_mean_max(poisoned_empty, s, bs, d):
+    """The Triton key block summaries [mean / 2 + (max + min) / 4, (max - min) / 4] against torch over each
+    block's own rows (the last block partial where s is not a multiple of bs); keys of either sign, strided."""
+    from sparse_attn.estimators.hierarchical import key_summaries
+
+    k = randn(generator(s * d), 2, s, 3, d, scale=2.0).transpose(1, 2)  # [B, H, S, D] as a strided view
+    got = key_summaries(k, bs, torch.float32)
+    blocks = [k[:, :, j:j + bs].double() for j in range(0, s, bs)]
+    mean = torch.stack([x.mean(2) for x in blocks], 2)
+    top = torch.stack([x.amax(2) for x in blocks], 2)
+    bottom = torch.stack([x.amin(2) for x in blocks], 2)
+    want = torch.cat([0.5 * mean + 0.25 * (top + bottom), 0.25 * (top - bottom)], -1)
+    assert got.shape == (2, 3, -(-s // bs), 2 * d)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
 def test_prefill_search_prunes_when_it_should():
     """Enough blocks that every query block in the second half searches several levels: counts are exactly
     1 + top_k + local there, and the chosen blocks are not simply the first or last ones."""
