@@ -69,9 +69,11 @@ else
         --dense-max ${DENSE_MAX:-1048576} --methods $METHODS --out "$OUT"
 fi
 step block_sparse_sweep block_sparse_sweep
-# Speed-recall frontier: every prefill pattern over its registry sweep at 128K, structured and mixed inputs.
+# Speed-recall frontier: every prefill pattern over its registry sweep at 128K, structured and mixed inputs
+# (108 points; on an H100 the first 36 took 5.5 min with their compiles: FRONTIER_DATA=mixed, then structured,
+# in two calls of 10 min).
 step frontier python3 bench/bench_methods.py --frontier --seqlens ${FRONTIER_SEQLENS:-131072} \
-    --data structured mixed --dense-max 131072 --warmup 1 --repeats 2 --out "$OUT/frontier"
+    --data ${FRONTIER_DATA:-structured mixed} --dense-max 131072 --warmup 1 --repeats 2 --out "$OUT/frontier"
 # FlexPrefill's bars (gamma 0.9: >= 5x on mixed with recall >= 0.9, >= 6x structured, est+idx <= 10 %, 1M
 # runs; dense at 1M extrapolated from 128K) and XAttention (tau 0.9) at the same points.
 step flex_bars python3 bench/bench_methods.py --seqlens 131072 1048576 --dense-max 131072 --data mixed structured \
