@@ -579,10 +579,11 @@ def _top_ks(seqlen: int, block_size: int) -> List[Dict[str, int]]:
 
 def _cost(seqlen: int, *, block_size: int, **options) -> float:
     """The search's FLOPs relative to dense causal attention's 2 * D * seqlen^2: per query block 2 * top_k
-    dot products of D, then top_k per level over log2(nk / top_k) levels (top_k 64 taken here)."""
+    dot products of 2D (query summary . key block summary), then top_k per level over log2(nk / top_k) levels
+    (top_k 64 taken here)."""
     nq = -(-seqlen // block_size)
     dots = 64 * (2 + math.log2(max(1.0, nq / 128)))
-    return nq * dots / seqlen ** 2
+    return 2 * nq * dots / seqlen ** 2
 
 
 PATTERN = register_pattern(Pattern(
