@@ -130,3 +130,20 @@ def test_fused_scores_and_selection_equal_the_torch_path(sq, sk, d, stride, bloc
     a = xattention_select(q, k, taus, block_size=block, stride=stride, causal=causal, backend="torch")
     b = xattention_select(q, k, taus, block_size=block, stride=stride, causal=causal, backend="triton")
     assert torch.equal(a.to_block_mask(), b.to_block_mask())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sq,sk,stride,block,group", [(4096, 4096, 8, 64, 4), (3000, 5000, 16, 128, 4)])
+def test_gpu_fused_scores_and_selection_equal_the_torch_path(sq, sk, stride, block, group):
+    """On CUDA in bf16 (tensor-core dots, several programs per head, causal stops): the fused scores against
+    the chunked torch scoring of the same values in float32 (bf16 products are exact in float32, so only the
+    order of the sums differs), and the same blocks selected but for near-ties at tau."""
+    q, k, _ = qkv(sq + sk, b=1, hq=2 * group, hkv=2, sq=sq, sk=sk, d=128, dtype=torch.bfloat16, device="cuda")
+    want = antidiagonal_block_scores(q.float(), k.float(), block_size=block, stride=stride, causal=True,
+                                     backend="torch")
+    got = antidiagonal_block_scores(q, k, block_size=block, stride=stride, causal=True, backend="triton")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-3)
+    a = xattention_select(q.float(), k.float(), 0.9, block_size=block, stride=stride, causal=True, backend="torch")
+    b = xattention_select(q, k, 0.9, block_size=block, stride=stride, causal=True, backend="triton")
+    same = (a.to_block_mask() == b.to_block_mask()).float().mean().item()
+    assert same >= 0.999, f"{same:.5f} of the blocks agree"
