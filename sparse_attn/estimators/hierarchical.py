@@ -22,9 +22,9 @@ summed over the query heads of the GQA group (sparse_attn.estimators.quest), so 
 serves the group and each page is read once.
 
 Work: 2 * top_k unit scores per query block at the first level, top_k at each of the log2(W) others, so the
-search costs O(nq * top_k * D * log(S / top_k)) after the O(S * D) key block summaries; it never builds a S x S (or
-nq x nk) tensor on the GPU. Prefill is two Triton launches: the key block summaries (in k's dtype), then the search,
-a program per query block and (up to 4) query heads of one kv head that averages their rows and walks the
+search costs O(nq * top_k * D * log(S / top_k)) after the O(S * D) key block summaries; it never builds a S x S
+(or nq x nk) tensor on the GPU. Prefill is two Triton launches: the key block summaries (in k's dtype), then the
+search, a program per query block and (up to 4) query heads of one kv head that averages their rows and walks the
 levels for all of them at once in registers (sort keys [heads, 2 top_k] at the first level; a later level sorts
 only its top_k new right halves and merges them with the kept keys, already in order). Decode is one launch
 over (sequence, kv head), the same levels. Without CUDA or the Triton interpreter the same search runs in
@@ -253,7 +253,8 @@ def _prefill_search_kernel(Q, KBAR, QBAR, TOPK, IDX, CNT, s_qb, s_qh, s_qs, s_qd
         size = tl.where(more, size // 2, size)
         right = top + size[:, None]
         right_live = keep & more[:, None] & (right < hi)
-        kept = _merge_keys(kept, _block_units(QB, KB, right, right_live, s_kn, 2 * D, BD), right, right_live, m, M)
+        units = _block_units(QB, KB, right, right_live, s_kn, 2 * D, BD)
+        kept = _merge_keys(kept, units, right, right_live, m, M)
     top, keep, _ = _unpack(kept)
     search = (n > m)[:, None]
     r = tl.arange(0, M)[None, :]
@@ -445,13 +446,18 @@ def key_summaries(k: torch.Tensor, block_size: int, dtype: torch.dtype) -> torch
 
 
 def _key_summaries_torch(k: torch.Tensor, block_size: int) -> torch.Tensor:
-    """key_summaries in float32, in torch."""
-    nk, pad = -(-k.shape[2] // block_size), -k.shape[2] % block_size
-    kf = torch.nn.functional.pad(k.float(), (0, 0, 0, pad))
-    valid = torch.arange(nk * block_size, device=k.device).view(nk, block_size, 1) < k.shape[2]
-    blocks = kf.unflatten(2, (nk, block_size))
-    hi = torch.where(valid, blocks, float("-inf")).amax(3)
-    lo = torch.where(valid, blocks, float("inf")).amin(3)
+    """key_summaries in float32, in torch (views of k: the whole blocks, then the partial last one)."""
+    s = k.shape[2]
+    full = s // block_size
+    parts = []
+    if full:
+        blocks = k[:, :, : full * block_size].unflatten(2, (full, block_size))
+        parts.append((blocks.amax(3), blocks.amin(3)))
+    if s > full * block_size:
+        tail = k[:, :, full * block_size:]
+        parts.append((tail.amax(2, keepdim=True), tail.amin(2, keepdim=True)))
+    hi = torch.cat([p[0] for p in parts], 2).float()
+    lo = torch.cat([p[1] for p in parts], 2).float()
     return torch.cat([0.5 * pool_blocks(k, block_size) + 0.25 * (hi + lo), 0.25 * (hi - lo)], -1)
 
 
@@ -499,7 +505,7 @@ def hierarchical_layout(q: torch.Tensor, k: torch.Tensor, top_k: PerHead, *, blo
     chunk = _PREFILL_CHUNK or min(16, max(8, _PREFILL_TILE // (hp * 2 * mp)))
     kbar = key_summaries(k, bs, kdtype)  # [B, Hkv, nk, 2D]
     idx, counts = _outputs((b, hq, nq, width), (b, hq, nq), q.device)
-    # Each program's block-mean queries, written and read back by the program itself.
+    # Each program's query summaries [block-mean query, its absolute value], written and read back by the program.
     scratch = torch.empty(b * hq * nq, 2 * d, dtype=torch.float32, device=q.device)
     _prefill_search_kernel[(nq, b * hq // hp)](
         q, kbar, scratch, m.to(torch.int32).to(q.device), idx, counts, *q.stride(), *kbar.stride()[:3],
