@@ -120,7 +120,9 @@ def evaluate(q, k, args, s, label):
     # rule before 2026-12-06) for comparison; probe only: [Hq, nq, nk].
     qsum = hier._query_summaries(qbar[0])
     ksum = hier._key_summaries_torch(k.cpu().float(), bs)[0].double()
-    units = torch.einsum("hqd,hkd->hqk", qsum, ksum.repeat_interleave(hq // hkv, 0))
+    units = torch.einsum("hqd,hkd->hqk", qsum, ksum.repeat_interleave(hq // hkv, 0))  # single units
+    d = q.shape[-1]
+    upper = torch.einsum("hqd,hkd->hqk", qsum[..., :d], ksum[..., :d].repeat_interleave(hq // hkv, 0))  # branches
     mean_units = torch.einsum("hqd,hkd->hqk", qbar[0], kbar[0].repeat_interleave(hq // hkv, 0))
     qc, kc = q.cpu().float(), k.cpu().float()
     rows = []
@@ -142,8 +144,12 @@ def evaluate(q, k, args, s, label):
 
         def hier_mask(samples):
             rows_hi = hi.repeat(hq)
-            flat = units.reshape(-1, nk)
-            chosen = hier.search_torch(lambda rr, uu: flat[rr].gather(1, uu).float(), rows_hi,
+            flat, flat_upper = units.reshape(-1, nk), upper.reshape(-1, nk)
+
+            def scores(rr, uu, single):
+                return torch.where(single, flat[rr].gather(1, uu), flat_upper[rr].gather(1, uu)).float()
+
+            chosen = hier.search_torch(scores, rows_hi,
                                        torch.full_like(rows_hi, top_k), samples=samples)
             sel = torch.zeros(hq * nq, nk + 1, dtype=torch.bool)
             sel.scatter_(1, chosen.clamp(max=nk), True)

@@ -12,12 +12,14 @@ The search, for one query block (a "unit" is a key block in prefill, a page in d
   right halves); keeps the top_k best branches (tie rule: equal scores go to the branch with the lower
   first unit); and splits each kept branch in two halves (a half that starts at or past hi is dropped).
   After log2(W) splits every branch is one unit and a last selection keeps the top_k units.
-Unit scores: prefill, for the query block's mean query q and a key block's keys, half of q . (their mean)
-plus half of Quest's bound sum_d max(q_d * max_d, q_d * min_d) (element-wise key max / min over the block):
-the mean alone misses blocks holding one or a few strongly matching keys (a pass key), the bound alone
-overrates blocks whose keys spread widely. Stored per key block as a = mean / 2 + (max + min) / 4 and
-r = (max - min) / 4, so the score is q . a + |q| . r: one dot over 2D. Per query head, its kv head's keys
-(GQA without copying). Decode, Quest's bound from the page's key min / max,
+Unit scores: prefill, for the query block's mean query q and a key block's keys, with element-wise key
+mean, max and min over the block: a branch of several units is scored by its first unit's q . a, where
+a = mean / 2 + (max + min) / 4; a single unit (the last level) by half of q . mean plus half of Quest's
+bound sum_d max(q_d * max_d, q_d * min_d), which is q . a + |q| . r with r = (max - min) / 4. The mean alone
+misses blocks holding one or a few strongly matching keys (a pass key), the bound alone overrates blocks
+whose keys spread widely; the bound's spread term only at the last level both gathers half the bytes at the
+other levels and ranked better (bench/NOTES.md). Stored per key block as the 2D row [a, r]. Per query head,
+its kv head's keys (GQA without copying). Decode, Quest's bound from the page's key min / max,
 summed over the query heads of the GQA group (sparse_attn.estimators.quest), so one selection per kv head
 serves the group and each page is read once.
 
@@ -201,18 +203,28 @@ def _key_summary_kernel(X, OUT, s_xb, s_xh, s_xs, s_xd, s_ob, s_oh, s_on, H, S, 
 
 
 @triton.jit
-def _block_units(QB, KB, p, ok, s_kn, D: tl.constexpr, BD: tl.constexpr):
-    """QB[r] . KB[p[r, x]] over D elements where ok (else -inf): the scores of the branches starting at key
-    blocks p [R, X] for the R query heads whose query summaries [qbar, |qbar|] are QB + r * D (float32)
-    against the key block summaries [a, r] (D is twice the head dim)."""
+def _half_units(QB, KB, p, ok, OFF: tl.constexpr, s_kn, D: tl.constexpr, BD: tl.constexpr):
+    """sum over elements [OFF, OFF + D) of the query summary rows QB + r * 2D (float32) times the key block
+    summary rows at p [R, X] where ok (else 0): qbar . a with OFF 0, |qbar| . r with OFF D."""
     r = tl.arange(0, p.shape[0])
     acc = tl.zeros(p.shape, tl.float32)
+    at = KB + p.to(tl.int64)[:, :, None] * s_kn
     for c in tl.static_range(D // BD):
-        d = c * BD + tl.arange(0, BD)
-        qc = tl.load(QB + r[:, None] * D + d[None, :])
-        kc = tl.load(KB + p.to(tl.int64)[:, :, None] * s_kn + d[None, None, :], mask=ok[:, :, None], other=0.0,
-                     eviction_policy="evict_last")
+        d = OFF + c * BD + tl.arange(0, BD)
+        qc = tl.load(QB + r[:, None] * (2 * D) + d[None, :])
+        kc = tl.load(at + d[None, None, :], mask=ok[:, :, None], other=0.0, eviction_policy="evict_last")
         acc += tl.sum(kc.to(tl.float32) * qc[:, None, :], 2)
+    return acc
+
+
+@triton.jit
+def _block_units(QB, KB, p, ok, single, s_kn, D: tl.constexpr, BD: tl.constexpr):
+    """The scores of the branches starting at key blocks p [R, X] where ok (else -inf) for the R query heads of
+    the program: qbar . a, plus |qbar| . r on the rows whose branches are single units (single [R]); the two
+    sums are added last, as a kept branch's inherited qbar . a and its |qbar| . r are."""
+    acc = _half_units(QB, KB, p, ok, 0, s_kn, D, BD)
+    if tl.max(single.to(tl.int32), 0) > 0:
+        acc += _half_units(QB, KB, p, ok & single[:, None], D, s_kn, D, BD)
     return tl.where(ok, acc, float("-inf"))
 
 
@@ -246,14 +258,20 @@ def _prefill_search_kernel(Q, KBAR, QBAR, TOPK, IDX, CNT, s_qb, s_qh, s_qs, s_qd
     n = tl.where(diag >= 1, hi - 1, 0)
     KB = KBAR + b.to(tl.int64) * s_kb + (h0 // G).to(tl.int64) * s_kh
     size, splits, start, live = _roots(n, m, hi, M)
-    kept = _best_keys(_block_units(QB, KB, start, live, s_kn, 2 * D, BD), start, live, m, M)
+    kept = _best_keys(_block_units(QB, KB, start, live, size == 1, s_kn, D, BD), start, live, m, M)
     for _ in range(tl.max(splits, 0)):
-        top, keep, _ = _unpack(kept)
+        top, keep, best = _unpack(kept)
         more = size > 1  # a head with a smaller root width (larger top_k) is at single blocks already
         size = tl.where(more, size // 2, size)
         right = top + size[:, None]
         right_live = keep & more[:, None] & (right < hi)
-        units = _block_units(QB, KB, right, right_live, s_kn, 2 * D, BD)
+        final = more & (size == 1)  # rows whose branches become single units: scored with the spread term
+        units = _block_units(QB, KB, right, right_live, final, s_kn, D, BD)
+        if tl.max(final.to(tl.int32), 0) > 0:
+            # The kept left halves get their spread term too (their qbar . a is the inherited score): their
+            # keys are made and sorted again before the merge with the right halves'.
+            left = best + _half_units(QB, KB, top, keep & final[:, None], D, s_kn, D, BD)
+            kept = tl.sort(_branch_keys(left, top, keep), descending=True)
         kept = _merge_keys(kept, units, right, right_live, m, M)
     top, keep, _ = _unpack(kept)
     search = (n > m)[:, None]
@@ -340,11 +358,12 @@ def _keys(score: torch.Tensor, start: torch.Tensor, live: torch.Tensor) -> torch
     return torch.where(live, key, torch.full_like(key, _NONE))
 
 
-def search_torch(unit_scores: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], hi: torch.Tensor,
+def search_torch(unit_scores: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], hi: torch.Tensor,
                  m: torch.Tensor, *, samples: int = SAMPLES) -> torch.Tensor:
     """The search of the module docstring for many rows at once, vectorized over them: row r's candidates
-    are the units [1, hi[r]), m[r] >= 1 are kept. unit_scores(rows [R'], units [R', X]) -> float32 [R', X],
-    the scores of those units (all < hi) for those rows. Returns int64 [R, max m]: each row's chosen units
+    are the units [1, hi[r]), m[r] >= 1 are kept. unit_scores(rows [R'], units [R', X], single [R', 1] bool) ->
+    float32 [R', X], the scores of those units (all < hi) for those rows, as representatives of branches that
+    are single units where `single` (the last level of those rows). Returns int64 [R, max m]: each row's chosen units
     ascending (every candidate where there are at most m), padded with int64 max."""
     dev = hi.device
     n = (hi - 1).clamp(min=0)
@@ -368,7 +387,8 @@ def search_torch(unit_scores: Callable[[torch.Tensor, torch.Tensor], torch.Tenso
         for s in range(samples):
             p = start + (s * size) // samples
             ok = live & (p < hi)
-            score = torch.maximum(score, torch.where(ok, unit_scores(rows, torch.where(ok, p, 0)), float("-inf")))
+            units = unit_scores(rows, torch.where(ok, p, 0), size == 1)
+            score = torch.maximum(score, torch.where(ok, units, float("-inf")))
         top = _keys(score, start, live).sort(dim=-1, descending=True).values[:, :width]
         keep = (r < m) & (top != _NONE)
         top = _LOW32 - (top & _LOW32)
@@ -417,8 +437,15 @@ def _prefill_torch(qbar, kbar, m, sq: int, sk: int, bs: int, local: int, width: 
     q_rows = qbar.reshape(-1, d)
     k_rows = kbar.reshape(b * hkv, nk, d)
     kv_of = torch.arange(b * hq * nq, device=dev) // (nq * (hq // hkv))
-    def scores(rows, units):
-        return _dots(lambda r: q_rows[r], lambda r, u: k_rows[kv_of[r, None], u].float(), rows, units, d)
+    half = d // 2
+
+    def scores(rows, units, single):
+        # qbar . a, plus |qbar| . r for single units, the two sums added last (as the kernel adds them)
+        a = _dots(lambda r: q_rows[r, :half], lambda r, u: k_rows[kv_of[r, None], u, :half].float(), rows, units,
+                  half)
+        spread = _dots(lambda r: q_rows[r, half:], lambda r, u: k_rows[kv_of[r, None], u, half:].float(), rows,
+                       units, half)
+        return torch.where(single, a + spread, a)
 
     chosen = search_torch(scores, torch.where(diag >= 1, hi, 1), m.to(dev).repeat_interleave(nq).repeat(b))
     n_local = torch.where(diag >= 1, diag - hi + 1, 0)
@@ -560,7 +587,7 @@ def _decode_torch(q, cache: PagedKVCache, summaries: PageSummaries, m: int, loca
 
     npages = cache.num_pages_of().long().repeat_interleave(hkv)
     hi = (npages - local).clamp(min=1)
-    chosen = search_torch(lambda rr, uu: _dots(lambda r_: vec[r_], keys, rr, uu, 2 * d),
+    chosen = search_torch(lambda rr, uu, _single: _dots(lambda r_: vec[r_], keys, rr, uu, 2 * d),
                           torch.where(npages >= 2, hi, 1), torch.full_like(npages, m))
     n_local = torch.where(npages >= 2, npages - hi, 0)
     ids, counts = _rows_out(chosen, npages, hi, n_local, width)
@@ -585,11 +612,11 @@ def _top_ks(seqlen: int, block_size: int) -> List[Dict[str, int]]:
 
 def _cost(seqlen: int, *, block_size: int, **options) -> float:
     """The search's FLOPs relative to dense causal attention's 2 * D * seqlen^2: per query block 2 * top_k
-    dot products of 2D (query summary . key block summary), then top_k per level over log2(nk / top_k) levels
-    (top_k 64 taken here)."""
+    dot products of D, then top_k per level over log2(nk / top_k) levels, and the last level's spread terms
+    (2 * top_k more; top_k 64 taken here)."""
     nq = -(-seqlen // block_size)
-    dots = 64 * (2 + math.log2(max(1.0, nq / 128)))
-    return 2 * nq * dots / seqlen ** 2
+    dots = 64 * (4 + math.log2(max(1.0, nq / 128)))
+    return nq * dots / seqlen ** 2
 
 
 PATTERN = register_pattern(Pattern(

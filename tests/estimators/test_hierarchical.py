@@ -18,7 +18,8 @@ from sparse_attn.ops.reference import reference_attention
 
 
 def reference_search(score, hi, m, samples=SAMPLES):
-    """The search written out for one query block: candidates 1 .. hi - 1, `score(unit)` a float."""
+    """The search written out for one query block: candidates 1 .. hi - 1, `score(unit, single)` a float (single:
+    the branch is one unit)."""
     n = max(hi - 1, 0)
     if n <= m:
         return list(range(1, hi))
@@ -29,7 +30,8 @@ def reference_search(score, hi, m, samples=SAMPLES):
     while True:
         def rep(branch):
             s, size = branch
-            return max(score(s + (j * size) // samples) for j in range(samples) if s + (j * size) // samples < hi)
+            return max(score(s + (j * size) // samples, size == 1) for j in range(samples)
+                       if s + (j * size) // samples < hi)
         kept = sorted(branches, key=lambda br: (-rep(br), br[0]))[:m]
         size = kept[0][1]
         if size == 1:
@@ -48,8 +50,14 @@ def reference_layout_blocks(q, k, top_k, block_size, local):
     kmax = torch.stack([x.amax(2) for x in kblocks], 2)
     kmin = torch.stack([x.amin(2) for x in kblocks], 2)
 
-    def unit_score(x, kv, u):  # half the block-mean dot, half Quest's bound over the block's keys
-        return float(0.5 * (x @ kbar[bi, kv, u]) + 0.5 * torch.maximum(x * kmax[bi, kv, u], x * kmin[bi, kv, u]).sum())
+    def unit_score(x, kv, u, single):
+        """A single unit: half the block-mean dot, half Quest's bound over the block's keys; a branch of several
+        (its first unit): half the block-mean dot, half the dot with the keys' element-wise midrange."""
+        if single:
+            bound = torch.maximum(x * kmax[bi, kv, u], x * kmin[bi, kv, u]).sum()
+        else:
+            bound = x @ ((kmax[bi, kv, u] + kmin[bi, kv, u]) / 2)
+        return float(0.5 * (x @ kbar[bi, kv, u]) + 0.5 * bound)
     out = {}
     for bi in range(b):
         for h in range(hq):
@@ -60,7 +68,7 @@ def reference_layout_blocks(q, k, top_k, block_size, local):
                     out[bi, h, i] = []
                     continue
                 hi = max(diag - local + 1, 1)
-                unit = lambda u: unit_score(qbar[bi, h, i], h // (hq // hkv), u)  # noqa: E731
+                unit = lambda u, single: unit_score(qbar[bi, h, i], h // (hq // hkv), u, single)  # noqa: E731
                 out[bi, h, i] = [0] + reference_search(unit, hi, top_k[h]) + list(range(hi, diag + 1))
     return out
 
@@ -192,7 +200,7 @@ def reference_pages(q, cache, summaries, top_k, local):
         for h in range(hkv):
             qs = q[bi, h * g:(h + 1) * g].double()
 
-            def unit(p):
+            def unit(p, single):  # decode: Quest's bound at every level
                 slot = int(summaries.table[bi, p])
                 mn, mx = summaries.kmin[slot, h].double(), summaries.kmax[slot, h].double()
                 return float(torch.maximum(qs * mn, qs * mx).sum())
