@@ -17,11 +17,11 @@ mean, max and min over the block: a branch of several units is scored by its fir
 a = mean / 2 + (max + min) / 4; a single unit (the last level) by half of q . mean plus half of Quest's
 bound sum_d max(q_d * max_d, q_d * min_d), which is q . a + |q| . r with r = (max - min) / 4. The mean alone
 misses blocks holding one or a few strongly matching keys (a pass key), the bound alone overrates blocks
-whose keys spread widely; the bound's spread term only at the last level both gathers half the bytes at the
-other levels and ranked better (bench/NOTES.md). Stored per key block as the 2D row [a, r]. Per query head,
-its kv head's keys (GQA without copying). Decode, Quest's bound from the page's key min / max,
-summed over the query heads of the GQA group (sparse_attn.estimators.quest), so one selection per kv head
-serves the group and each page is read once.
+whose keys spread widely; the spread term only at the last level gathers half the bytes at the other levels
+and ranked a real model's heads better than the full score at every level. Stored per key block as the 2D
+row [a, r]. Per query head, its kv head's keys (GQA without copying). Decode, Quest's bound from the page's
+key min / max, summed over the query heads of the GQA group (sparse_attn.estimators.quest), so one selection
+per kv head serves the group and each page is read once.
 
 Work: 2 * top_k unit scores per query block at the first level, top_k at each of the log2(W) others, so the
 search costs O(nq * top_k * D * log(S / top_k)) after the O(S * D) key block summaries; it never builds a S x S
