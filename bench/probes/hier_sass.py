@@ -7,7 +7,7 @@ body, i.e. the code between a backward branch and its target, per level of the s
     python bench/probes/hier_sass.py --top-k 32 64
 
 Static counts, not timings: a loop body runs once per level. Prefill is compiled on CPU tensors of 8 query /
-2 kv heads, 8192 tokens, D=128, bf16 (block-mean keys in bf16, as on the GPU); decode on a 64-token-page
+2 kv heads, 8192 tokens, D=128, bf16 (key summaries in bf16, as on the GPU); decode on a 64-token-page
 cache with top_k 62 (bench_hier's 4K budget).
 """
 from __future__ import annotations
@@ -61,8 +61,8 @@ def main(argv=None):
     from sparse_attn.estimators import hierarchical as hier
     from sparse_attn.kvcache import PagedKVCache, PageSummaries
 
-    real_means = hier.key_summaries
-    hier.key_summaries = lambda x, bs, dtype: real_means(x, bs, x.dtype)  # k's dtype, as on the GPU
+    real_summaries = hier.key_summaries
+    hier.key_summaries = lambda x, bs, dtype: real_summaries(x, bs, x.dtype)  # k's dtype, as on the GPU
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, 8, 8192, 128, generator=gen).to(torch.bfloat16)
     k = torch.randn(1, 2, 8192, 128, generator=gen).to(torch.bfloat16)

@@ -439,13 +439,18 @@ def _prefill_torch(qbar, kbar, m, sq: int, sk: int, bs: int, local: int, width: 
     kv_of = torch.arange(b * hq * nq, device=dev) // (nq * (hq // hkv))
     half = d // 2
 
+    def half_dots(rows, units, lo: int):
+        """Over summary elements [lo, lo + half): qbar . a (lo 0) or |qbar| . r (lo half)."""
+        return _dots(lambda r: q_rows[r, lo:lo + half], lambda r, u: k_rows[kv_of[r, None], u, lo:lo + half].float(),
+                     rows, units, half)
+
     def scores(rows, units, single):
-        # qbar . a, plus |qbar| . r for single units, the two sums added last (as the kernel adds them)
-        a = _dots(lambda r: q_rows[r, :half], lambda r, u: k_rows[kv_of[r, None], u, :half].float(), rows, units,
-                  half)
-        spread = _dots(lambda r: q_rows[r, half:], lambda r, u: k_rows[kv_of[r, None], u, half:].float(), rows,
-                       units, half)
-        return torch.where(single, a + spread, a)
+        # qbar . a, plus |qbar| . r on the rows at single units only, the two sums added last (as the kernel does)
+        out = half_dots(rows, units, 0)
+        at = single[:, 0].nonzero().flatten()
+        if at.numel():
+            out[at] += half_dots(rows[at], units[at], half)
+        return out
 
     chosen = search_torch(scores, torch.where(diag >= 1, hi, 1), m.to(dev).repeat_interleave(nq).repeat(b))
     n_local = torch.where(diag >= 1, diag - hi + 1, 0)

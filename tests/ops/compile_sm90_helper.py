@@ -151,12 +151,12 @@ def _run_all() -> None:
     for stride in (8, 16):
         antidiagonal_block_scores(q, k, block_size=64, stride=stride, backend="triton")
 
-    # the hierarchical search: prefill (key block summaries, the grouped search; bf16 block-mean keys as on
+    # the hierarchical search: prefill (key block summaries, the grouped search; bf16 key summaries as on
     # the GPU, top_k 32 and per-head 16 / 64), decode (64-token pages, top_k 62)
     from sparse_attn.estimators import hierarchical as hier
     from sparse_attn.kvcache import PagedKVCache, PageSummaries
-    real_means = hier.key_summaries
-    hier.key_summaries = lambda x, bs, dtype: real_means(x, bs, x.dtype)  # k's dtype, as on the GPU
+    real_summaries = hier.key_summaries
+    hier.key_summaries = lambda x, bs, dtype: real_summaries(x, bs, x.dtype)  # k's dtype, as on the GPU
     try:
         q = torch.randn(1, h, 4096, 128, generator=gen).to(torch.bfloat16)
         k = torch.randn(1, hkv, 4096, 128, generator=gen).to(torch.bfloat16)
@@ -168,7 +168,7 @@ def _run_all() -> None:
         for top_k in (64, 128):
             hier.hierarchical_layout(q1, k, top_k, block_size=64, use_triton=True)
     finally:
-        hier.key_summaries = real_means
+        hier.key_summaries = real_summaries
     pages = torch.randn(40, 64, hkv, 128, generator=gen).to(torch.bfloat16)
     cache = PagedKVCache(pages, pages, torch.arange(40, dtype=torch.int32).view(2, 20),
                          torch.tensor([1270, 900], dtype=torch.int32), 64)
