@@ -39,16 +39,20 @@ def reference_search(score, hi, m, samples=SAMPLES):
         branches = [(c, size // 2) for s, _ in kept for c in (s, s + size // 2) if c < hi]
 
 
+def block_stats(x, block_size):
+    """Each block's element-wise mean, max and min over its own rows (float64 [B, H, nblocks, D] each)."""
+    blocks = [x[:, :, j:j + block_size].double() for j in range(0, x.shape[2], block_size)]
+    return tuple(torch.stack([f(b) for b in blocks], 2) for f in (lambda b: b.mean(2), lambda b: b.amax(2),
+                                                                   lambda b: b.amin(2)))
+
+
 def reference_layout_blocks(q, k, top_k, block_size, local):
     """Per (batch, head, query block) the kept key blocks: [0] + searched + the `local` last visible ones."""
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     nq, nk = -(-sq // block_size), -(-sk // block_size)
-    qbar = torch.stack([q[:, :, i * block_size:(i + 1) * block_size].double().mean(2) for i in range(nq)], 2)
-    kblocks = [k[:, :, i * block_size:(i + 1) * block_size].double() for i in range(nk)]
-    kbar = torch.stack([x.mean(2) for x in kblocks], 2)
-    kmax = torch.stack([x.amax(2) for x in kblocks], 2)
-    kmin = torch.stack([x.amin(2) for x in kblocks], 2)
+    qbar = block_stats(q, block_size)[0]
+    kbar, kmax, kmin = block_stats(k, block_size)
 
     def unit_score(x, kv, u, single):
         """A single unit: half the block-mean dot, half Quest's bound over the block's keys; a branch of several
@@ -148,10 +152,7 @@ def test_key_summaries_equal_the_block_min_mean_max(poisoned_empty, s, bs, d):
 
     k = randn(generator(s * d), 2, s, 3, d, scale=2.0).transpose(1, 2)  # [B, H, S, D] as a strided view
     got = key_summaries(k, bs, torch.float32)
-    blocks = [k[:, :, j:j + bs].double() for j in range(0, s, bs)]
-    mean = torch.stack([x.mean(2) for x in blocks], 2)
-    top = torch.stack([x.amax(2) for x in blocks], 2)
-    bottom = torch.stack([x.amin(2) for x in blocks], 2)
+    mean, top, bottom = block_stats(k, bs)
     want = torch.cat([0.5 * mean + 0.25 * (top + bottom), 0.25 * (top - bottom)], -1)
     assert got.shape == (2, 3, -(-s // bs), 2 * d)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
