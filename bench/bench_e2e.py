@@ -19,7 +19,9 @@ one pass only, is skipped.
 
 Decode, after a prompt of each --decode-contexts length at each --batches size: ms per generated token (median
 of --decode-steps steps after two warm-up steps), unpatched vs each method (default: every method), and whether
-the patched step is ever slower than the unpatched one ("ratio" > 1 + --noise). The prompt is prefilled once
+the patched step is ever slower than the unpatched one ("ratio" > 1 + --noise). On CUDA a second baseline,
+unpatched-no-cudnn, runs transformers' SDPA with the cuDNN backend off ("ratio_no_cudnn"): where torch prefers
+cuDNN its plan per shape is rebuilt at every step (the key length grows). The prompt is prefilled once
 per (context, batch) in chunks; each configuration then decodes on the same cache, so later ones see a few
 more tokens (conservative for the methods, listed after the baseline).
 
@@ -264,7 +266,8 @@ def _cudnn_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 @contextlib.contextmanager
 def configured(model, label, name, kwargs, prefill_chunk=None, stats=False, diagnostics=False):
     """The model as run `label`: dense-cudnn (an attention hook), dense-sdpa / unpatched (transformers' SDPA; with
-    prefill_chunk, the package's dense path), or a method patched with its kwargs."""
+    prefill_chunk, the package's dense path), unpatched-no-cudnn (transformers' SDPA, any backend but cuDNN), or a
+    method patched with its kwargs."""
     from sparse_attn.integrations.hf import attention_hook
 
     if label == "dense-cudnn":
@@ -273,6 +276,12 @@ def configured(model, label, name, kwargs, prefill_chunk=None, stats=False, diag
         return
     if label in ("dense-sdpa", "unpatched") and prefill_chunk is None:
         yield
+        return
+    if label == "unpatched-no-cudnn":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            yield
         return
     sparse_attn.patch(model, name, stats=stats, diagnostics=diagnostics, prefill_chunk=prefill_chunk, **kwargs)
     try:
@@ -346,9 +355,11 @@ def decode_rows(model, prompt, context, batch, configs, args):
                     times.append((_now(dev) - t0) * 1e3)
         rows.append({"context": context, "batch": batch, "method": label, "ms_per_token": statistics.median(times)})
     base = rows[0]["ms_per_token"]
+    other = next((r["ms_per_token"] for r in rows if r["method"] == "unpatched-no-cudnn"), None)
     for r in rows:
         r["ratio"] = r["ms_per_token"] / base
-        r["slower"] = r["method"] != "unpatched" and r["ratio"] > 1 + args.noise
+        r["ratio_no_cudnn"] = r["ms_per_token"] / other if other else None
+        r["slower"] = not r["method"].startswith("unpatched") and r["ratio"] > 1 + args.noise
     del cache, out
     return rows
 
@@ -475,7 +486,8 @@ def main(argv=None):
                 r["baseline"] = base["method"]
         write_json(out / f"e2e_{tag}.json", {"device": device_info(), "args": vars(args), "model": shape,
                                              "prefill": prefill, "decode": decode})
-    configs = [("unpatched", "dense", {})] + decode_methods
+    configs = [("unpatched", "dense", {})] + [("unpatched-no-cudnn", "dense", {})] * (args.device == "cuda") \
+        + decode_methods
     for context in args.decode_contexts:
         for batch in args.batches:
             decode += decode_rows(model, prompt, context, batch, configs, args)
@@ -485,8 +497,11 @@ def main(argv=None):
         print(f"\n== prefill, batch 1 ({tag}, {args.device})")
         print_table(prefill, PREFILL_COLUMNS, FORMATS, left=("method",))
     if decode:
-        print(f"\n== decode ({tag}, {args.device}): ms per generated token; ratio = / unpatched")
-        print_table(decode, ["context", "batch", "method", "ms_per_token", "ratio", "slower"], FORMATS, left=("method",))
+        print(f"\n== decode ({tag}, {args.device}): ms per generated token; ratio = / unpatched"
+              + (", ratio_no_cudnn = / unpatched with SDPA's cuDNN backend off" if args.device == "cuda" else ""))
+        columns = ["context", "batch", "method", "ms_per_token", "ratio"] \
+            + ["ratio_no_cudnn"] * (args.device == "cuda") + ["slower"]
+        print_table(decode, columns, FORMATS, left=("method",))
         slower = [r for r in decode if r["slower"]]
         print(f"patched decode never slower than unpatched (noise {args.noise:.0%}): "
               f"{'yes' if not slower else 'NO: ' + ', '.join(r['method'] + '@' + str(r['context']) for r in slower)}")
@@ -505,7 +520,8 @@ PREFILL_COLUMNS = ["context", "method", "ttft_ms", "speedup", "attn_share", "lay
                    "density", "recall", "recall_min_layer", "peak_gib", "error"]
 FORMATS = {"ttft_ms": "{:.1f}", "speedup": "{:.2f}", "attn_share": "{:.2f}", "layer_share_min": "{:.3f}",
            "layer_share_max": "{:.3f}", "density": "{:.3f}", "recall": "{:.3f}", "recall_min_layer": "{:.3f}",
-           "peak_gib": "{:.1f}", "ms_per_token": "{:.2f}", "ratio": "{:.2f}"}
+           "peak_gib": "{:.1f}", "ms_per_token": "{:.2f}", "ratio": "{:.2f}",
+           "ratio_no_cudnn": "{:.2f}"}
 
 if __name__ == "__main__":
     main()

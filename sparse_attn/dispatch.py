@@ -99,6 +99,9 @@ def attend(q, k, v, layout, *, causal: bool, scale: Optional[float]):
 def dense_attention(q, k, v, *, causal: bool, scale: Optional[float]):
     """Dense attention through torch SDPA (GQA without repeating k/v), bottom-right causal."""
     sq, sk = q.shape[2], k.shape[2]
+    if q.is_cuda and sq == 1:
+        with _step_backends():
+            return sdpa(q, k, v, scale=scale)
     if not causal or sq == 1:
         return sdpa(q, k, v, scale=scale)
     if sq == sk:
@@ -118,6 +121,15 @@ def dense_attention(q, k, v, *, causal: bool, scale: Optional[float]):
         band = torch.arange(sk, device=q.device)[None, :] <= i
         out[:, :, r0:r1] = sdpa(q[:, :, r0:r1], k, v, attn_mask=band, scale=scale)
     return out
+
+
+def _step_backends():
+    """SDPA's backends for a decode step: all but cuDNN. cuDNN's SDPA builds an execution plan per input shape,
+    and a decode step's key length is new at every step, so where torch prefers cuDNN (Hopper) each step would
+    pay a plan build that costs more than reading the cache."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _flash_lower_right(q, k, v) -> bool:
