@@ -629,7 +629,7 @@ PATTERN = register_pattern(Pattern(
     summary="HiP-style coarse-to-fine top-k: top_k key blocks per query block (pages in decode) by a "
             "branch-and-prune search, O(S log S), plus the first and the last local ones",
     layout=BlockLayout,
-    budgets=(Param("top_k", int, 32, 1, doc="key blocks per query block (decode: pages) the search picks, besides "
+    budgets=(Param("top_k", int, 64, 1, doc="key blocks per query block (decode: pages) the search picks, besides "
                                             "the first and the `local` last visible ones"),),
     options=(Param("local", int, 1, 1, doc="last visible key blocks (decode: pages) always kept"),),
     estimate=_estimate,
