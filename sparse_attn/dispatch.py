@@ -27,6 +27,7 @@ __all__ = [
     "plan_pattern",
     "attend",
     "dense_attention",
+    "step_backends",
     "run_head_config",
     "LayerLayouts",
     "RowChunks",
@@ -100,7 +101,7 @@ def dense_attention(q, k, v, *, causal: bool, scale: Optional[float]):
     """Dense attention through torch SDPA (GQA without repeating k/v), bottom-right causal."""
     sq, sk = q.shape[2], k.shape[2]
     if q.is_cuda and sq == 1:
-        with _step_backends():
+        with step_backends():
             return sdpa(q, k, v, scale=scale)
     if not causal or sq == 1:
         return sdpa(q, k, v, scale=scale)
@@ -123,7 +124,7 @@ def dense_attention(q, k, v, *, causal: bool, scale: Optional[float]):
     return out
 
 
-def _step_backends():
+def step_backends():
     """SDPA's backends for a decode step: all but cuDNN. cuDNN's SDPA builds an execution plan per input shape,
     and a decode step's key length is new at every step, so where torch prefers cuDNN (Hopper) each step would
     pay a plan build that costs more than reading the cache."""

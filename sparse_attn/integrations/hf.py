@@ -33,6 +33,7 @@ import torch
 
 from .._checks import logger, warn_once
 from ..decode import DecodeState
+from ..dispatch import step_backends
 from ..layouts import causal_tile_entries
 from ..methods import check_method_kwargs, check_model, get_method, sparse_attention
 from ..profiles import Profile, load_profile, match_profile
@@ -250,8 +251,9 @@ def _make_attention(p: _Patch):
                 # The mask builder gave None for a chunk (bottom-right causal); SDPA's is_causal is top-left.
                 rows = torch.arange(sk - sq, sk, device=query.device)[:, None]
                 attention_mask = (torch.arange(sk, device=query.device)[None, :] <= rows)[None, None]
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                          scaling=scaling, **kwargs)
+            with step_backends() if query.is_cuda and sq == 1 else contextlib.nullcontext():
+                return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                              scaling=scaling, **kwargs)
         layer = module.layer_idx
         head_config = p.profile.layer(layer) if p.profile is not None else None
         stats: Optional[Dict[str, Any]] = {} if p.collect_stats else None
