@@ -20,7 +20,8 @@ recall, and decode against SDPA and Quest.
    and 64 window tokens), each its selection plus the paged split-K attention, timed from a CUDA graph after
    an L2 flush (capture proves there is no host sync) and eagerly; the selection alone; recall of each
    selection (softmax mass of the sequence's query heads on the tokens read).
-Prints tables and writes bench_hier.json under --out. Needs CUDA.
+Prefill blocks are --block-size tokens (64; at 128, top_k 32 is the same 4K tokens a query block as 64 at
+64, over half the query and key blocks). Prints tables and writes bench_hier.json under --out. Needs CUDA.
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--decode-context", type=int, default=131072)
     p.add_argument("--decode-batch", type=int, default=8)
     p.add_argument("--decode-budget", type=int, default=4096)
+    p.add_argument("--block-size", type=int, default=64, help="prefill: tokens per query / key block")
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--local", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
@@ -80,11 +82,11 @@ def scaling(args):
     for s in sorted(args.seqlens):
         q, k, _ = methods_inputs(s)
         for top_k in args.scale_top_k:
-            fn = lambda: hierarchical_layout(q, k, top_k, block_size=64, local=args.local)  # noqa: E731
+            fn = lambda: hierarchical_layout(q, k, top_k, block_size=args.block_size, local=args.local)  # noqa: E731
             ms = event_median(fn, args.repeats)
             layout = fn()
-            nk = -(-s // 64)
-            row = {"seqlen": s, "top_k": top_k, "select_ms": ms,
+            nk = -(-s // args.block_size)
+            row = {"seqlen": s, "block": args.block_size, "top_k": top_k, "select_ms": ms,
                    "levels": search_plan(nk - 1 - args.local, top_k)[1],
                    "density": float(layout.density()), "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
             prev = [r for r in rows if r["top_k"] == top_k]
@@ -139,14 +141,14 @@ def call_at(args, s, dense_at):
         dense_ms, extrapolated = dense_at[ref] * (s / ref) ** 2, True
     rows, layouts = [], []
     for top_k in args.call_top_k:
-        kwargs = {"top_k": top_k, "local": args.local}
+        kwargs = {"top_k": top_k, "local": args.local, "block_size": args.block_size}
         phases = method_phases("hierarchical", kwargs, q, k, v)
         t = time_phases(phases, 1, args.repeats, call=method_call("hierarchical", kwargs, q, k, v))[0]
         layout = phases[1][1](phases[0][1](None))
         select = t["estimate"] + t["index"]
         total = select + t["attention"]
         layouts.append(layout)
-        rows.append({"seqlen": s, "top_k": top_k, "select_ms": select, "attention_ms": t["attention"],
+        rows.append({"seqlen": s, "block": args.block_size, "top_k": top_k, "select_ms": select, "attention_ms": t["attention"],
                      "call_ms": t["call"], "select_frac": select / total, "dense_ms": dense_ms,
                      "dense_extrapolated": extrapolated, "speedup": dense_ms / total,
                      "call_speedup": dense_ms / t["call"], "density": float(layout.density())})
@@ -229,7 +231,8 @@ def main(argv=None):
         out["decode"] = decode(args)
     out["meta"]["wall_s"] = time.time() - t0
     write_json(out_dir(args.out) / "bench_hier.json", out)
-    print(f"\nHierarchical pattern, {info}; 32 q / 8 kv heads, D=128, bf16, structured inputs, 64-token blocks")
+    print(f"\nHierarchical pattern, {info}; 32 q / 8 kv heads, D=128, bf16, structured inputs, "
+          f"{args.block_size}-token blocks (prefill)")
     if "scaling" in out:
         print("\nselection alone (ms), x_prev: over the previous length")
         print_table(out["scaling"], ["seqlen", "top_k", "levels", "select_ms", "x_prev", "density", "peak_gib"],
