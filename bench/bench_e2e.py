@@ -48,6 +48,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import sparse_attn  # noqa: E402
 from common import device_info, out_dir, parse_method_spec, plot_panels, print_table, write_json  # noqa: E402
+from sparse_attn.dispatch import step_backends  # noqa: E402
 from sparse_attn.methods import get_method, list_methods  # noqa: E402
 from sparse_attn.patterns import get_pattern  # noqa: E402
 
@@ -278,9 +279,7 @@ def configured(model, label, name, kwargs, prefill_chunk=None, stats=False, diag
         yield
         return
     if label == "unpatched-no-cudnn":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        with step_backends():  # the backends the package's dense decode step allows
             yield
         return
     sparse_attn.patch(model, name, stats=stats, diagnostics=diagnostics, prefill_chunk=prefill_chunk, **kwargs)

@@ -127,7 +127,7 @@ def dense_attention(q, k, v, *, causal: bool, scale: Optional[float]):
 def step_backends():
     """SDPA's backends for a decode step: all but cuDNN. cuDNN's SDPA builds an execution plan per input shape,
     and a decode step's key length is new at every step, so where torch prefers cuDNN (Hopper) each step would
-    pay a plan build that costs more than reading the cache."""
+    pay for a new plan."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
