@@ -40,7 +40,10 @@ step() {  # step NAME CMD...: run, log to $OUT/NAME.log, remember failures
     case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
     echo "== $name: $*"
     local t0=$SECONDS
-    "$@" > "$OUT/$name.log" 2>&1
+    # STEP_LIMIT=SECONDS stops a step there (exit 124) and goes on with the next one (not the shell-function steps).
+    local limit=${STEP_LIMIT:+timeout $STEP_LIMIT}
+    [ "$(type -t "$1")" = function ] && limit=
+    $limit "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
     tail -n 25 "$OUT/$name.log"
     echo "== $name: exit $rc in $((SECONDS - t0)) s"
@@ -76,8 +79,10 @@ step frontier python3 bench/bench_methods.py --frontier --seqlens ${FRONTIER_SEQ
     --data ${FRONTIER_DATA:-structured mixed} --dense-max 131072 --warmup 1 --repeats 2 --out "$OUT/frontier"
 # FlexPrefill's bars (gamma 0.9: >= 5x on mixed with recall >= 0.9, >= 6x structured, est+idx <= 10 %, 1M
 # runs; dense at 1M extrapolated from 128K) and XAttention (tau 0.9) at the same points.
-step flex_bars python3 bench/bench_methods.py --seqlens 131072 1048576 --dense-max 131072 --data mixed structured \
-    --methods flexprefill:gamma=0.9 xattention:tau=0.9 --recall-bands 8 --out "$OUT/flex_bars"
+# FLEX_DATA / FLEX_METHODS narrow it (XAttention at 1M alone: FLEX_DATA=mixed FLEX_METHODS=xattention:tau=0.9).
+step flex_bars python3 bench/bench_methods.py --seqlens 131072 1048576 --dense-max 131072 \
+    --data ${FLEX_DATA:-mixed structured} --methods ${FLEX_METHODS:-flexprefill:gamma=0.9 xattention:tau=0.9} \
+    --recall-bands 8 --out "$OUT/flex_bars"
 # FlexPrefill's phases at 128K kernel by kernel (estimate: launches, host vs GPU ms, its kernels), and its GPU
 # tests (the Triton path against the torch rule, 1M fits).
 step flex_profile bash -c "python3 bench/probes/profile_phases.py --seqlens 131072 --methods flexprefill:gamma=0.9 \
