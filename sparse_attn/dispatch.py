@@ -9,6 +9,7 @@ number of query heads per kv head, at most `group size` sub-launches).
 """
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
@@ -100,11 +101,9 @@ def attend(q, k, v, layout, *, causal: bool, scale: Optional[float]):
 def dense_attention(q, k, v, *, causal: bool, scale: Optional[float]):
     """Dense attention through torch SDPA (GQA without repeating k/v), bottom-right causal."""
     sq, sk = q.shape[2], k.shape[2]
-    if q.is_cuda and sq == 1:
-        with step_backends():
-            return sdpa(q, k, v, scale=scale)
     if not causal or sq == 1:
-        return sdpa(q, k, v, scale=scale)
+        with step_backends(q):
+            return sdpa(q, k, v, scale=scale)
     if sq == sk:
         return sdpa(q, k, v, is_causal=True, scale=scale)
     if q.is_cuda and sq < sk and _flash_lower_right(q, k, v):
@@ -124,10 +123,13 @@ def dense_attention(q, k, v, *, causal: bool, scale: Optional[float]):
     return out
 
 
-def step_backends():
-    """SDPA's backends for a decode step: all but cuDNN. cuDNN's SDPA builds an execution plan per input shape,
-    and a decode step's key length is new at every step, so where torch prefers cuDNN (Hopper) each step would
-    pay for a new plan."""
+def step_backends(q: Optional[torch.Tensor] = None):
+    """A context for SDPA calls: all backends but cuDNN where q [B, H, Sq, D] is a decode step on CUDA (Sq 1;
+    without q, always), else no restriction. cuDNN's SDPA builds an execution plan per input shape, and a decode
+    step's key length is new at every step, so where torch prefers cuDNN (Hopper) each step would pay for a new
+    plan."""
+    if q is not None and not (q.is_cuda and q.shape[2] == 1):
+        return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])

@@ -251,7 +251,7 @@ def _make_attention(p: _Patch):
                 # The mask builder gave None for a chunk (bottom-right causal); SDPA's is_causal is top-left.
                 rows = torch.arange(sk - sq, sk, device=query.device)[:, None]
                 attention_mask = (torch.arange(sk, device=query.device)[None, :] <= rows)[None, None]
-            with step_backends() if query.is_cuda and sq == 1 else contextlib.nullcontext():
+            with step_backends(query):
                 return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                               scaling=scaling, **kwargs)
         layer = module.layer_idx
