@@ -387,7 +387,6 @@ def test_dense_chunk_on_cuda_is_bottom_right_causal(dtype):
                                                                                       upcast=False))
 
 
-
 @pytest.mark.gpu
 def test_dense_decode_on_cuda_launches_no_cudnn_kernel():
     """Dense decode steps on CUDA (one query against a cache one key longer at every step) equal the reference
@@ -396,13 +395,14 @@ def test_dense_decode_on_cuda_launches_no_cudnn_kernel():
 
     from sparse_attn.dispatch import dense_attention
 
-    q, k, v = _inputs(b=3, hq=8, hkv=2, sq=1, sk=1500, d=128, dtype=torch.bfloat16, seed=12, device="cuda")
+    lengths = (1497, 1498, 1500)
+    q, k, v = _inputs(b=3, hq=8, hkv=2, sq=1, sk=max(lengths), d=128, dtype=torch.bfloat16, seed=12, device="cuda")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        outs = [dense_attention(q, k[:, :, :n], v[:, :, :n], causal=True, scale=None) for n in (1497, 1498, 1500)]
+        outs = [dense_attention(q, k[:, :, :n], v[:, :, :n], causal=True, scale=None) for n in lengths]
         torch.cuda.synchronize()
     kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert kernels and not [name for name in kernels if "cudnn" in name.lower()], kernels
-    for out, n in zip(outs, (1497, 1498, 1500)):
+    for out, n in zip(outs, lengths):
         kn, vn = k[:, :, :n], v[:, :, :n]
         assert_close(out, reference_attention(q, kn, vn, causal=True), reference_attention(q, kn, vn, causal=True,
                                                                                              upcast=False))
