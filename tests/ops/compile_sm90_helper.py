@@ -62,6 +62,9 @@ def _install() -> None:
     triton_compiler.CompiledKernel._init_handles = no_handles
     triton_compiler.CompiledKernel.run = property(lambda self: (self._init_handles(), lambda *a, **k: None)[1])
     driver.set_active(_Sm90Driver())
+    # With a JIT hook set, Triton serialises every compile's constants as JSON before calling it; vLLM sets
+    # one, so a kernel whose constexprs do not serialise (a layout object) fails to compile under vLLM alone.
+    triton.knobs.runtime.jit_cache_hook = lambda *args, **kwargs: False
     torch.empty = lambda *a, **k: torch.zeros(*a, **k)  # sizes read back from kernel outputs stay 0
 
 

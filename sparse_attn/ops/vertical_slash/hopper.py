@@ -200,8 +200,7 @@ if AVAILABLE:
         s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh, s_lm,
         num_heads, group, nqb, seqlen_q, seqlen_k, qk_scale,
         BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
-        RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, Q_SMEM: gl.constexpr, KV_SMEM: gl.constexpr,
-        NC: gl.constexpr,
+        RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, SWIZZLE: gl.constexpr, NC: gl.constexpr,
     ):
         S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BN, 16])
@@ -211,6 +210,7 @@ if AVAILABLE:
         LD: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (D // 8), D // 8],
                                             warps_per_cta=[4, 1], order=[1, 0])
         dtype: gl.constexpr = Q.dtype.element_ty
+        SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=SWIZZLE, element_bitwidth=16, rank=2)
         gl.static_assert(STAGES == 3, "the K/V ring's wait counts are written for 3 stages")
 
         qb, hk, b, h, q_start, sq, k_start, sk = _program(CU_Q, CU_K, num_heads, group, nqb, seqlen_q, seqlen_k,
@@ -222,10 +222,10 @@ if AVAILABLE:
             h64 = h.to(gl.int64)
             hk64 = hk.to(gl.int64)
 
-            q_smem = gl.allocate_shared_memory(dtype, [BM, D], Q_SMEM,
+            q_smem = gl.allocate_shared_memory(dtype, [BM, D], SMEM,
                                                _load_q(Q + b64 * s_qb + h64 * s_qh, s_qm, q_start, q0, sq, BM, D, LD))
-            k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], KV_SMEM)
-            v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], KV_SMEM)
+            k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], SMEM)
+            v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], SMEM)
 
             n_tiles, n_full, n_cols, n_seen, n_total, TS, TE, COLS = _block_lists(
                 COUNTS, FIRST_TILE, T_START, T_END, (b64 * num_heads + h64) * nqb + qb, BN, NC)
@@ -425,7 +425,7 @@ if AVAILABLE:
         row_b, row_h, col_h,
         num_heads, group, nqb, seqlen_q, seqlen_k, qk_scale,
         BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
-        RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, Q_SMEM: gl.constexpr, NC: gl.constexpr,
+        RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, SWIZZLE: gl.constexpr, NC: gl.constexpr,
         LOADER_WARPS: gl.constexpr, LOADER_REGS: gl.constexpr,
     ):
         """Warp-specialised (module docstring): _ws_loader fills the K/V ring while the warpgroup computes
@@ -436,6 +436,7 @@ if AVAILABLE:
         LD: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (D // 8), D // 8],
                                             warps_per_cta=[4, 1], order=[1, 0])
         dtype: gl.constexpr = Q.dtype.element_ty
+        SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=SWIZZLE, element_bitwidth=16, rank=2)
 
         qb, hk, b, h, q_start, sq, k_start, sk = _program(CU_Q, CU_K, num_heads, group, nqb, seqlen_q, seqlen_k,
                                                            VARLEN)
@@ -444,7 +445,7 @@ if AVAILABLE:
         b64 = b.to(gl.int64)
         h64 = h.to(gl.int64)
         hk64 = hk.to(gl.int64)
-        q_smem = gl.allocate_shared_memory(dtype, [BM, D], Q_SMEM,
+        q_smem = gl.allocate_shared_memory(dtype, [BM, D], SMEM,
                                            _load_q(Q + b64 * s_qb + h64 * s_qh, s_qm, q_start, q0, sq, BM, D, LD))
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], KD.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], VD.layout)
@@ -487,9 +488,12 @@ def tma_layout(k, v, packed: bool) -> bool:
     return AVAILABLE and _tma_geometry(k, v, packed) is not None
 
 
-def _smem_layouts(dtype, d: int):
+def _smem_layout(dtype, d: int):
+    """The shared layout of a [rows, d] tile (Q's and the K/V ring's alike: the swizzle depends on d alone). The
+    kernels take only its swizzle width and rebuild it: a layout object among a kernel's constexprs breaks
+    Triton's JIT hooks (they serialise the constants as JSON; vLLM installs one)."""
     gdt = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
-    return (gl.NVMMASharedLayout.get_default_for([BM, d], gdt), gl.NVMMASharedLayout.get_default_for([BN, d], gdt))
+    return gl.NVMMASharedLayout.get_default_for([BN, d], gdt)
 
 
 def _tma_views(k, v, packed: bool):
@@ -538,7 +542,7 @@ def forward(q, k, v, out, lse, plan, cu, strides, lse_strides, num_heads: int, g
     if loads not in ("tma", "cp.async"):
         raise ValueError(f"loads: expected 'tma' or 'cp.async', got {loads!r}")
     d = q.shape[-1]
-    q_smem, kv_smem = _smem_layouts(q.dtype, d)
+    kv_smem = _smem_layout(q.dtype, d)
     sq, sk, sv, so = (s[:3] for s in strides)
     grid = (nqb * group, batch * num_kv_heads)
     views = _tma_views(k, v, packed) if loads == "tma" else None
@@ -549,11 +553,11 @@ def forward(q, k, v, out, lse, plan, cu, strides, lse_strides, num_heads: int, g
             q, k, v, kd, vd, out, lse if lse is not None else out, *plan, *cu,
             *sq, *sk, *sv, *so, *lse_strides, row_b, row_h, col_h, num_heads, group, nqb, *lengths,
             qk_scale, BM=BM, BN=BN, D=d, CAUSAL=causal, VARLEN=packed, RETURN_LSE=lse is not None, STAGES=STAGES,
-            Q_SMEM=q_smem, NC=plan[0].shape[-1], LOADER_WARPS=WS_LOADER[0], LOADER_REGS=WS_LOADER[1],
+            SWIZZLE=kv_smem.swizzle_byte_width, NC=plan[0].shape[-1], LOADER_WARPS=WS_LOADER[0], LOADER_REGS=WS_LOADER[1],
             num_warps=4, maxnreg=WS_MAXNREG)
         return
     _vs_hopper_kernel[grid](
         q, k, v, out, lse if lse is not None else out, *plan, *cu,
         *sq, *sk, *sv, *so, *lse_strides, num_heads, group, nqb, *lengths, qk_scale,
         BM=BM, BN=BN, D=d, CAUSAL=causal, VARLEN=packed, RETURN_LSE=lse is not None, STAGES=STAGES,
-        Q_SMEM=q_smem, KV_SMEM=kv_smem, NC=plan[0].shape[-1], num_warps=4)
+        SWIZZLE=kv_smem.swizzle_byte_width, NC=plan[0].shape[-1], num_warps=4)
