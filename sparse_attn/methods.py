@@ -351,7 +351,7 @@ def sparse_attention(
         if stats is not None:
             group = shapes.num_heads // shapes.num_kv_heads
             density = selection.density(cache.seqlens).expand(-1, shapes.num_kv_heads)
-            stats["density"] = density.repeat_interleave(group, 1).mean(0).cpu()
+            stats["density"] = density.repeat_interleave(group, 1).mean(0)  # stays on the device: no sync
             stats["pattern"] = [decode] * shapes.num_heads
         return out
     for key in ("decode", "decode_config"):

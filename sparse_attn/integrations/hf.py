@@ -34,7 +34,6 @@ import torch
 from .._checks import logger, warn_once
 from ..decode import DecodeState
 from ..dispatch import step_backends
-from ..layouts import causal_tile_entries
 from ..methods import check_method_kwargs, check_model, get_method, sparse_attention
 from ..profiles import Profile, load_profile, match_profile
 from .config import patch_arguments
@@ -53,7 +52,7 @@ _MASK_CHECK_ROWS = 512
 class LayerStats:
     """One attention call of one layer: per query head, what the method computed."""
 
-    density: torch.Tensor  # float64 [Hq]: computed / causal entries (mean over the batch)
+    density: torch.Tensor  # float64 [Hq], on the call's device: computed / causal entries (mean over the batch)
     pattern: List[str]  # per query head
     seqlen_q: int
     seqlen_k: int
@@ -93,7 +92,7 @@ class AttentionStats:
         layers = self._phase(phase)
         if not layers:
             return None
-        return torch.stack([s.density for s in layers.values()]).mean().item()
+        return torch.stack([s.density.cpu() for s in layers.values()]).mean().item()
 
     def recall(self, phase: str = "prefill") -> Optional[float]:
         """Mean attention recall over layers and heads (diagnostics=True), or None."""
@@ -265,7 +264,8 @@ def _make_attention(p: _Patch):
                                **p.kwargs)
         if stats is not None:
             sq, sk = query.shape[2], key.shape[2]
-            entries = float(causal_tile_entries(0, sq, 0, sk, sk - sq)) * query.shape[0]
+            # causal entries of sq bottom-right rows over sk keys, in Python ints (no tensors in a decode step)
+            entries = float(sq * (sk - sq) + sq * (sq + 1) // 2) * query.shape[0]
             record = LayerStats(stats["density"], stats["pattern"], sq, sk, stats.get("recall"), entries)
             phase = p.stats.prefill if sq > 1 else p.stats.decode
             if sq > 1 and p.merge_chunks and layer in phase:

@@ -108,3 +108,54 @@ def test_a_budget_reading_half_the_cache_or_more_decodes_dense(budget, pattern):
     model = tiny_llama()
     _, stats, _ = _patched(model, _ids(), "quest", {"budget": budget, "sink": 32, "window": 32})
     assert all(s.pattern == [pattern] * 4 for s in stats.decode.values())
+
+
+# Tensor methods that wait for the device (a copy to the host or a value read back). On the CPU they cost
+# nothing, so the test catches the call itself.
+_SYNCS = {"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero", "equal"}
+
+
+class _SyncSpy(torch.overrides.TorchFunctionMode):
+    """Records every call of a _SYNCS function made from the package's own code."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in _SYNCS or (name == "to" and "cpu" in map(str, list(args[1:]) + list((kwargs or {}).values()))):
+            import traceback
+
+            ours = [f for f in traceback.extract_stack()[:-1] if "/sparse_attn/" in f.filename.replace("\\", "/")]
+            if ours:
+                self.calls.append(f"{name} at {ours[-1].filename}:{ours[-1].lineno}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method", [p.name for p in sparse_attn.patterns.patterns() if p.decode] + ["dense"])
+def test_a_decode_step_never_waits_for_the_device(method):
+    """A patched model's decode step (each decode side at its default budgets, and dense; stats on) calls
+    nothing that syncs the host with the device, so the step's launches can run ahead of the GPU. The cache
+    is long enough for the sparse side to run (twice what it reads)."""
+    from sparse_attn.decode import sparse_decode_from
+
+    model = tiny_llama()
+    cached = 256
+    if method != "dense":
+        p = sparse_attn.patterns.get_pattern(method)
+        cached = sparse_decode_from(method, p.defaults(), 0) + 64
+    cache = transformers.DynamicCache()
+    ids = _ids(cached + 2)
+    with torch.no_grad():
+        model(ids[:, :-2], past_key_values=cache, use_cache=True)  # prefilled unpatched (dense, quick)
+    sparse_attn.patch(model, method, min_seqlen=0)  # every pattern is also a method of its name
+    try:
+        with torch.no_grad():
+            model(ids[:, -2:-1], past_key_values=cache, use_cache=True)  # the first step builds the summaries
+            with _SyncSpy() as spy:
+                model(ids[:, -1:], past_key_values=cache, use_cache=True)
+        assert all(s.pattern == [method] * 4 for s in sparse_attn.get_stats(model).decode.values())
+        assert spy.calls == [], spy.calls
+    finally:
+        sparse_attn.unpatch(model)
