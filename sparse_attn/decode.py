@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from .kvcache import PagedKVCache, PageSummaries
+from .kvcache import PagedKVCache, PageSummaries, consecutive_table
 from .layouts import PageSelection
 from .ops.paged_decode import paged_decode_attention
 from .patterns import get_pattern
@@ -31,9 +31,19 @@ class DecodeState:
 
     summaries: Optional[PageSummaries] = None
     tokens: int = 0
+    table: Optional[torch.Tensor] = None  # the consecutive page table of the latest view
 
     def reset(self) -> None:
-        self.summaries, self.tokens = None, 0
+        self.summaries, self.tokens, self.table = None, 0, None
+
+    def view(self, k: torch.Tensor, v: torch.Tensor, page_size: int) -> PagedKVCache:
+        """k, v [B, Hkv, S, D] as pages, the page table reused while the cache stays within its pages."""
+        b, s = k.shape[0], k.shape[2]
+        pages = -(-s // page_size) if s else 1
+        t = self.table
+        if t is None or tuple(t.shape) != (b, pages) or t.device != k.device:
+            t = self.table = consecutive_table(b, pages, k.device)
+        return PagedKVCache.from_contiguous(k, v, page_size=page_size, validate=False, page_table=t)
 
     def summaries_for(self, cache: PagedKVCache) -> PageSummaries:
         """Summaries of every page of `cache` (a contiguous cache, all sequences of its full length),
@@ -72,10 +82,9 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str,
     p = get_pattern(pattern)
     if not p.decode:
         raise ValueError(f"pattern: {pattern!r} has no decode side")
-    cache = PagedKVCache.from_contiguous(k, v, page_size=p.decode_page_size, validate=False)
-    summaries = None
-    if p.summaries:
-        summaries = (state or DecodeState()).summaries_for(cache)
+    state = state or DecodeState()
+    cache = state.view(k, v, p.decode_page_size)
+    summaries = state.summaries_for(cache) if p.summaries else None
     selection = p.select(q[:, :, 0], cache, summaries, scale=scale, **budgets)
     out = paged_decode_attention(q, cache, selection, scale=scale)
     return out, selection, cache

@@ -25,7 +25,7 @@ import torch
 
 from ._checks import FLOAT_DTYPES, check_positive_int, check_tensor
 
-__all__ = ["PagedKVCache", "PageSummaries", "PAGE_SIZES", "budget_pages", "window_pages"]
+__all__ = ["PagedKVCache", "PageSummaries", "PAGE_SIZES", "budget_pages", "window_pages", "consecutive_table"]
 
 PAGE_SIZES = (16, 32, 64)
 
@@ -40,6 +40,13 @@ def budget_pages(budget: int, page_size: int, max_pages: int) -> int:
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < page_size:
         raise ValueError(f"budget: expected an int of at least one page ({page_size} tokens), got {budget!r}")
     return max(1, min(budget // page_size, max_pages))
+
+
+def consecutive_table(batch: int, pages: int, device) -> torch.Tensor:
+    """int32 [batch, pages]: the page table of a contiguous cache read as pages (sequence b's page p is b * pages
+    + p)."""
+    return (torch.arange(batch, device=device, dtype=torch.int32)[:, None] * pages
+            + torch.arange(pages, device=device, dtype=torch.int32)[None, :])
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,14 +94,21 @@ class PagedKVCache:
 
     @classmethod
     def from_contiguous(cls, k: torch.Tensor, v: torch.Tensor, page_size: int = 64,
-                        seqlens: Optional[torch.Tensor] = None, validate: bool = True) -> "PagedKVCache":
+                        seqlens: Optional[torch.Tensor] = None, validate: bool = True,
+                        page_table: Optional[torch.Tensor] = None) -> "PagedKVCache":
         """k, v [B, Hkv, S, D] (any strides with the head dim contiguous) read in place as consecutive pages;
-        seqlens default S for every sequence."""
+        seqlens default S for every sequence. page_table: `consecutive_table(B, pages)` kept by a caller that
+        makes this view at every decode step (it changes only when the cache crosses into a new page)."""
         check_tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES)
         b, _, s, _ = k.shape
         pages = -(-s // page_size) if s else 1
-        table = (torch.arange(b, device=k.device, dtype=torch.int32)[:, None] * pages
-                 + torch.arange(pages, device=k.device, dtype=torch.int32)[None, :])
+        if page_table is None:
+            table = consecutive_table(b, pages, k.device)
+        elif tuple(page_table.shape) != (b, pages):
+            raise ValueError(f"page_table: expected the consecutive table of shape {(b, pages)}, got "
+                             f"{tuple(page_table.shape)}")
+        else:
+            table = page_table
         if seqlens is None:
             seqlens = torch.full((b,), s, dtype=torch.int32, device=k.device)
         return cls(k, v, table, seqlens, page_size, contiguous=True, validate=validate)

@@ -29,6 +29,7 @@ from ._checks import warn_once
 from . import dispatch
 from .decode import DecodeState, decode_step, sparse_decode_from
 from .ops.reference import AttentionInputs
+from .ops.paged_decode import head_density
 from .recall import sampled_rows
 from .patterns import DENSE, Param, Pattern, all_options, get_pattern, list_patterns, mixture_default, patterns
 from .profiles import check_head_config
@@ -349,9 +350,7 @@ def sparse_attention(
             return out
         out, selection, cache = decode_step(q, k, v, decode, decode_budgets, scale=scale, state=decode_state)
         if stats is not None:
-            group = shapes.num_heads // shapes.num_kv_heads
-            density = selection.density(cache.seqlens).expand(-1, shapes.num_kv_heads)
-            stats["density"] = density.repeat_interleave(group, 1).mean(0)  # stays on the device: no sync
+            stats["density"] = head_density(selection, cache.seqlens, shapes.num_heads)  # on the device: no sync
             stats["pattern"] = [decode] * shapes.num_heads
         return out
     for key in ("decode", "decode_config"):

@@ -178,6 +178,24 @@ def _run_all() -> None:
     hier.hierarchical_pages(torch.randn(2, h, 128, generator=gen).to(torch.bfloat16), cache,
                             PageSummaries.build(cache), top_k=62, use_triton=True)
 
+    # paged decode: split-K attention and its combine (fp16, D=128, a selection), the page summaries, the
+    # decode-density count (the module takes CPU tensors only under the interpreter: bypassed here)
+    from sparse_attn.layouts import PageSelection
+    from sparse_attn.ops import paged_decode as pd
+    real_interpreted = pd._interpreted
+    pd._interpreted = lambda: True
+    try:
+        summaries = PageSummaries.build(cache)
+        selection = PageSelection(torch.arange(8, dtype=torch.int32).view(1, 1, 8).expand(2, hkv, 8).contiguous(),
+                                  torch.full((2, hkv), 8, dtype=torch.int32), 64)
+        # fp16: the module refuses bf16 off the GPU (the interpreter's bf16 dot)
+        cache16 = PagedKVCache(pages.half(), pages.half(), cache.page_table, cache.seqlens, 64)
+        pd.paged_decode_attention(torch.randn(2, h, 128, generator=gen).half(), cache16, selection)
+        summaries.update(cache, torch.tensor([3, 5], dtype=torch.int32), 1)
+        pd.head_density(selection, cache.seqlens, h)
+    finally:
+        pd._interpreted = real_interpreted
+
     # the experimental Gluon Hopper kernels (SPARSE_ATTN_VS_BACKEND=gluon): warp-specialised with a TMA loader
     # (bf16 D=128 with lse, fp16 D=64, bf16 packed) and every tile through cp.async (bf16 D=128);
     # hopper.supported refuses CPU tensors, so it is bypassed here

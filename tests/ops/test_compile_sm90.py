@@ -65,7 +65,8 @@ def test_every_kernel_compiles_for_sm90(compiled):
                 "_count_kernel", "_tiles_kernel", "_vs_attn_kernel", "_prepare_kernel", "_hist_kernel", "_write_kernel",
                 "_group_order_kernel", "_pool_kernel", "_decide_kernel", "_query_aware_kernel",
                 "_vs_select_kernel", "_vs_write_kernel",
-                "_antidiagonal_kernel", "_key_summary_kernel", "_prefill_search_kernel", "_decode_search_kernel"}
+                "_antidiagonal_kernel", "_key_summary_kernel", "_prefill_search_kernel", "_decode_search_kernel",
+                "_decode_kernel", "_combine_kernel", "_summarize_kernel", "_density_kernel"}
     assert expected <= names, f"not compiled: {sorted(expected - names)}"
 
 

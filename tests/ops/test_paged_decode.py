@@ -91,6 +91,24 @@ def test_selected_pages_equal_the_reference(seed, ps, group, shared):
     _check(q, cache, selection)
 
 
+@given(seed=st.integers(0, 2**31 - 1), ps=st.sampled_from(PAGE_SIZES), group=st.sampled_from([1, 2, 4]),
+       shared=st.booleans(), batch=st.integers(1, 4))
+def test_head_density_counts_the_tokens_each_query_head_reads(seed, ps, group, shared, batch):
+    """Per query head, the mean over sequences of tokens read / length, against the selection's token mask
+    (a partial last page counts its valid tokens only; entries past a count are not read)."""
+    gen = generator(seed)
+    lens = [int(x) for x in torch.randint(1, 6 * ps, (batch,), generator=gen)]
+    hkv = 2
+    cache = paged_cache(gen, lens, hkv, 16, ps)
+    selection = random_selection(gen, cache, 1 if shared else hkv, width=5)
+    mask = selection.token_mask(cache.seqlens, max(lens))
+    per_kv = mask.sum(-1).double() / cache.seqlens.view(-1, 1).double()  # [B, H]
+    want = per_kv.expand(-1, hkv).repeat_interleave(group, 1).mean(0)
+    got = paged_decode.head_density(selection, cache.seqlens, hkv * group)
+    assert got.dtype == torch.float64 and got.shape == (hkv * group,)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("ps", PAGE_SIZES)
 @pytest.mark.parametrize("dtype", [torch.float32, LOW])
 @pytest.mark.parametrize("d", [64, 128])
@@ -407,3 +425,19 @@ def test_gpu_decode_step_captures_in_a_cuda_graph():
     sel = quest_select(q, cache, summaries, budget=1024)
     assert_close(eager.float(), reference_decode(q.float(), _as_float(cache), sel),
                  reference_decode(q, cache, sel).float())
+
+
+def test_decode_state_keeps_its_page_table_until_the_cache_crosses_a_page():
+    from sparse_attn.decode import DecodeState
+
+    gen = generator(3)
+    state = DecodeState()
+    k = randn(gen, 2, 2, 200, 32)
+    first = state.view(k[:, :, :100], k[:, :, :100], 32)
+    assert torch.equal(first.page_table.cpu(), torch.arange(8, dtype=torch.int32).view(2, 4))
+    again = state.view(k[:, :, :128], k[:, :, :128], 32)  # still 4 pages
+    assert again.page_table is first.page_table and int(again.seqlens[0]) == 128
+    crossed = state.view(k[:, :, :129], k[:, :, :129], 32)  # 5 pages
+    assert torch.equal(crossed.page_table.cpu(), torch.arange(10, dtype=torch.int32).view(2, 5))
+    with pytest.raises(ValueError, match="page_table"):
+        PagedKVCache.from_contiguous(k, k, 32, page_table=first.page_table[:, :3])

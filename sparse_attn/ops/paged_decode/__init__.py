@@ -22,7 +22,7 @@ from ...layouts import PageSelection
 from . import kernel as _kernel
 
 __all__ = ["paged_decode_attention", "dense_selection", "summarize", "reference_decode", "not_supported_reasons",
-           "HEAD_DIMS"]
+           "head_density", "HEAD_DIMS"]
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
 _MAX_SPLITS = 128
@@ -184,4 +184,24 @@ def reference_decode(q: torch.Tensor, cache: PagedKVCache, selection: Optional[P
         s = s.masked_fill(~mask, float("-inf"))
         p = torch.softmax(s, -1).nan_to_num(0.0)
         out[bi] = torch.einsum("hn,hnd->hd", p, vq).to(q.dtype)
+    return out
+
+
+def head_density(selection: PageSelection, seqlens: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """float64 [num_heads]: per query head, the mean over sequences of the tokens the selection reads over the
+    sequence's length (query head i reads its kv head i // (num_heads / H)'s pages). One launch, no host sync
+    (a decode step's stats); the torch composition elsewhere."""
+    b, h, k = selection.pages.shape
+    if num_heads % h:
+        raise ValueError(f"num_heads: expected a multiple of the selection's {h} kv heads, got {num_heads}")
+    check_tensor("seqlens", seqlens, ndim=1, dtypes=(torch.int32, torch.int64), device=selection.pages.device)
+    if seqlens.shape[0] != b:
+        raise ValueError(f"seqlens: expected {b} lengths (the selection's batch), got {seqlens.shape[0]}")
+    if not (selection.pages.is_cuda or _interpreted()):
+        return selection.density(seqlens).repeat_interleave(num_heads // h, 1).mean(0)
+    out = torch.empty(num_heads, dtype=torch.float64, device=selection.pages.device)
+    pages, counts = selection.pages, selection.counts
+    _kernel._density_kernel[(num_heads,)](
+        pages, counts, seqlens, out, b, k, *pages.stride(), *counts.stride(), num_heads // h,
+        PS=selection.page_size, SHARED=h == 1, BLOCK=min(256, triton.next_power_of_2(max(k, 16))))
     return out

@@ -138,3 +138,24 @@ def _summarize_kernel(K, PT, STABLE, SEQLENS, FIRST, KMIN, KMAX, KMEAN,
             n = tl.sum(ok.to(tl.float32), 0)
             mean = tl.sum(tl.where(ok[:, None], k.to(tl.float32), 0.0), 0) / n
             tl.store(KMEAN + dst, mean.to(KMEAN.dtype.element_ty))
+
+
+@triton.jit
+def _density_kernel(PAGES, COUNTS, SEQLENS, OUT, B, K, s_pb, s_ph, s_pk, s_cb, s_ch, group,
+                    PS: tl.constexpr, SHARED: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per query head: the mean over sequences of (tokens its kv head's selection reads) /
+    (the sequence's length), in float64."""
+    hq = tl.program_id(0)
+    h = 0 if SHARED else hq // group
+    total = tl.zeros([1], dtype=tl.float64)
+    for b in range(0, B):
+        seqlen = tl.load(SEQLENS + b).to(tl.int64)
+        count = tl.load(COUNTS + b * s_cb + h * s_ch)
+        read = tl.zeros([BLOCK], dtype=tl.int64)
+        for k0 in range(0, K, BLOCK):
+            idx = k0 + tl.arange(0, BLOCK)
+            ok = idx < count
+            page = tl.load(PAGES + b * s_pb + h * s_ph + idx * s_pk, mask=ok, other=0).to(tl.int64)
+            read += tl.where(ok, tl.minimum(tl.maximum(seqlen - page * PS, 0), PS), 0)
+        total += tl.sum(read, 0).to(tl.float64) / tl.maximum(seqlen, 1).to(tl.float64)
+    tl.store(OUT + hq + tl.arange(0, 1), total / B)
