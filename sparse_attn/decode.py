@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from .kvcache import PagedKVCache, PageSummaries, consecutive_table
+from .kvcache import PagedKVCache, PageSummaries, consecutive_table, contiguous_pages
 from .layouts import PageSelection
 from .ops.paged_decode import paged_decode_attention
 from .patterns import get_pattern
@@ -38,8 +38,7 @@ class DecodeState:
 
     def view(self, k: torch.Tensor, v: torch.Tensor, page_size: int) -> PagedKVCache:
         """k, v [B, Hkv, S, D] as pages, the page table reused while the cache stays within its pages."""
-        b, s = k.shape[0], k.shape[2]
-        pages = -(-s // page_size) if s else 1
+        b, pages = k.shape[0], contiguous_pages(k.shape[2], page_size)
         t = self.table
         if t is None or tuple(t.shape) != (b, pages) or t.device != k.device:
             t = self.table = consecutive_table(b, pages, k.device)

@@ -25,7 +25,8 @@ import torch
 
 from ._checks import FLOAT_DTYPES, check_positive_int, check_tensor
 
-__all__ = ["PagedKVCache", "PageSummaries", "PAGE_SIZES", "budget_pages", "window_pages", "consecutive_table"]
+__all__ = ["PagedKVCache", "PageSummaries", "PAGE_SIZES", "budget_pages", "window_pages", "consecutive_table",
+           "contiguous_pages"]
 
 PAGE_SIZES = (16, 32, 64)
 
@@ -40,6 +41,11 @@ def budget_pages(budget: int, page_size: int, max_pages: int) -> int:
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < page_size:
         raise ValueError(f"budget: expected an int of at least one page ({page_size} tokens), got {budget!r}")
     return max(1, min(budget // page_size, max_pages))
+
+
+def contiguous_pages(seqlen: int, page_size: int) -> int:
+    """Pages a contiguous cache of `seqlen` tokens is read as (at least one)."""
+    return -(-seqlen // page_size) if seqlen else 1
 
 
 def consecutive_table(batch: int, pages: int, device) -> torch.Tensor:
@@ -101,7 +107,7 @@ class PagedKVCache:
         makes this view at every decode step (it changes only when the cache crosses into a new page)."""
         check_tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES)
         b, _, s, _ = k.shape
-        pages = -(-s // page_size) if s else 1
+        pages = contiguous_pages(s, page_size)
         if page_table is None:
             table = consecutive_table(b, pages, k.device)
         elif tuple(page_table.shape) != (b, pages):

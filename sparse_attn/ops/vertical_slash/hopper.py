@@ -553,8 +553,8 @@ def forward(q, k, v, out, lse, plan, cu, strides, lse_strides, num_heads: int, g
             q, k, v, kd, vd, out, lse if lse is not None else out, *plan, *cu,
             *sq, *sk, *sv, *so, *lse_strides, row_b, row_h, col_h, num_heads, group, nqb, *lengths,
             qk_scale, BM=BM, BN=BN, D=d, CAUSAL=causal, VARLEN=packed, RETURN_LSE=lse is not None, STAGES=STAGES,
-            SWIZZLE=kv_smem.swizzle_byte_width, NC=plan[0].shape[-1], LOADER_WARPS=WS_LOADER[0], LOADER_REGS=WS_LOADER[1],
-            num_warps=4, maxnreg=WS_MAXNREG)
+            SWIZZLE=kv_smem.swizzle_byte_width, NC=plan[0].shape[-1], LOADER_WARPS=WS_LOADER[0],
+            LOADER_REGS=WS_LOADER[1], num_warps=4, maxnreg=WS_MAXNREG)
         return
     _vs_hopper_kernel[grid](
         q, k, v, out, lse if lse is not None else out, *plan, *cu,
