@@ -559,6 +559,30 @@ def count_gluon_calls(monkeypatch, backend, loads):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("loads", ["tma", "cp.async"])
+def test_gpu_gluon_kernels_compile_under_a_jit_hook(monkeypatch, loads):
+    """vLLM installs a Triton JIT hook, and Triton then serialises each compile's constexprs as JSON: a
+    Gluon kernel whose constexprs do not serialise failed at its first compile under vLLM alone. Fresh
+    compiles of both Hopper kernels with a hook set, against the reference."""
+    import collections
+
+    import triton
+
+    from sparse_attn.ops.vertical_slash import hopper
+
+    if not (hopper.AVAILABLE and torch.cuda.get_device_capability() == (9, 0)):
+        pytest.skip("the Gluon kernels need sm_90")
+    hooked = []
+    monkeypatch.setattr(triton.knobs.runtime, "jit_cache_hook", lambda *a, **kw: hooked.append(1) and False)
+    for kern in (hopper._vs_hopper_ws_kernel, hopper._vs_hopper_kernel):
+        monkeypatch.setattr(kern, "device_caches", collections.defaultdict(kern.create_binder))
+    calls = count_gluon_calls(monkeypatch, "gluon", loads)
+    q, k, v = qkv(11, 1, 4, 2, 3000, 3000, 128, dtype=torch.bfloat16, device="cuda")
+    assert_close_to_reference(q, k, v, diagonals_layout(1, 4, 3000, 3000, 64, nv=80, ns=90, device="cuda"))
+    assert len(calls) == 1 and hooked
+
+
+@pytest.mark.gpu
 def test_gpu_varlen_and_views():
     q, k, v, layout, cu_q, cu_k = packed_gpu_case(5)
     dev, dt = "cuda", torch.bfloat16
