@@ -1,6 +1,7 @@
 """Command line: `sparse-attn <command>` (or `python -m sparse_attn.cli <command>`).
 
-    sparse-attn profile [--model DIR|FILE.gguf] [--length 8192] [--target 0.95 | --budget 0.3 [--floor 0.95]] [--plot x.png]
+    sparse-attn profile [--model DIR|FILE.gguf] [--length 8192] [--target 0.95 | --budget 0.3 [--floor 0.95]
+                        | --layer-target 0.9] [--plot x.png]
     sparse-attn compare --profile patches/SmolLM2-135M-Instruct.json [--length 8192] [--seed 1]
     sparse-attn import-minference CONFIG.json --out patches/x.json [--model DIR | --name ... --num-kv-heads ...]
 
@@ -65,9 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recall the last query block (the question) must reach")
     goal.add_argument("--budget", type=float, default=None,
                       help="instead: a mean cost over all heads (dense = 1) spent greedily on recall")
+    goal.add_argument("--layer-target", type=_fraction, default=None,
+                      help="instead: per layer a mean recall (over its heads), bought where it costs least")
     p.add_argument("--floor", type=_fraction, default=None,
-                   help="with --budget: only candidates with this recall (and --tail-target on the question) "
-                        "may be picked")
+                   help="with --budget or --layer-target: only candidates with this recall (and --tail-target on "
+                        "the question) may be picked")
+    p.add_argument("--query-blocks", type=_positive_int, default=None,
+                   help="query blocks recall is scored on (default 256 spread over the prompt, the last among "
+                        "them; every block of shorter prompts)")
     p.add_argument("--cost", choices=["time", "flops"], default="time",
                    help="time: computed entries weighted by the kernels' measured speed; flops: unweighted")
     p.add_argument("--name", default=None, help="model name in the profile (default: the model's name_or_path)")
@@ -131,15 +137,17 @@ def cmd_profile(args) -> int:
 
     if args.budget is not None and not 0.0 < args.budget <= 2.0:
         raise SystemExit(f"--budget: expected a mean cost in (0, 2] (dense = 1), got {args.budget}")
-    if args.floor is not None and args.budget is None:
-        raise SystemExit("--floor: only with --budget (it limits the candidates the budget greedy may pick)")
+    if args.floor is not None and args.budget is None and args.layer_target is None:
+        raise SystemExit("--floor: only with --budget or --layer-target (it limits the candidates their greedy "
+                         "may pick)")
     _setup_torch(args)
     model, tokenizer = _load(args)
     ids = _input_ids(tokenizer, args)
     text = args.text or (f"pass-key prompt (sparse_attn.models.passkey_prompt, depth {args.depth}, seed {args.seed})"
                          if args.calibration == "passkey" else f"pydoc_data.topics (seed {args.seed})")
     profile, scores = profile_model(model, ids, target=args.target, tail_target=args.tail_target,
-                                    budget=args.budget, floor=args.floor, cost=args.cost,
+                                    budget=args.budget, layer_target=args.layer_target, floor=args.floor,
+                                    cost=args.cost, query_blocks=args.query_blocks,
                                     name=args.name, progress=not args.no_progress,
                                     settings={"calibration_text": text})
     out = Path(args.out) if args.out else Path("patches") / profile_filename(profile.model["name"])

@@ -69,16 +69,28 @@ class KeySums:
     prefix: torch.Tensor  # float64 [H, nq, S + 1]
     blocks: torch.Tensor  # float64 [H, nq, ceil(S / block_size)]
     block_size: int
+    # The query blocks the nq rows are (int64, ascending); None: every query block of the layout, in order.
+    query_blocks: Optional[torch.Tensor] = None
 
     @classmethod
-    def of(cls, values: torch.Tensor, block_size: int) -> "KeySums":
+    def of(cls, values: torch.Tensor, block_size: int, query_blocks: Optional[torch.Tensor] = None) -> "KeySums":
         s = values.shape[-1]
+        if query_blocks is not None:
+            query_blocks = torch.as_tensor(query_blocks, dtype=torch.int64).flatten().cpu()
+            if query_blocks.numel() != values.shape[1] or bool((query_blocks.diff() <= 0).any()) or (
+                    query_blocks.numel() and int(query_blocks[0]) < 0):
+                raise ValueError(f"query_blocks: expected {values.shape[1]} ascending non-negative block ids, "
+                                 f"got {query_blocks.tolist()}")
         prefix = F.pad(values.double().cumsum(-1), (1, 0))
         ends = prefix[..., block_size::block_size]
         if s % block_size:
             ends = torch.cat([ends, prefix[..., -1:]], dim=-1)
         blocks = torch.diff(ends, dim=-1, prepend=prefix[..., :1])
-        return cls(values, prefix, blocks, block_size)
+        return cls(values, prefix, blocks, block_size, query_blocks)
+
+    def rows_of(self, num_query_blocks: int) -> torch.Tensor:
+        """int64: the layout's query blocks these sums' rows are."""
+        return torch.arange(num_query_blocks) if self.query_blocks is None else self.query_blocks
 
 
 class Layout:
@@ -173,17 +185,30 @@ class Layout:
         return (p * self.mask_rows(batch, row_start, row_start + rows, keys).to(p.device)).sum(-1)
 
     def kept(self, sums: KeySums, batch: int = 0) -> torch.Tensor:
-        """float64 [heads, num_query_blocks]: the sum of sums.values over the keys each query block keeps."""
-        self._check_sums(sums)
+        """float64 [heads, rows of sums]: the sum of sums.values over the keys each query block keeps (every
+        query block, or those sums.query_blocks names)."""
+        rows = self._check_sums(sums)
         keys = sums.values.shape[-1]
-        mask = self._block_rows_mask(batch, 0, self.num_query_blocks, keys).to(sums.values.device)
-        return (sums.values.double() * mask).sum(-1)
+        if sums.query_blocks is None:
+            mask = self._block_rows_mask(batch, 0, self.num_query_blocks, keys).to(sums.values.device)
+            return (sums.values.double() * mask).sum(-1)
+        out = torch.empty(sums.values.shape[:2], dtype=torch.float64, device=sums.values.device)
+        for i, qb in enumerate(rows.tolist()):
+            mask = self._block_rows_mask(batch, qb, qb + 1, keys).to(sums.values.device)
+            out[:, i] = (sums.values[:, i : i + 1].double() * mask).sum(-1)[:, 0]
+        return out
 
-    def _check_sums(self, sums: KeySums) -> None:
+    def _check_sums(self, sums: KeySums) -> torch.Tensor:
+        """The query blocks of sums' rows (int64, CPU), checked against this layout's geometry."""
         h, nq, s = sums.values.shape
-        if self.num_query_blocks != nq or self.block_size_q * nq < s or self.num_heads != h:
-            raise ValueError(f"layout: expected {h} heads and {nq} query blocks of {sums.block_size} rows, got "
-                             f"{self.num_heads} heads and {self.num_query_blocks} of {self.block_size_q}")
+        full = sums.query_blocks is None
+        rows = sums.rows_of(nq)
+        fits = (self.num_query_blocks == nq) if full else (nq == 0 or int(rows[-1]) < self.num_query_blocks)
+        if not fits or self.block_size_q != sums.block_size or self.seqlen_k < s or self.num_heads != h:
+            raise ValueError(f"layout: expected {h} heads, {nq if full else 'at least'} query blocks of "
+                             f"{sums.block_size} rows and {s} keys, got {self.num_heads} heads, "
+                             f"{self.num_query_blocks} query blocks of {self.block_size_q} and {self.seqlen_k} keys")
+        return rows
 
     def to(self, device) -> "Layout":
         raise NotImplementedError
@@ -303,17 +328,20 @@ class BlockLayout(Layout):
         return (per_block * blocks[:, row_blocks]).sum(-1)
 
     def kept(self, sums: KeySums, batch: int = 0) -> torch.Tensor:
-        self._check_sums(sums)
+        rows = self._check_sums(sums)
         if self.block_size_k != sums.block_size:
             raise ValueError(f"layout: expected key blocks of {sums.block_size}, got {self.block_size_k}")
         nkb = sums.blocks.shape[-1]
-        mask = self._key_block_mask(batch, 0, self.num_query_blocks)[..., :nkb].to(sums.blocks.device)
+        rows = None if sums.query_blocks is None else rows.to(self.counts.device)
+        mask = self._key_block_mask(batch, 0, self.num_query_blocks, rows)[..., :nkb].to(sums.blocks.device)
         return (sums.blocks * mask).sum(-1)
 
-    def _key_block_mask(self, batch: int, qb0: int, qb1: int) -> torch.Tensor:
-        """bool [heads, qb1 - qb0, num_key_blocks]: the listed key blocks of query blocks [qb0, qb1)."""
-        c = self.counts[batch, :, qb0:qb1]
-        idx = self.indices[batch, :, qb0:qb1].long()
+    def _key_block_mask(self, batch: int, qb0: int, qb1: int, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """bool [heads, qb1 - qb0, num_key_blocks]: the listed key blocks of query blocks [qb0, qb1) (or of
+        the query blocks `rows` lists)."""
+        pick = slice(qb0, qb1) if rows is None else rows
+        c = self.counts[batch][:, pick]
+        idx = self.indices[batch][:, pick].long()
         live = torch.arange(self.max_blocks, device=idx.device) < c.unsqueeze(-1)
         blocks = torch.zeros(*c.shape, self.num_key_blocks + 1, dtype=torch.bool, device=idx.device)
         blocks.scatter_(-1, torch.where(live, idx, torch.full_like(idx, self.num_key_blocks)), True)
@@ -472,15 +500,20 @@ class VerticalSlashLayout(Layout):
         return ranges + cols
 
     def kept(self, sums: KeySums, batch: int = 0) -> torch.Tensor:
-        self._check_sums(sums)
+        rows = self._check_sums(sums)
         s = sums.values.shape[-1]
         dev = sums.prefix.device
-        live_r = (torch.arange(self.max_ranges) < self.range_counts[batch].cpu().unsqueeze(-1)).to(dev)
-        starts = self.range_starts[batch].long().clamp(0, s).to(dev)
-        ends = self.range_ends[batch].long().clamp(0, s).to(dev)
+
+        def pick(t):  # [H, nq, ...] of sequence `batch` -> the rows of sums, on their device
+            t = t[batch]
+            return (t if sums.query_blocks is None else t[:, rows.to(t.device)]).to(dev)
+
+        live_r = torch.arange(self.max_ranges, device=dev) < pick(self.range_counts).unsqueeze(-1)
+        starts = pick(self.range_starts).long().clamp(0, s)
+        ends = pick(self.range_ends).long().clamp(0, s)
         ranges = ((sums.prefix.gather(-1, ends) - sums.prefix.gather(-1, starts)) * live_r).sum(-1)
-        live_c = (torch.arange(self.max_columns) < self.column_counts[batch].cpu().unsqueeze(-1)).to(dev)
-        cols = sums.values.gather(-1, self.column_indices[batch].long().clamp(0, s - 1).to(dev)).double()
+        live_c = torch.arange(self.max_columns, device=dev) < pick(self.column_counts).unsqueeze(-1)
+        cols = sums.values.gather(-1, pick(self.column_indices).long().clamp(0, s - 1)).double()
         return ranges + (cols * live_c).sum(-1)
 
     def to(self, device) -> "VerticalSlashLayout":

@@ -70,6 +70,8 @@ __all__ = [
     "head_config_scores",
     "select_heads",
     "select_budget",
+    "select_layer_target",
+    "sample_query_blocks",
     "capture_qk",
     "LayerScores",
     "profile_model",
@@ -79,6 +81,10 @@ __all__ = [
 ]
 
 COSTS = ("time", "flops")
+# Candidate layouts of one pattern built at a time by score_candidates.
+_LAYOUT_BATCH = 16
+# Query blocks a profile scores recall on by default (sample_query_blocks): every block up to 16K tokens.
+SAMPLED_QUERY_BLOCKS = 256
 # Element budget of one chunk of scores in block_mass (float32 heads x rows x keys): 2**25 is 128 MiB.
 _CHUNK_ELEMENTS = 1 << 25
 
@@ -113,10 +119,25 @@ def candidate_cost(pattern: str, density, seqlen: int, /, *, cost: str = "time",
     return density * weight + p.estimator_cost(seqlen, block_size=block_size, **p.run_options(options))
 
 
+def sample_query_blocks(seqlen: int, block_size: int = 64, count: Optional[int] = None) -> Optional[torch.Tensor]:
+    """The query blocks a profile scores recall on: None (every block) where there are at most `count`
+    (default SAMPLED_QUERY_BLOCKS), else `count` blocks spread evenly over the prompt, the first and the
+    last among them (int64, ascending). Scoring every block at 128K would hold [heads, 2048, 128K] floats
+    several times over; the sample's recall is that of its rows, its density stays exact (the layout's)."""
+    count = SAMPLED_QUERY_BLOCKS if count is None else count
+    if not isinstance(count, int) or isinstance(count, bool) or count < 2:
+        raise ValueError(f"query_blocks: expected an int >= 2 (query blocks to score), got {count!r}")
+    nq = -(-seqlen // block_size)
+    if nq <= count:
+        return None
+    return torch.linspace(0, nq - 1, count, dtype=torch.float64).round().long().unique()
+
+
 def block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 64, scale: Optional[float] = None,
-               chunk_elements: int = _CHUNK_ELEMENTS) -> torch.Tensor:
+               chunk_elements: int = _CHUNK_ELEMENTS, query_blocks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """float32 [Hq, ceil(S / block_size), S]: per query head, query block and key, the causal softmax mass
-    that the block's rows put on the key (self-attention, batch 1, q [1, Hq, S, D], k [1, Hkv, S, D])."""
+    that the block's rows put on the key (self-attention, batch 1, q [1, Hq, S, D], k [1, Hkv, S, D]).
+    query_blocks (ascending block ids): only those blocks' rows, [Hq, len(query_blocks), S]."""
     if q.dim() != 4 or k.dim() != 4 or q.shape[0] != 1 or k.shape[0] != 1 or q.shape[2] != k.shape[2]:
         raise ValueError(f"q, k: expected [1, Hq, S, D] and [1, Hkv, S, D] (batch 1, self-attention), "
                          f"got {tuple(q.shape)} and {tuple(k.shape)}")
@@ -124,6 +145,8 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 64, scale:
     hkv = k.shape[1]
     scale = d ** -0.5 if scale is None else float(scale)
     nq = -(-s // block_size)
+    if query_blocks is not None:
+        return _sampled_block_mass(q, k, query_blocks, block_size, scale, chunk_elements)
     rows = max(1, chunk_elements // (hq * s) // block_size) * block_size  # whole query blocks per chunk
     mass = torch.zeros(hq, nq, s, dtype=torch.float32, device=q.device)
     kb = k[0].float().unsqueeze(1)  # [Hkv, 1, S, D]
@@ -141,6 +164,34 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 64, scale:
     return mass
 
 
+def _sampled_block_mass(q, k, query_blocks, block_size: int, scale: float, chunk_elements: int) -> torch.Tensor:
+    """block_mass of the listed query blocks only, a few blocks' rows at a time."""
+    _, hq, s, _ = q.shape
+    hkv = k.shape[1]
+    ids = torch.as_tensor(query_blocks, dtype=torch.int64).flatten().tolist()
+    nq = -(-s // block_size)
+    if any(b < 0 or b >= nq for b in ids) or any(b1 <= b0 for b0, b1 in zip(ids, ids[1:])):
+        raise ValueError(f"query_blocks: expected ascending block ids in [0, {nq}), got {ids}")
+    mass = torch.zeros(hq, len(ids), s, dtype=torch.float32, device=q.device)
+    per_chunk = max(1, chunk_elements // (hq * s * block_size))
+    kb = k[0].float().unsqueeze(1)  # [Hkv, 1, S, D]
+    for c0 in range(0, len(ids), per_chunk):
+        blocks = ids[c0 : c0 + per_chunk]
+        rows = torch.cat([torch.arange(b * block_size, min(s, (b + 1) * block_size)) for b in blocks]).to(q.device)
+        keys = int(rows[-1]) + 1
+        qc = q[0, :, rows].float().unflatten(0, (hkv, hq // hkv))
+        scores = torch.matmul(qc, kb[:, :, :keys].transpose(-1, -2)).flatten(0, 1) * scale
+        above = torch.arange(keys, device=q.device)[None, :] > rows[:, None]
+        p = torch.softmax(scores.masked_fill_(above, float("-inf")), dim=-1)
+        del scores
+        owner = torch.div(rows, block_size, rounding_mode="floor")
+        slot = torch.searchsorted(torch.tensor(blocks, device=q.device), owner)
+        out = torch.zeros(hq, len(blocks), keys, dtype=torch.float32, device=q.device)
+        out.index_add_(1, slot, p)
+        mass[:, c0 : c0 + len(blocks), :keys] = out
+    return mass
+
+
 def _causal_counts(num_heads: int, seqlen: int, block_size: int) -> torch.Tensor:
     """float32 [H, nq, S] (an expanded view): how many rows of each query block see each key causally."""
     q0 = torch.arange(0, seqlen, block_size)[:, None]
@@ -151,31 +202,46 @@ def _causal_counts(num_heads: int, seqlen: int, block_size: int) -> torch.Tensor
 
 class _Meter:
     """Recall (from block_mass) and density (from causal counts) of any batch-1 layout, exactly as
-    attention_recall and layout.head_density define them, from sums prepared once per layer."""
+    attention_recall and layout.head_density define them, from sums prepared once per layer. With
+    query_blocks (the blocks block_mass scored, the last among them) recall is that of those blocks' rows
+    and density the layout's own (every row)."""
 
-    def __init__(self, mass: torch.Tensor, block_size: int):
-        h, _, s = mass.shape
+    def __init__(self, mass: torch.Tensor, block_size: int, query_blocks: Optional[torch.Tensor] = None):
+        h, nq, s = mass.shape
         self.seqlen = s
-        self.mass = KeySums.of(mass, block_size)
-        self.counts = KeySums.of(_causal_counts(h, s, block_size), block_size)
-        self.total = s * (s + 1) / 2
+        self.sampled = query_blocks is not None
+        self.mass = KeySums.of(mass, block_size, query_blocks)
+        last_rows = s - (-(-s // block_size) - 1) * block_size
+        if self.sampled:
+            blocks = self.mass.query_blocks
+            if int(blocks[-1]) != -(-s // block_size) - 1:
+                raise ValueError("query_blocks: expected the last query block among them (the tail recall's rows)")
+            self.rows = block_size * (len(blocks) - 1) + last_rows
+        else:
+            self.rows = s
+            self.counts = KeySums.of(_causal_counts(h, s, block_size), block_size)
+            self.total = s * (s + 1) / 2
+        self.last_rows = last_rows
 
     def recall(self, layout) -> torch.Tensor:
-        return layout.kept(self.mass).sum(-1) / self.seqlen
+        return layout.kept(self.mass).sum(-1) / self.rows
 
     def tail_recall(self, layout) -> torch.Tensor:
         """Recall of the last query block alone: the rows the vertical-slash estimator reads and where a
         prompt's question is, so where a retrieval head must see far back."""
-        rows = self.seqlen - (self.mass.values.shape[1] - 1) * self.mass.block_size
-        return layout.kept(self.mass)[:, -1] / rows
+        return layout.kept(self.mass)[:, -1] / self.last_rows
 
     def density(self, layout) -> torch.Tensor:
+        if self.sampled:
+            return layout.head_density(causal=True)[0]
         return layout.kept(self.counts).sum(-1) / self.total
 
 
-def mass_recall(layout, mass: torch.Tensor, block_size: int = 64) -> torch.Tensor:
-    """float64 [H]: attention recall of a batch-1 layout (query blocks of block_size rows) from block_mass."""
-    return _Meter(mass, block_size).recall(layout)
+def mass_recall(layout, mass: torch.Tensor, block_size: int = 64,
+                query_blocks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """float64 [H]: attention recall of a batch-1 layout (query blocks of block_size rows) from block_mass
+    (of the query blocks listed, when given)."""
+    return _Meter(mass, block_size, query_blocks).recall(layout)
 
 
 @dataclass
@@ -190,11 +256,15 @@ class LayerScores:
 
 
 def score_candidates(q, k, candidates: Sequence[Dict[str, Any]], *, block_size: int = 64,
-                     scale: Optional[float] = None, mass: Optional[torch.Tensor] = None, **options) -> LayerScores:
+                     scale: Optional[float] = None, mass: Optional[torch.Tensor] = None,
+                     query_blocks: Optional[torch.Tensor] = None, **options) -> LayerScores:
     """Recall and density of every candidate on every query head of one layer (batch 1, self-attention).
-    options: the patterns' per-call options (defaults where absent), as the runtime would use them."""
-    mass = block_mass(q, k, block_size=block_size, scale=scale) if mass is None else mass
-    meter = _Meter(mass, block_size)
+    options: the patterns' per-call options (defaults where absent), as the runtime would use them.
+    query_blocks: score recall on these query blocks' rows only (sample_query_blocks; mass, when given,
+    must be theirs)."""
+    if mass is None:
+        mass = block_mass(q, k, block_size=block_size, scale=scale, query_blocks=query_blocks)
+    meter = _Meter(mass, block_size, query_blocks)
     h = q.shape[1]
     recall = torch.ones(len(candidates), h, dtype=torch.float64)
     density = torch.ones(len(candidates), h, dtype=torch.float64)
@@ -205,21 +275,27 @@ def score_candidates(q, k, candidates: Sequence[Dict[str, Any]], *, block_size: 
             by_pattern.setdefault(cfg["pattern"], []).append(i)
     for name, ids in by_pattern.items():
         p = get_pattern(name)
-        layouts = p.make_layouts(q, k, [candidates[i] for i in ids], causal=True, scale=scale,
-                                 block_size=block_size, **p.run_options(options))
-        for i, layout in zip(ids, layouts):
-            recall[i] = meter.recall(layout)
-            density[i] = meter.density(layout)
-            tail[i] = meter.tail_recall(layout)
+        for c0 in range(0, len(ids), _LAYOUT_BATCH):  # a batch of layouts alive at a time (long prompts)
+            batch = ids[c0 : c0 + _LAYOUT_BATCH]
+            layouts = p.make_layouts(q, k, [candidates[i] for i in batch], causal=True, scale=scale,
+                                     block_size=block_size, **p.run_options(options))
+            for i, layout in zip(batch, layouts):
+                recall[i] = meter.recall(layout)
+                density[i] = meter.density(layout)
+                tail[i] = meter.tail_recall(layout)
+            del layouts
     return LayerScores(list(candidates), recall, density, tail)
 
 
 def head_config_scores(q, k, head_config: Sequence[Dict[str, Any]], *, block_size: int = 64,
-                       scale: Optional[float] = None, mass: Optional[torch.Tensor] = None, **options):
+                       scale: Optional[float] = None, mass: Optional[torch.Tensor] = None,
+                       query_blocks: Optional[torch.Tensor] = None, **options):
     """(recall, density), float64 [H] each, of one layer's per-head config as the runtime plans it
-    (dispatch.plan_pattern, one plan per pattern over all heads with per-head budgets); dense heads 1."""
-    mass = block_mass(q, k, block_size=block_size, scale=scale) if mass is None else mass
-    meter = _Meter(mass, block_size)
+    (dispatch.plan_pattern, one plan per pattern over all heads with per-head budgets); dense heads 1.
+    query_blocks: as score_candidates."""
+    if mass is None:
+        mass = block_mass(q, k, block_size=block_size, scale=scale, query_blocks=query_blocks)
+    meter = _Meter(mass, block_size, query_blocks)
     h = q.shape[1]
     recall = torch.ones(h, dtype=torch.float64)
     density = torch.ones(h, dtype=torch.float64)
@@ -276,6 +352,62 @@ def _hull(costs: Sequence[float], recalls: Sequence[float]) -> List[int]:
                 break
         hull.append(i)
     return hull
+
+
+def select_layer_target(scores: LayerScores, cost: torch.Tensor, target: float,
+                        allowed: Optional[torch.Tensor] = None) -> List[int]:
+    """Per head the candidate index, so that the layer's mean recall (per head the lower of recall and
+    tail_recall) reaches `target` at little cost: every head starts at its cheapest (allowed) candidate,
+    then the step along one head's cost-recall hull that buys the most recall per unit cost is taken, again
+    and again, until the mean reaches target (or no head has a better candidate). Heads that are cheap to
+    keep whole pay for heads whose mass is spread (a near-uniform head costs its recall in density)."""
+    worst = _worst(scores)
+    num_heads = worst.shape[1]
+    hulls = []
+    for h in range(num_heads):
+        c, r = cost[:, h].tolist(), worst[:, h].tolist()
+        ids = list(range(len(c))) if allowed is None else allowed[:, h].nonzero().flatten().tolist()
+        if not ids:
+            raise ValueError(f"allowed: head {h} has no allowed candidate")
+        hulls.append([(ids[i], c[ids[i]], r[ids[i]]) for i in _hull([c[i] for i in ids], [r[i] for i in ids])])
+    pos = [0] * num_heads
+    have = sum(hull[0][2] for hull in hulls)
+    heap: List = []
+
+    def push(h):
+        if pos[h] + 1 < len(hulls[h]):
+            (_, c0, r0), (_, c1, r1) = hulls[h][pos[h]], hulls[h][pos[h] + 1]
+            heapq.heappush(heap, (-(r1 - r0) / max(c1 - c0, 1e-12), h))
+
+    for h in range(num_heads):
+        push(h)
+    need = target * num_heads - 1e-12
+    while heap and have < need:
+        _, h = heapq.heappop(heap)
+        have += hulls[h][pos[h] + 1][2] - hulls[h][pos[h]][2]
+        pos[h] += 1
+        push(h)
+    pick = [hulls[h][pos[h]][0] for h in range(num_heads)]
+    if have < need:
+        return pick
+    # A hull's step may overshoot (a near-uniform head's hull runs straight to dense): then changes to
+    # cheaper candidates that keep the target are made, the largest saving first, while there are any.
+    c_all, r_all = cost.tolist(), worst.tolist()
+    options = [list(range(len(c_all))) if allowed is None else allowed[:, h].nonzero().flatten().tolist()
+               for h in range(num_heads)]
+    total = sum(r_all[pick[h]][h] for h in range(num_heads))
+    while True:
+        best = None
+        for h in range(num_heads):
+            c0, r0 = c_all[pick[h]][h], r_all[pick[h]][h]
+            for i in options[h]:
+                saving, loss = c0 - c_all[i][h], r0 - r_all[i][h]
+                if saving > 1e-15 and total - loss >= need and (best is None or saving > best[0]):
+                    best = (saving, loss, h, i)
+        if best is None:
+            return pick
+        total -= best[1]
+        pick[best[2]] = best[3]
 
 
 def select_budget(layers: Sequence[LayerScores], costs: Sequence[torch.Tensor], budget: float,
@@ -388,20 +520,26 @@ def peak_rss_mib() -> float:
 
 def profile_model(model, input_ids: torch.Tensor, *, candidates: Optional[Sequence[Dict[str, Any]]] = None,
                   target: float = 0.95, tail_target: Optional[float] = 0.98, budget: Optional[float] = None,
-                  floor: Optional[float] = None, cost: str = "time", block_size: int = 64,
-                  name: Optional[str] = None, progress: bool = True,
-                  settings: Optional[Dict[str, Any]] = None, **options):
+                  layer_target: Optional[float] = None, floor: Optional[float] = None, cost: str = "time",
+                  block_size: int = 64, query_blocks: Optional[int] = None, name: Optional[str] = None,
+                  progress: bool = True, settings: Optional[Dict[str, Any]] = None, **options):
     """Profile every head of `model` on input_ids [1, S]. Returns (Profile, [LayerScores per layer]).
 
     target: per head, the cheapest candidate whose recall reaches it, and whose recall on the last query
     block reaches tail_target (None: target); or budget: a mean cost (dense = 1, see candidate_cost)
     spent greedily over all heads, over every candidate or, with floor, over those with recall >= floor
-    and tail recall >= tail_target. cost: "time" (speed-weighted) or "flops".
+    and tail recall >= tail_target; or layer_target: per layer a mean recall (select_layer_target; per
+    head the lower of recall and tail recall), over every candidate or, with floor, over those meeting it.
+    cost: "time" (speed-weighted) or "flops". query_blocks: how many query blocks recall is scored on
+    (sample_query_blocks; default SAMPLED_QUERY_BLOCKS, every block of shorter prompts).
     block_size and options (the patterns' per-call options, e.g. how many queries an estimator reads): must
     be those the runtime uses (the mixture method's defaults where not given)."""
-    if floor is not None and budget is None:
-        raise ValueError("floor: only with budget (it limits the candidates the budget greedy may pick)")
-    for key, value in (("target", target), ("tail_target", tail_target), ("floor", floor)):
+    if budget is not None and layer_target is not None:
+        raise ValueError("budget, layer_target: pass one of them (a mean cost, or a mean recall per layer)")
+    if floor is not None and budget is None and layer_target is None:
+        raise ValueError("floor: only with budget or layer_target (it limits the candidates their greedy may pick)")
+    for key, value in (("target", target), ("tail_target", tail_target), ("floor", floor),
+                       ("layer_target", layer_target)):
         if value is not None and not 0.0 < float(value) <= 1.0:
             raise ValueError(f"{key}: expected a recall in (0, 1], got {value!r}")
     if budget is not None and not 0.0 < float(budget) <= 2.0:
@@ -409,25 +547,31 @@ def profile_model(model, input_ids: torch.Tensor, *, candidates: Optional[Sequen
     if cost not in COSTS:
         raise ValueError(f"cost: expected one of {COSTS}, got {cost!r}")
     seqlen = input_ids.shape[-1]
+    sampled = sample_query_blocks(seqlen, block_size, query_blocks)
     options = _options(options)
     candidates = list(candidates) if candidates is not None else default_candidates(seqlen, block_size)
     start = time.perf_counter()
     results = run_layers(model, input_ids, lambda layer, q, k, scale: score_candidates(
-        q, k, candidates, block_size=block_size, scale=scale, **options), progress=progress)
+        q, k, candidates, block_size=block_size, scale=scale, query_blocks=sampled, **options), progress=progress)
     layers = [results[i] for i in range(len(results))]
     costs = [candidate_cost_table(candidates, s.density, seqlen, cost, block_size, **options) for s in layers]
-    if budget is None:
+    allowed = None if floor is None else [floor_mask(s, floor, tail_target) for s in layers]
+    if layer_target is not None:
+        picks = [select_layer_target(s, c, layer_target, None if allowed is None else a)
+                 for s, c, a in zip(layers, costs, allowed or [None] * len(layers))]
+    elif budget is None:
         picks = [select_heads(s, target, c, tail_target) for s, c in zip(layers, costs)]
     else:
-        allowed = None if floor is None else [floor_mask(s, floor, tail_target) for s in layers]
         picks = select_budget(layers, costs, budget, allowed)
     heads = [[_head_entry(s, i, h) for h, i in enumerate(p)] for s, p in zip(layers, picks)]
     recall = torch.tensor([[h["recall"] for h in layer] for layer in heads])
     density = torch.tensor([[h["density"] for h in layer] for layer in heads])
-    info = {"seqlen": seqlen, "recall_target": None if budget is not None else target,
-            "tail_recall_target": (tail_target or target) if budget is None else
+    per_head = budget is None and layer_target is None
+    info = {"seqlen": seqlen, "recall_target": target if per_head else None,
+            "tail_recall_target": (tail_target or target) if per_head else
                                   ((tail_target or floor) if floor is not None else None),
-            "budget": budget, "floor": floor,
+            "budget": budget, "layer_recall_target": layer_target, "floor": floor,
+            "query_blocks_scored": -(-seqlen // block_size) if sampled is None else len(sampled),
             "cost": cost, "block_size": block_size, **options, "candidates": len(candidates),
             "speed_tflops": speed_tflops() if cost == "time" else None,
             "mean_recall": round(recall.mean().item(), 4), "mean_density": round(density.mean().item(), 4),
@@ -474,11 +618,14 @@ def compare_uniform(model, input_ids: torch.Tensor, profile: Profile, *, uniform
         uniform = [{"pattern": name, **b} for b in (p.sweep or p.candidates)(seqlen, block_size)]
     uniform = list(uniform)
 
+    sampled = sample_query_blocks(seqlen, block_size)
+
     def per_layer(layer, q, k, scale):
-        mass = block_mass(q, k, block_size=block_size, scale=scale)
+        mass = block_mass(q, k, block_size=block_size, scale=scale, query_blocks=sampled)
         prof = head_config_scores(q, k, profile.layer(layer), block_size=block_size, scale=scale, mass=mass,
-                                  **options)
-        uni = score_candidates(q, k, uniform, block_size=block_size, scale=scale, mass=mass, **options)
+                                  query_blocks=sampled, **options)
+        uni = score_candidates(q, k, uniform, block_size=block_size, scale=scale, mass=mass,
+                               query_blocks=sampled, **options)
         return prof, uni
 
     results = run_layers(model, input_ids, per_layer, progress=progress, desc="comparing")

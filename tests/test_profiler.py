@@ -24,10 +24,13 @@ from sparse_attn.profiler import (
     profile_model,
     score_candidates,
     floor_mask,
+    sample_query_blocks,
     select_budget,
     select_heads,
+    select_layer_target,
 )
 from sparse_attn.integrations.hf import is_patched
+from sparse_attn.layouts import KeySums, Layout
 from sparse_attn.patterns import get_pattern, mixture_default
 from sparse_attn.profiles import load_profile
 from sparse_attn.recall import attention_recall
@@ -343,3 +346,83 @@ def test_python_dash_m_runs_the_cli():
     r = subprocess.run([sys.executable, "-m", "sparse_attn.cli", "profile", "--target", "2"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--target" in r.stderr
+
+
+@pytest.mark.parametrize("seqlen, count", [(1000, 5), (777, 3), (640, 4)])
+def test_sampled_query_blocks_score_those_rows_exactly(seqlen, count):
+    """Recall scored on a sample of query blocks equals attention_recall on those blocks' rows, for block,
+    range and generic layouts; density stays every row's (the layout's own); the last block is in it."""
+    g = torch.Generator().manual_seed(seqlen + count)
+    q = randn(g, 1, 6, seqlen, 32, scale=2, device="cpu")
+    k = randn(g, 1, 2, seqlen, 32, scale=2, device="cpu")
+    blocks = sample_query_blocks(seqlen, 64, count)
+    nq = -(-seqlen // 64)
+    assert blocks[0] == 0 and blocks[-1] == nq - 1 and len(blocks) == count
+    assert sample_query_blocks(seqlen, 64, nq) is None
+    full = block_mass(q, k)
+    mass = block_mass(q, k, query_blocks=blocks, chunk_elements=6 * seqlen * 64)  # one block a chunk
+    assert torch.allclose(mass, full[:, blocks], atol=1e-6)
+    vi, si = estimate_vertical_slash(q, k, vertical_size=[3, 5, 70, 1, 2, 9], slash_size=[2, 4, 1, 66, 3, 7])
+    layouts = [
+        a_shape_layout(1, 6, seqlen, seqlen, sink=[0, 64, 1, 128, 64, 0], window=[1, 64, 100, 7, 300, 64]),
+        block_topk_layout(estimate_block_topk(q, k, top_k=[2, 3, 1, 4, 2, 5]), seqlen, seqlen),
+        build_vertical_slash_index(vi, si, seqlen, seqlen, block_size_q=64),
+    ]
+    sums, all_sums = KeySums.of(mass, 64, blocks), KeySums.of(full, 64)
+    rows = [(b * 64, min(seqlen, b * 64 + 64)) for b in blocks.tolist()]
+    for layout in layouts:
+        assert torch.allclose(layout.kept(sums), layout.kept(all_sums)[:, blocks], atol=1e-9)
+        assert torch.allclose(Layout.kept(layout, sums), layout.kept(all_sums)[:, blocks], atol=1e-9)
+        want = attention_recall(q, k, layout, rows=rows)[0]
+        assert torch.allclose(mass_recall(layout, mass, query_blocks=blocks), want, atol=1e-6)
+    cands = [{"pattern": "a_shape", "sink": 64, "window": 128}, {"pattern": "block_sparse", "top_k": 2},
+             {"pattern": "vertical_slash", "vertical_size": 64, "slash_size": 64}]
+    scores = score_candidates(q, k, cands, query_blocks=blocks)
+    layout = a_shape_layout(1, 6, seqlen, seqlen, sink=64, window=128)
+    assert torch.allclose(scores.recall[0], attention_recall(q, k, layout, rows=rows)[0], atol=1e-6)
+    assert torch.allclose(scores.density[0], layout.head_density()[0])
+    assert torch.allclose(scores.tail_recall[0], attention_recall(q, k, layout, rows=[rows[-1]])[0], atol=1e-6)
+    with pytest.raises(ValueError, match="last query block"):
+        score_candidates(q, k, cands, query_blocks=blocks[:-1])
+    with pytest.raises(ValueError, match="query_blocks"):
+        KeySums.of(mass, 64, blocks.flip(0))
+    with pytest.raises(ValueError, match="query_blocks"):
+        sample_query_blocks(seqlen, 64, 1)
+
+
+def test_layer_target_greedy_buys_the_cheapest_recall_until_the_mean_reaches_it():
+    """Three heads: one cheap to keep whole, one diffuse (recall ~ density), one in between. The greedy keeps
+    the mean at the target, paying where a unit of cost buys the most recall, and stops there."""
+    cands = [{"pattern": "a_shape", "sink": 0, "window": 64}, {"pattern": "block_sparse", "top_k": 4},
+             {"pattern": "block_sparse", "top_k": 16}, {"pattern": "dense"}]
+    recall = torch.tensor([[0.90, 0.05, 0.70], [0.99, 0.30, 0.90], [1.0, 0.60, 0.97], [1.0, 1.0, 1.0]],
+                          dtype=torch.float64)
+    density = torch.tensor([[0.02, 0.02, 0.02], [0.05, 0.3, 0.05], [0.2, 0.6, 0.2], [1.0, 1.0, 1.0]],
+                           dtype=torch.float64)
+    layer = LayerScores(cands, recall, density)
+    cost = candidate_cost_table(cands, density, 8192, "flops", 64, last_q=64)
+    assert select_layer_target(layer, cost, 0.5) == [0, 0, 0]  # 0.55 already
+    # Heads 0 and 2's first steps (+0.09 / +0.2 at 0.03 each) are not enough; head 1's hull runs straight to
+    # dense, and that overshoot is then traded down to the cheapest candidates that keep the mean.
+    assert select_layer_target(layer, cost, 0.72) == [1, 1, 1]
+    for target in (0.75, 0.8, 0.85, 0.9, 0.95, 1.0):
+        picks = select_layer_target(layer, cost, target)
+        assert sum(recall[i, h].item() for h, i in enumerate(picks)) / 3 >= target - 1e-12
+    assert select_layer_target(layer, cost, 1.0) == [2, 3, 3]
+    allowed = torch.tensor([[False] * 3, [True] * 3, [True] * 3, [True] * 3])
+    assert select_layer_target(layer, cost, 0.5, allowed) == [1, 1, 1]
+
+
+def test_profile_model_layer_target_keeps_each_layers_mean_recall():
+    model = _tiny_llama()
+    ids = torch.randint(0, 128, (1, 700), generator=torch.Generator().manual_seed(2))
+    profile, _ = profile_model(model, ids, layer_target=0.9, cost="flops", query_blocks=4, progress=False)
+    assert profile.settings["layer_recall_target"] == 0.9 and profile.settings["recall_target"] is None
+    assert profile.settings["query_blocks_scored"] == 4
+    for layer in profile.layers:
+        worst = [min(h["recall"], h["tail_recall"]) for h in layer]
+        assert sum(worst) / len(worst) >= 0.9 - 1e-3
+    with pytest.raises(ValueError, match="budget, layer_target"):
+        profile_model(model, ids, budget=0.5, layer_target=0.9, progress=False)
+    with pytest.raises(ValueError, match="layer_target"):
+        profile_model(model, ids, layer_target=0.0, progress=False)
