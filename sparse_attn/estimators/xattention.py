@@ -35,6 +35,9 @@ __all__ = ["antidiagonal_block_scores", "xattention_select", "PATTERN"]
 
 # Elements of one chunk of strided scores (float32): 2**26 is 256 MiB.
 _CHUNK_ELEMENTS = 1 << 26
+# Query blocks a selection chunk holds at least: at 1M tokens the element budget alone allowed 32, so each
+# scoring launch ran one program per SM and the selection took 512 launches and sorts in a row.
+_MIN_CHUNK_BLOCKS = 128
 
 
 def _check(block_size: int, stride: int) -> None:
@@ -199,7 +202,7 @@ def xattention_select(q: torch.Tensor, k: torch.Tensor, tau, *, block_size: int 
     tau = (tau.expand(hq) if tau.numel() == 1 else tau).to(q.device).float().view(1, hq, 1, 1)
     off = sk - sq
     blocks = torch.arange(nk, device=q.device)
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, b * hq * nk * 4))
+    chunk = max(_MIN_CHUNK_BLOCKS, _CHUNK_ELEMENTS // max(1, b * hq * nk * 4))
     counts, ids = [], []
     for qb0 in range(0, nq, chunk):
         qb1 = min(nq, qb0 + chunk)

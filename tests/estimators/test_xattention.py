@@ -89,6 +89,22 @@ def test_selection_equals_the_written_out_rule(seed, taus, sq, causal):
     assert torch.equal(layout.to_block_mask().cpu(), want)
 
 
+@pytest.mark.parametrize("min_blocks, elements", [(1, 1), (2, 1), (3, 4096)])
+def test_selection_in_chunks_of_query_blocks_equals_one_chunk(monkeypatch, min_blocks, elements):
+    """A long prompt's selection runs in chunks of query blocks (each chunk's lists as wide as its own
+    longest): chunks of 1-3 blocks give the layout of the written-out rule."""
+    from sparse_attn.estimators import xattention as xa
+
+    q, k, _ = qkv(generator(min_blocks + elements), b=1, hq=4, hkv=2, sq=301, sk=333, d=16, device="cpu")
+    taus = [0.3, 0.6, 0.9, 1.0]
+    score = antidiagonal_block_scores(q * 3, k, block_size=32, stride=8)
+    monkeypatch.setattr(xa, "_MIN_CHUNK_BLOCKS", min_blocks)
+    monkeypatch.setattr(xa, "_CHUNK_ELEMENTS", elements)
+    layout = xattention_select(q * 3, k, taus, block_size=32, stride=8)
+    layout.check_values()
+    assert torch.equal(layout.to_block_mask().cpu(), reference_select(score, 301, 333, 32, taus, True))
+
+
 def test_tau_one_keeps_every_visible_block_and_small_tau_fewer():
     q, k, _ = qkv(5, b=1, hq=2, hkv=1, sq=300, d=16, device="cpu")
     full = xattention_select(q * 4, k, 1.0, block_size=32, stride=8)
