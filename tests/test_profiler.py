@@ -241,6 +241,8 @@ def _tiny_llama():
     (["profile", "--target", "0.9", "--budget", "0.3"], "not allowed with argument"),
     (["profile", "--cost", "watts"], "invalid choice"),
     (["profile", "--floor", "2"], "expected a number in (0, 1]"),
+    (["profile", "--budget", "0.3", "--layer-target", "0.9"], "not allowed with argument"),
+    (["profile", "--layer-target", "0"], "expected a number in (0, 1]"),
     (["compare"], "--profile"),
     (["import-minference", "x.json"], "--out"),
     ([], "command"),
