@@ -50,6 +50,11 @@ def causal_tile_entries(q0, q1, k0, k1, offset: int | torch.Tensor, causal: bool
     return _tri(q1 - 1 + c, width) - _tri(q0 - 1 + c, width)
 
 
+# Elements of the int64 temporaries of one step of VerticalSlashLayout's entry count (query blocks are
+# counted a few at a time: at 128K, 8K columns a block would otherwise need 4 GiB per temporary).
+_ENTRY_COUNT_ELEMENTS = 1 << 24
+
+
 def _check_seqlens(name: str, seqlens: Optional[Sequence[int]], batch: int, upper: int) -> list:
     if seqlens is None:
         return [upper] * batch
@@ -488,16 +493,20 @@ class VerticalSlashLayout(Layout):
         return (mask | cols[..., : self.seqlen_k])[..., :seqlen_k]
 
     def _computed_entries(self, batch: int, seqlen_q: int, seqlen_k: int, offset: int, causal: bool) -> torch.Tensor:
-        q0, q1 = self._query_block_bounds(seqlen_q, self.device)
-        q0, q1 = q0[None, :, None], q1[None, :, None]
-        rl = self._live(self.range_counts[batch], self.max_ranges)
-        s = self.range_starts[batch].long().clamp(max=seqlen_k)
-        e = self.range_ends[batch].long().clamp(max=seqlen_k)
-        ranges = (causal_tile_entries(q0, q1, s, e, offset, causal) * rl).sum((1, 2))
-        cl = self._live(self.column_counts[batch], self.max_columns)
-        c = self.column_indices[batch].long()
-        cols = (causal_tile_entries(q0, q1, c, (c + 1).clamp(max=seqlen_k), offset, causal) * cl).sum((1, 2))
-        return ranges + cols
+        q0_all, q1_all = self._query_block_bounds(seqlen_q, self.device)
+        out = torch.zeros(self.num_heads, dtype=torch.int64, device=self.device)
+        step = max(1, _ENTRY_COUNT_ELEMENTS // max(1, self.num_heads * max(self.max_ranges, self.max_columns)))
+        for b0 in range(0, self.num_query_blocks, step):
+            b1 = min(self.num_query_blocks, b0 + step)
+            q0, q1 = q0_all[None, b0:b1, None], q1_all[None, b0:b1, None]
+            rl = self._live(self.range_counts[batch, :, b0:b1], self.max_ranges)
+            s = self.range_starts[batch, :, b0:b1].long().clamp(max=seqlen_k)
+            e = self.range_ends[batch, :, b0:b1].long().clamp(max=seqlen_k)
+            out += (causal_tile_entries(q0, q1, s, e, offset, causal) * rl).sum((1, 2))
+            cl = self._live(self.column_counts[batch, :, b0:b1], self.max_columns)
+            c = self.column_indices[batch, :, b0:b1].long()
+            out += (causal_tile_entries(q0, q1, c, (c + 1).clamp(max=seqlen_k), offset, causal) * cl).sum((1, 2))
+        return out
 
     def kept(self, sums: KeySums, batch: int = 0) -> torch.Tensor:
         rows = self._check_sums(sums)

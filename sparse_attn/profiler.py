@@ -82,7 +82,7 @@ __all__ = [
 
 COSTS = ("time", "flops")
 # Candidate layouts of one pattern built at a time by score_candidates.
-_LAYOUT_BATCH = 16
+_LAYOUT_BATCH = 4
 # Query blocks a profile scores recall on by default (sample_query_blocks): every block up to 16K tokens.
 SAMPLED_QUERY_BLOCKS = 256
 # Element budget of one chunk of scores in block_mass (float32 heads x rows x keys): 2**25 is 128 MiB.

@@ -90,11 +90,20 @@ def brute_vs_dense(layout):
     return out[:, :, : layout.seqlen_q]
 
 
-@given(vs_layouts(), st.booleans())
-def test_vertical_slash_layout_dense_and_density(layout, causal):
+@given(vs_layouts(), st.booleans(), st.sampled_from([None, 1, 7]))
+def test_vertical_slash_layout_dense_and_density(layout, causal, step_elements):
+    """Density against a brute-force count of the dense mask; step_elements: the entry count run a query
+    block or a few at a time (as on long inputs)."""
+    import sparse_attn.layouts as layouts_module
+
     dense = layout.to_dense()
     assert torch.equal(dense, brute_vs_dense(layout))
-    got = layout.head_density(causal)
+    saved = layouts_module._ENTRY_COUNT_ELEMENTS
+    layouts_module._ENTRY_COUNT_ELEMENTS = saved if step_elements is None else step_elements
+    try:
+        got = layout.head_density(causal)
+    finally:
+        layouts_module._ENTRY_COUNT_ELEMENTS = saved
     assert torch.allclose(got, brute_density(dense, causal, layout.seqlen_q, layout.seqlen_k), atol=1e-12)
 
 
