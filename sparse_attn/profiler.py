@@ -53,7 +53,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .dispatch import plan_pattern
 from .layouts import KeySums
@@ -145,50 +144,28 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 64, scale:
     hkv = k.shape[1]
     scale = d ** -0.5 if scale is None else float(scale)
     nq = -(-s // block_size)
-    if query_blocks is not None:
-        return _sampled_block_mass(q, k, query_blocks, block_size, scale, chunk_elements)
-    rows = max(1, chunk_elements // (hq * s) // block_size) * block_size  # whole query blocks per chunk
-    mass = torch.zeros(hq, nq, s, dtype=torch.float32, device=q.device)
-    kb = k[0].float().unsqueeze(1)  # [Hkv, 1, S, D]
-    for r0 in range(0, s, rows):
-        r1 = min(s, r0 + rows)
-        keys = r1  # causal: later keys carry no mass for these rows
-        qc = q[0, :, r0:r1].float().unflatten(0, (hkv, hq // hkv))
-        scores = torch.matmul(qc, kb[:, :, :keys].transpose(-1, -2)).flatten(0, 1) * scale
-        above = torch.arange(keys, device=q.device)[None, :] > torch.arange(r0, r1, device=q.device)[:, None]
-        p = torch.softmax(scores.masked_fill_(above, float("-inf")), dim=-1)
-        del scores
-        pad = -(r1 - r0) % block_size  # the last, partial block
-        p = F.pad(p, (0, 0, 0, pad)).unflatten(1, (-1, block_size)).sum(2)
-        mass[:, r0 // block_size : r0 // block_size + p.shape[1], :keys] = p
-    return mass
-
-
-def _sampled_block_mass(q, k, query_blocks, block_size: int, scale: float, chunk_elements: int) -> torch.Tensor:
-    """block_mass of the listed query blocks only, a few blocks' rows at a time."""
-    _, hq, s, _ = q.shape
-    hkv = k.shape[1]
-    ids = torch.as_tensor(query_blocks, dtype=torch.int64).flatten().tolist()
-    nq = -(-s // block_size)
-    if any(b < 0 or b >= nq for b in ids) or any(b1 <= b0 for b0, b1 in zip(ids, ids[1:])):
-        raise ValueError(f"query_blocks: expected ascending block ids in [0, {nq}), got {ids}")
+    if query_blocks is None:
+        ids = list(range(nq))
+    else:
+        ids = torch.as_tensor(query_blocks, dtype=torch.int64).flatten().tolist()
+        if any(b < 0 or b >= nq for b in ids) or any(b1 <= b0 for b0, b1 in zip(ids, ids[1:])):
+            raise ValueError(f"query_blocks: expected ascending block ids in [0, {nq}), got {ids}")
     mass = torch.zeros(hq, len(ids), s, dtype=torch.float32, device=q.device)
-    per_chunk = max(1, chunk_elements // (hq * s * block_size))
+    per_chunk = max(1, chunk_elements // (hq * s * block_size))  # whole query blocks per chunk
     kb = k[0].float().unsqueeze(1)  # [Hkv, 1, S, D]
     for c0 in range(0, len(ids), per_chunk):
         blocks = ids[c0 : c0 + per_chunk]
         rows = torch.cat([torch.arange(b * block_size, min(s, (b + 1) * block_size)) for b in blocks]).to(q.device)
-        keys = int(rows[-1]) + 1
+        keys = int(rows[-1]) + 1  # causal: later keys carry no mass for these rows
         qc = q[0, :, rows].float().unflatten(0, (hkv, hq // hkv))
         scores = torch.matmul(qc, kb[:, :, :keys].transpose(-1, -2)).flatten(0, 1) * scale
         above = torch.arange(keys, device=q.device)[None, :] > rows[:, None]
         p = torch.softmax(scores.masked_fill_(above, float("-inf")), dim=-1)
         del scores
-        owner = torch.div(rows, block_size, rounding_mode="floor")
-        slot = torch.searchsorted(torch.tensor(blocks, device=q.device), owner)
-        out = torch.zeros(hq, len(blocks), keys, dtype=torch.float32, device=q.device)
-        out.index_add_(1, slot, p)
-        mass[:, c0 : c0 + len(blocks), :keys] = out
+        # Each row's mass to its block's slot among this chunk's blocks.
+        slot = torch.searchsorted(torch.tensor(blocks, device=q.device), torch.div(rows, block_size,
+                                                                                    rounding_mode="floor"))
+        mass[:, c0 : c0 + len(blocks), :keys].index_add_(1, slot, p)
     return mass
 
 
@@ -208,7 +185,6 @@ class _Meter:
 
     def __init__(self, mass: torch.Tensor, block_size: int, query_blocks: Optional[torch.Tensor] = None):
         h, nq, s = mass.shape
-        self.seqlen = s
         self.sampled = query_blocks is not None
         self.mass = KeySums.of(mass, block_size, query_blocks)
         last_rows = s - (-(-s // block_size) - 1) * block_size
@@ -363,13 +339,15 @@ def select_layer_target(scores: LayerScores, cost: torch.Tensor, target: float,
     keep whole pay for heads whose mass is spread (a near-uniform head costs its recall in density)."""
     worst = _worst(scores)
     num_heads = worst.shape[1]
+    c_all, r_all = cost.tolist(), worst.tolist()  # [candidate][head]
+    options = [list(range(len(c_all))) if allowed is None else allowed[:, h].nonzero().flatten().tolist()
+               for h in range(num_heads)]
     hulls = []
-    for h in range(num_heads):
-        c, r = cost[:, h].tolist(), worst[:, h].tolist()
-        ids = list(range(len(c))) if allowed is None else allowed[:, h].nonzero().flatten().tolist()
+    for h, ids in enumerate(options):
         if not ids:
             raise ValueError(f"allowed: head {h} has no allowed candidate")
-        hulls.append([(ids[i], c[ids[i]], r[ids[i]]) for i in _hull([c[i] for i in ids], [r[i] for i in ids])])
+        c, r = [c_all[i][h] for i in ids], [r_all[i][h] for i in ids]
+        hulls.append([(ids[i], c[i], r[i]) for i in _hull(c, r)])
     pos = [0] * num_heads
     have = sum(hull[0][2] for hull in hulls)
     heap: List = []
@@ -392,9 +370,6 @@ def select_layer_target(scores: LayerScores, cost: torch.Tensor, target: float,
         return pick
     # A hull's step may overshoot (a near-uniform head's hull runs straight to dense): then changes to
     # cheaper candidates that keep the target are made, the largest saving first, while there are any.
-    c_all, r_all = cost.tolist(), worst.tolist()
-    options = [list(range(len(c_all))) if allowed is None else allowed[:, h].nonzero().flatten().tolist()
-               for h in range(num_heads)]
     total = sum(r_all[pick[h]][h] for h in range(num_heads))
     while True:
         best = None
@@ -557,7 +532,7 @@ def profile_model(model, input_ids: torch.Tensor, *, candidates: Optional[Sequen
     costs = [candidate_cost_table(candidates, s.density, seqlen, cost, block_size, **options) for s in layers]
     allowed = None if floor is None else [floor_mask(s, floor, tail_target) for s in layers]
     if layer_target is not None:
-        picks = [select_layer_target(s, c, layer_target, None if allowed is None else a)
+        picks = [select_layer_target(s, c, layer_target, a)
                  for s, c, a in zip(layers, costs, allowed or [None] * len(layers))]
     elif budget is None:
         picks = [select_heads(s, target, c, tail_target) for s, c in zip(layers, costs)]
