@@ -75,11 +75,11 @@ def reference_choice(q, k, gamma, tau, bs, min_budget):
                     sets[qb] = _take(scores, visible, sorted({0, visible[-1]}), gamma[h], math.ceil(min_budget / bs))
                 out[bi, h] = ("qa", sets)
             else:
-                both = _take(dict(enumerate(col + slash)), range(2 * sk), [0, sk], gamma[h], 0)
+                window = [sk + o for o in range(max(1, min(min_budget, sk)))]  # diagonals kept first
+                both = _take(dict(enumerate(col + slash)), range(2 * sk), [0, *window], gamma[h], 0)
                 cols, diags = {e for e in both if e < sk}, {e - sk for e in both if e >= sk}
                 ranked = [0] + sorted(range(1, sk), key=lambda j: (-col[j], j))
-                cols |= set(ranked[:max(0, min_budget - len(diags))])
-                out[bi, h] = ("vs", cols, diags)
+                out[bi, h] = ("vs", cols | set(ranked[:min_budget]), diags)
     return out
 
 
@@ -380,8 +380,9 @@ def test_sort_free_band_selection_equals_the_sorted_rule_with_ties(min_blocks, l
 @pytest.mark.parametrize("tile,cap", [(2048, 4096), (16, 8)])
 def test_sort_free_vertical_slash_selection_equals_the_torch_rule_with_ties(tile, cap, monkeypatch):
     """Rule 3's kernels against select_vertical_slash on masses on a grid of 1/1024: ties across columns and
-    diagonals, gammas on a tie, below the forced mass, past the total and at 1, top-ups to min_budget; heads
-    flagged query-aware keep column 0 and diagonal 0; ids ascending behind zero padding, widths the widest row.
+    diagonals, gammas on a tie, below the forced mass, past the total and at 1, windows of 1 to every diagonal
+    with top-ups to min_budget columns; heads flagged query-aware keep column 0 and diagonal 0; ids ascending
+    behind zero padding, widths the widest row.
     Small tiles and register cap: several tiles a pass, searches that pass over the row before they copy."""
     from sparse_attn.estimators.flexprefill import vs_triton
     from sparse_attn.estimators.flexprefill.select import select_vertical_slash

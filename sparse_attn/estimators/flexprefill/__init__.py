@@ -51,8 +51,8 @@ PATTERN = register_pattern(Pattern(
                    doc="Jensen-Shannon threshold: below it the head is query-aware, else vertical-slash")),
     options=(Param("min_budget", int, None, 0, optional=True,
                    doc="keys per row kept at least: ceil(min_budget / block_size) key blocks (query-aware "
-                       "heads), or min_budget columns and diagonals (vertical-slash heads); None: "
-                       "1024, as FlexPrefill's published runs use at every length"),),
+                       "heads), or the min_budget best columns and the min_budget nearest diagonals, a local window "
+                       "(vertical-slash heads); None: 1024, as FlexPrefill's published runs use at every length"),),
     estimate=_estimate,
     build=_build,
     full_budget=lambda seqlen_q, seqlen_k, block_size: {"gamma": 1.0, "tau": 0.1},

@@ -15,14 +15,17 @@ j <= i + off), L = min(bs, Sq, Sk) the last queries, p the softmax of those L ro
    ceil(min_budget / bs) blocks (or every visible one); min_budget defaults to 1024 (FlexPrefill's own runs).
 3. Vertical-slash: column mass v[j] = sum of p over the L rows in column j, slash mass s[o] = sum of p
    over the pairs on diagonal o (j = i + off - o), both divided by L (each sums to 1). Columns and
-   diagonals are ranked together, one list of 2 Sk entries (column j, then diagonal o at Sk + o): column
-   0 and diagonal 0 are kept, the others taken by decreasing mass (ties: lower entry) while the kept mass
-   is below gamma. Then, while columns + diagonals < min_budget, the next best column is added (by
-   decreasing v, ties: lower id). The estimated mass of a set is the sum of its members' (a column and a
-   diagonal share one pair per row at most): ranked together, a head whose mass sits in a few columns
-   takes those and no diagonals, where two separate lists would each have to reach gamma and the
-   diagonals would cover the columns' mass a second time. The top-up takes columns only: a column costs a
-   key per row, a lone diagonal a block-wide band of keys in the layout.
+   diagonals are ranked together, one list of 2 Sk entries (column j, then diagonal o at Sk + o). Column 0
+   and the W = max(1, min(min_budget, Sk)) nearest diagonals 0 .. W - 1 (a local window) are kept; the
+   others are taken by decreasing mass (ties: lower entry) while the kept mass is below gamma. Then, while
+   there are fewer than min(min_budget, Sk) columns, the next best column is added (by decreasing v, ties:
+   lower id). The estimated mass of a set is the sum of its members' (a column and a diagonal share one
+   pair per row at most): ranked together, a head whose mass sits in a few columns takes those and no
+   diagonals, where two separate lists would each have to reach gamma and the diagonals would cover the
+   columns' mass a second time. The two floors, as FlexPrefill's own runs keep min_budget keys of columns
+   and of diagonals: the best columns hold keys every row attends to that the last queries' gamma set
+   left out; the window holds each row's neighbourhood, which the last queries' diagonals often miss for
+   earlier rows. The window is one range of W keys a row, the columns one key each.
 4. Layout: query-aware heads' blocks become key ranges (runs of consecutive blocks merged) with no
    columns; vertical-slash heads' columns and diagonals go through the vertical-slash index builder.
 
@@ -220,14 +223,15 @@ def select_query_aware(qp, kp, kv_of, gamma: torch.Tensor, *, block_size: int, s
 def select_vertical_slash(column_mass, slash_mass, gamma: torch.Tensor, *, min_budget: int):
     """Rule 3 (gamma [Hq]): (columns, slashes) int32 [B, Hq, N], ascending, padded with the first entry."""
     sk = column_mass.shape[-1]
+    window = max(1, min(min_budget, sk))
     mass = torch.cat([column_mass, slash_mass], -1)  # entry sk + o is diagonal o
     idx = torch.arange(2 * sk, device=mass.device)
-    forced = ((idx == 0) | (idx == sk)).expand_as(mass)
+    forced = ((idx == 0) | ((idx >= sk) & (idx < sk + window))).expand_as(mass)
     order, count = take_until(mass, torch.ones_like(forced), forced, gamma.view(1, -1), 0)
     taken = torch.arange(2 * sk, device=mass.device) < count.unsqueeze(-1)
     n_slash = (taken & (order >= sk)).sum(-1)
-    # The top-up: the best columns (the taken ones are the first of this order), to min_budget entries.
-    n_cols = torch.maximum(count - n_slash, (min_budget - n_slash).clamp(max=sk))
+    # The top-up: the best columns (the taken ones are the first of this order), to min_budget columns.
+    n_cols = (count - n_slash).clamp(min=min(min_budget, sk))
     col_order, _ = take_until(column_mass, torch.ones_like(forced[..., :sk]), forced[..., :sk], gamma.new_zeros(1), 0)
     out = []
     for ids, n in ((col_order, n_cols), (torch.where(taken & (order >= sk), order - sk, sk), None)):
