@@ -170,7 +170,7 @@ def _vs_select_kernel(V, S, GAMMA, QA, THR, CNT, STATS, BUF, n, length, num_head
             t_col = tl.full((), -1.0, tl.float32)
             t_slash = tl.full((), -1.0, tl.float32)
             n_col = tl.full((), 1, tl.int32) * n
-            n_slash = forced_slash * 0 + n
+            n_slash = tl.full((), 1, tl.int32) * n
         elif (need > 0) & (n > 1):
             lo = tl.minimum(tl.min(c_min, 0), tl.min(col_min, 0)).to(tl.int32, bitcast=True)
             hi = tl.maximum(tl.max(c_max, 0), tl.max(col_max, 0)).to(tl.int32, bitcast=True)
