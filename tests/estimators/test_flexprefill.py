@@ -116,7 +116,8 @@ def _choice_sets(choice, bs):
                 sets = {}
                 for qb in range(choice.range_counts.shape[2]):
                     n = int(choice.range_counts[bi, hi, qb])
-                    ranges = zip(choice.range_starts[bi, hi, qb, :n].tolist(), choice.range_ends[bi, hi, qb, :n].tolist())
+                    ranges = zip(choice.range_starts[bi, hi, qb, :n].tolist(),
+                                 choice.range_ends[bi, hi, qb, :n].tolist())
                     sets[qb] = {j // bs for a, z in ranges for j in range(a, z)}
                 out[bi, hi] = ("qa", sets)
             else:
