@@ -235,6 +235,40 @@ def test_triton_path_is_a_few_launches_and_no_torch_compute(monkeypatch):
     assert ops.count("_local_scalar_dense") <= 3  # the widths (one read) and the budgets' checks
 
 
+@pytest.mark.parametrize("seed,sq,sk,d,bs", [(0, 300, 2100, 32, 16), (1, 200, 200, 64, 64), (2, 97, 4500, 32, 16)])
+def test_decision_kernel_flips_at_the_written_out_divergence(seed, sq, sk, d, bs):
+    """Rule 1 on the GPU path (one program a head, the softmax's max and sum online over chunks of key blocks):
+    each head's flag flips between tau just below and just above its Jensen-Shannon divergence written out in
+    float64. Many key blocks (more than one chunk, the largest pooled logit late), few, fewer queries than keys."""
+    from sparse_attn.estimators.flexprefill.probs_triton import decide_triton, pool_triton
+    from sparse_attn.estimators.flexprefill.select import last_block_scores
+
+    hq, hkv = 8, 2
+    q, k, _ = qkv(seed, 1, hq, hkv, sq, sk, d, device="cpu")
+    q = q * torch.linspace(0.5, 4.0, hq).view(1, hq, 1, 1)  # heads from flat to peaked
+    k[:, :, sk - 3 * bs:] += 2.0 * q[:, ::hq // hkv, -1:]  # late keys near the last queries: the max comes late
+    scale = d ** -0.5
+    length = min(bs, sq, sk)
+    nk = math.ceil(sk / bs)
+    v, _ = last_block_scores(q, k, block_size=bs, scale=scale, backend="torch")
+    jsd = []
+    for h in range(hq):
+        qh, kh = q[0, h].double(), k[0, h // (hq // hkv)].double()
+        kpool = torch.stack([kh[kb * bs:(kb + 1) * bs].mean(0) for kb in range(nk)])
+        pooled = torch.softmax(kpool @ qh[sq - length:].mean(0) * scale, 0)
+        true = torch.stack([v[0, h, kb * bs:(kb + 1) * bs].double().sum() for kb in range(nk)])
+        true = true / true.sum()
+        mid = (pooled + true) / 2
+        kl = [float((a * (a / mid).log()).where(a > 0, 0.0).sum()) for a in (pooled, true)]
+        jsd.append(0.5 * kl[0] + 0.5 * kl[1])
+    jsd = torch.tensor(jsd)
+    assert jsd.max() > 1.5 * jsd.min() > 0  # heads of different shapes
+    kp = pool_triton(k, bs)
+    for factor, expected in ((0.999, False), (1.001, True)):
+        got = decide_triton(q, kp, v * length, (jsd * factor).float(), block_size=bs, length=length, scale=scale)
+        assert got.bool().tolist() == [[expected] * hq], (factor, jsd.tolist())
+
+
 def test_scores_skip_the_diagonals_of_flagged_heads_only():
     """The scores' second pass with flags: diagonal sums of every program that holds an unflagged head equal the
     unflagged call's, the others are zero; column sums alone equal the full call's."""

@@ -2,9 +2,10 @@
 
 - `pool_triton`: mean of each block of rows of q or k ([B, H, S, D], read strided in its own dtype), float32
   [B, H, nb, DP] (DP: D padded to a power of two with zeros); heads whose flag is 0 are skipped.
-- `decide_triton`: rule 1 per (sequence, head), one program: the mean of the last L queries against the pooled
-  keys (float32 products, float64 softmax), the last queries' true block distribution from their column mass,
-  the Jensen-Shannon divergence, int8 flag "query-aware".
+- `decide_triton`: rule 1 per (sequence, head), one program, two passes over the pooled keys (the softmax's max
+  and sum online, then the divergence): the mean of the last L queries against the pooled keys (float32
+  products, float64 softmax), the last queries' true block distribution from their column mass, the
+  Jensen-Shannon divergence, int8 flag "query-aware".
 - `query_aware_triton`: rule 2, fused: per band of BM query blocks of a query-aware head the pooled scores
   against the key blocks the band sees (tensor cores in q's dtype, one pass: the scores with each row's
   running max and sum), written to a per-program scratch band (float32, read back while it is in L1 / L2)
@@ -102,18 +103,19 @@ def _decide_kernel(Q, KP, V, TAU, QA, seqlen_q, seqlen_k, nk, num_heads, group, 
     kbase = KP + kv * nk * DP
     vbase = V + bh.to(tl.int64) * seqlen_k
     tok = tl.arange(0, BS)
-    m = tl.full((), float("-inf"), tl.float64)
+    # Pass 1: the pooled logits' max and sum of exponentials (online) and the true blocks' total mass.
+    m = tl.full((), -1e300, tl.float64)
+    se = tl.zeros((), tl.float64)
     mass = tl.zeros((), tl.float64)
     for j0 in range(0, nk, BJ):
         j = j0 + tl.arange(0, BJ)
         s = _pooled_logits(kbase, qm, j, d, nk, scale, DP)
-        m = tl.maximum(m, tl.max(s, 0))
+        m_new = tl.maximum(m, tl.max(s, 0))
+        se = se * tl.exp(m - m_new) + tl.sum(tl.where(j < nk, tl.exp(s - m_new), 0.0), 0)
+        m = m_new
         mass += tl.sum(_block_mass(vbase, j, tok, seqlen_k, length, BS), 0)
-    se = tl.zeros((), tl.float64)
-    for j0 in range(0, nk, BJ):
-        j = j0 + tl.arange(0, BJ)
-        se += tl.sum(tl.where(j < nk, tl.exp(_pooled_logits(kbase, qm, j, d, nk, scale, DP) - m), 0.0), 0)
     mass = tl.maximum(mass, 1e-30)
+    # Pass 2: the divergence.
     jsd = tl.zeros((), tl.float64)
     for j0 in range(0, nk, BJ):
         j = j0 + tl.arange(0, BJ)
@@ -154,7 +156,7 @@ def decide_triton(q: torch.Tensor, kp: torch.Tensor, column_sums: torch.Tensor, 
     _decide_kernel[(b * hq,)](
         q, kp, column_sums.contiguous(), tau, flag, sq, sk, nk, hq, hq // hkv, length, scale,
         q.stride(0), q.stride(1), q.stride(2), BS=block_size, D=d, DP=dp, LP=triton.next_power_of_2(length),
-        BJ=max(16, 2048 // block_size), num_warps=8)
+        BJ=max(16, min(128, 16384 // dp, 16384 // block_size)), num_warps=8)
     return flag
 
 
