@@ -201,7 +201,7 @@ def test_rows_with_more_runs_than_the_first_width_are_written_again(monkeypatch)
 
 def test_triton_path_is_a_few_launches_and_no_torch_compute(monkeypatch):
     """The Triton path: each kernel launched once (the scores' max / sum pass, then its column sums and, after the
-    decision, the other heads' diagonal sums; pooling of k and of the query-aware heads' q, the decision, the
+    decision, the other heads' diagonal sums; pooling of k and of the query-aware heads' q, the decision (two), the
     fused query-aware selection, the vertical-slash selection and write) and no
     torch compute between them: no sort, top-k, scan, scatter, gather, softmax or matmul (only allocations,
     the budgets' checks on the host and the one read of the widths)."""
@@ -211,7 +211,8 @@ def test_triton_path_is_a_few_launches_and_no_torch_compute(monkeypatch):
     from sparse_attn.estimators.flexprefill import probs_triton, vs_triton
     from sparse_attn.estimators.vertical_slash import scores_triton
 
-    launches = {**count_launches(monkeypatch, probs_triton, "_pool_kernel", "_decide_kernel", "_query_aware_kernel"),
+    launches = {**count_launches(monkeypatch, probs_triton, "_pool_kernel", "_decide_parts_kernel", "_decide_kernel",
+                                 "_query_aware_kernel"),
                 **count_launches(monkeypatch, vs_triton, "_vs_select_kernel", "_vs_write_kernel"),
                 **count_launches(monkeypatch, scores_triton, "_lse_kernel", "_scores_kernel")}
     ops = []
@@ -227,22 +228,27 @@ def test_triton_path_is_a_few_launches_and_no_torch_compute(monkeypatch):
         choice = flexprefill_choice(q, k, 0.9, [1.0, 0.0, 1.0, 0.0], block_size=32, backend="triton")
     assert choice.query_aware.tolist() == [[True, False, True, False]]
     assert {name: len(grids) for name, grids in launches.items()} == {
-        "_pool_kernel": 2, "_decide_kernel": 1, "_query_aware_kernel": 1, "_vs_select_kernel": 1,
-        "_vs_write_kernel": 1, "_lse_kernel": 1, "_scores_kernel": 2}
+        "_pool_kernel": 2, "_decide_parts_kernel": 1, "_decide_kernel": 1, "_query_aware_kernel": 1,
+        "_vs_select_kernel": 1, "_vs_write_kernel": 1, "_lse_kernel": 1, "_scores_kernel": 2}
     compute = {"sort", "argsort", "topk", "cumsum", "scatter", "scatter_", "gather", "index_put_", "nonzero",
                "index_select", "where", "cat", "_softmax", "bmm", "mm", "sum", "mean", "masked_fill_", "div"}
     assert not compute & set(ops), sorted(compute & set(ops))
     assert ops.count("_local_scalar_dense") <= 3  # the widths (one read) and the budgets' checks
 
 
+@pytest.mark.parametrize("step", [None, 2])
 @pytest.mark.parametrize("seed,sq,sk,d,bs", [(0, 300, 2100, 32, 16), (1, 200, 200, 64, 64), (2, 97, 4500, 32, 16)])
-def test_decision_kernel_flips_at_the_written_out_divergence(seed, sq, sk, d, bs):
-    """Rule 1 on the GPU path (one program a head, the softmax's max and sum online over chunks of key blocks):
+def test_decision_kernel_flips_at_the_written_out_divergence(seed, sq, sk, d, bs, step, monkeypatch):
+    """Rule 1 on the GPU path (chunks of key blocks in parallel, then the softmax's max and sum over the chunks):
     each head's flag flips between tau just below and just above its Jensen-Shannon divergence written out in
-    float64. Many key blocks (more than one chunk, the largest pooled logit late), few, fewer queries than keys."""
+    float64. Many key blocks (more than one chunk, the largest pooled logit late), few, fewer queries than keys;
+    the per-head program reading its chunks' sums in one step or in several (step 2)."""
+    from sparse_attn.estimators.flexprefill import probs_triton
     from sparse_attn.estimators.flexprefill.probs_triton import decide_triton, pool_triton
     from sparse_attn.estimators.flexprefill.select import last_block_scores
 
+    if step:
+        monkeypatch.setattr(probs_triton, "_DECIDE_STEP", step)
     hq, hkv = 8, 2
     q, k, _ = qkv(seed, 1, hq, hkv, sq, sk, d, device="cpu")
     q = q * torch.linspace(0.5, 4.0, hq).view(1, hq, 1, 1)  # heads from flat to peaked

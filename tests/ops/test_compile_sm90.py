@@ -63,7 +63,7 @@ def test_every_kernel_compiles_for_sm90(compiled):
     names = {k["name"] for k in compiled}
     expected = {"_plan_kernel", "_attn_kernel", "_lse_kernel", "_scores_kernel", "_index_kernel",
                 "_count_kernel", "_tiles_kernel", "_vs_attn_kernel", "_prepare_kernel", "_hist_kernel", "_write_kernel",
-                "_group_order_kernel", "_pool_kernel", "_decide_kernel", "_query_aware_kernel",
+                "_group_order_kernel", "_pool_kernel", "_decide_parts_kernel", "_decide_kernel", "_query_aware_kernel",
                 "_vs_select_kernel", "_vs_write_kernel",
                 "_antidiagonal_kernel", "_key_summary_kernel", "_prefill_search_kernel", "_decode_search_kernel",
                 "_decode_kernel", "_combine_kernel", "_summarize_kernel", "_density_kernel"}

@@ -2,10 +2,10 @@
 
 - `pool_triton`: mean of each block of rows of q or k ([B, H, S, D], read strided in its own dtype), float32
   [B, H, nb, DP] (DP: D padded to a power of two with zeros); heads whose flag is 0 are skipped.
-- `decide_triton`: rule 1 per (sequence, head), one program, two passes over the pooled keys (the softmax's max
-  and sum online, then the divergence): the mean of the last L queries against the pooled keys (float32
+- `decide_triton`: rule 1 per (sequence, head): the mean of the last L queries against the pooled keys (float32
   products, float64 softmax), the last queries' true block distribution from their column mass, the
-  Jensen-Shannon divergence, int8 flag "query-aware".
+  Jensen-Shannon divergence, int8 flag "query-aware". Chunks of key blocks in parallel (logits, masses and
+  each chunk's max / sum kept), then one program a head: the chunks' max and sum, then the divergence.
 - `query_aware_triton`: rule 2, fused: per band of BM query blocks of a query-aware head the pooled scores
   against the key blocks the band sees (tensor cores in q's dtype, one pass: the scores with each row's
   running max and sum), written to a per-program scratch band (float32, read back while it is in L1 / L2)
@@ -39,6 +39,9 @@ _BT = 32  # key blocks per tile of the selection passes
 _CAP = 64  # candidates per row a search keeps in registers once every row's bracket holds no more
 _PROGRAMS_PER_SM = 4
 _SCRATCH_ELEMENTS = 1 << 26  # float32 scratch cap (256 MiB): the number of programs shrinks past it
+# The decision: key blocks a chunk program scores, and chunk sums the per-head program reads a step.
+_DECIDE_CHUNK = 32
+_DECIDE_STEP = 128
 
 
 def _dot_code(dtype: torch.dtype) -> int:
@@ -86,11 +89,14 @@ def pool_triton(x: torch.Tensor, block_size: int, flag=None) -> torch.Tensor:
     return out
 
 
-@triton.jit(do_not_specialize=("seqlen_q", "seqlen_k", "nk", "length"))
-def _decide_kernel(Q, KP, V, TAU, QA, seqlen_q, seqlen_k, nk, num_heads, group, length, scale,
-                   s_qb, s_qh, s_qs, BS: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, LP: tl.constexpr,
-                   BJ: tl.constexpr):
+@triton.jit(do_not_specialize=("seqlen_q", "seqlen_k", "nk", "n_parts", "length"))
+def _decide_parts_kernel(Q, KP, V, LOGIT, TRUE, PART, seqlen_q, seqlen_k, nk, n_parts, num_heads, group, length,
+                         scale, s_qb, s_qh, s_qs, BS: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                         LP: tl.constexpr, BJ: tl.constexpr):
+    """One chunk of BJ key blocks of one (sequence, head): the pooled logits and the true block masses (kept for
+    the divergence), and the chunk's logit max, sum of exponentials below it and mass (float64)."""
     bh = tl.program_id(0)
+    c = tl.program_id(1)
     b = bh // num_heads
     h = bh % num_heads
     kv = (b * (num_heads // group) + h // group).to(tl.int64)
@@ -100,27 +106,44 @@ def _decide_kernel(Q, KP, V, TAU, QA, seqlen_q, seqlen_k, nk, num_heads, group, 
     x = tl.load(Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + rows[:, None].to(tl.int64) * s_qs + d[None, :],
                 mask=(t < length)[:, None] & (d < D)[None, :], other=0.0)
     qm = tl.sum(x.to(tl.float32), 0) / length
-    kbase = KP + kv * nk * DP
-    vbase = V + bh.to(tl.int64) * seqlen_k
-    tok = tl.arange(0, BS)
-    # Pass 1: the pooled logits' max and sum of exponentials (online) and the true blocks' total mass.
+    j = c * BJ + tl.arange(0, BJ)
+    s = _pooled_logits(KP + kv * nk * DP, qm, j, d, nk, scale, DP)
+    mass = _block_mass(V + bh.to(tl.int64) * seqlen_k, j, tl.arange(0, BS), seqlen_k, length, BS)
+    out = bh.to(tl.int64) * nk + j
+    tl.store(LOGIT + out, s, mask=j < nk)
+    tl.store(TRUE + out, mass, mask=j < nk)
+    cm = tl.max(s, 0)  # finite: a chunk holds at least one block
+    part = PART + (bh.to(tl.int64) * n_parts + c) * 3
+    tl.store(part, cm)
+    tl.store(part + 1, tl.sum(tl.where(j < nk, tl.exp(s - cm), 0.0), 0))
+    tl.store(part + 2, tl.sum(mass, 0))
+
+
+@triton.jit(do_not_specialize=("nk", "n_parts"))
+def _decide_kernel(LOGIT, TRUE, PART, TAU, QA, nk, n_parts, num_heads, BP: tl.constexpr, BJ: tl.constexpr):
+    """Rule 1's flag of one (sequence, head) from its chunks: the softmax's max and sum, then the divergence."""
+    bh = tl.program_id(0)
+    h = bh % num_heads
     m = tl.full((), -1e300, tl.float64)
     se = tl.zeros((), tl.float64)
     mass = tl.zeros((), tl.float64)
-    for j0 in range(0, nk, BJ):
-        j = j0 + tl.arange(0, BJ)
-        s = _pooled_logits(kbase, qm, j, d, nk, scale, DP)
-        m_new = tl.maximum(m, tl.max(s, 0))
-        se = se * tl.exp(m - m_new) + tl.sum(tl.where(j < nk, tl.exp(s - m_new), 0.0), 0)
+    for p0 in range(0, n_parts, BP):
+        p = p0 + tl.arange(0, BP)
+        part = PART + (bh.to(tl.int64) * n_parts + p) * 3
+        cm = tl.load(part, mask=p < n_parts, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(cm, 0))
+        cs = tl.load(part + 1, mask=p < n_parts, other=0.0)
+        se = se * tl.exp(m - m_new) + tl.sum(tl.where(p < n_parts, cs * tl.exp(cm - m_new), 0.0), 0)
         m = m_new
-        mass += tl.sum(_block_mass(vbase, j, tok, seqlen_k, length, BS), 0)
+        mass += tl.sum(tl.load(part + 2, mask=p < n_parts, other=0.0), 0)
     mass = tl.maximum(mass, 1e-30)
-    # Pass 2: the divergence.
     jsd = tl.zeros((), tl.float64)
     for j0 in range(0, nk, BJ):
         j = j0 + tl.arange(0, BJ)
-        pooled = tl.where(j < nk, tl.exp(_pooled_logits(kbase, qm, j, d, nk, scale, DP) - m) / se, 0.0)
-        true = _block_mass(vbase, j, tok, seqlen_k, length, BS) / mass
+        at = bh.to(tl.int64) * nk + j
+        s = tl.load(LOGIT + at, mask=j < nk, other=float("-inf"))
+        pooled = tl.where(j < nk, tl.exp(s - m) / se, 0.0)
+        true = tl.load(TRUE + at, mask=j < nk, other=0.0) / mass
         mid = tl.log(tl.maximum((pooled + true) / 2, 1e-300))
         kl_p = tl.where(pooled > 0, pooled * (tl.log(tl.maximum(pooled, 1e-300)) - mid), 0.0)
         kl_t = tl.where(true > 0, true * (tl.log(tl.maximum(true, 1e-300)) - mid), 0.0)
@@ -153,10 +176,19 @@ def decide_triton(q: torch.Tensor, kp: torch.Tensor, column_sums: torch.Tensor, 
     hkv, nk, dp = kp.shape[1], kp.shape[2], kp.shape[3]
     sk = column_sums.shape[-1]
     flag = torch.empty(b, hq, dtype=torch.int8, device=q.device)
-    _decide_kernel[(b * hq,)](
-        q, kp, column_sums.contiguous(), tau, flag, sq, sk, nk, hq, hq // hkv, length, scale,
+    # Chunks of 32 key blocks over many programs, then one program a head over its chunks' sums: a single
+    # program a head walking every block was latency-bound (192 dependent steps at 128K).
+    bj = _DECIDE_CHUNK
+    n_parts = triton.cdiv(nk, bj)
+    logit = torch.empty(b * hq, nk, dtype=torch.float64, device=q.device)
+    true = torch.empty_like(logit)
+    part = torch.empty(b * hq, n_parts, 3, dtype=torch.float64, device=q.device)
+    _decide_parts_kernel[(b * hq, n_parts)](
+        q, kp, column_sums.contiguous(), logit, true, part, sq, sk, nk, n_parts, hq, hq // hkv, length, scale,
         q.stride(0), q.stride(1), q.stride(2), BS=block_size, D=d, DP=dp, LP=triton.next_power_of_2(length),
-        BJ=max(16, min(128, 16384 // dp, 16384 // block_size)), num_warps=8)
+        BJ=bj, num_warps=4)
+    _decide_kernel[(b * hq,)](logit, true, part, tau, flag, nk, n_parts, hq, BP=_DECIDE_STEP, BJ=1024,
+                                 num_warps=4)
     return flag
 
 
