@@ -176,8 +176,8 @@ def decide_triton(q: torch.Tensor, kp: torch.Tensor, column_sums: torch.Tensor, 
     hkv, nk, dp = kp.shape[1], kp.shape[2], kp.shape[3]
     sk = column_sums.shape[-1]
     flag = torch.empty(b, hq, dtype=torch.int8, device=q.device)
-    # Chunks of 32 key blocks over many programs, then one program a head over its chunks' sums: a single
-    # program a head walking every block was latency-bound (192 dependent steps at 128K).
+    # Chunks of key blocks over many programs, then one short program a head over its chunks' sums: a single
+    # program a head walking every block is latency-bound on long rows.
     bj = _DECIDE_CHUNK
     n_parts = triton.cdiv(nk, bj)
     logit = torch.empty(b * hq, nk, dtype=torch.float64, device=q.device)
