@@ -203,18 +203,17 @@ def _vs_select_kernel(V, S, GAMMA, QA, THR, CNT, STATS, BUF, n, length, num_head
             n_col = 1 + tl.sum(above_c, 0) + q_col
             n_slash = forced_slash + tl.sum(above_s, 0) + q_slash
         # the top-up: the best columns (ties: lower id), until there are min_cols
-        want = min_cols
-        if want > n_col:
+        if min_cols > n_col:
             hi2 = tl.where(t_col <= 1.0, tl.minimum(t_col.to(tl.int32, bitcast=True), col_hi), col_hi)
-            t2 = _bisect(vrow, srow, buf, n, window, length, col_lo, hi2, (want - 1).to(tl.float32), col_lo, False,
+            t2 = _bisect(vrow, srow, buf, n, window, length, col_lo, hi2, (min_cols - 1).to(tl.float32), col_lo, False,
                          False, BT, CAP).to(tl.float32, bitcast=True)
             above = tl.zeros([BT], tl.int32)
             for j0 in range(0, n, BT):
                 x, cand = _tile(vrow, j0 + tl.arange(0, BT), n, length, 1)
                 above += (cand & (x > t2)).to(tl.int32)
             t_col = t2
-            q_col = want - 1 - tl.sum(above, 0)
-            n_col = want
+            q_col = min_cols - 1 - tl.sum(above, 0)
+            n_col = min_cols
     tl.store(THR + row * 2, t_col)
     tl.store(THR + row * 2 + 1, t_slash)
     tl.store(CNT + row * 5, q_col)
